@@ -1,0 +1,182 @@
+"""The one interface every CLIP-family model is used through.
+
+Methods never import open_clip or transformers; they ask a :class:`Backbone` for what they need:
+image and text embeddings, the tokenizer, token embeddings and a text forward that accepts
+embeddings (prompt learners insert learnable contexts there), dense patch/region features
+(region aggregation), visual prompt tokens, the preprocessing transform and ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import os
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A frozen (by default) CLIP-family image/text encoder pair.
+
+    Args:
+        precision: compute precision for the encoders: ``fp32``, ``bf16`` or ``fp16`` (autocast on
+            the device the backbone lives on; fp16 autocast is only honoured on CUDA).
+        freeze: keep every encoder weight frozen (``requires_grad=False``, eval mode). Prompt
+            learners train their own parameters around a frozen backbone.
+    """
+
+    #: Name of the pretrained weights (an open_clip tag, a hub id or a file path), for provenance.
+    weights: str = ""
+
+    def __init__(self, precision: Precision = "fp32", freeze: bool = True) -> None:
+        super().__init__()
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        self.precision = precision
+        self.freeze = freeze
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _finish_init(self) -> None:
+        if self.freeze:
+            for p in self.parameters():
+                p.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # A frozen backbone stays in eval mode (dropout off, norms fixed) whatever Lightning asks.
+        return super().train(False if self.freeze else mode)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context manager applying the configured precision on the current device."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        device_type = self.device.type
+        if device_type == "cpu" and self.precision == "fp16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=_DTYPES[self.precision])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ what subclasses provide
+    @property
+    @abc.abstractmethod
+    def image_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def image_mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    @abc.abstractmethod
+    def image_std(self) -> tuple[float, float, float]: ...
+
+    @property
+    @abc.abstractmethod
+    def embed_dim(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def logit_scale(self) -> Tensor:
+        """The learned temperature, already exponentiated (CLIP's ``logit_scale.exp()``)."""
+
+    @abc.abstractmethod
+    def tokenize(self, texts: list[str]) -> Tensor:
+        """Token ids ``[n, context_length]`` for a list of strings."""
+
+    @abc.abstractmethod
+    def token_embedding(self, token_ids: Tensor) -> Tensor:
+        """Input word embeddings ``[n, L, width]`` of token ids (before positional embeddings)."""
+
+    @abc.abstractmethod
+    def encode_text_embeddings(self, embeddings: Tensor, token_ids: Tensor) -> Tensor:
+        """Run the text tower on input embeddings; ``token_ids`` locate the end-of-text token.
+
+        Returns un-normalized projected features ``[n, embed_dim]``.
+        """
+
+    @abc.abstractmethod
+    def encode_image_tokens(
+        self, images: Tensor, prompts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Image tower with optional visual prompt tokens ``[P, width]`` (or ``[B, P, width]``)
+        inserted after the class token.
+
+        Returns ``(pooled [B, D], dense [B, HW, D])``: the projected global feature and every
+        spatial token projected into the joint space (prompt tokens excluded).
+        """
+
+    @property
+    @abc.abstractmethod
+    def visual_width(self) -> int:
+        """Width of the image tower's token sequence (size of a visual prompt token)."""
+
+    @abc.abstractmethod
+    def fingerprint_parts(self) -> dict[str, str]:
+        """What identifies these weights for the embedding cache (name, weights, file digest)."""
+
+    # ------------------------------------------------------------------ shared API
+    @property
+    def transform(self) -> v2.Compose:
+        """Evaluation preprocessing: shortest side to ``image_size`` (bicubic), centre crop,
+        scale to [0, 1], normalize. Works on PIL images and uint8 ``[C, H, W]`` tensors alike."""
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.CenterCrop(self.image_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.image_mean), std=list(self.image_std)),
+            ]
+        )
+
+    def encode_text(self, texts: list[str] | Tensor, normalize: bool = True) -> Tensor:
+        ids = self.tokenize(texts) if isinstance(texts, list) else texts
+        ids = ids.to(self.device)
+        with self.autocast():
+            feats = self.encode_text_embeddings(self.token_embedding(ids), ids)
+        feats = feats.float()
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        with self.autocast():
+            feats = self._encode_image(images.to(self.device))
+        feats = feats.float()
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def _encode_image(self, images: Tensor) -> Tensor:
+        return self.encode_image_tokens(images)[0]
+
+    def dense_features(self, images: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+        """Global and per-region features in the joint space: ``([B, D], [B, HW, D])``."""
+        with self.autocast():
+            pooled, dense = self.encode_image_tokens(images.to(self.device))
+        pooled, dense = pooled.float(), dense.float()
+        if normalize:
+            pooled, dense = F.normalize(pooled, dim=-1), F.normalize(dense, dim=-1)
+        return pooled, dense
+
+    def fingerprint(self) -> str:
+        """Stable digest of the weights and compute precision (keys the embedding cache)."""
+        parts = dict(self.fingerprint_parts(), precision=self.precision, cls=type(self).__name__)
+        text = "|".join(f"{k}={parts[k]}" for k in sorted(parts))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -1,0 +1,18 @@
+"""Errors raised while building or loading a backbone."""
+
+
+class BackboneError(Exception):
+    """Base class of backbone errors."""
+
+
+class UnknownArchitectureError(BackboneError, ValueError):
+    """The architecture name is not known to the library (the message lists close names)."""
+
+
+class WeightsUnavailableError(BackboneError, RuntimeError):
+    """Weights need a download that failed (offline) or do not exist; the message says how to pass a
+    local file instead."""
+
+
+class CheckpointMismatchError(BackboneError, ValueError):
+    """A checkpoint's keys or shapes do not fit the architecture (the message names the first ones)."""

@@ -1,0 +1,266 @@
+"""open_clip models behind the :class:`~vlweak.backbones.base.Backbone` interface."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer, text_global_pool
+from torch import Tensor
+
+from vlweak.backbones.base import Backbone, Precision, file_digest
+from vlweak.backbones.errors import (
+    CheckpointMismatchError,
+    UnknownArchitectureError,
+    WeightsUnavailableError,
+)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+open_clip.add_model_config(CONFIG_DIR)
+
+#: Weights that ship inside the vlweak package: ``pretrained`` tag -> file.
+SHIPPED_WEIGHTS = {"vlweak-shapes": WEIGHTS_DIR / "vlweak-shapes.safetensors"}
+
+log = logging.getLogger(__name__)
+
+
+def _is_local_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a checkpoint file (safetensors, or a torch pickle with an optional ``state_dict`` key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+    # Lightning checkpoints of a vlweak pretraining run prefix keys with "backbone.model.".
+    for prefix in ("backbone.model.", "module.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, Tensor], source: str, limit: int = 5) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the first missing/unexpected/misshapen keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {source} does not fit this architecture:"]
+        if shapes:
+            lines.append(f"  {len(shapes)} shape mismatches, first: " + "; ".join(shapes[:limit]))
+        if missing:
+            lines.append(f"  {len(missing)} missing keys, first: " + ", ".join(missing[:limit]))
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys, first: " + ", ".join(unexpected[:limit]))
+        raise CheckpointMismatchError("\n".join(lines))
+
+
+class OpenCLIPBackbone(Backbone):
+    """An open_clip model (any architecture open_clip knows, plus vlweak's registered ones).
+
+    Args:
+        model_name: open_clip architecture name, e.g. ``ViT-B-32``, ``RN50`` or vlweak's own
+            ``vlweak-shapes`` (the small model shipped with the package) and ``vlweak-tiny``.
+        pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``; downloaded to
+            the open_clip cache on first use), ``vlweak-shapes`` for the shipped weights, a local
+            checkpoint file (``.safetensors``/``.pt``/``.bin``/Lightning ``.ckpt``), or ``None`` for
+            random initialisation.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
+        freeze: keep the encoders frozen.
+        cache_dir: where open_clip downloads tagged weights.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vlweak-shapes",
+        pretrained: str | None = "vlweak-shapes",
+        precision: Precision = "fp32",
+        freeze: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(precision=precision, freeze=freeze)
+        known = open_clip.list_models()
+        if model_name not in known:
+            close = difflib.get_close_matches(model_name, known, n=5, cutoff=0.5)
+            hint = f" Close names: {', '.join(close)}." if close else ""
+            raise UnknownArchitectureError(f"unknown open_clip architecture {model_name!r}.{hint}")
+        self.model_name = model_name
+        self.pretrained = pretrained
+        root_logger = logging.getLogger()
+        level = root_logger.level
+        root_logger.setLevel(logging.ERROR)  # open_clip warns about random init before we load weights
+        try:
+            self.model = open_clip.create_model(model_name, pretrained=None)
+        finally:
+            root_logger.setLevel(level)
+        self._weights_digest = "random-init"
+        if pretrained:
+            self._load_weights(pretrained, cache_dir)
+        self.weights = pretrained or "random-init"
+        self._tokenizer = open_clip.get_tokenizer(model_name)
+        self._finish_init()
+
+    # ------------------------------------------------------------------ weights
+    def _load_weights(self, pretrained: str, cache_dir: str | None) -> None:
+        if pretrained in SHIPPED_WEIGHTS:
+            path = SHIPPED_WEIGHTS[pretrained]
+            if not path.is_file():
+                raise WeightsUnavailableError(
+                    f"the shipped weights {pretrained!r} are missing from the installation ({path}); "
+                    "reinstall vlweak or retrain them with recipes/pretrain/shapes.yaml"
+                )
+            self._load_file(path)
+        elif _is_local_path(pretrained) or Path(pretrained).is_file():
+            self._load_file(Path(pretrained).expanduser())
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(self.model_name)
+            if pretrained not in tags:
+                raise WeightsUnavailableError(
+                    f"{pretrained!r} is neither a local file nor an open_clip pretrained tag of "
+                    f"{self.model_name!r} (tags: {', '.join(tags) or 'none'})"
+                )
+            try:
+                url_model = open_clip.create_model(self.model_name, pretrained=pretrained, cache_dir=cache_dir)
+            except Exception as err:  # network / hub errors differ across versions
+                raise WeightsUnavailableError(
+                    f"could not fetch open_clip weights {self.model_name}/{pretrained} ({type(err).__name__}: "
+                    f"{err}). Offline? Download them on a connected machine (open_clip.create_model("
+                    f"'{self.model_name}', pretrained='{pretrained}') and save model.state_dict()), "
+                    "then pass the file: `pretrained: /path/to/weights.safetensors`."
+                ) from err
+            self.model.load_state_dict(url_model.state_dict())
+            self._weights_digest = f"tag:{pretrained}"
+
+    def _load_file(self, path: Path) -> None:
+        sd = load_state_dict_file(path)
+        check_state_dict(self.model, sd, str(path))
+        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        self._weights_digest = file_digest(path)
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        return {"model": self.model_name, "weights": self._weights_digest}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return tuple(getattr(self.model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return tuple(getattr(self.model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[-1])
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.context_length)
+
+    @property
+    def visual_width(self) -> int:
+        visual = self.model.visual
+        if isinstance(visual, VisionTransformer):
+            return int(visual.class_embedding.shape[-1])
+        raise NotImplementedError(f"visual prompt tokens need a ViT image tower, not {type(visual).__name__}")
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self._tokenizer(texts)
+
+    def token_embedding(self, token_ids: Tensor) -> Tensor:
+        return self.model.token_embedding(token_ids.to(self.device))
+
+    def encode_text_embeddings(self, embeddings: Tensor, token_ids: Tensor) -> Tensor:
+        m = self.model
+        x = embeddings + m.positional_embedding.to(embeddings.dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        x = text_global_pool(x, token_ids.to(x.device), m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if isinstance(m.text_projection, torch.nn.Linear):
+            return m.text_projection(x)
+        return x @ m.text_projection
+
+    # ------------------------------------------------------------------ image
+    def encode_image_tokens(self, images: Tensor, prompts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        visual = self.model.visual
+        if isinstance(visual, VisionTransformer):
+            return self._vit_tokens(visual, images, prompts)
+        if isinstance(visual, ModifiedResNet):
+            if prompts is not None:
+                raise NotImplementedError("visual prompt tokens need a ViT image tower")
+            return self._resnet_tokens(visual, images)
+        raise NotImplementedError(f"dense features are not implemented for {type(visual).__name__}")
+
+    def _encode_image(self, images: Tensor) -> Tensor:
+        return self.model.encode_image(images)
+
+    @staticmethod
+    def _vit_tokens(visual: VisionTransformer, images: Tensor, prompts: Tensor | None) -> tuple[Tensor, Tensor]:
+        x = visual._embeds(images)  # [B, 1 + HW, width], positional embeddings and ln_pre applied
+        n_prompt = 0
+        if prompts is not None:
+            p = prompts.to(x.dtype)
+            p = p.expand(x.shape[0], -1, -1) if p.dim() == 2 else p
+            n_prompt = p.shape[1]
+            x = torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
+        x = visual.transformer(x)
+        if n_prompt:
+            x = torch.cat([x[:, :1], x[:, 1 + n_prompt :]], dim=1)
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            pooled, _ = visual._pool(x)
+            dense = visual.ln_post(x[:, 1:])
+        else:
+            x = visual.ln_post(x)
+            pooled, dense = x[:, 0], x[:, 1:]
+        if visual.proj is not None:
+            pooled, dense = pooled @ visual.proj, dense @ visual.proj
+        return pooled, dense
+
+    @staticmethod
+    def _resnet_tokens(visual: ModifiedResNet, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Global feature through the attention pool; every spatial position projected by the
+        pool's value and output projections (the class-agnostic region features of DualCoOp)."""
+        x = visual.stem(images.to(visual.conv1.weight.dtype))
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        pooled = visual.attnpool(x)
+        pool = visual.attnpool
+        tokens = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        pos = pool.positional_embedding[1:].to(tokens.dtype)
+        if pos.shape[0] != tokens.shape[1]:
+            side = int(pos.shape[0] ** 0.5)
+            h, w = x.shape[-2:]
+            pos = F.interpolate(pos.T.reshape(1, -1, side, side), size=(h, w), mode="bilinear", align_corners=False)
+            pos = pos.reshape(-1, h * w).T
+        dense = pool.c_proj(pool.v_proj(tokens + pos))
+        return pooled, dense

@@ -1,0 +1,37 @@
+"""Data: readers, the built-in shapes world, data modules, label budgets and the embedding cache."""
+
+from vlweak.data.budget import Budgeted, LabelBudget
+from vlweak.data.cache import EmbeddingCache, image_embeddings
+from vlweak.data.datamodule import (
+    FeatureDataset,
+    ImageFolderDataModule,
+    ManifestDataModule,
+    ShapesWorldDataModule,
+    VLDataModule,
+)
+from vlweak.data.datasets import (
+    ImageLoadError,
+    LabeledImages,
+    ShapesWorldDataset,
+    VocabularyError,
+    clean_classname,
+)
+from vlweak.data.world import ShapesWorld
+
+__all__ = [
+    "Budgeted",
+    "EmbeddingCache",
+    "FeatureDataset",
+    "ImageFolderDataModule",
+    "ImageLoadError",
+    "LabelBudget",
+    "LabeledImages",
+    "ManifestDataModule",
+    "ShapesWorld",
+    "ShapesWorldDataModule",
+    "ShapesWorldDataset",
+    "VLDataModule",
+    "VocabularyError",
+    "clean_classname",
+    "image_embeddings",
+]

@@ -1,0 +1,140 @@
+"""The embedding cache: image (and text) embeddings on disk, keyed by what produced them.
+
+A key is the digest of the backbone fingerprint (architecture, weight-file digest, precision), the
+dataset fingerprint (reader, files with sizes and mtimes, or the world's seed and settings) and the
+transform; change any of them and the key changes, so a stale entry is never returned. Entries are
+safetensors files written atomically (temporary file, then rename), so a crash never leaves a
+half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+def default_cache_dir() -> Path:
+    """``$VLWEAK_CACHE`` or ``~/.cache/vlweak``."""
+    return Path(os.environ.get("VLWEAK_CACHE", Path.home() / ".cache" / "vlweak"))
+
+
+def cache_key(**parts: Any) -> str:
+    """Digest of JSON-serialisable key parts (order-independent)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def atomic_save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file via a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EmbeddingCache:
+    """Embeddings on disk under ``root/<namespace>/<key>.safetensors``.
+
+    Args:
+        root: cache folder (default ``$VLWEAK_CACHE`` or ``~/.cache/vlweak``).
+        enabled: ``False`` turns every lookup into a miss and every store into a no-op.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True) -> None:
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+        self.enabled = enabled
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str, namespace: str = "embeddings") -> Path:
+        return self.root / namespace / f"{key}.safetensors"
+
+    def load(self, key: str, namespace: str = "embeddings") -> dict[str, Tensor] | None:
+        path = self.path(key, namespace)
+        if not self.enabled or not path.is_file():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return load_file(str(path))
+
+    def store(self, key: str, tensors: Mapping[str, Tensor], namespace: str = "embeddings", **meta: Any) -> None:
+        if self.enabled:
+            atomic_save_tensors(tensors, self.path(key, namespace), {"meta": json.dumps(meta, default=str)})
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], dict[str, Tensor]], namespace: str = "embeddings", **meta: Any
+    ) -> dict[str, Tensor]:
+        """Return the cached tensors for ``key``, computing and storing them on a miss."""
+        found = self.load(key, namespace)
+        if found is not None:
+            return found
+        tensors = compute()
+        self.store(key, tensors, namespace, **meta)
+        return tensors
+
+
+@torch.no_grad()
+def encode_images(
+    backbone: Any,
+    dataset: Any,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    desc: str = "encoding images",
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Encode every image of an (already transformed) dataset: ``{"features": [N, D], "index": [N]}``
+    (L2-normalized features; unreadable images skipped when the dataset allows it)."""
+    from torch.utils.data import DataLoader
+
+    from vlweak.data.datasets import collate
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    feats, index = [], []
+    it = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(loader, desc=desc, leave=False)
+    for batch in it:
+        if not batch:
+            continue
+        feats.append(backbone.encode_image(batch["image"]).cpu())
+        index.append(batch["index"])
+    if not feats:
+        raise ValueError(f"no readable images in {desc}")
+    return {"features": torch.cat(feats), "index": torch.cat(index)}
+
+
+def image_embeddings(
+    backbone: Any,
+    dataset: Any,
+    transform: Any,
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    desc: str = "encoding images",
+) -> dict[str, Tensor]:
+    """Cached :func:`encode_images` of ``dataset`` under ``transform`` with ``backbone``."""
+    from vlweak.data.datasets import Transformed
+
+    def compute() -> dict[str, Tensor]:
+        return encode_images(backbone, Transformed(dataset, transform), batch_size, num_workers, desc)
+
+    if cache is None:
+        return compute()
+    key = cache_key(backbone=backbone.fingerprint(), data=dataset.fingerprint_parts(), transform=repr(transform))
+    return cache.get_or_compute(key, compute, backbone=backbone.fingerprint(), n=len(dataset))

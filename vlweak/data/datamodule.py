@@ -1,0 +1,364 @@
+"""One ``LightningDataModule`` family for every method.
+
+A data module owns the class vocabulary (``classnames``, linked into the model by the CLI), the
+splits (``train`` / ``val`` / ``test`` / ``predict``), the label budget of the train split (k shots
+per class, a fraction of labels, one positive per image, partial multi-label masks) and, with
+``embeddings: true``, serves cached backbone embeddings instead of images so training-free methods
+encode each image once across runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlweak.data.budget import Budgeted, LabelBudget
+from vlweak.data.cache import EmbeddingCache, image_embeddings
+from vlweak.data.datasets import (
+    ImageFolderReader,
+    ManifestReader,
+    ShapesWorldDataset,
+    Transformed,
+    collate,
+    validate_classnames,
+)
+from vlweak.data.world import ShapesWorld, classnames_for
+
+SPLITS = ("train", "val", "test", "predict")
+
+
+class FeatureDataset(Dataset):
+    """Items ``{"features", "index", label/target/mask}`` from precomputed embeddings."""
+
+    def __init__(self, features: torch.Tensor, index: torch.Tensor, source: Any) -> None:
+        self.features, self.index, self.source = features, index, source
+        self.multilabel = getattr(source, "multilabel", False)
+        targets = source.targets() if hasattr(source, "targets") else None
+        self.targets_ = targets[index] if targets is not None else None
+        self.masks_ = source.masks()[index] if hasattr(source, "masks") else None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"features": self.features[i], "index": int(self.index[i])}
+        if self.targets_ is not None:
+            if self.multilabel:
+                item["target"] = self.targets_[i]
+                item["mask"] = (
+                    self.masks_[i] if self.masks_ is not None else torch.ones_like(self.targets_[i], dtype=torch.bool)
+                )
+            else:
+                item["label"] = int(self.targets_[i])
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("source", "features", "index", "targets_", "masks_", "multilabel"):
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+class VLDataModule(L.LightningDataModule):
+    """Shared machinery of vlweak's data modules (subclasses say where the data comes from).
+
+    Args:
+        batch_size: images per batch.
+        num_workers: data-loader worker processes.
+        shots: label budget for the train split: keep ``shots`` labels per class, the rest unlabeled
+            (label ``-1``). Single-label data only.
+        label_fraction: keep this fraction of the train labels (single-label: of the images;
+            multi-label: of the image-class entries, the rest masked out as unknown).
+        single_positive: multi-label train split with exactly one observed positive per image (all
+            other entries unknown).
+        budget_seed: seed of the label budget draw (the drawn mask is saved with the run's artifacts).
+        skip_bad: skip unreadable images with a warning instead of failing on the first one.
+        embeddings: serve cached backbone embeddings (``features``) instead of images.
+        cache_dir: embedding cache folder (default ``$VLWEAK_CACHE`` or ``~/.cache/vlweak``).
+        predict_split: which split ``vlweak predict`` pseudolabels.
+        transform: override the backbone's preprocessing (default: the model's ``backbone.transform``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        shots: int | None = None,
+        label_fraction: float | None = None,
+        single_positive: bool = False,
+        budget_seed: int = 0,
+        skip_bad: bool = False,
+        embeddings: bool = False,
+        cache_dir: str | None = None,
+        predict_split: str = "test",
+        transform: Any = None,
+    ) -> None:
+        super().__init__()
+        if predict_split not in ("train", "val", "test"):
+            raise ValueError(f"predict_split must be train, val or test, got {predict_split!r}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.budget = LabelBudget(shots=shots, fraction=label_fraction, single_positive=single_positive, seed=budget_seed)
+        self.skip_bad = skip_bad
+        self.embeddings = embeddings
+        self.cache = EmbeddingCache(cache_dir)
+        self.predict_split = predict_split
+        self.transform = transform
+        self.datasets: dict[str, Dataset] = {}
+        self._raw: dict[str, Dataset] = {}
+
+    # ---------------------------------------------------------------- for subclasses
+    @property
+    def classnames(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def multilabel(self) -> bool:
+        return False
+
+    def build_split(self, split: str) -> Dataset | None:
+        """The raw dataset of a split (images before the transform), or ``None`` if absent."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- set-up
+    def raw(self, split: str) -> Dataset | None:
+        """The raw dataset of ``split`` (built once; the train split carries the label budget)."""
+        split = self.predict_split if split == "predict" else split
+        if split not in self._raw:
+            ds = self.build_split(split)
+            if ds is not None and split == "train" and self.budget.active:
+                ds = Budgeted(ds, self.budget)
+            self._raw[split] = ds
+        return self._raw[split]
+
+    def _model_backbone(self) -> Any:
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        return getattr(module, "backbone", None)
+
+    def resolve_transform(self) -> Any:
+        if self.transform is not None:
+            return self.transform
+        backbone = self._model_backbone()
+        if backbone is None:
+            raise RuntimeError("no transform given and no model backbone to take one from")
+        return backbone.transform
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }.get(stage or "", SPLITS)
+        transform = self.resolve_transform()
+        for split in needed:
+            raw = self.raw(split)
+            if raw is None:
+                continue
+            if self.embeddings:
+                self.datasets[split] = self._embedded(raw, transform, split)
+            else:
+                self.datasets[split] = Transformed(raw, transform)
+
+    def _embedded(self, raw: Dataset, transform: Any, split: str) -> FeatureDataset:
+        backbone = self._model_backbone()
+        if backbone is None:
+            raise RuntimeError("embeddings: true needs a model with a backbone")
+        trainer = getattr(self, "trainer", None)
+        strategy = trainer.strategy if trainer is not None else None
+        base = raw.dataset if isinstance(raw, Budgeted) else raw
+        # Rank 0 encodes and stores; the others wait, then read the same entry.
+        if strategy is None or strategy.global_rank == 0:
+            out = image_embeddings(
+                backbone, base, transform, self.cache, self.batch_size, self.num_workers, f"encoding {split}"
+            )
+        if strategy is not None and strategy.world_size > 1:
+            strategy.barrier("vlweak-embeddings")
+            if strategy.global_rank != 0:
+                out = image_embeddings(backbone, base, transform, self.cache, self.batch_size, 0, f"encoding {split}")
+        return FeatureDataset(out["features"], out["index"], raw)
+
+    # ---------------------------------------------------------------- loaders
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"{type(self).__name__} has no {split!r} split")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def sample_ids(self, split: str) -> list[str]:
+        ds = self.raw(split)
+        return list(ds.sample_ids) if ds is not None else []
+
+
+class ShapesWorldDataModule(VLDataModule):
+    """The built-in shapes world (:mod:`vlweak.data.world`): generated on the fly, nothing to download.
+
+    Args:
+        task: single-label task: ``shape`` (12 classes), ``coarse`` (polygon / curved shape /
+            symbol), ``colour`` (6) or ``colour_shape`` (72).
+        multilabel: multi-object scenes labelled with the shapes present (12 labels).
+        n_train: train-split size (the unlabeled pool for transductive methods).
+        n_val: validation-split size.
+        n_test: test-split size.
+        shift: domain shift of every split in [0, 1] (1 = the shifted target domain).
+        seed: world seed.
+        image_size: image side in pixels.
+        max_objects: most objects per multi-label scene.
+        **kwargs: see :class:`VLDataModule` (batch size, label budget, embeddings, ...).
+    """
+
+    def __init__(
+        self,
+        task: str = "shape",
+        multilabel: bool = False,
+        n_train: int = 2000,
+        n_val: int = 500,
+        n_test: int = 1000,
+        shift: float = 0.0,
+        seed: int = 0,
+        image_size: int = 64,
+        max_objects: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._classnames = classnames_for("shape") if multilabel else classnames_for(task)
+        self.task, self._multilabel = task, multilabel
+        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
+        self.world = ShapesWorld(
+            seed=seed, image_size=image_size, shift=shift, multilabel=multilabel, max_objects=max_objects
+        )
+
+    @property
+    def classnames(self) -> list[str]:
+        return self._classnames
+
+    @property
+    def multilabel(self) -> bool:
+        return self._multilabel
+
+    def build_split(self, split: str) -> Dataset | None:
+        n = self.sizes[split]
+        return ShapesWorldDataset(self.world, split, n, task=self.task) if n > 0 else None
+
+
+class ImageFolderDataModule(VLDataModule):
+    """Image folders, one sub-folder per class: ``root/{train,val,test}/<class>/<image>``; a root
+    without split folders is used as the test split (zero-shot evaluation of a whole folder).
+
+    Args:
+        root: dataset folder.
+        classnames: class names in folder order, or a ``{folder: name}`` map (e.g. WordNet ids to
+            names); default: the folder names with underscores turned into spaces.
+        train: train sub-folder name (``null`` to skip).
+        val: validation sub-folder name.
+        test: test sub-folder name.
+        **kwargs: see :class:`VLDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        classnames: list[str] | dict[str, str] | None = None,
+        train: str | None = "train",
+        val: str | None = "val",
+        test: str | None = "test",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.folders = {s: f for s, f in (("train", train), ("val", val), ("test", test)) if f}
+        present = {s: self.root / f for s, f in self.folders.items() if (self.root / f).is_dir()}
+        self.split_dirs = present or {"test": self.root}
+        self.classname_map = classnames
+        first = next(iter(self.split_dirs.values()))
+        self._classnames = ImageFolderReader.read(first, classnames, skip_bad=self.skip_bad).classnames
+
+    @property
+    def classnames(self) -> list[str]:
+        return self._classnames
+
+    def build_split(self, split: str) -> Dataset | None:
+        path = self.split_dirs.get(split)
+        if path is None:
+            return None
+        ds = ImageFolderReader.read(path, self.classname_map, skip_bad=self.skip_bad)
+        if ds.classnames != self._classnames:
+            raise ValueError(f"class folders of {path} differ from those of the other splits")
+        return ds
+
+
+class ManifestDataModule(VLDataModule):
+    """CSV/JSONL manifests (``path`` plus ``label`` or ``labels``) per split.
+
+    Args:
+        train: manifest of the train split.
+        val: manifest of the validation split.
+        test: manifest of the test split.
+        classnames: the class vocabulary; default: the sorted labels of the first manifest.
+        root: folder that relative image paths resolve against (default: each manifest's folder).
+        multilabel: force multi-label (default: when the manifest has a ``labels`` column).
+        **kwargs: see :class:`VLDataModule`.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        classnames: list[str] | None = None,
+        root: str | None = None,
+        multilabel: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.manifests = {s: m for s, m in (("train", train), ("val", val), ("test", test)) if m}
+        if not self.manifests:
+            raise ValueError("ManifestDataModule needs at least one of train, val, test")
+        self.root = root
+        first = next(iter(self.manifests.values()))
+        probe = ManifestReader.read(first, classnames, root, multilabel, self.skip_bad)
+        self._classnames = validate_classnames(classnames or probe.classnames)
+        self._multilabel = probe.multilabel
+
+    @property
+    def classnames(self) -> list[str]:
+        return self._classnames
+
+    @property
+    def multilabel(self) -> bool:
+        return self._multilabel
+
+    def build_split(self, split: str) -> Dataset | None:
+        path = self.manifests.get(split)
+        if path is None:
+            return None
+        return ManifestReader.read(path, self._classnames, self.root, self._multilabel, self.skip_bad)
+
+
+def cpu_workers() -> int:
+    """A sensible default worker count for this machine."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))

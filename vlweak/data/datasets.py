@@ -1,0 +1,368 @@
+"""Dataset readers. Every item is a dict:
+
+* ``image``: a PIL image or uint8 ``[3, H, W]`` tensor (before the backbone's transform),
+* ``label``: class index (``-1`` = unknown) for single-label data, or
+  ``target`` (float multi-hot ``[C]``) and ``mask`` (bool ``[C]``, ``True`` = observed) for multi-label data,
+* ``index``: position of the item in its dataset (sample ids are ``dataset.sample_ids[index]``),
+* ``caption``: for image-caption data (pretraining).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from vlweak.data.world import ShapesWorld, label_of, multilabel_target
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+class ImageLoadError(OSError):
+    """An image file is missing or cannot be decoded (the message names the path)."""
+
+
+class VocabularyError(ValueError):
+    """A class list is empty or has duplicates, or a label lies outside it."""
+
+
+def clean_classname(name: str) -> str:
+    """``"sweet_pepper"`` -> ``"sweet pepper"``: underscores to spaces, whitespace collapsed."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def validate_classnames(classnames: Sequence[str], source: str = "class list") -> list[str]:
+    """Return the class names as a list; an empty list or duplicate names is a :class:`VocabularyError`."""
+    names = list(classnames)
+    if not names:
+        raise VocabularyError(f"{source} is empty: at least one class is needed")
+    seen: dict[str, int] = {}
+    dupes = [n for n in names if n in seen or seen.setdefault(n, 0)]
+    if dupes:
+        raise VocabularyError(f"{source} has duplicate class names: {sorted(set(dupes))}")
+    return names
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB, raising :class:`ImageLoadError` with the path if it is missing or corrupt."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise ImageLoadError(f"image not found: {path}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(f"cannot decode image {path}: {err}") from err
+
+
+class VisionDataset(Dataset):
+    """Base of the file-backed readers: ``paths`` plus labels, with skip-on-error support."""
+
+    multilabel: bool = False
+
+    def __init__(self, paths: list[str], classnames: list[str], skip_bad: bool = False) -> None:
+        self.paths = paths
+        self.classnames = classnames
+        self.skip_bad = skip_bad
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [str(p) for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _image(self, index: int) -> Image.Image | None:
+        try:
+            return load_image(self.paths[index])
+        except ImageLoadError:
+            if self.skip_bad:
+                import warnings
+
+                warnings.warn(f"skipping unreadable image {self.paths[index]}", stacklevel=2)
+                return None
+            raise
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """What identifies this dataset's content for the embedding cache."""
+        stats = []
+        for p in self.paths:
+            try:
+                st = os.stat(p)
+                stats.append((str(p), st.st_size, int(st.st_mtime)))
+            except OSError:
+                stats.append((str(p), -1, -1))
+        return {"type": type(self).__name__, "files": stats}
+
+
+class LabeledImages(VisionDataset):
+    """Images with one class index each (``-1`` = unknown) or a multi-hot target."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        labels: list[int] | list[list[int]],
+        classnames: list[str],
+        multilabel: bool = False,
+        skip_bad: bool = False,
+    ) -> None:
+        super().__init__(paths, classnames, skip_bad)
+        self.labels = labels
+        self.multilabel = multilabel
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        image = self._image(index)
+        if image is None:
+            return None
+        item: dict[str, Any] = {"image": image, "index": index}
+        if self.multilabel:
+            target = torch.zeros(len(self.classnames))
+            target[list(self.labels[index])] = 1.0
+            item["target"], item["mask"] = target, torch.ones(len(self.classnames), dtype=torch.bool)
+        else:
+            item["label"] = int(self.labels[index])
+        return item
+
+    def targets(self) -> torch.Tensor:
+        if self.multilabel:
+            t = torch.zeros(len(self), len(self.classnames))
+            for i, labs in enumerate(self.labels):
+                t[i, list(labs)] = 1.0
+            return t
+        return torch.as_tensor(self.labels, dtype=torch.long)
+
+
+class ImageFolderReader:
+    """``root/<class>/<image>``: one sub-folder per class; class names from folder names
+    (cleaned) unless ``classnames`` maps folder names to names."""
+
+    @staticmethod
+    def read(
+        root: str | os.PathLike, classnames: dict[str, str] | list[str] | None = None, skip_bad: bool = False
+    ) -> LabeledImages:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not folders:
+            raise VocabularyError(f"image folder {root} has no class sub-folders")
+        if isinstance(classnames, dict):
+            unknown = [f for f in folders if f not in classnames]
+            if unknown:
+                raise VocabularyError(f"class folders {unknown[:5]} of {root} have no entry in the class-name map")
+            names = [classnames[f] for f in folders]
+        elif classnames:
+            names = list(classnames)
+            if len(names) != len(folders):
+                raise VocabularyError(f"{len(names)} class names given for {len(folders)} class folders in {root}")
+        else:
+            names = [clean_classname(f) for f in folders]
+        names = validate_classnames(names, f"classes of {root}")
+        paths, labels = [], []
+        for k, folder in enumerate(folders):
+            for f in sorted((root / folder).iterdir()):
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    paths.append(str(f))
+                    labels.append(k)
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        return LabeledImages(paths, labels, names, skip_bad=skip_bad)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{n}: invalid JSON ({err})") from err
+        return rows
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _split_labels(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, int):
+        return [str(value)]
+    return [v.strip() for v in str(value).replace(";", "|").split("|") if v.strip()]
+
+
+class ManifestReader:
+    """CSV or JSONL manifests with a ``path`` column/key and a ``label`` (one class) or ``labels``
+    (several, a JSON list or ``|``-separated) column. Relative paths resolve against ``root``
+    (default: the manifest's folder). A label may be a class name or a class index."""
+
+    @staticmethod
+    def read(
+        manifest: str | os.PathLike,
+        classnames: list[str] | None = None,
+        root: str | os.PathLike | None = None,
+        multilabel: bool | None = None,
+        skip_bad: bool = False,
+        caption_key: str | None = None,
+    ) -> LabeledImages:
+        manifest = Path(manifest).expanduser()
+        if not manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {manifest}")
+        rows = _read_rows(manifest)
+        if not rows:
+            raise ValueError(f"manifest {manifest} has no rows")
+        if "path" not in rows[0]:
+            raise ValueError(f"manifest {manifest} needs a 'path' column; found {sorted(rows[0])}")
+        key = "labels" if "labels" in rows[0] else "label" if "label" in rows[0] else None
+        if multilabel is None:
+            multilabel = key == "labels"
+        raw = [_split_labels(r.get(key)) if key else [] for r in rows]
+        if classnames is None:
+            names = sorted({lab for labs in raw for lab in labs})
+        else:
+            names = list(classnames)
+        names = validate_classnames(names, f"class list of {manifest}")
+        index = {n: k for k, n in enumerate(names)}
+        base = Path(root).expanduser() if root else manifest.parent
+        paths, labels = [], []
+        for n, (row, labs) in enumerate(zip(rows, raw), start=2 if manifest.suffix != ".jsonl" else 1):
+            ids = []
+            for lab in labs:
+                if lab in index:
+                    ids.append(index[lab])
+                elif lab.lstrip("-").isdigit() and -1 <= int(lab) < len(names):
+                    ids.append(int(lab))
+                else:
+                    raise VocabularyError(
+                        f"{manifest} row {n} ({row['path']}): label {lab!r} is not in the class vocabulary "
+                        f"({len(names)} classes, e.g. {names[:5]})"
+                    )
+            if not multilabel and len(ids) > 1:
+                raise VocabularyError(f"{manifest} row {n} ({row['path']}): several labels in a single-label manifest")
+            p = Path(row["path"])
+            paths.append(str(p if p.is_absolute() else base / p))
+            labels.append(ids if multilabel else (ids[0] if ids else -1))
+        ds = LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad)
+        if caption_key:
+            ds = CaptionedImages(ds, [str(r.get(caption_key, "")) for r in rows])
+        return ds
+
+
+class CaptionedImages(Dataset):
+    """Image-caption pairs for contrastive pretraining, wrapping a reader."""
+
+    multilabel = False
+
+    def __init__(self, images: VisionDataset, captions: list[str]) -> None:
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        self.images, self.captions = images, captions
+        self.classnames = images.classnames
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.images.sample_ids
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        image = self.images._image(index)
+        return None if image is None else {"image": image, "caption": self.captions[index], "index": index}
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        return dict(self.images.fingerprint_parts(), captions=len(self.captions))
+
+
+class ShapesWorldDataset(Dataset):
+    """``n`` items of one split of the built-in world (see :mod:`vlweak.data.world`)."""
+
+    def __init__(
+        self, world: ShapesWorld, split: str, n: int, task: str = "shape", classnames: list[str] | None = None
+    ) -> None:
+        from vlweak.data.world import classnames_for
+
+        self.world, self.split, self.n, self.task = world, split, n, task
+        self.multilabel = world.multilabel
+        self.classnames = classnames or (classnames_for("shape") if world.multilabel else classnames_for(task))
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [f"shapes-{self.split}-{i}" for i in range(self.n)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        scene = self.world.scene(self.split, index)
+        item: dict[str, Any] = {
+            "image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(),
+            "index": index,
+            "caption": scene.caption,
+        }
+        if self.multilabel:
+            item["target"] = multilabel_target(scene)
+            item["mask"] = torch.ones(len(self.classnames), dtype=torch.bool)
+        else:
+            item["label"] = label_of(scene, self.task)
+        return item
+
+    def targets(self) -> torch.Tensor:
+        if self.multilabel:
+            return torch.stack([multilabel_target(self.world.scene(self.split, i)) for i in range(self.n)])
+        return torch.tensor([label_of(self.world.scene(self.split, i), self.task) for i in range(self.n)])
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        w = self.world
+        return {
+            "type": "shapes-world",
+            "seed": w.seed,
+            "size": w.image_size,
+            "shift": w.shift,
+            "multilabel": w.multilabel,
+            "max_objects": w.max_objects,
+            "split": self.split,
+            "n": self.n,
+        }
+
+
+class Transformed(Dataset):
+    """Apply ``transform`` to each item's ``image`` (and keep everything else)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable | None) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.dataset[index]
+        if item is not None and self.transform is not None:
+            item = dict(item, image=self.transform(item["image"]))
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "transform"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Default collate that drops items skipped as unreadable (``None``)."""
+    from torch.utils.data import default_collate
+
+    kept = [it for it in items if it is not None]
+    if not kept:
+        return {}
+    return default_collate(kept)

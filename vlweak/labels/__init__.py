@@ -1,0 +1,5 @@
+"""Label sets, hierarchies and the pseudolabel artifact."""
+
+from vlweak.labels.artifact import ArtifactError, PseudoLabels
+
+__all__ = ["ArtifactError", "PseudoLabels"]

@@ -1,0 +1,162 @@
+"""The pseudolabel artifact: one on-disk format every method writes and every method reads.
+
+A single safetensors file holds the tensors (``scores [N, C]``, ``labels`` — ``[N]`` class indices
+or ``[N, C]`` multi-hot —, ``confidences [N]``, ``indices [N]``) and, in its metadata, JSON with the
+sample ids, the class vocabulary and the provenance (method, backbone, recipe, ...). Writes are
+atomic: a crash mid-write leaves the previous file intact.
+
+Chaining is the point: zero-shot → CHiLS → ZLaP → prompt tuning read each other's artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from vlweak.data.cache import atomic_save_tensors
+
+FORMAT = "vlweak-pseudolabels/1"
+
+
+class ArtifactError(ValueError):
+    """A pseudolabel artifact is malformed or does not match what the reader expects."""
+
+
+@dataclass
+class PseudoLabels:
+    """Pseudolabels for ``N`` samples over a ``C``-class vocabulary.
+
+    Attributes:
+        sample_ids: one id per sample (file path or dataset-specific id).
+        classnames: the class vocabulary, in score-column order.
+        scores: ``[N, C]`` class scores (probabilities for single-label methods).
+        labels: ``[N]`` hard labels, or ``[N, C]`` multi-hot labels when ``multilabel``.
+        confidences: ``[N]`` confidence of each hard label.
+        indices: ``[N]`` dataset indices of the samples.
+        multilabel: whether labels are multi-hot.
+        provenance: method, backbone, recipe and anything else that says how they were made.
+    """
+
+    sample_ids: list[str]
+    classnames: list[str]
+    scores: Tensor
+    labels: Tensor
+    confidences: Tensor
+    indices: Tensor
+    multilabel: bool = False
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n, c = len(self.sample_ids), len(self.classnames)
+        if self.scores.shape != (n, c):
+            raise ArtifactError(f"scores have shape {tuple(self.scores.shape)}, expected ({n}, {c})")
+        want = (n, c) if self.multilabel else (n,)
+        if tuple(self.labels.shape) != want:
+            raise ArtifactError(f"labels have shape {tuple(self.labels.shape)}, expected {want}")
+        if tuple(self.confidences.shape) != (n,) or tuple(self.indices.shape) != (n,):
+            raise ArtifactError("confidences and indices need one entry per sample")
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Tensor,
+        classnames: list[str],
+        sample_ids: list[str],
+        indices: Tensor | None = None,
+        multilabel: bool = False,
+        threshold: float = 0.5,
+        provenance: dict[str, Any] | None = None,
+    ) -> "PseudoLabels":
+        """Hard labels from scores: argmax (single-label) or ``scores >= threshold`` (multi-label)."""
+        scores = scores.detach().float().cpu()
+        if multilabel:
+            labels = (scores >= threshold).to(torch.uint8)
+            confidences = scores.max(1).values
+        else:
+            confidences, labels = scores.max(1)
+        if indices is None:
+            indices = torch.arange(len(scores))
+        return cls(list(sample_ids), list(classnames), scores, labels, confidences, indices.long().cpu(), multilabel, provenance or {})
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    # ---------------------------------------------------------------- disk
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically to ``path`` (``.safetensors`` is appended if missing)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+        meta = {
+            "format": FORMAT,
+            "sample_ids": json.dumps(self.sample_ids),
+            "classnames": json.dumps(self.classnames),
+            "multilabel": json.dumps(self.multilabel),
+            "provenance": json.dumps(self.provenance, default=str),
+        }
+        tensors = {
+            "scores": self.scores.float(),
+            "labels": self.labels,
+            "confidences": self.confidences.float(),
+            "indices": self.indices.long(),
+        }
+        atomic_save_tensors(tensors, path, meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, classnames: list[str] | None = None) -> "PseudoLabels":
+        """Read an artifact; with ``classnames``, a different vocabulary is an :class:`ArtifactError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"pseudolabel artifact not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:
+            raise ArtifactError(f"{path} is not a readable safetensors file: {err}") from err
+        if meta.get("format") != FORMAT:
+            raise ArtifactError(f"{path} is not a vlweak pseudolabel artifact (format {meta.get('format')!r})")
+        names = json.loads(meta["classnames"])
+        if classnames is not None and list(classnames) != names:
+            missing = [c for c in classnames if c not in names]
+            extra = [c for c in names if c not in classnames]
+            detail = f"missing {missing[:5]}, extra {extra[:5]}" if missing or extra else "same names, different order"
+            raise ArtifactError(
+                f"{path} was made for a different class vocabulary ({len(names)} classes vs {len(classnames)}: {detail})"
+            )
+        return cls(
+            sample_ids=json.loads(meta["sample_ids"]),
+            classnames=names,
+            scores=tensors["scores"],
+            labels=tensors["labels"],
+            confidences=tensors["confidences"],
+            indices=tensors["indices"],
+            multilabel=json.loads(meta["multilabel"]),
+            provenance=json.loads(meta["provenance"]),
+        )
+
+    def aligned_to(self, sample_ids: list[str]) -> "PseudoLabels":
+        """Reorder (and subset) to ``sample_ids``; ids absent from the artifact are an error."""
+        pos = {s: i for i, s in enumerate(self.sample_ids)}
+        missing = [s for s in sample_ids if s not in pos]
+        if missing:
+            raise ArtifactError(f"{len(missing)} samples have no pseudolabel, e.g. {missing[:3]}")
+        order = torch.tensor([pos[s] for s in sample_ids], dtype=torch.long)
+        return PseudoLabels(
+            list(sample_ids),
+            self.classnames,
+            self.scores[order],
+            self.labels[order],
+            self.confidences[order],
+            self.indices[order],
+            self.multilabel,
+            dict(self.provenance),
+        )

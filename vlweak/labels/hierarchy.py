@@ -1,0 +1,469 @@
+"""Label hierarchies: classes with sub-classes, over one or more levels.
+
+A :class:`LabelHierarchy` is a forest of names read from a mapping (inline YAML in a recipe), a
+JSON/YAML file ``{"parent": ["child", ...]}`` or a CSV of ``parent,child`` edges. It is viewed at one
+*level* (0 = the roots): the nodes at that depth are the classes ("parents"), the leaves beneath
+each are its sub-classes. Methods ask it for the sub-class list and for the sub-class -> parent map as
+tensors, in the order of the dataset's class vocabulary.
+
+Input shapes accepted for a mapping (they can be mixed):
+
+* flat: ``{"polygon": ["triangle", "square"], "curved shape": ["circle"]}``;
+* nested: ``{"animal": {"mammal": ["dog", "cat"], "bird": ["owl"]}}``, or list items that are
+  one-key mappings: ``{"animal": ["fish", {"mammal": ["dog"]}]}``;
+* linked flat (adjacency lists, like CSV edges): a key listed as a child elsewhere is placed under
+  that parent: ``{"animal": ["mammal", "bird"], "mammal": ["dog"], "bird": ["owl"]}``.
+
+Names are stripped and whitespace-collapsed. Two names are *the same name* when they agree after
+underscores become spaces and case is folded (``"Sweet_pepper"`` == ``"sweet pepper"``); the first
+spelling is kept. Rules (each a :mod:`~vlweak.labels.hierarchy_errors` error):
+
+* a name listed under two different parents is a :class:`MultipleParentsError`, unless
+  ``duplicates="qualify"``: then a *leaf* shared by several parents becomes one sub-class per parent,
+  named ``"<leaf> <parent>"`` (the same "append the parent" form CHiLS uses for its label sets);
+  an inner node under two parents is always an error;
+* a name listed twice under the same parent is a :class:`DuplicateNameError`;
+* an empty sub-class list (``[]``, or a class with nothing beneath it) is an
+  :class:`EmptySubclassesError`;
+* a child named like its own parent is allowed and is a leaf (CHiLS keeps the class name itself
+  among its sub-classes);
+* cycles, non-string names, a level no class reaches, or a branch ending above the chosen level are
+  :class:`HierarchyFormatError`;
+* :meth:`LabelHierarchy.for_vocabulary` raises :class:`UnknownParentError` for a parent that is not
+  in the dataset's vocabulary (and, with ``missing="error"``, for a vocabulary class the hierarchy
+  does not cover).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from vlweak.labels.hierarchy_errors import (
+    DuplicateNameError,
+    EmptySubclassesError,
+    HierarchyFormatError,
+    MultipleParentsError,
+    UnknownParentError,
+)
+
+Duplicates = Literal["error", "qualify"]
+Missing = Literal["error", "self"]
+
+
+def normalize_name(name: str) -> str:
+    """The identity of a name: underscores to spaces, whitespace collapsed, case folded."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def _display(name: Any, where: str) -> str:
+    if not isinstance(name, str):
+        raise HierarchyFormatError(f"{where}: names must be strings, got {name!r} ({type(name).__name__})")
+    text = " ".join(name.split())
+    if not text:
+        raise HierarchyFormatError(f"{where}: empty name")
+    return text
+
+
+@dataclass(frozen=True)
+class _Node:
+    name: str
+    children: tuple["_Node", ...] = ()
+
+
+# ---------------------------------------------------------------------------------------- parsing
+_EMPTY = object()  # marks a parent declared with an empty sub-class list
+_LEAF = object()  # marks a name declared with no children (YAML ``name:`` / ``None``)
+
+
+def _edges_from_mapping(tree: Mapping[str, Any], where: str) -> list[tuple[str, Any]]:
+    """Flatten any accepted mapping shape into ordered ``(parent, child)`` edges."""
+    if not isinstance(tree, Mapping):
+        raise HierarchyFormatError(f"{where}: a hierarchy is a mapping parent -> children, got {type(tree).__name__}")
+    edges: list[tuple[str, Any]] = []
+
+    def visit(parent: Any, value: Any) -> None:
+        parent = _display(parent, where)
+        if value is None:
+            edges.append((parent, _LEAF))
+        elif isinstance(value, str):
+            edges.append((parent, _display(value, where)))
+        elif isinstance(value, Mapping):
+            if not value:
+                edges.append((parent, _EMPTY))
+            for key, sub in value.items():
+                edges.append((parent, _display(key, where)))
+                visit(key, sub)
+        elif isinstance(value, Sequence):
+            if not value:
+                edges.append((parent, _EMPTY))
+            for item in value:
+                if isinstance(item, Mapping):
+                    for key, sub in item.items():
+                        edges.append((parent, _display(key, where)))
+                        visit(key, sub)
+                else:
+                    edges.append((parent, _display(item, where)))
+        else:
+            raise HierarchyFormatError(
+                f"{where}: children of {parent!r} must be a list or mapping, got {type(value).__name__}"
+            )
+
+    for key, value in tree.items():
+        visit(key, value)
+    return edges
+
+
+def _build_forest(edges: Iterable[tuple[str, Any]], duplicates: Duplicates, where: str) -> tuple[_Node, ...]:
+    if duplicates not in ("error", "qualify"):
+        raise ValueError(f"duplicates must be 'error' or 'qualify', got {duplicates!r}")
+    display: dict[str, str] = {}
+    children: dict[str, list[str]] = {}
+    parents_of: dict[str, list[str]] = {}
+    empty: list[str] = []
+
+    def key_of(name: str) -> str:
+        k = normalize_name(name)
+        display.setdefault(k, name)
+        return k
+
+    for parent, child in edges:
+        p = key_of(parent)
+        kids = children.setdefault(p, []) if child is not _LEAF else children.get(p)
+        if child is _LEAF:
+            continue
+        if child is _EMPTY:
+            empty.append(display[p])
+            continue
+        c = key_of(child)
+        if c in kids:
+            raise DuplicateNameError(f"{where}: {display[c]!r} is listed twice under {display[p]!r}")
+        kids.append(c)
+        if c != p:
+            parents_of.setdefault(c, []).append(p)
+    if empty:
+        raise EmptySubclassesError(f"{where}: empty sub-class list for {sorted(set(empty))}")
+
+    for c, ps in list(parents_of.items()):
+        if len(ps) < 2:
+            continue
+        names = [display[p] for p in ps]
+        if duplicates == "error" or children.get(c):
+            hint = "" if children.get(c) else " (pass duplicates='qualify' to name it '<child> <parent>' under each)"
+            raise MultipleParentsError(f"{where}: {display[c]!r} is listed under several parents {names}{hint}")
+        for p in ps:  # qualify a shared leaf: one sub-class per parent, "<leaf> <parent>"
+            q = key_of(f"{display[c]} {display[p]}")
+            if q in parents_of or q in children or q in children[p]:
+                raise DuplicateNameError(f"{where}: qualified name {display[q]!r} is already taken")
+            children[p][children[p].index(c)] = q
+            parents_of[q] = [p]
+        del parents_of[c]
+
+    roots = [k for k in children if k not in parents_of]
+    done: set[str] = set()
+
+    def build(k: str, path: tuple[str, ...]) -> _Node:
+        if k in path:
+            raise HierarchyFormatError(f"{where}: cycle through {[display[x] for x in path + (k,)]}")
+        done.add(k)
+        kids = tuple(_Node(display[c]) if c == k else build(c, path + (k,)) for c in children.get(k, []))
+        return _Node(display[k], kids)
+
+    forest = tuple(build(r, ()) for r in roots)
+    unreached = [display[k] for k in children if k not in done]
+    if unreached or (children and not roots):
+        raise HierarchyFormatError(f"{where}: cycle among {unreached or [display[k] for k in children]}")
+    if not forest:
+        raise EmptySubclassesError(f"{where}: the hierarchy has no classes")
+    return forest
+
+
+def _leaves(node: _Node) -> list[str]:
+    if not node.children:
+        return [node.name]
+    return [leaf for child in node.children for leaf in _leaves(child)]
+
+
+def _depth(node: _Node) -> int:
+    return 1 + max((_depth(c) for c in node.children), default=0)
+
+
+# ---------------------------------------------------------------------------------------- the type
+class LabelHierarchy:
+    """Classes with their sub-classes, viewed at one level of a (possibly deeper) tree.
+
+    Args:
+        tree: mapping parent -> children (see the module docstring for the accepted shapes).
+        level: depth of the nodes used as classes (0 = the roots); their sub-classes are the leaves
+            beneath them.
+        duplicates: ``"error"`` (default) or ``"qualify"``: what to do with a leaf listed under two
+            parents (see the module docstring).
+        source: a label for error messages (a file name, "recipe", ...).
+    """
+
+    def __init__(
+        self,
+        tree: Mapping[str, Any],
+        level: int = 0,
+        duplicates: Duplicates = "error",
+        source: str = "hierarchy",
+    ) -> None:
+        forest = _build_forest(_edges_from_mapping(tree, source), duplicates, source)
+        self._setup(forest, level, source)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def _from_forest(cls, forest: tuple[_Node, ...], level: int, source: str) -> "LabelHierarchy":
+        self = cls.__new__(cls)
+        self._setup(forest, level, source)
+        return self
+
+    def _setup(self, forest: tuple[_Node, ...], level: int, source: str) -> None:
+        self._forest = forest
+        self.source = source
+        self.depth = max(_depth(r) for r in forest)
+        if not isinstance(level, int) or not 0 <= level < self.depth - 1:
+            raise HierarchyFormatError(
+                f"{source}: level {level!r} out of range; this hierarchy has class levels 0..{self.depth - 2}"
+            )
+        self.level = level
+        classes: list[_Node] = []
+
+        def collect(node: _Node, depth: int) -> None:
+            if depth == level:
+                classes.append(node)
+            elif not node.children:
+                raise HierarchyFormatError(f"{source}: branch {node.name!r} ends at depth {depth}, above level {level}")
+            else:
+                for child in node.children:
+                    collect(child, depth + 1)
+
+        for root in forest:
+            collect(root, 0)
+        self._children: dict[str, list[str]] = {}
+        self._parent_of: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for node in classes:
+            if not node.children:
+                raise EmptySubclassesError(f"{source}: class {node.name!r} has no sub-classes at level {level}")
+            if normalize_name(node.name) in {normalize_name(p) for p in self._children}:
+                raise DuplicateNameError(f"{source}: class name {node.name!r} appears twice")
+            leaves = _leaves(node)
+            for leaf in leaves:
+                k = normalize_name(leaf)
+                if k in seen:
+                    raise MultipleParentsError(f"{source}: sub-class {leaf!r} is under {seen[k]!r} and {node.name!r}")
+                seen[k] = node.name
+                self._parent_of[leaf] = node.name
+            self._children[node.name] = leaves
+
+    # ------------------------------------------------------------------ loaders
+    @classmethod
+    def from_edges(
+        cls,
+        edges: Iterable[tuple[str, str]],
+        level: int = 0,
+        duplicates: Duplicates = "error",
+        source: str = "edges",
+    ) -> "LabelHierarchy":
+        """From ``(parent, child)`` pairs; an empty child declares an empty sub-class list."""
+        clean: list[tuple[str, Any]] = []
+        for i, edge in enumerate(edges):
+            if len(edge) != 2:
+                raise HierarchyFormatError(f"{source}: edge {i} must be (parent, child), got {edge!r}")
+            parent, child = edge
+            where = f"{source}: edge {i}"
+            clean.append((_display(parent, where), _EMPTY if not str(child).strip() else _display(child, where)))
+        return cls._from_forest(_build_forest(clean, duplicates, source), level, source)
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike, level: int = 0, duplicates: Duplicates = "error") -> "LabelHierarchy":
+        """From a CSV of ``parent,child`` rows (an optional ``parent,child`` header; ``#`` comments)."""
+        edges = []
+        with open(path, newline="", encoding="utf-8") as f:
+            for lineno, row in enumerate(csv.reader(f), 1):
+                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                    continue
+                if len(row) != 2:
+                    raise HierarchyFormatError(f"{path}:{lineno}: expected 'parent,child', got {row!r}")
+                if not edges and [c.strip().lower() for c in row] == ["parent", "child"]:
+                    continue
+                edges.append((row[0], row[1]))
+        if not edges:
+            raise HierarchyFormatError(f"{path}: no edges")
+        return cls.from_edges(edges, level, duplicates, source=str(path))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, level: int = 0, duplicates: Duplicates = "error") -> "LabelHierarchy":
+        """From a ``.json``, ``.yaml``/``.yml`` (mapping) or ``.csv`` (edges) file."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            return cls.from_csv(path, level, duplicates)
+        if suffix not in (".json", ".yaml", ".yml"):
+            raise HierarchyFormatError(f"{path}: unknown hierarchy file type {suffix!r} (use .json, .yaml, .yml or .csv)")
+        if not path.is_file():
+            raise FileNotFoundError(f"hierarchy file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            if suffix == ".json":
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise HierarchyFormatError(f"{path}: invalid JSON: {err}") from err
+            else:
+                import yaml
+
+                try:
+                    data = yaml.safe_load(f)
+                except yaml.YAMLError as err:
+                    raise HierarchyFormatError(f"{path}: invalid YAML: {err}") from err
+        return cls(data, level=level, duplicates=duplicates, source=str(path))
+
+    @classmethod
+    def builtin(cls, name: str, level: int = 0) -> "LabelHierarchy":
+        """A hierarchy shipped with vlweak by name (see :func:`~vlweak.labels.builtin_hierarchies`)."""
+        from vlweak.labels.hierarchy_builtin import builtin_tree
+
+        return cls(builtin_tree(name), level=level, source=f"builtin:{name}")
+
+    @classmethod
+    def resolve(
+        cls, spec: "LabelHierarchy | Mapping[str, Any] | str | os.PathLike", level: int = 0
+    ) -> "LabelHierarchy":
+        """What a recipe gives (an inline mapping, a built-in name or a file path) as a hierarchy."""
+        if isinstance(spec, LabelHierarchy):
+            return spec if spec.level == level else spec.at_level(level)
+        if isinstance(spec, Mapping):
+            return cls(spec, level=level, source="inline hierarchy")
+        from vlweak.labels.hierarchy_builtin import builtin_names
+
+        if isinstance(spec, str) and spec in builtin_names():
+            return cls.builtin(spec, level=level)
+        if Path(spec).is_file():
+            return cls.from_file(spec, level=level)
+        raise HierarchyFormatError(
+            f"hierarchy {str(spec)!r} is neither a file nor a built-in name; built-ins: {builtin_names()}"
+        )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def parents(self) -> list[str]:
+        """The classes at the chosen level, in tree order."""
+        return list(self._children)
+
+    @property
+    def subclasses(self) -> list[str]:
+        """All sub-classes (leaves), grouped by parent in :attr:`parents` order."""
+        return [s for subs in self._children.values() for s in subs]
+
+    def subclasses_of(self, parent: str) -> list[str]:
+        return list(self._children[self._lookup(parent)])
+
+    def parent_of(self, subclass: str) -> str:
+        key = normalize_name(subclass)
+        for s, p in self._parent_of.items():
+            if normalize_name(s) == key:
+                return p
+        raise KeyError(f"{subclass!r} is not a sub-class of this hierarchy")
+
+    def as_dict(self) -> dict[str, list[str]]:
+        """The two-level view ``{parent: [sub-class, ...]}`` at the chosen level."""
+        return {p: list(s) for p, s in self._children.items()}
+
+    def to_tree(self) -> dict[str, Any]:
+        """The full forest as a nested mapping (leaves as lists), whatever the level."""
+
+        def enc(node: _Node) -> Any:
+            if all(not c.children for c in node.children):
+                return [c.name for c in node.children]
+            return [c.name if not c.children else {c.name: enc(c)} for c in node.children]
+
+        return {r.name: enc(r) for r in self._forest}
+
+    def at_level(self, level: int) -> "LabelHierarchy":
+        """The same tree viewed at another level."""
+        return LabelHierarchy._from_forest(self._forest, level, self.source)
+
+    def _lookup(self, parent: str) -> str:
+        key = normalize_name(parent)
+        for p in self._children:
+            if normalize_name(p) == key:
+                return p
+        raise KeyError(f"{parent!r} is not a class of this hierarchy; classes: {self.parents}")
+
+    # ------------------------------------------------------------------ the dataset's vocabulary
+    def for_vocabulary(self, classnames: Sequence[str], missing: Missing = "error") -> "LabelHierarchy":
+        """A two-level hierarchy whose parents are exactly ``classnames``, in that order and spelling.
+
+        Names are matched with :func:`normalize_name`. A hierarchy parent absent from the vocabulary
+        is an :class:`UnknownParentError`; a vocabulary class absent from the hierarchy is one too with
+        ``missing="error"``, or becomes its own single sub-class with ``missing="self"``.
+        """
+        if missing not in ("error", "self"):
+            raise ValueError(f"missing must be 'error' or 'self', got {missing!r}")
+        vocab = {normalize_name(c): c for c in classnames}
+        if len(vocab) != len(classnames):
+            raise DuplicateNameError(f"class vocabulary has duplicate names: {list(classnames)}")
+        mine = {normalize_name(p): p for p in self._children}
+        unknown = [p for k, p in mine.items() if k not in vocab]
+        if unknown:
+            raise UnknownParentError(
+                f"{self.source}: parents {unknown} are not in the dataset's classes {list(classnames)}"
+            )
+        absent = [c for k, c in vocab.items() if k not in mine]
+        if absent and missing == "error":
+            raise UnknownParentError(
+                f"{self.source}: dataset classes {absent} have no sub-classes in the hierarchy "
+                "(add them, or pass missing='self' to use each such class as its own sub-class)"
+            )
+        tree = {c: self._children[mine[k]] if k in mine else [c] for k, c in vocab.items()}
+        return LabelHierarchy(tree, source=self.source)
+
+    def subclass_to_parent(self, classnames: Sequence[str] | None = None) -> Tensor:
+        """``LongTensor [n_subclasses]``: index of each sub-class's parent in ``classnames`` (default:
+        :attr:`parents`). Sub-classes are in the order of ``for_vocabulary(classnames).subclasses``."""
+        h = self if classnames is None else self.for_vocabulary(classnames)
+        index = {p: i for i, p in enumerate(h.parents)}
+        return torch.tensor([index[h._parent_of[s]] for s in h.subclasses], dtype=torch.long)
+
+    def membership(self, classnames: Sequence[str] | None = None) -> Tensor:
+        """``BoolTensor [n_parents, n_subclasses]``: ``True`` where the sub-class is under the parent."""
+        mapping = self.subclass_to_parent(classnames)
+        n = len(self) if classnames is None else len(classnames)
+        return torch.nn.functional.one_hot(mapping, n).T.bool()
+
+    # ------------------------------------------------------------------ transforms and output
+    def cleaned(self, keep_parent: bool = True, append_parent: bool = True) -> "LabelHierarchy":
+        """The two-level view with CHiLS's cleaning applied to every sub-class list
+        (see :func:`~vlweak.labels.hierarchy_clean.clean_subclasses`)."""
+        from vlweak.labels.hierarchy_clean import clean_subclasses
+
+        tree = {p: clean_subclasses(p, s, keep_parent, append_parent) for p, s in self._children.items()}
+        return LabelHierarchy(tree, duplicates="qualify", source=self.source)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the full tree (re-readable with :meth:`from_file`), atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_tree(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LabelHierarchy) and self._forest == other._forest and self.level == other.level
+
+    def __repr__(self) -> str:
+        return (
+            f"LabelHierarchy({len(self)} classes, {len(self._parent_of)} sub-classes, "
+            f"level {self.level} of depth {self.depth}, source={self.source!r})"
+        )

@@ -1,0 +1,7 @@
+"""vlweak's methods, one LightningModule each."""
+
+from vlweak.methods.base import VLMethod
+from vlweak.methods.pretrain import CLIPPretrain
+from vlweak.methods.zeroshot import ZeroShot
+
+__all__ = ["CLIPPretrain", "VLMethod", "ZeroShot"]

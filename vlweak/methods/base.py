@@ -1,0 +1,185 @@
+"""What every vlweak method shares: a backbone, the class vocabulary, evaluation, pseudolabel
+artifacts, and collecting per-sample outputs across ranks.
+
+A method collects per-sample tensors during an epoch with :meth:`VLMethod.collect`; at the epoch's
+end :meth:`VLMethod.gathered` returns them from *all* ranks, de-duplicated by sample index (the
+distributed sampler repeats samples to even out ranks) and sorted, so evaluation and artifacts are
+the same on one device and on many. Artifacts are written by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse import lazy_instance
+from torch import Tensor
+
+from vlweak.backbones import Backbone, OpenCLIPBackbone
+from vlweak.labels.artifact import PseudoLabels
+from vlweak.metrics import multiclass_report, multilabel_report
+
+DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
+
+
+def dedup_by_index(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keep the first occurrence of each ``index`` and sort by it."""
+    index = outputs["index"]
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    keep = order[first]
+    return {k: v[keep] for k, v in outputs.items()}
+
+
+class VLMethod(L.LightningModule):
+    """Base of vlweak's methods.
+
+    Args:
+        backbone: the CLIP-family model (default: the shipped ``vlweak-shapes`` model).
+        classnames: class vocabulary; set by the CLI from the data module.
+        multilabel: multi-label task; set by the CLI from the data module.
+        artifact_path: where test/predict write the pseudolabel artifact; default
+            ``<log dir>/pseudolabels-<stage>.safetensors``; ``""`` writes none.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone = DEFAULT_BACKBONE,
+        classnames: list[str] | None = None,
+        multilabel: bool = False,
+        artifact_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classnames = list(classnames) if classnames else []
+        self.multilabel = multilabel
+        self.artifact_path = artifact_path
+        self._collected: list[dict[str, Tensor]] = []
+        self.last_artifact: Path | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- vocabulary
+    def require_classnames(self) -> list[str]:
+        if not self.classnames:
+            raise ValueError(
+                f"{type(self).__name__} has no class names: give model.init_args.classnames or use a data module"
+            )
+        return self.classnames
+
+    # ---------------------------------------------------------------- features
+    def image_features(self, batch: dict[str, Any]) -> Tensor:
+        """Unit-norm image features of a batch: the cached ``features`` if the data module serves
+        embeddings, else the backbone applied to ``image``."""
+        if "features" in batch:
+            return torch.nn.functional.normalize(batch["features"].float(), dim=-1)
+        return self.backbone.encode_image(batch["image"])
+
+    # ---------------------------------------------------------------- collecting across ranks
+    def collect(self, **tensors: Tensor) -> None:
+        """Keep per-sample tensors (one row per sample; must include ``index``) for the epoch end."""
+        self._collected.append({k: v.detach() for k, v in tensors.items()})
+
+    def gathered(self) -> dict[str, Tensor]:
+        """Everything collected this epoch on every rank, de-duplicated and sorted by index (CPU)."""
+        parts, self._collected = self._collected, []
+        keys = parts[0].keys() if parts else ()
+        local = {k: torch.cat([p[k] for p in parts]) for k in keys}
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            local = self._all_gather_ragged(local)
+        if not local:
+            return {}
+        return {k: v.cpu() for k, v in dedup_by_index(local).items()}
+
+    def _all_gather_ragged(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
+        n = torch.tensor([len(local.get("index", []))], device=self.device)
+        sizes = self.all_gather(n).flatten().tolist()
+        m = max(sizes)
+        if m == 0:
+            return {}
+        padded = {}
+        for k, v in local.items():
+            v = v.to(self.device)
+            pad = torch.zeros((m - len(v), *v.shape[1:]), dtype=v.dtype, device=self.device)
+            padded[k] = torch.cat([v, pad])
+        g = self.all_gather(padded)
+        return {k: torch.cat([g[k][r, : sizes[r]] for r in range(len(sizes))]) for k in g}
+
+    # ---------------------------------------------------------------- evaluation and artifacts
+    def evaluate(self, stage: str, scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+        """Log accuracy metrics (single-label) or mAP/F1 (multi-label); per-class values go to a CSV."""
+        names = self.require_classnames()
+        if self.multilabel:
+            report = multilabel_report(scores, targets, mask)
+        else:
+            report = multiclass_report(scores, targets)
+        per_class = report.pop("per_class")
+        for k, v in report.items():
+            self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=True)
+        self.last_metrics = {f"{stage}/{k}": float(v) for k, v in report.items()}
+        self._write_per_class(stage, names, per_class)
+        return self.last_metrics
+
+    def _write_per_class(self, stage: str, names: list[str], values: Tensor) -> None:
+        if self.global_rank != 0 or self._trainer is None:
+            return
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        metric = "ap" if self.multilabel else "accuracy"
+        with open(log_dir / f"per_class_{stage}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", metric])
+            for n, v in zip(names, values.tolist()):
+                w.writerow([n, f"{v:.6f}"])
+
+    def provenance(self) -> dict[str, Any]:
+        b = self.backbone
+        info: dict[str, Any] = {
+            "method": type(self).__name__,
+            "backbone": type(b).__name__,
+            "model": getattr(b, "model_name", getattr(b, "model_id", "")),
+            "weights": getattr(b, "weights", ""),
+            "backbone_fingerprint": b.fingerprint(),
+            "hparams": {k: v for k, v in self.hparams.items() if k not in ("backbone", "classnames")},
+        }
+        if self._trainer is not None and self.trainer.log_dir:
+            config = Path(self.trainer.log_dir) / "config.yaml"
+            info["recipe"] = str(config) if config.is_file() else ""
+        return info
+
+    def sample_ids(self, split: str, indices: Tensor) -> list[str]:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        ids = dm.sample_ids(split) if dm is not None and hasattr(dm, "sample_ids") else None
+        if not ids:
+            return [str(int(i)) for i in indices]
+        return [ids[int(i)] for i in indices]
+
+    def write_artifact(self, stage: str, scores: Tensor, indices: Tensor, **extra_provenance: Any) -> Path | None:
+        """Write the pseudolabel artifact of ``stage`` from rank 0 (returns its path there)."""
+        if self.artifact_path == "" or self.global_rank != 0:
+            return None
+        split = {"test": "test", "predict": "predict", "validate": "val"}.get(stage, stage)
+        labels = PseudoLabels.from_scores(
+            scores,
+            self.require_classnames(),
+            self.sample_ids(split, indices),
+            indices,
+            multilabel=self.multilabel,
+            threshold=getattr(self, "threshold", 0.5),
+            provenance=dict(self.provenance(), stage=stage, **extra_provenance),
+        )
+        if self.artifact_path:
+            path = Path(self.artifact_path)
+        else:
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir) if self._trainer else Path(".")
+            path = root / f"pseudolabels-{stage}.safetensors"
+        self.last_artifact = labels.save(path)
+        return self.last_artifact
+
+    def configure_optimizers(self):  # training-free methods have nothing to optimize
+        return None

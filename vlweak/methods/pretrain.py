@@ -1,0 +1,121 @@
+"""CLIP-style contrastive pretraining of an open_clip architecture on image-caption data.
+
+Symmetric InfoNCE (Radford et al. 2021): for a batch of ``B`` pairs, logits
+``s * f_img @ f_txtᵀ`` with a learnable temperature ``s = exp(t)`` (clamped at 100), cross-entropy
+over rows (image→text) and columns (text→image), averaged. Under DDP the features of all ranks are
+gathered (with gradients) so every rank contrasts against the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse import lazy_instance
+from torch import Tensor
+
+from vlweak.backbones import OpenCLIPBackbone
+from vlweak.data.cache import atomic_save_tensors
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE over matching rows of L2-normalized image and text features."""
+    logits = logit_scale * image_features @ text_features.T
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+class CLIPPretrain(L.LightningModule):
+    """Contrastive image-text pretraining (symmetric InfoNCE, learnable temperature).
+
+    Args:
+        backbone: the open_clip model to train (``freeze: false``; ``pretrained: null`` for a
+            random start, or a tag/file to continue from).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings' gains or the temperature).
+        warmup_steps: linear warm-up steps before the cosine decay.
+        export_path: where to write the trained weights as safetensors when fitting ends (loadable
+            with ``pretrained: <export_path>``); ``null`` writes ``<log dir>/backbone.safetensors``.
+        export_dtype: ``fp32`` or ``fp16`` storage for the exported weights.
+        classnames: set by the CLI from the data module (unused by pretraining).
+        multilabel: set by the CLI from the data module (unused by pretraining).
+    """
+
+    def __init__(
+        self,
+        backbone: OpenCLIPBackbone = lazy_instance(
+            OpenCLIPBackbone, model_name="vlweak-shapes", pretrained=None, freeze=False
+        ),
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        export_path: str | None = None,
+        export_dtype: str = "fp32",
+        classnames: list[str] | None = None,
+        multilabel: bool = False,
+    ) -> None:
+        super().__init__()
+        if backbone.freeze:
+            raise ValueError("CLIPPretrain needs a trainable backbone: set backbone.init_args.freeze: false")
+        self.backbone = backbone
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.export_path, self.export_dtype = export_path, export_dtype
+        self.save_hyperparameters(ignore=["backbone"])
+
+    def _loss(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        img = self.backbone.encode_image(batch["image"])
+        txt = self.backbone.encode_text(list(batch["caption"]))
+        if self.trainer.world_size > 1:
+            img = self.all_gather(img, sync_grads=True).flatten(0, 1)
+            txt = self.all_gather(txt, sync_grads=True).flatten(0, 1)
+        return clip_loss(img, txt, self.backbone.logit_scale), img, txt
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, _, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", self.backbone.logit_scale)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, img, txt = self._loss(batch)
+        acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/i2t_acc", acc, sync_dist=True)
+
+    def on_train_batch_end(self, *args) -> None:
+        with torch.no_grad():  # CLIP clamps the temperature at 100
+            self.backbone.model.logit_scale.clamp_(0, math.log(100))
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.backbone.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "logit_scale" in name or "embedding" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+        )
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warm = min(self.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / max(1, warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        path = Path(self.export_path) if self.export_path else Path(self.trainer.log_dir or ".") / "backbone.safetensors"
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.export_dtype]
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.backbone.model.state_dict().items()}
+        atomic_save_tensors(sd, path, {"model_name": self.backbone.model_name, "format": "open_clip"})
+        print(f"exported backbone weights to {path}")

@@ -1,0 +1,122 @@
+"""Zero-shot pseudolabeling (Radford et al. 2021).
+
+Class names × prompt templates → a text classifier ``W`` (prompt ensembling, see
+:func:`vlweak.prompts.text_classifier`); an image's class scores are
+``softmax(logit_scale · f_img · Wᵀ)``. ``vlweak test`` reports top-1 / top-5 / per-class accuracy
+(mAP / F1 for multi-label data) and writes the pseudolabel artifact of the test split;
+``vlweak predict`` writes the artifact of the data module's ``predict_split``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlweak.backbones import Backbone
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.prompts import text_classifier
+
+
+class ZeroShot(VLMethod):
+    """CLIP zero-shot classification and pseudolabeling.
+
+    Args:
+        backbone: the CLIP-family model (default: the shipped ``vlweak-shapes`` model).
+        classnames: class vocabulary; set by the CLI from the data module.
+        multilabel: multi-label task; set by the CLI from the data module.
+        templates: prompt templates: ``simple`` ("a photo of a {}."), ``imagenet80`` (CLIP's 80
+            ImageNet templates) or a list of strings with one ``{}``.
+        temperature: softmax temperature; ``null`` uses the backbone's learned ``logit_scale``.
+        threshold: multi-label only: a class is a hard pseudolabel when its score reaches this.
+        artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone = DEFAULT_BACKBONE,
+        classnames: list[str] | None = None,
+        multilabel: bool = False,
+        templates: str | list[str] = "simple",
+        temperature: float | None = None,
+        threshold: float = 0.5,
+        artifact_path: str | None = None,
+    ) -> None:
+        super().__init__(backbone, classnames, multilabel, artifact_path)
+        self.templates = templates
+        self.temperature = temperature
+        self.threshold = threshold
+        self.save_hyperparameters(ignore=["backbone"])
+        self.register_buffer("classifier", torch.empty(0), persistent=False)
+
+    # ---------------------------------------------------------------- model
+    def build_classifier(self) -> Tensor:
+        """(Re)compute the text classifier ``[C, D]`` on the backbone's device."""
+        self.classifier = text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
+        return self.classifier
+
+    def scale(self) -> Tensor:
+        return self.backbone.logit_scale if self.temperature is None else torch.tensor(1.0 / self.temperature)
+
+    def logits(self, features: Tensor) -> Tensor:
+        if self.classifier.numel() == 0:
+            self.build_classifier()
+        return self.scale() * features @ self.classifier.T
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class probabilities of a batch of preprocessed images."""
+        return self.scores(self.logits(self.backbone.encode_image(images)))
+
+    def scores(self, logits: Tensor) -> Tensor:
+        if self.multilabel:
+            return torch.sigmoid(logits - logits.mean(1, keepdim=True))
+        return logits.softmax(-1)
+
+    # ---------------------------------------------------------------- loops
+    def on_test_epoch_start(self) -> None:
+        self.build_classifier()
+
+    def on_predict_epoch_start(self) -> None:
+        self.build_classifier()
+
+    def on_validation_epoch_start(self) -> None:
+        self.build_classifier()
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        if not batch:
+            return
+        scores = self.scores(self.logits(self.image_features(batch)))
+        out = {"scores": scores, "index": batch["index"]}
+        if "label" in batch:
+            out["target"] = batch["label"]
+        elif "target" in batch:
+            out["target"], out["mask"] = batch["target"], batch["mask"]
+        self.collect(**out)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def _finish(self, stage: str) -> None:
+        out = self.gathered()
+        if not out:
+            return
+        if "target" in out:
+            self.evaluate(stage, out["scores"], out["target"], out.get("mask"))
+        if stage != "val":
+            self.write_artifact(stage, out["scores"], out["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish("predict")

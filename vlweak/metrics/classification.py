@@ -1,0 +1,55 @@
+"""Evaluation reports built on torchmetrics' functional metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multilabel_average_precision,
+    multilabel_f1_score,
+)
+
+
+def multiclass_report(scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Top-1, top-5 (when there are more than 5 classes), mean per-class accuracy and the per-class
+    accuracies of ``[N, C]`` scores against ``[N]`` labels (rows with label ``-1`` are ignored)."""
+    keep = labels >= 0
+    scores, labels = scores[keep].float(), labels[keep].long()
+    c = scores.shape[1]
+    out: dict[str, Tensor] = {
+        "acc": multiclass_accuracy(scores, labels, num_classes=c, average="micro"),
+        "mean_class_acc": multiclass_accuracy(scores, labels, num_classes=c, average="macro"),
+    }
+    if c > 5:
+        out["acc_top5"] = multiclass_accuracy(scores, labels, num_classes=c, top_k=5, average="micro")
+    out["per_class"] = multiclass_accuracy(scores, labels, num_classes=c, average=None)
+    return out
+
+
+def f1_at_top_k(scores: Tensor, targets: Tensor, k: int = 3) -> Tensor:
+    """Overall (micro) F1 when each image predicts its ``k`` highest-scoring classes."""
+    pred = torch.zeros_like(targets, dtype=torch.bool)
+    pred.scatter_(1, scores.topk(min(k, scores.shape[1]), dim=1).indices, True)
+    tp = (pred & (targets > 0)).sum().float()
+    precision = tp / pred.sum().clamp(min=1)
+    recall = tp / (targets > 0).sum().clamp(min=1)
+    return 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+
+
+def multilabel_report(scores: Tensor, targets: Tensor, mask: Tensor | None = None, threshold: float = 0.5) -> dict[str, Tensor]:
+    """mAP (macro over classes with a positive), per-class AP, F1@top-3 and F1 at ``threshold``.
+    Entries where ``mask`` is False are unknown and ignored."""
+    scores, t = scores.float(), targets.long()
+    if mask is not None:
+        t = torch.where(mask.bool(), t, torch.full_like(t, -1))
+    c = scores.shape[1]
+    per_class = multilabel_average_precision(scores, t, num_labels=c, average=None, ignore_index=-1)
+    has_pos = ((t == 1).sum(0) > 0)
+    out = {
+        "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),
+        "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3),
+        "f1_at_threshold": multilabel_f1_score(scores, t, num_labels=c, threshold=threshold, average="micro", ignore_index=-1),
+        "per_class": per_class,
+    }
+    return out

@@ -1,0 +1,6 @@
+"""Prompts: template sets, the zero-shot text classifier, learnable prompt contexts."""
+
+from vlweak.prompts.classifier import text_classifier
+from vlweak.prompts.templates import IMAGENET80, SIMPLE, TEMPLATE_SETS, resolve_templates
+
+__all__ = ["IMAGENET80", "SIMPLE", "TEMPLATE_SETS", "resolve_templates", "text_classifier"]

@@ -1,0 +1,32 @@
+"""The zero-shot text classifier (Radford et al. 2021, prompt ensembling).
+
+For class ``c`` with templates ``t_1..t_T``: ``w_c = normalize(mean_j normalize(f_text(t_j(c))))``.
+Class scores of an image are ``logit_scale * normalize(f_img) @ Wᵀ``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from vlweak.data.datasets import clean_classname, validate_classnames
+from vlweak.prompts.templates import resolve_templates
+
+
+@torch.no_grad()
+def text_classifier(
+    backbone,
+    classnames: Sequence[str],
+    templates: str | Sequence[str] = "simple",
+    batch_size: int = 256,
+    clean: bool = True,
+) -> Tensor:
+    """Class embeddings ``[C, D]`` (unit norm) from class names × templates with ``backbone``."""
+    names = validate_classnames(classnames)
+    temps = resolve_templates(templates if isinstance(templates, str) else list(templates))
+    texts = [t.format(clean_classname(c) if clean else c) for c in names for t in temps]
+    feats = torch.cat([backbone.encode_text(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+    feats = feats.view(len(names), len(temps), -1).mean(1)
+    return torch.nn.functional.normalize(feats, dim=-1)
