@@ -4,3 +4,6 @@ from vlweak.prompts.classifier import text_classifier
 from vlweak.prompts.templates import IMAGENET80, SIMPLE, TEMPLATE_SETS, resolve_templates
 
 __all__ = ["IMAGENET80", "SIMPLE", "TEMPLATE_SETS", "resolve_templates", "text_classifier"]
+from vlweak.prompts.learners import DualPromptLearner, TextPromptLearner, VisualPromptLearner  # noqa: E402
+
+__all__ += ["DualPromptLearner", "TextPromptLearner", "VisualPromptLearner"]

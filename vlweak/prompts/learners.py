@@ -1,0 +1,137 @@
+"""Learnable prompts around a frozen backbone.
+
+* :class:`TextPromptLearner` — CoOp (Zhou et al. 2022): ``M`` learnable context vectors placed
+  before each class name, ``[SOS] v_1 … v_M <class name> . [EOS]``, shared by all classes or one set
+  per class, initialised randomly (N(0, 0.02)) or from a phrase's word embeddings.
+* :class:`DualPromptLearner` — DualCoOp (Sun et al. 2022): a positive and a negative context.
+* :class:`VisualPromptLearner` — learnable tokens inserted into the image encoder's input sequence
+  (visual prompt tuning as used by Menghini et al. 2023).
+
+Each learner's ``forward`` returns unit-norm class embeddings ``[C, D]`` (text) or prompt tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlweak.data.datasets import clean_classname, validate_classnames
+
+_PLACEHOLDER = "X"
+
+
+class TextPromptLearner(nn.Module):
+    """CoOp learnable context for a class vocabulary.
+
+    Args:
+        backbone: a frozen :class:`~vlweak.backbones.Backbone` (only used to tokenize, embed and
+            run the text tower; it is not registered as a sub-module).
+        classnames: the class vocabulary.
+        n_ctx: number of context vectors (CoOp's default 16; ignored when ``init`` is given).
+        init: a phrase whose word embeddings initialise the context (e.g. ``"a photo of a"``);
+            ``None`` draws N(0, 0.02).
+        class_specific: one context per class (CoOp's CSC) instead of one shared context.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        classnames: list[str],
+        n_ctx: int = 16,
+        init: str | None = None,
+        class_specific: bool = False,
+    ) -> None:
+        super().__init__()
+        names = [clean_classname(c) for c in validate_classnames(classnames)]
+        object.__setattr__(self, "backbone", backbone)  # not a sub-module: stays frozen, not saved twice
+        width = backbone.token_embedding(backbone.tokenize(["a"])).shape[-1]
+        with torch.no_grad():
+            if init:
+                init_ids = backbone.tokenize([init])
+                n_ctx = int(init_ids.argmax(-1).item()) - 1  # tokens between SOS and EOS
+                if n_ctx < 1:
+                    raise ValueError(f"context initialisation phrase {init!r} has no tokens")
+                init_vec = backbone.token_embedding(init_ids)[0, 1 : 1 + n_ctx].float().cpu()
+            else:
+                init_vec = torch.randn(n_ctx, width) * 0.02
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+        ctx = init_vec.unsqueeze(0).repeat(len(names), 1, 1) if class_specific else init_vec
+        self.ctx = nn.Parameter(ctx.clone())
+        self.n_ctx, self.class_specific, self.classnames = n_ctx, class_specific, names
+        prompts = [" ".join([_PLACEHOLDER] * n_ctx) + f" {name}." for name in names]
+        ids = backbone.tokenize(prompts)
+        too_long = [n for n, row in zip(names, ids) if int(row.argmax()) >= ids.shape[1] - 1 and row[-1] != 0]
+        if too_long:
+            raise ValueError(f"class names too long for the context length with {n_ctx} context tokens: {too_long[:3]}")
+        with torch.no_grad():
+            emb = backbone.token_embedding(ids).float().cpu()
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("prefix", emb[:, :1], persistent=False)  # SOS
+        self.register_buffer("suffix", emb[:, 1 + n_ctx :], persistent=False)  # class name, '.', EOS, padding
+
+    def embeddings(self) -> Tensor:
+        """Input word embeddings ``[C, L, width]`` with the learnable context in place."""
+        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(len(self.classnames), -1, -1)
+        return torch.cat([self.prefix.to(ctx.dtype), ctx, self.suffix.to(ctx.dtype)], dim=1)
+
+    def forward(self) -> Tensor:
+        """Unit-norm class embeddings ``[C, D]`` through the frozen text tower."""
+        with self.backbone.autocast():
+            feats = self.backbone.encode_text_embeddings(self.embeddings(), self.token_ids)
+        return F.normalize(feats.float(), dim=-1)
+
+
+class DualPromptLearner(nn.Module):
+    """DualCoOp's positive and negative contexts: ``forward()`` returns ``(pos [C, D], neg [C, D])``.
+
+    Args:
+        backbone: the frozen backbone.
+        classnames: the class vocabulary.
+        n_ctx: context length of each prompt.
+        init_pos: phrase initialising the positive context (``None``: random).
+        init_neg: phrase initialising the negative context (``None``: random).
+        class_specific: class-specific contexts (DualCoOp's default for partial labels).
+    """
+
+    def __init__(
+        self,
+        backbone,
+        classnames: list[str],
+        n_ctx: int = 16,
+        init_pos: str | None = None,
+        init_neg: str | None = None,
+        class_specific: bool = True,
+    ) -> None:
+        super().__init__()
+        self.positive = TextPromptLearner(backbone, classnames, n_ctx, init_pos, class_specific)
+        self.negative = TextPromptLearner(backbone, classnames, n_ctx, init_neg, class_specific)
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        # One pass of the text tower for both prompts of every class.
+        pos, neg = self.positive, self.negative
+        emb = torch.cat([pos.embeddings(), neg.embeddings()])
+        ids = torch.cat([pos.token_ids, neg.token_ids])
+        with pos.backbone.autocast():
+            feats = pos.backbone.encode_text_embeddings(emb, ids)
+        feats = F.normalize(feats.float(), dim=-1)
+        return feats[: len(pos.classnames)], feats[len(pos.classnames) :]
+
+
+class VisualPromptLearner(nn.Module):
+    """Learnable tokens ``[n_tokens, width]`` inserted after the image encoder's class token.
+
+    Args:
+        width: token width of the image tower (``backbone.visual_width``).
+        n_tokens: number of visual prompt tokens.
+    """
+
+    def __init__(self, width: int, n_tokens: int = 8) -> None:
+        super().__init__()
+        if n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+        self.tokens = nn.Parameter(torch.randn(n_tokens, width) * 0.02)
+
+    def forward(self) -> Tensor:
+        return self.tokens
