@@ -1,0 +1,58 @@
+import torch
+
+from vlweak.graph import ZLaPPropagator
+
+
+def _acc(scores, labels):
+    return (scores.argmax(1) == labels).float().mean().item()
+
+
+def test_transductive_beats_nearest_text_zero_shot(clustered_data):
+    for seed in range(3):
+        images, text, labels = clustered_data(n=1000, d=32, c=8, spread=1.0, text_noise=1.5, seed=seed)
+        zero_shot = _acc(images @ text.T, labels)
+        zlap = _acc(ZLaPPropagator().fit(images, text).transductive(), labels)
+        assert zlap > zero_shot + 0.04, (seed, zero_shot, zlap)
+
+
+def test_inductive_modes_agree_with_transductive_on_held_out_points(clustered_data):
+    images, text, labels = clustered_data(n=1200, d=32, c=8, spread=1.0, text_noise=1.5, seed=0)
+    base, held = images[:1000], images[1000:]
+    prop = ZLaPPropagator().fit(base, text)
+    dual, sparse = prop.inductive(held), prop.sparse_inductive(held)
+    full = ZLaPPropagator().fit(images, text).transductive()[1000:]
+    agree = lambda a, b: (a.argmax(1) == b.argmax(1)).float().mean().item()  # noqa: E731
+    assert agree(dual, full) >= 0.9
+    assert agree(sparse, full) >= 0.9
+    assert agree(sparse, dual) >= 0.9
+    zero_shot = _acc(held @ text.T, labels[1000:])
+    assert _acc(dual, labels[1000:]) > zero_shot
+    assert _acc(sparse, labels[1000:]) > zero_shot
+
+
+def test_dual_solution_equals_product_with_full_solution(clustered_data):
+    # (I - alpha W̄) is symmetric, so the dual solve for y_q gives y_q · X, X the full solution.
+    images, text, _ = clustered_data(n=300, d=16, c=5)
+    prop = ZLaPPropagator(tol=1e-9, maxiter=200).fit(images[:250].double(), text.double())
+    queries = images[250:].double()
+    nodes, weights = prop.edges(queries)
+    expected = (prop.solution()[nodes] * weights.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(prop.inductive(queries), expected, atol=1e-6, rtol=0)
+    # with every entry kept, the sparse variant is that same product
+    prop.sparse_topk = 5
+    torch.testing.assert_close(prop.sparse_inductive(queries), expected, atol=1e-6, rtol=0)
+
+
+def test_batched_dual_matches_unbatched(clustered_data):
+    images, text, _ = clustered_data(n=300, d=16, c=5)
+    prop = ZLaPPropagator().fit(images[:250], text)
+    one = prop.inductive(images[250:])
+    prop.batch_size = 7
+    torch.testing.assert_close(prop.inductive(images[250:]), one, atol=1e-6, rtol=0)
+
+
+def test_unfitted_propagator_raises():
+    import pytest
+
+    with pytest.raises(RuntimeError):
+        ZLaPPropagator().transductive()

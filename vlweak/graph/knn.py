@@ -1,0 +1,165 @@
+"""Exact k-nearest neighbours by inner product on L2-normalised features.
+
+Two engines, one answer (up to ties):
+
+* ``"faiss"``: an exact ``faiss.IndexFlatIP`` (CPU tensors only);
+* ``"torch"``: blockwise ``matmul`` + ``topk`` on whatever device the tensors are on. When the
+  queries *are* the base set (a self-search), the Gram matrix is symmetric, so only the tiles on and
+  above the diagonal are multiplied and each tile feeds the top-k of its rows and of its columns:
+  half the arithmetic of a plain search.
+
+``engine="auto"`` picks the symmetric torch search for self-searches (on CPU and GPU), faiss for
+CPU cross-searches and torch for GPU cross-searches. Memory stays O(M·k) plus one tile.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Engine = Literal["auto", "faiss", "torch"]
+
+__all__ = ["Engine", "knn", "self_knn"]
+
+
+def _check(features: Tensor, name: str) -> None:
+    if features.dim() != 2:
+        raise ValueError(f"{name} must be a 2-d tensor [n, d], got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {features.dtype}")
+
+
+def _merge(vals: Tensor, idx: Tensor, cand_vals: Tensor, cand_idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keep the k largest of a running top-k and new candidates (rows aligned)."""
+    all_vals = torch.cat([vals, cand_vals], dim=1)
+    all_idx = torch.cat([idx, cand_idx], dim=1)
+    top_vals, pos = all_vals.topk(k, dim=1)
+    return top_vals, all_idx.gather(1, pos)
+
+
+def _default_block(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 2048
+
+
+def _torch_cross(queries: Tensor, base: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+    m = queries.shape[0]
+    sims = queries.new_empty(m, k)
+    idx = torch.empty(m, k, dtype=torch.long, device=queries.device)
+    for start in range(0, m, block):
+        tile = queries[start : start + block] @ base.T
+        v, i = tile.topk(k, dim=1)
+        sims[start : start + block], idx[start : start + block] = v, i
+    return sims, idx
+
+
+def _torch_self(features: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+    """Symmetric blockwise self-search: tiles (i, j >= i) only, diagonal masked."""
+    n = features.shape[0]
+    sims = torch.full((n, k), float("-inf"), dtype=features.dtype, device=features.device)
+    idx = torch.full((n, k), -1, dtype=torch.long, device=features.device)
+    starts = list(range(0, n, block))
+    for a in starts:
+        rows = features[a : a + block]
+        ra = rows.shape[0]
+        for b in starts[starts.index(a) :]:
+            cols = features[b : b + block]
+            tile = rows @ cols.T  # [ra, rb]
+            if a == b:
+                tile.fill_diagonal_(float("-inf"))
+            kr = min(k, tile.shape[1])
+            v, i = tile.topk(kr, dim=1)
+            sims[a : a + ra], idx[a : a + ra] = _merge(sims[a : a + ra], idx[a : a + ra], v, i + b, k)
+            if a != b:
+                kc = min(k, ra)
+                v, i = tile.topk(kc, dim=0)  # [kc, rb]
+                rb = tile.shape[1]
+                sims[b : b + rb], idx[b : b + rb] = _merge(sims[b : b + rb], idx[b : b + rb], v.T, i.T + a, k)
+    return sims, idx
+
+
+def _faiss_search(queries: Tensor, base: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    import faiss  # imported lazily: optional at import time, required for this engine
+
+    base_np = base.detach().float().contiguous().numpy()
+    index = faiss.IndexFlatIP(base_np.shape[1])
+    index.add(base_np)
+    d, i = index.search(queries.detach().float().contiguous().numpy(), k)
+    return torch.from_numpy(d).to(queries.dtype), torch.from_numpy(i).long()
+
+
+def _drop_self(sims: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """From k+1 results per row, drop the row's own index (or the last one if it is absent)."""
+    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+    drop = idx == rows
+    missing = ~drop.any(dim=1)
+    drop[missing, -1] = True
+    keep = (~drop).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
+    return sims.gather(1, keep), idx.gather(1, keep)
+
+
+def knn(
+    queries: Tensor,
+    base: Tensor | None = None,
+    k: int = 10,
+    *,
+    engine: Engine = "auto",
+    block_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """k nearest neighbours of ``queries`` in ``base`` by inner product.
+
+    Features are expected L2-normalised (then inner product = cosine similarity). With
+    ``base=None`` the queries are searched against themselves and each point's own index is
+    excluded (duplicates at other indices are kept).
+
+    Args:
+        queries: ``[M, d]``.
+        base: ``[N, d]`` or ``None`` for a self-search.
+        k: neighbours per query; clipped to the number of candidates (``N``, or ``M - 1``).
+        engine: ``"auto"``, ``"faiss"`` (CPU tensors only) or ``"torch"``.
+        block_size: rows (and columns) per tile of the torch engine.
+
+    Returns:
+        ``(sims [M, k'], idx [M, k'])``, each row sorted by decreasing similarity.
+
+    Raises:
+        ValueError: on a bad shape, ``k < 1``, too few candidates or an unknown engine.
+        RuntimeError: ``engine="faiss"`` with tensors on an accelerator.
+    """
+    _check(queries, "queries")
+    if base is not None:
+        _check(base, "base")
+        if base.shape[1] != queries.shape[1]:
+            raise ValueError(f"dimension mismatch: queries d={queries.shape[1]}, base d={base.shape[1]}")
+        if base.device != queries.device:
+            raise ValueError(f"queries on {queries.device} but base on {base.device}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    candidates = queries.shape[0] - 1 if base is None else base.shape[0]
+    if candidates < 1:
+        raise ValueError("need at least one candidate neighbour (two points for a self-search)")
+    k = min(k, candidates)
+    if engine not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown kNN engine {engine!r}; use 'auto', 'faiss' or 'torch'")
+    on_cpu = queries.device.type == "cpu"
+    if engine == "faiss" and not on_cpu:
+        raise RuntimeError("the faiss engine searches CPU tensors; use engine='torch' on an accelerator")
+    if engine == "auto":
+        engine = "faiss" if (on_cpu and base is not None) else "torch"
+    block = block_size or _default_block(queries.device)
+
+    with torch.no_grad():
+        if engine == "faiss":
+            if base is None:
+                sims, idx = _faiss_search(queries, queries, k + 1)
+                return _drop_self(sims, idx, k)
+            return _faiss_search(queries, base, k)
+        if base is None:
+            return _torch_self(queries, k, block)
+        return _torch_cross(queries, base, k, block)
+
+
+def self_knn(features: Tensor, k: int = 10, **kwargs) -> tuple[Tensor, Tensor]:
+    """``knn(features, None, k)``: neighbours within one set, self excluded."""
+    return knn(features, None, k, **kwargs)
