@@ -129,6 +129,7 @@ def _build_forest(edges: Iterable[tuple[str, Any]], duplicates: Duplicates, wher
     children: dict[str, list[str]] = {}
     parents_of: dict[str, list[str]] = {}
     empty: list[str] = []
+    declared_leaf: list[str] = []
 
     def key_of(name: str) -> str:
         k = normalize_name(name)
@@ -137,9 +138,10 @@ def _build_forest(edges: Iterable[tuple[str, Any]], duplicates: Duplicates, wher
 
     for parent, child in edges:
         p = key_of(parent)
-        kids = children.setdefault(p, []) if child is not _LEAF else children.get(p)
         if child is _LEAF:
+            declared_leaf.append(p)
             continue
+        kids = children.setdefault(p, [])
         if child is _EMPTY:
             empty.append(display[p])
             continue
@@ -149,6 +151,7 @@ def _build_forest(edges: Iterable[tuple[str, Any]], duplicates: Duplicates, wher
         kids.append(c)
         if c != p:
             parents_of.setdefault(c, []).append(p)
+    empty += [display[k] for k in declared_leaf if k not in children and k not in parents_of]
     if empty:
         raise EmptySubclassesError(f"{where}: empty sub-class list for {sorted(set(empty))}")
 
@@ -238,10 +241,12 @@ class LabelHierarchy:
         classes: list[_Node] = []
 
         def collect(node: _Node, depth: int) -> None:
+            if not node.children:  # a leaf at or above the class level: no sub-classes below it
+                raise HierarchyFormatError(
+                    f"{source}: branch {node.name!r} ends at depth {depth}, not below class level {level}"
+                )
             if depth == level:
                 classes.append(node)
-            elif not node.children:
-                raise HierarchyFormatError(f"{source}: branch {node.name!r} ends at depth {depth}, above level {level}")
             else:
                 for child in node.children:
                     collect(child, depth + 1)
@@ -329,10 +334,13 @@ class LabelHierarchy:
 
     @classmethod
     def builtin(cls, name: str, level: int = 0) -> "LabelHierarchy":
-        """A hierarchy shipped with vlweak by name (see :func:`~vlweak.labels.builtin_hierarchies`)."""
+        """A hierarchy shipped with vlweak by name (see :mod:`~vlweak.labels.hierarchy_builtin`).
+
+        Published generated sets sometimes list one leaf under two classes; those are qualified
+        (``duplicates="qualify"``)."""
         from vlweak.labels.hierarchy_builtin import builtin_tree
 
-        return cls(builtin_tree(name), level=level, source=f"builtin:{name}")
+        return cls(builtin_tree(name), level=level, duplicates="qualify", source=f"builtin:{name}")
 
     @classmethod
     def resolve(
