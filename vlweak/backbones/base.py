@@ -167,10 +167,24 @@ class Backbone(nn.Module, abc.ABC):
         return pooled, dense
 
     def fingerprint(self) -> str:
-        """Stable digest of the weights and compute precision (keys the embedding cache)."""
+        """Stable digest of the weights and compute precision (keys the embedding cache).
+
+        Weights loaded from a file or tag are identified by the file digest / tag; randomly
+        initialised or trainable weights by a digest of their current values."""
         parts = dict(self.fingerprint_parts(), precision=self.precision, cls=type(self).__name__)
+        if parts.get("weights") == "random-init" or not self.freeze:
+            parts["weights"] = state_digest(self)
         text = "|".join(f"{k}={parts[k]}" for k in sorted(parts))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's current tensors (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,94 @@
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlweak.backbones import (
+    CheckpointMismatchError,
+    OpenCLIPBackbone,
+    UnknownArchitectureError,
+    WeightsUnavailableError,
+)
+
+
+def test_unknown_architecture_lists_close_names():
+    with pytest.raises(UnknownArchitectureError, match="ViT-B-32"):
+        OpenCLIPBackbone("ViT-B-23", pretrained=None)
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    src = OpenCLIPBackbone("vlweak-tiny", pretrained=None)
+    path = tmp_path / "tiny.safetensors"
+    save_file(src.model.state_dict(), str(path))
+    loaded = OpenCLIPBackbone("vlweak-tiny", pretrained=str(path))
+    for k, v in src.model.state_dict().items():
+        assert torch.equal(v, loaded.model.state_dict()[k]), k
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(src.encode_image(x), loaded.encode_image(x))
+    # a Lightning checkpoint of a pretraining run loads through the same path
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"backbone.model.{k}": v for k, v in src.model.state_dict().items()}}, ckpt)
+    assert torch.allclose(OpenCLIPBackbone("vlweak-tiny", pretrained=str(ckpt)).encode_image(x), src.encode_image(x))
+
+
+def test_missing_file_and_mismatched_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained=str(tmp_path / "nowhere.safetensors"))
+    rn = OpenCLIPBackbone("vlweak-tiny-rn", pretrained=None)
+    path = tmp_path / "rn.safetensors"
+    save_file(rn.model.state_dict(), str(path))
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)rn.safetensors.*(missing|shape).*visual\."):
+        OpenCLIPBackbone("vlweak-tiny", pretrained=str(path))
+
+
+def test_offline_download_says_how_to_use_a_file(monkeypatch):
+    real = open_clip.create_model
+
+    def offline(name, pretrained=None, **kw):
+        if pretrained:
+            raise OSError("We couldn't connect to the hub")
+        return real(name, pretrained=None, **kw)
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: ["laion_fake"])
+    with pytest.raises(WeightsUnavailableError, match=r"pretrained: /path/to/weights.safetensors"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained="laion_fake")
+    with pytest.raises(WeightsUnavailableError, match="neither a local file nor an open_clip pretrained tag"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained="no_such_tag")
+
+
+def test_text_from_embeddings_and_dense_features(tiny_backbone):
+    ids = tiny_backbone.tokenize(["a photo of a cat.", "a dog"])
+    direct = tiny_backbone.encode_text(["a photo of a cat.", "a dog"], normalize=False)
+    via = tiny_backbone.encode_text_embeddings(tiny_backbone.token_embedding(ids), ids)
+    assert torch.allclose(direct, tiny_backbone.model.encode_text(ids), atol=1e-5)
+    assert torch.allclose(via, direct, atol=1e-5)
+    x = torch.randn(2, 3, 32, 32)
+    pooled, dense = tiny_backbone.dense_features(x)
+    assert pooled.shape == (2, 32) and dense.shape == (2, 16, 32)
+    assert torch.allclose(pooled, tiny_backbone.encode_image(x), atol=1e-5)
+    p, _ = tiny_backbone.encode_image_tokens(x, torch.zeros(3, tiny_backbone.visual_width))
+    assert not torch.allclose(p, tiny_backbone.encode_image(x, normalize=False))
+
+
+def test_resnet_dense_features_and_frozen():
+    rn = OpenCLIPBackbone("vlweak-tiny-rn", pretrained=None)
+    x = torch.randn(2, 3, 64, 64)
+    pooled, dense = rn.dense_features(x, normalize=False)
+    assert torch.allclose(pooled, rn.model.encode_image(x), atol=1e-5)
+    assert dense.shape == (2, 4, 32)
+    assert all(not p.requires_grad for p in rn.parameters())
+    rn.train()
+    assert not rn.training  # a frozen backbone stays in eval mode
+
+
+def test_bf16_autocast_on_cpu(tiny_backbone):
+    bf = OpenCLIPBackbone("vlweak-tiny", pretrained=None, precision="bf16")
+    bf.load_state_dict(tiny_backbone.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    out = bf.encode_image(x)
+    assert out.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(out, tiny_backbone.encode_image(x)).min() > 0.98
+    with pytest.raises(ValueError, match="precision"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained=None, precision="fp8")

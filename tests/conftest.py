@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models, an isolated embedding cache, a tiny image folder on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlweak.backbones import SHIPPED_WEIGHTS, OpenCLIPBackbone
+
+REPO = Path(__file__).resolve().parents[1]
+requires_shipped = pytest.mark.skipif(
+    not SHIPPED_WEIGHTS["vlweak-shapes"].is_file(), reason="shipped vlweak-shapes weights not built yet"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VLWEAK_CACHE", str(tmp_path_factory.getbasetemp() / "vlweak-cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> OpenCLIPBackbone:
+    torch.manual_seed(0)
+    return OpenCLIPBackbone("vlweak-tiny", pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def shapes_backbone() -> OpenCLIPBackbone:
+    if not SHIPPED_WEIGHTS["vlweak-shapes"].is_file():
+        pytest.skip("shipped vlweak-shapes weights not built yet")
+    return OpenCLIPBackbone("vlweak-shapes", pretrained="vlweak-shapes")
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed: int = 0) -> Path:
+    """``root/<class>/<k>.png`` with ``classes[c]`` random images each."""
+    rng = np.random.default_rng(seed)
+    for c, n in classes.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{k}.png")
+    return root

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from vlweak.data.world import COLOURS, PARENT, SHAPE_HIERARCHY, SHAPES, ShapesWorld, classnames_for, label_of, shape_mask
+
+
+def test_deterministic_per_seed_and_index():
+    a, b = ShapesWorld(seed=3), ShapesWorld(seed=3)
+    # order-independent: item 7 alone equals item 7 drawn after others
+    first = a.scene("train", 7)
+    for i in range(5):
+        b.scene("train", i)
+    again = b.scene("train", 7)
+    assert np.array_equal(first.image, again.image) and first.caption == again.caption
+    other = ShapesWorld(seed=4).scene("train", 7)
+    assert not np.array_equal(first.image, other.image)
+    assert not np.array_equal(a.scene("test", 7).image, first.image)
+
+
+def test_drawn_colour_matches_label():
+    w = ShapesWorld(seed=0)
+    for i in range(40):
+        s = w.scene("test", i)
+        o = s.objects[0]
+        yy, xx = np.mgrid[: w.image_size, : w.image_size] + 0.5
+        # pixels at the centre of a solid (non-ring, non-crescent) shape carry the object's colour
+        if o.shape in ("ring", "crescent", "cross", "star", "arrow") or o.outline:
+            continue
+        centre = s.image[int(o.cy), int(o.cx)].astype(float)
+        ref = np.array(COLOURS[o.colour], float)
+        dists = {c: np.linalg.norm(centre - np.array(v, float)) for c, v in COLOURS.items()}
+        assert min(dists, key=dists.get) == o.colour, (i, o, centre, ref)
+
+
+def test_masks_differ_between_shapes():
+    g = np.linspace(-1.2, 1.2, 64)
+    v, u = np.meshgrid(g, g, indexing="ij")
+    masks = {s: shape_mask(s, u, v) for s in SHAPES}
+    for s, m in masks.items():
+        assert 0.1 < m.mean() < 0.8, s
+    for a in SHAPES:
+        for b in SHAPES:
+            if a < b:
+                assert (masks[a] != masks[b]).mean() > 0.02, (a, b)
+
+
+def test_hierarchy_names_absent_from_captions():
+    w = ShapesWorld(seed=0, shift=0.5)
+    caps = " ".join(w.scene("train", i).caption for i in range(300))
+    for coarse in SHAPE_HIERARCHY:
+        assert coarse not in caps
+    assert "triangle" in caps
+    assert set(PARENT) == set(SHAPES)
+
+
+def test_multilabel_scenes_and_labels():
+    w = ShapesWorld(seed=0, multilabel=True)
+    counts = [len(w.scene("train", i).objects) for i in range(60)]
+    assert min(counts) >= 1 and max(counts) <= 4 and len(set(counts)) > 2
+    s = w.scene("train", 0)
+    assert len({o.shape for o in s.objects}) == len(s.objects)
+
+
+def test_tasks_and_errors():
+    s = ShapesWorld(seed=1).scene("val", 2)
+    o = s.objects[0]
+    assert classnames_for("colour_shape")[label_of(s, "colour_shape")] == f"{o.colour} {o.shape}"
+    assert classnames_for("coarse")[label_of(s, "coarse")] == PARENT[o.shape]
+    with pytest.raises(ValueError, match="unknown shapes-world task"):
+        classnames_for("texture")
+    with pytest.raises(ValueError, match="shift"):
+        ShapesWorld(shift=2.0)
+
+
+def test_shift_changes_backgrounds():
+    src = {ShapesWorld(seed=0, shift=0.0).scene("test", i).background for i in range(50)}
+    tgt = {ShapesWorld(seed=0, shift=1.0).scene("test", i).background for i in range(50)}
+    assert src.isdisjoint(tgt)

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from vlweak.labels import ArtifactError, PseudoLabels
+
+
+def _labels(multilabel=False):
+    scores = torch.rand(5, 3, generator=torch.Generator().manual_seed(0)).softmax(1)
+    return PseudoLabels.from_scores(
+        scores, ["cat", "dog", "owl"], [f"img{i}.png" for i in range(5)], multilabel=multilabel,
+        threshold=0.3, provenance={"method": "ZeroShot", "backbone": "vlweak-shapes"},
+    )
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_round_trip_equal(tmp_path, multilabel):
+    pl = _labels(multilabel)
+    path = pl.save(tmp_path / "pl.safetensors")
+    back = PseudoLabels.load(path)
+    for k in ("scores", "labels", "confidences", "indices"):
+        assert torch.equal(getattr(pl, k), getattr(back, k)), k
+    assert back.sample_ids == pl.sample_ids and back.classnames == pl.classnames
+    assert back.provenance == pl.provenance and back.multilabel == multilabel
+    if not multilabel:
+        assert torch.equal(back.labels, pl.scores.argmax(1))
+
+
+def test_vocabulary_mismatch_is_clear(tmp_path):
+    path = _labels().save(tmp_path / "pl")
+    assert path.suffix == ".safetensors"
+    with pytest.raises(ArtifactError, match=r"missing \['bat'\], extra \['owl'\]"):
+        PseudoLabels.load(path, classnames=["cat", "dog", "bat"])
+    with pytest.raises(ArtifactError, match="different order"):
+        PseudoLabels.load(path, classnames=["dog", "cat", "owl"])
+    assert PseudoLabels.load(path, classnames=["cat", "dog", "owl"]).classnames == ["cat", "dog", "owl"]
+
+
+def test_atomic_write_keeps_old_file(tmp_path, monkeypatch):
+    path = _labels().save(tmp_path / "pl.safetensors")
+    before = path.read_bytes()
+    import vlweak.data.cache as cache
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(cache, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _labels().save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pl.safetensors"]  # no temp file left
+
+
+def test_align_and_errors(tmp_path):
+    pl = _labels()
+    sub = pl.aligned_to(["img3.png", "img1.png"])
+    assert torch.equal(sub.scores, pl.scores[[3, 1]])
+    with pytest.raises(ArtifactError, match="no pseudolabel"):
+        pl.aligned_to(["nope.png"])
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        PseudoLabels.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ArtifactError, match="junk.safetensors"):
+        PseudoLabels.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ArtifactError, match="scores have shape"):
+        PseudoLabels(["a"], ["x", "y"], torch.zeros(2, 2), torch.zeros(1), torch.zeros(1), torch.zeros(1))
