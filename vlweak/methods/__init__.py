@@ -5,3 +5,4 @@ from vlweak.methods.pretrain import CLIPPretrain
 from vlweak.methods.zeroshot import ZeroShot
 
 __all__ = ["CLIPPretrain", "VLMethod", "ZeroShot"]
+from vlweak.methods.chils import CHiLS  # noqa: E402,F401
