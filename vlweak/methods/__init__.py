@@ -1,6 +1,7 @@
 """vlweak's methods, one LightningModule each."""
 
 from vlweak.methods.base import VLMethod
+from vlweak.methods.cdul import CDUL  # noqa: F401
 from vlweak.methods.pretrain import CLIPPretrain
 from vlweak.methods.zeroshot import ZeroShot
 

@@ -1,0 +1,179 @@
+"""CDUL: snippet grid math, the global-local aggregator, the gradient-alignment label update, and
+(with the shipped weights) the paper's two claims on the world's multi-label scenes, no labels used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import REPO, requires_shipped
+from vlweak.labels.artifact import PseudoLabels
+from vlweak.methods.cdul import CDUL, align_labels, label_gradient, soft_label_kl
+from vlweak.methods.cdul_snippets import (
+    aggregate_snippets,
+    crop_snippets,
+    encode_snippets,
+    encode_snippets_loop,
+    initial_scores,
+    snippet_boxes,
+    snippet_geometry,
+)
+
+# ---------------------------------------------------------------------------- snippet grid
+
+
+@pytest.mark.parametrize("crop,grid,overlap", [(32, 1, 0.0), (32, 3, 0.0), (64, 3, 0.25), (16, 4, 0.5), (7, 2, 0.3)])
+def test_snippet_boxes_tile_the_source_image(crop, grid, overlap):
+    stride, source = snippet_geometry(crop, grid, overlap)
+    boxes = snippet_boxes(crop, grid, overlap)
+    assert boxes.shape == (grid * grid, 4)
+    assert (boxes[:, 2] - boxes[:, 0] == crop).all() and (boxes[:, 3] - boxes[:, 1] == crop).all()
+    assert boxes.min() == 0 and boxes.max() == source
+    covered = torch.zeros(source, source, dtype=torch.int)
+    for x0, y0, x1, y1 in boxes.tolist():
+        covered[y0:y1, x0:x1] += 1
+    assert (covered >= 1).all()  # every pixel lies in some snippet
+    if overlap == 0:
+        assert (covered == 1).all()  # a plain grid is a partition
+
+
+def test_crop_snippets_equals_slicing_each_box():
+    images = torch.randn(2, 3, 40, 40)  # resized to the grid's source side first
+    crops = crop_snippets(images, 16, 3, 0.25)
+    stride, source = snippet_geometry(16, 3, 0.25)
+    resized = torch.nn.functional.interpolate(images, size=(source, source), mode="bilinear", antialias=True)
+    assert crops.shape == (2, 9, 3, 16, 16)
+    for j, (x0, y0, x1, y1) in enumerate(snippet_boxes(16, 3, 0.25).tolist()):
+        torch.testing.assert_close(crops[:, j], resized[:, :, y0:y1, x0:x1])
+
+
+def test_batched_snippet_encoding_equals_per_crop_loop(tiny_backbone):
+    images = torch.randn(3, 3, 32, 32)
+    batched = encode_snippets(tiny_backbone, images, grid=3, overlap=0.2)
+    looped = encode_snippets_loop(tiny_backbone, images, grid=3, overlap=0.2)
+    assert batched.shape == (3, 9, tiny_backbone.embed_dim)
+    torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"grid": 0}, "grid"), ({"grid": 2, "overlap": 1.0}, "overlap")])
+def test_bad_grid_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        snippet_geometry(32, **kwargs)
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+def test_aggregation_matches_direct_rule():
+    torch.manual_seed(0)
+    local = torch.rand(5, 4, 6).softmax(-1) ** 0.3  # [N, snippets, C]
+    local = local / local.sum(-1, keepdim=True)
+    local[0, 2, 1] = 0.9  # a confident snippet
+    zeta = 0.3
+    got = aggregate_snippets(local, zeta)
+    for n in range(5):
+        for c in range(6):
+            col = local[n, :, c].tolist()
+            want = max(col) if max(col) >= zeta else min(col)
+            assert got[n, c].item() == pytest.approx(want)
+    assert got[0, 1].item() == pytest.approx(0.9)
+    glob = torch.rand(5, 6)
+    torch.testing.assert_close(initial_scores(glob, local, "aggregated", zeta), (glob + got) / 2)
+    torch.testing.assert_close(initial_scores(glob, local, "local", zeta), got)
+    torch.testing.assert_close(initial_scores(glob, local, "global", zeta), glob)
+    with pytest.raises(ValueError, match="init must be one of"):
+        initial_scores(glob, local, "mean")
+
+
+# ---------------------------------------------------------------------------- gradient alignment
+
+
+def test_label_gradient_is_the_kl_gradient():
+    y = torch.tensor([[0.9, 0.2, 0.5], [0.05, 0.7, 0.99]], requires_grad=True)
+    z = torch.tensor([[2.0, -1.0, 0.0], [1.0, 0.8473, -3.0]])
+    (grad,) = torch.autograd.grad(soft_label_kl(y, z).sum(), y)
+    torch.testing.assert_close(label_gradient(y.detach(), z), grad)
+    # KL is zero where the label already equals the prediction
+    assert soft_label_kl(torch.sigmoid(z), z).abs().max() < 1e-6
+
+
+def test_align_labels_moves_towards_the_prediction_and_keeps_observed():
+    y = torch.tensor([[0.9, 0.2, 0.5, 0.3]])
+    z = torch.tensor([[-1.0, 2.0, 0.0, torch.logit(torch.tensor(0.3)).item()]])
+    new = align_labels(y, z, step=0.05)
+    # by hand: y - 0.05 * (logit(y) - z)
+    want = y - 0.05 * (torch.logit(y) - z)
+    torch.testing.assert_close(new, want)
+    assert new[0, 0] < 0.9 and new[0, 1] > 0.2  # towards sigmoid(z)
+    assert new[0, 2] == pytest.approx(0.5) and new[0, 3] == pytest.approx(0.3)  # fixed points
+    fixed = torch.tensor([[True, False, False, False]])
+    kept = align_labels(y, z, step=0.05, fixed=fixed)
+    assert kept[0, 0] == 0.9 and kept[0, 1] == new[0, 1]
+    big = align_labels(y, torch.full_like(y, 50.0), step=10.0)
+    assert (big <= 1 - 1e-4).all() and (big > 0).all()  # clipped inside (0, 1)
+
+
+def test_bad_options_are_named(tiny_backbone):
+    with pytest.raises(ValueError, match="init"):
+        CDUL(backbone=tiny_backbone, classnames=["a", "b"], init="max")
+    with pytest.raises(ValueError, match="head"):
+        CDUL(backbone=tiny_backbone, classnames=["a", "b"], head="transformer")
+    with pytest.raises(ValueError, match="multi-label"):
+        CDUL(backbone=tiny_backbone, classnames=["a", "b"], multilabel=False)._require_multilabel()
+
+
+# ---------------------------------------------------------------------------- end to end on the world
+
+TINY = """
+model:
+  init_args:
+    backbone:
+      class_path: vlweak.backbones.OpenCLIPBackbone
+      init_args: {model_name: vlweak-tiny, pretrained: null}
+"""
+
+
+def _cli(tmp_path, subcommand, *extra):
+    from vlweak.cli import build_cli
+
+    args = [
+        subcommand,
+        "--config",
+        str(REPO / "recipes/cdul/shapes.yaml"),
+        *extra,
+        "--trainer.logger.init_args.save_dir=" + str(tmp_path),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    return build_cli(args)
+
+
+def test_plumbing_fit_test_and_artifacts_tiny(tmp_path):
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(TINY)
+    small = ["--data.init_args.n_train=64", "--data.init_args.n_val=16", "--data.init_args.n_test=32"]
+    cli = _cli(tmp_path, "fit", "--config", str(conf), *small, "--trainer.max_epochs=2")
+    log_dir = cli.trainer.log_dir
+    init = PseudoLabels.load(f"{log_dir}/pseudolabels-train-init.safetensors")
+    refined = PseudoLabels.load(f"{log_dir}/pseudolabels-train-refined.safetensors")
+    assert init.multilabel and init.scores.shape == (64, 12) and init.sample_ids[0] == "shapes-train-0"
+    assert not torch.allclose(init.scores, refined.scores)  # the Y-steps moved the labels
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert "test/mAP" in cli.model.last_metrics
+    # an untrained classifier is refused with a message that says what to do
+    with pytest.raises(RuntimeError, match="untrained"):
+        _cli(tmp_path, "test", "--config", str(conf), *small)
+
+
+@requires_shipped
+def test_world_no_labels_aggregated_beats_global_and_classifier_beats_init(tmp_path):
+    small = ["--data.init_args.n_train=1000", "--data.init_args.n_val=100", "--data.init_args.n_test=400"]
+    cli = _cli(tmp_path, "fit", *small, "--trainer.max_epochs=15", "--trainer.check_val_every_n_epoch=100")
+    init = cli.model.init_metrics
+    assert init["init/mAP_aggregated"] > init["init/mAP_global"] + 0.02, init
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    classifier = cli.model.last_metrics["test/mAP"]
+    zs = _cli(tmp_path, "test", *small, "--model.init_args.inference=init")
+    test_init = zs.model.init_metrics
+    assert test_init["test_init/mAP_aggregated"] > test_init["test_init/mAP_global"] + 0.02, test_init
+    assert classifier > test_init["test_init/mAP_aggregated"], (classifier, test_init)

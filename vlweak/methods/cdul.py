@@ -1,0 +1,402 @@
+"""CDUL: CLIP-driven unsupervised multi-label classification (Abdelfattah et al., ICCV 2023).
+
+Three stages, no human labels anywhere:
+
+1. **Initialization** (:mod:`vlweak.methods.cdul_snippets`): CLIP similarity of the whole image
+   (global) and of each snippet of a ``grid × grid`` lattice (local) to every class prompt; the
+   global–local aggregator (per class: the max snippet score when it reaches ``ζ``, else the min) and
+   the mean with the global vector give soft initial pseudolabels ``Y⁰ ∈ [0, 1]^{N×C}`` of the train
+   split, written as a pseudolabel artifact (``pseudolabels-train-init.safetensors``).
+2. **Gradient-alignment training**: a classifier ``f(·; θ)`` (a linear/MLP head on the frozen CLIP
+   image embedding, or any image network given as ``network``) is trained against the soft
+   pseudolabels, which are latent variables refined alternately with the network:
+
+   * θ-step (``Y`` fixed): ``θ ← θ − η ∇_θ L(Y, f(X; θ))`` with
+     ``L = Σ_c KL(Bern(y_c) ‖ Bern(σ(z_c)))`` (soft-label binary KL, ``z = f(x; θ)``);
+   * Y-step (θ fixed, unobserved entries only): ``y ← clip(y − ψ ∇_y L, ε, 1 − ε)`` where
+     ``∇_y L = logit(y) − z``: each pseudolabel moves along the gradient that aligns it with the
+     network's current prediction (the fixed point is ``y = σ(z)``); ψ is ``label_lr``.
+
+   The refined pseudolabels are written at the end of fit (``pseudolabels-train-refined.safetensors``).
+3. **Inference**: the classifier alone (``inference: classifier``); ``inference: init`` scores a
+   split with the training-free initialization instead (global / local / aggregated, see ``init``),
+   which is how ``vlweak test``/``predict`` produce initial pseudolabels for any split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlweak.backbones import Backbone
+from vlweak.labels.artifact import PseudoLabels
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.methods.cdul_snippets import (
+    INIT_MODES,
+    aggregate_snippets,
+    class_similarities,
+    initial_scores,
+    snippet_embeddings,
+)
+from vlweak.metrics import multilabel_report
+from vlweak.prompts import text_classifier
+
+LABEL_EPS = 1e-4
+
+
+# ---------------------------------------------------------------------------- gradient alignment
+def soft_label_kl(y: Tensor, logits: Tensor) -> Tensor:
+    """Per-entry ``KL(Bern(y) ‖ Bern(σ(z)))`` of soft labels ``y`` against logits ``z``."""
+    entropy = torch.xlogy(y, y) + torch.xlogy(1 - y, 1 - y)
+    return entropy + y * F.softplus(-logits) + (1 - y) * F.softplus(logits)
+
+
+def label_gradient(y: Tensor, logits: Tensor) -> Tensor:
+    """``∂ KL(Bern(y) ‖ Bern(σ(z))) / ∂y = logit(y) − z`` (per entry)."""
+    return torch.logit(y.clamp(LABEL_EPS, 1 - LABEL_EPS)) - logits
+
+
+def align_labels(y: Tensor, logits: Tensor, step: float, fixed: Tensor | None = None, eps: float = LABEL_EPS) -> Tensor:
+    """One Y-step: ``clip(y − step · ∇_y L, eps, 1 − eps)``; entries where ``fixed`` is True (observed
+    labels) are left as they are."""
+    new = (y - step * label_gradient(y, logits)).clamp(eps, 1 - eps)
+    return new if fixed is None else torch.where(fixed, y, new)
+
+
+class CDUL(VLMethod):
+    """CDUL unsupervised multi-label classification: global–local CLIP pseudolabels, then a classifier
+    trained with gradient-alignment pseudolabel refinement.
+
+    Args:
+        backbone: the CLIP-family model (default: the shipped ``vlweak-shapes`` model).
+        classnames: class vocabulary; set by the CLI from the data module.
+        multilabel: must be true (set by the CLI from the data module).
+        templates: prompt templates (``simple``, ``imagenet80`` or a list with one ``{}``).
+        grid: snippets per side; the image is split into ``grid × grid`` crops (paper: 3×3).
+        overlap: fraction shared by neighbouring snippets, in [0, 1) (paper: 0, a plain grid).
+        snippet_threshold: ζ of the aggregator: a class takes its max snippet score when that
+            reaches ζ, else its min snippet score (paper: 0.5).
+        init: initial pseudolabels: ``aggregated`` (paper: mean of global and aggregated local),
+            ``global`` (whole image only) or ``local`` (aggregated snippets only).
+        temperature: softmax temperature of the CLIP similarities; ``null`` uses ``logit_scale``.
+        head: classifier on the frozen CLIP image embedding: ``linear`` or ``mlp``.
+        hidden_dim: hidden width of the ``mlp`` head.
+        network: an image classifier ``[B, 3, H, W] → [B, C]`` logits (e.g. a timm/torchvision model
+            with ``num_classes`` set) trained instead of the head; it gets the data module's images.
+        lr: learning rate of the classifier (AdamW).
+        weight_decay: weight decay of the classifier.
+        label_lr: ψ, the step of the pseudolabel update ``y ← y − ψ ∇_y L`` (0 keeps them fixed).
+        label_warmup_epochs: epochs of θ-steps only before the pseudolabels start to move.
+        threshold: a class is a hard pseudolabel in the artifacts when its score reaches this.
+        inference: ``classifier`` (the trained classifier alone, the paper's inference) or ``init``
+            (training-free initial pseudolabels of the split, for ``vlweak test``/``predict``).
+        snippet_batch_size: images per batch of the snippet pass (``grid²`` crops each).
+        cache_dir: embedding cache folder (default: the data module's, else ``$VLWEAK_CACHE``).
+        artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone = DEFAULT_BACKBONE,
+        classnames: list[str] | None = None,
+        multilabel: bool = True,
+        templates: str | list[str] = "simple",
+        grid: int = 3,
+        overlap: float = 0.0,
+        snippet_threshold: float = 0.5,
+        init: str = "aggregated",
+        temperature: float | None = None,
+        head: str = "linear",
+        hidden_dim: int = 512,
+        network: nn.Module | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        label_lr: float = 0.05,
+        label_warmup_epochs: int = 1,
+        threshold: float = 0.5,
+        inference: str = "classifier",
+        snippet_batch_size: int = 64,
+        cache_dir: str | None = None,
+        artifact_path: str | None = None,
+    ) -> None:
+        super().__init__(backbone, classnames, multilabel, artifact_path)
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        if head not in ("linear", "mlp"):
+            raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}")
+        if inference not in ("classifier", "init"):
+            raise ValueError(f"inference must be 'classifier' or 'init', got {inference!r}")
+        if int(grid) != grid or grid < 1:
+            raise ValueError(f"grid must be a positive integer, got {grid!r}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must lie in [0, 1), got {overlap!r}")
+        if label_lr < 0:
+            raise ValueError(f"label_lr must be >= 0, got {label_lr!r}")
+        self.templates, self.grid, self.overlap = templates, int(grid), float(overlap)
+        self.snippet_threshold, self.init, self.temperature = snippet_threshold, init, temperature
+        self.lr, self.weight_decay = lr, weight_decay
+        self.label_lr, self.label_warmup_epochs = label_lr, label_warmup_epochs
+        self.threshold, self.inference = threshold, inference
+        self.snippet_batch_size, self.cache_dir = snippet_batch_size, cache_dir
+        self.save_hyperparameters(ignore=["backbone", "network"])
+        self.network = network
+        self.head: nn.Module | None = None
+        if network is None and self.classnames:
+            self.head = self._make_head(head, hidden_dim)
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("classifier", torch.empty(0), persistent=False)
+        self.register_buffer("pseudo", torch.empty(0), persistent=False)
+        self.register_buffer("fixed", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.init_scores: dict[str, Tensor] = {}
+        self.init_metrics: dict[str, float] = {}
+        self._split_scores: Tensor | None = None
+        self._label_updates: list[dict[str, Tensor]] = []
+
+    def _make_head(self, kind: str, hidden: int) -> nn.Module:
+        d, c = self.backbone.embed_dim, len(self.classnames)
+        if kind == "linear":
+            return nn.Linear(d, c)
+        return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, c))
+
+    # ---------------------------------------------------------------- checks and helpers
+    def _require_multilabel(self) -> None:
+        self.require_classnames()
+        if not self.multilabel:
+            raise ValueError("CDUL is a multi-label method: use a multi-label data module (e.g. multilabel: true)")
+        if self.network is None and self.head is None:
+            raise ValueError("CDUL has no classifier: give classnames (or a data module) or a network")
+
+    def _datamodule(self) -> Any:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "raw"):
+            raise RuntimeError("CDUL needs a vlweak data module (it reads the raw images of a split)")
+        return dm
+
+    def _cache(self) -> Any:
+        from vlweak.data.cache import EmbeddingCache
+
+        if self.cache_dir is not None:
+            return EmbeddingCache(self.cache_dir)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "cache", None) or EmbeddingCache()
+
+    def scale(self) -> Tensor:
+        return self.backbone.logit_scale if self.temperature is None else torch.tensor(1.0 / self.temperature)
+
+    def build_classifier(self) -> Tensor:
+        self.classifier = text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
+        return self.classifier
+
+    # ---------------------------------------------------------------- stage 1: initialization
+    @torch.no_grad()
+    def initialize(self, split: str) -> dict[str, Tensor]:
+        """Global, local and the configured initial scores of a split: ``{"global", "local",
+        "aggregated", "init", "index", "target"?}``, rows ordered by dataset index (``[N, C]``)."""
+        from vlweak.data.budget import Budgeted
+        from vlweak.data.cache import image_embeddings
+
+        dm = self._datamodule()
+        raw = dm.raw(split)
+        if raw is None:
+            raise RuntimeError(f"the data module has no {split!r} split to pseudolabel")
+        base = raw.dataset if isinstance(raw, Budgeted) else raw
+        cache = self._cache()
+        workers = getattr(dm, "num_workers", 0)
+        glob = image_embeddings(self.backbone, base, self.backbone.transform, cache, 256, workers, f"encoding {split}")
+        snip = snippet_embeddings(
+            self.backbone, base, self.grid, self.overlap, cache, self.snippet_batch_size, workers, f"snippets of {split}"
+        )
+        if not torch.equal(glob["index"], snip["index"]):
+            raise RuntimeError(f"global and snippet embeddings of {split!r} cover different images")
+        w = self.build_classifier()
+        scale = self.scale().to(self.device)
+        s_global = class_similarities(glob["features"].to(self.device), w, scale).cpu()
+        s_local = class_similarities(snip["features"].to(self.device), w, scale).cpu()
+        out = {
+            "global": s_global,
+            "local": aggregate_snippets(s_local, self.snippet_threshold),
+            "aggregated": initial_scores(s_global, s_local, "aggregated", self.snippet_threshold),
+            "index": glob["index"].long(),
+        }
+        out["init"] = out[self.init]
+        if hasattr(base, "targets") and getattr(base, "multilabel", False):
+            out["target"] = base.targets()[out["index"]]  # evaluation only, never used for training
+        return out
+
+    def _log_init(self, prefix: str, init: dict[str, Tensor], use_self_log: bool = False) -> dict[str, float]:
+        """mAP of the global / local / aggregated initial scores against the split's true targets
+        (evaluation only; Lightning forbids ``self.log`` in the fit-start and predict hooks)."""
+        if "target" not in init:
+            return {}
+        res = {f"{prefix}/mAP_{m}": float(multilabel_report(init[m], init["target"])["mAP"]) for m in INIT_MODES}
+        if use_self_log:
+            for k, v in res.items():
+                self.log(k, v, rank_zero_only=True)
+        elif self._trainer is not None and self.trainer.logger is not None and self.global_rank == 0:
+            self.trainer.logger.log_metrics(res, step=self.global_step)
+        self.init_metrics.update(res)
+        return res
+
+    def _write_split_artifact(self, name: str, split: str, scores: Tensor, index: Tensor, **prov: Any) -> Path | None:
+        if self.artifact_path == "" or self.global_rank != 0 or self._trainer is None:
+            return None
+        labels = PseudoLabels.from_scores(
+            scores,
+            self.require_classnames(),
+            self.sample_ids(split, index),
+            index,
+            multilabel=True,
+            threshold=self.threshold,
+            provenance=dict(self.provenance(), stage=name, split=split, **prov),
+        )
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return labels.save(root / f"pseudolabels-{split}-{name}.safetensors")
+
+    # ---------------------------------------------------------------- stage 2: training
+    def on_fit_start(self) -> None:
+        self._require_multilabel()
+        init = self.initialize("train")
+        self.init_scores = init
+        n = int(init["index"].max()) + 1
+        pseudo = torch.full((n, len(self.classnames)), 0.5)
+        pseudo[init["index"]] = init["init"].float()
+        self.pseudo = pseudo.clamp(LABEL_EPS, 1 - LABEL_EPS).to(self.device)
+        # Unsupervised: every entry is unobserved, hence refined. (Observed entries would be fixed.)
+        self.fixed = torch.zeros_like(self.pseudo, dtype=torch.bool)
+        self._log_init("init", init)
+        self._write_split_artifact("init", "train", init["init"], init["index"], init=self.init)
+
+    def classify(self, batch: dict[str, Any]) -> Tensor:
+        """Classifier logits ``[B, C]`` of a batch (image network, or head on CLIP features)."""
+        if self.network is not None:
+            if "image" not in batch:
+                raise ValueError("a CDUL network classifier needs images: set the data module's embeddings: false")
+            return self.network(batch["image"])
+        with torch.no_grad():
+            feats = self.image_features(batch)
+        return self.head(feats)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class probabilities of a batch of preprocessed images (the classifier alone)."""
+        return torch.sigmoid(self.classify({"image": images}))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if not batch:
+            return None
+        y = self.pseudo[batch["index"]]
+        loss = soft_label_kl(y, self.classify(batch)).sum(1).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        # Y-step with θ fixed (after this batch's θ-step).
+        if not batch or self.label_lr == 0 or self.current_epoch < self.label_warmup_epochs:
+            return
+        idx = batch["index"]
+        with torch.no_grad():
+            logits = self.classify(batch)
+            new = align_labels(self.pseudo[idx], logits, self.label_lr, self.fixed[idx])
+        self.pseudo[idx] = new
+        if self.trainer.world_size > 1:
+            self._label_updates.append({"index": idx.detach(), "labels": new.detach()})
+
+    def on_train_epoch_end(self) -> None:
+        if self._label_updates:  # share every rank's Y-steps so all ranks hold the same labels
+            parts, self._label_updates = self._label_updates, []
+            local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            got = self._all_gather_ragged(local)
+            if got:
+                self.pseudo[got["index"].long()] = got["labels"].to(self.pseudo.dtype)
+        if "target" in self.init_scores:
+            idx = self.init_scores["index"]
+            m = multilabel_report(self.pseudo[idx.to(self.device)].cpu(), self.init_scores["target"])["mAP"]
+            self.log("train/pseudolabel_mAP", float(m), rank_zero_only=True)
+
+    def on_train_start(self) -> None:
+        self.fitted.fill_(True)
+
+    def on_fit_end(self) -> None:
+        if self.init_scores:
+            idx = self.init_scores["index"]
+            self._write_split_artifact(
+                "refined", "train", self.pseudo[idx.to(self.device)].cpu(), idx, init=self.init
+            )
+
+    def configure_optimizers(self):
+        params = [p for p in (self.network or self.head).parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    # ---------------------------------------------------------------- stage 3: inference
+    def _start(self, split: str) -> None:
+        self._require_multilabel()
+        self._split_scores = None
+        if self.inference == "init":
+            init = self.initialize(split)
+            stage = self.trainer.state.stage
+            self._log_init(f"{stage.value if stage else split}_init", init, use_self_log=stage is not None and stage.value == "test")
+            n = int(init["index"].max()) + 1
+            table = torch.full((n, len(self.classnames)), float("nan"))
+            table[init["index"]] = init["init"].float()
+            self._split_scores = table
+        elif self.network is None and not bool(self.fitted):
+            raise RuntimeError(
+                "CDUL's classifier is untrained: run `vlweak fit` first (or pass --ckpt_path), "
+                "or set model.init_args.inference: init to score with the CLIP initialization"
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        self._require_multilabel()
+
+    def on_test_epoch_start(self) -> None:
+        self._start("test")
+
+    def on_predict_epoch_start(self) -> None:
+        dm = self._datamodule()
+        self._start(getattr(dm, "predict_split", "test"))
+
+    def _scores(self, batch: dict[str, Any]) -> Tensor:
+        if self._split_scores is not None:
+            return self._split_scores[batch["index"].cpu()].to(self.device)
+        return torch.sigmoid(self.classify(batch))
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        if not batch:
+            return
+        out = {"scores": self._scores(batch), "index": batch["index"]}
+        if "target" in batch:
+            out["target"], out["mask"] = batch["target"], batch["mask"]
+        self.collect(**out)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with torch.no_grad():
+            out = {"scores": torch.sigmoid(self.classify(batch)), "index": batch["index"]} if batch else None
+        if out is not None and "target" in batch:
+            self.collect(**out, target=batch["target"], mask=batch["mask"])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def _finish(self, stage: str) -> None:
+        out = self.gathered()
+        if not out:
+            return
+        if "target" in out:
+            self.evaluate(stage, out["scores"], out["target"], out.get("mask"))
+        if stage != "val":
+            self.write_artifact(stage, out["scores"], out["index"], inference=self.inference, init=self.init)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish("predict")
