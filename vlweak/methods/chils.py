@@ -52,7 +52,7 @@ VARIANTS: tuple[str, ...] = ("superclass", "subclass", "reweight", "aggregate")
 def reweight(p_sub: Tensor, p_sup: Tensor, parent: Tensor) -> Tensor:
     """CHiLS reweighting ``score(s) = p_sub(s) · p_sup(parent(s))``: ``[N, S]`` from ``p_sub [N, S]``,
     ``p_sup [N, C]`` and the sub-class -> class map ``parent [S]``."""
-    return p_sub * p_sup[:, parent]
+    return p_sub * p_sup.index_select(1, parent)
 
 
 def best_per_parent(sub_scores: Tensor, parent: Tensor, n_classes: int) -> Tensor:
@@ -76,29 +76,32 @@ def _normalized(scores: Tensor) -> Tensor:
     return scores / scores.sum(1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
-def variant_scores(p_sub: Tensor, p_sup: Tensor, parent: Tensor, variant: str) -> tuple[Tensor, Tensor]:
+def variant_scores(
+    p_sub: Tensor, p_sup: Tensor, parent: Tensor, variant: str, reweighted: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``(class scores [N, C], sub-class scores [N, S])`` of one variant; class scores sum to 1 and
-    their argmax is the variant's prediction."""
+    their argmax is the variant's prediction. ``reweighted`` may pass a precomputed
+    :func:`reweight` (it is computed otherwise)."""
     c = p_sup.shape[1]
     if variant == "superclass":
         return p_sup, p_sub
     if variant == "subclass":
         return _normalized(best_per_parent(p_sub, parent, c)), p_sub
+    if variant not in ("reweight", "aggregate"):
+        raise ValueError(f"unknown CHiLS variant {variant!r}; choose from {VARIANTS}")
+    rw = reweight(p_sub, p_sup, parent) if reweighted is None else reweighted
     if variant == "reweight":
-        sub = reweight(p_sub, p_sup, parent)
-        return _normalized(best_per_parent(sub, parent, c)), _normalized(sub)
-    if variant == "aggregate":
-        return _normalized(aggregate(p_sub, p_sup, parent)), _normalized(reweight(p_sub, p_sup, parent))
-    raise ValueError(f"unknown CHiLS variant {variant!r}; choose from {VARIANTS}")
+        return _normalized(best_per_parent(rw, parent, c)), _normalized(rw)
+    return _normalized(p_sup * sum_per_parent(p_sub, parent, c)), _normalized(rw)
 
 
-def all_predictions(p_sub: Tensor, p_sup: Tensor, parent: Tensor) -> dict[str, Tensor]:
+def all_predictions(p_sub: Tensor, p_sup: Tensor, parent: Tensor, reweighted: Tensor | None = None) -> dict[str, Tensor]:
     """Class predictions ``[N]`` of every variant."""
-    sub_rw = reweight(p_sub, p_sup, parent)
+    rw = reweight(p_sub, p_sup, parent) if reweighted is None else reweighted
     return {
         "superclass": p_sup.argmax(1),
         "subclass": parent[p_sub.argmax(1)],
-        "reweight": parent[sub_rw.argmax(1)],
+        "reweight": parent[rw.argmax(1)],
         "aggregate": aggregate(p_sub, p_sup, parent).argmax(1),
     }
 
@@ -238,14 +241,14 @@ class CHiLS(VLMethod):
         if not batch:
             return
         p_sub, p_sup = self.probabilities(self.image_features(batch))
-        scores, sub_scores = variant_scores(p_sub, p_sup, self.parent, self.variant)
-        sub_conf, sub_pred = sub_scores.max(1)
-        out = {"scores": scores, "index": batch["index"], "sub_pred": sub_pred, "sub_conf": sub_conf}
-        out.update({f"pred_{k}": v for k, v in all_predictions(p_sub, p_sup, self.parent).items()})
+        rw = reweight(p_sub, p_sup, self.parent)
+        scores, sub_scores = variant_scores(p_sub, p_sup, self.parent, self.variant, rw)
+        out = {"scores": scores, "index": batch["index"]}
         if keep_subclass_scores:
             out["sub_scores"] = sub_scores
-        if "label" in batch:
+        if "label" in batch:  # every variant's prediction, for the side-by-side accuracies
             out["target"] = batch["label"]
+            out.update({f"pred_{k}": v for k, v in all_predictions(p_sub, p_sup, self.parent, rw).items()})
         self.collect(**out)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -261,7 +264,7 @@ class CHiLS(VLMethod):
         out = self.gathered()
         if not out:
             return
-        if "target" in out:
+        if "pred_reweight" in out:
             self.evaluate(stage, out["scores"], out["target"])
             keep = out["target"] >= 0
             for v in VARIANTS:  # every variant's accuracy, side by side
