@@ -177,3 +177,33 @@ def test_world_no_labels_aggregated_beats_global_and_classifier_beats_init(tmp_p
     test_init = zs.model.init_metrics
     assert test_init["test_init/mAP_aggregated"] > test_init["test_init/mAP_global"] + 0.02, test_init
     assert classifier > test_init["test_init/mAP_aggregated"], (classifier, test_init)
+
+
+# ---------------------------------------------------------------------------- chaining
+
+
+def test_pseudolabel_targets_replace_annotations(tmp_path):
+    from vlweak.data import ShapesWorldDataModule
+    from vlweak.methods.cdul_targets import PseudoLabeledDataModule, artifact_targets
+
+    scores = torch.tensor([[0.9, 0.05, 0.3], [0.2, 0.6, 0.08]])
+    t, m = artifact_targets(scores, "confident", 0.5, 0.1)
+    assert t.tolist() == [[1, 0, 0], [0, 1, 0]] and m.tolist() == [[True, True, False], [False, True, True]]
+    t, m = artifact_targets(scores, "single_positive")
+    assert t.tolist() == [[1, 0, 0], [0, 1, 0]] and m.sum().item() == 2
+    with pytest.raises(ValueError, match="targets must be one of"):
+        artifact_targets(scores, "topk")
+
+    world = ShapesWorldDataModule(multilabel=True, n_train=20, n_val=0, n_test=0, transform=lambda x: x)
+    ids = world.sample_ids("train")
+    torch.manual_seed(0)
+    fake = torch.rand(20, 12)
+    path = PseudoLabels.from_scores(fake.flip(0), world.classnames, ids[::-1], multilabel=True).save(tmp_path / "p")
+    dm = PseudoLabeledDataModule(world, str(path), targets="hard")
+    dm.setup("fit")
+    item = dm.datasets["train"][3]
+    assert torch.equal(item["target"], (fake[3] >= 0.5).float()) and item["mask"].all()  # matched by sample id
+    assert dm.classnames == world.classnames and dm.multilabel
+    bad = PseudoLabels.from_scores(fake[:5], world.classnames, ids[:5], multilabel=True).save(tmp_path / "short")
+    with pytest.raises(Exception, match="no pseudolabel"):
+        PseudoLabeledDataModule(world, str(bad)).setup("fit")
