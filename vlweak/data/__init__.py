@@ -35,3 +35,4 @@ __all__ = [
     "clean_classname",
     "image_embeddings",
 ]
+from vlweak.data.multilabel import CocoDataModule, VocDataModule  # noqa: E402,F401

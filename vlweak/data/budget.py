@@ -77,6 +77,8 @@ class Budgeted(Dataset):
         self._true = dataset.targets()
         if self.multilabel:
             self._mask = budget.draw_multi(self._true)
+            if hasattr(dataset, "masks"):  # entries the annotation itself leaves unknown stay unknown
+                self._mask &= dataset.masks().bool()
         else:
             self._keep = budget.draw_single(self._true)
 

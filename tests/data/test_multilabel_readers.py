@@ -1,0 +1,151 @@
+"""COCO-style JSON and VOC-style XML readers, their data modules, bad-input errors, saved masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlweak.data import CocoDataModule, VocDataModule
+from vlweak.data.multilabel import AnnotationError, CocoReader, VocReader, load_label_mask, save_label_mask
+
+
+def _png(path: Path, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def write_coco(root: Path, annotations: list | None = None, images: list | None = None) -> Path:
+    images = images if images is not None else [{"id": i, "file_name": f"img{i}.png"} for i in (1, 2, 3, 4)]
+    for im in images:
+        _png(root / "images" / im["file_name"], im["id"])
+    data = {
+        "images": images,
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "traffic_light"}, {"id": 7, "name": "dog"}],
+        "annotations": annotations
+        if annotations is not None
+        else [
+            {"image_id": 1, "category_id": 1},
+            {"image_id": 1, "category_id": 7},
+            {"image_id": 1, "category_id": 7},
+            {"image_id": 2, "category_id": 3},
+            {"image_id": 4, "category_id": 1},
+        ],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_voc(root: Path, objects: dict[str, list[tuple[str, int]]], sets: dict[str, list[str]] | None = None) -> Path:
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    for k, (image_id, objs) in enumerate(objects.items()):
+        _png(root / "JPEGImages" / f"{image_id}.png", k)
+        body = "".join(f"<object><name>{n}</name><difficult>{d}</difficult></object>" for n, d in objs)
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><filename>{image_id}.png</filename>{body}</annotation>"
+        )
+    for name, ids in (sets or {}).items():
+        (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+# ------------------------------------------------------------------------------------------ COCO
+def test_coco_reader_targets(tmp_path):
+    path = write_coco(tmp_path)
+    ds = CocoReader.read(path, tmp_path / "images", on_empty="skip")
+    assert ds.multilabel and ds.classnames == ["person", "traffic light", "dog"]
+    assert len(ds) == 3  # image 3 has no annotation and is skipped
+    assert ds.targets().tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 0]]
+    item = ds[0]
+    assert item["target"].tolist() == [1, 0, 1] and item["mask"].all() and item["image"].size == (8, 8)
+    keep = CocoReader.read(path, tmp_path / "images", on_empty="keep")
+    assert len(keep) == 4 and keep.targets()[2].sum() == 0
+
+
+def test_coco_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        CocoReader.read(tmp_path / "missing.json")
+    bad_cat = write_coco(tmp_path / "a", annotations=[{"image_id": 1, "category_id": 99}])
+    with pytest.raises(AnnotationError, match=r"instances\.json: annotations\[0\] has unknown category id 99"):
+        CocoReader.read(bad_cat)
+    bad_img = write_coco(tmp_path / "b", annotations=[{"image_id": 42, "category_id": 1}])
+    with pytest.raises(AnnotationError, match=r"annotations\[0\] refers to unknown image id 42"):
+        CocoReader.read(bad_img)
+    no_images = write_coco(tmp_path / "c", images=[], annotations=[])
+    with pytest.raises(AnnotationError, match="empty annotation: no 'images'"):
+        CocoReader.read(no_images)
+    empty_image = write_coco(tmp_path / "d")
+    with pytest.raises(AnnotationError, match=r"image id 3 \(img3.png\) has no annotated object"):
+        CocoReader.read(empty_image, on_empty="error")
+    nothing = write_coco(tmp_path / "e", annotations=[])
+    with pytest.raises(AnnotationError, match="no image has an annotated object"):
+        CocoReader.read(nothing, on_empty="skip")
+
+
+def test_coco_datamodule_and_saved_mask(tmp_path):
+    path = write_coco(tmp_path)
+    dm = CocoDataModule(
+        train=str(path), test=str(path), train_images=str(tmp_path / "images"), test_images=str(tmp_path / "images"),
+        label_fraction=0.5, budget_seed=3, batch_size=2, transform=lambda im: torch.zeros(3, 4, 4),
+    )
+    assert dm.multilabel and dm.classnames == ["person", "traffic light", "dog"]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["target"].shape == batch["mask"].shape == (2, 3)
+    saved = save_label_mask(dm, tmp_path / "run" / "mask.safetensors")
+    mask, meta = load_label_mask(saved)
+    assert torch.equal(mask, dm.raw("train").masks())
+    assert meta["budget"] == {"fraction": 0.5, "single_positive": False, "seed": 3}
+    assert len(meta["sample_ids"]) == 3
+    # Same seed, same mask: runs are comparable.
+    again = CocoDataModule(train=str(path), train_images=str(tmp_path / "images"), label_fraction=0.5, budget_seed=3)
+    assert torch.equal(again.raw("train").masks(), mask)
+    # No budget, nothing to save.
+    assert save_label_mask(CocoDataModule(train=str(path)), tmp_path / "none.safetensors") is None
+
+
+# ------------------------------------------------------------------------------------------- VOC
+def test_voc_reader_targets_and_difficult(tmp_path):
+    root = write_voc(
+        tmp_path,
+        {"000001": [("dog", 0), ("person", 0)], "000002": [("cat", 0), ("dog", 1)], "000003": [("pottedplant", 0)]},
+        {"trainval": ["000001", "000002"], "test": ["000003"]},
+    )
+    ds = VocReader.read(root, "trainval")
+    names = ds.classnames
+    assert len(names) == 20 and "potted plant" in names and "pottedplant" not in names
+    t = ds.targets()
+    assert t[0, names.index("dog")] == 1 and t[0, names.index("person")] == 1 and t[0].sum() == 2
+    assert t[1, names.index("cat")] == 1 and t[1].sum() == 1
+    # The difficult dog is unknown, not negative.
+    assert not ds[1]["mask"][names.index("dog")] and ds[1]["mask"].sum() == 19
+    assert VocReader.read(root, "trainval", difficult="positive").targets()[1, names.index("dog")] == 1
+    assert VocReader.read(root).targets().shape == (3, 20)
+    dm = VocDataModule(str(root), label_fraction=1.0, transform=lambda im: torch.zeros(3, 4, 4))
+    assert not dm.raw("train").masks()[1, names.index("dog")]  # the budget keeps annotation unknowns unknown
+    assert len(dm.raw("test")) == 1 and len(dm.raw("val")) == 1
+
+
+def test_voc_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Annotations"):
+        VocReader.read(tmp_path / "nowhere")
+    root = write_voc(tmp_path / "a", {"000001": [("unicorn", 0)]}, {"trainval": ["000001", "000009"]})
+    with pytest.raises(AnnotationError, match=r"000001\.xml: object 0 has unknown class 'unicorn'"):
+        VocReader.read(root)
+    (root / "Annotations" / "000001.xml").unlink()
+    with pytest.raises(FileNotFoundError, match=r"000001\.xml"):
+        VocReader.read(root, "trainval")
+    empty = write_voc(tmp_path / "b", {"000001": [("dog", 0)], "000002": []})
+    with pytest.raises(AnnotationError, match=r"000002\.xml has no annotated object"):
+        VocReader.read(empty)
+    assert len(VocReader.read(empty, on_empty="skip")) == 1
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        VocReader.read(empty, "missing")
