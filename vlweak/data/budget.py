@@ -1,7 +1,8 @@
 """Label budgets: which train labels a method may see.
 
 Single-label data: ``shots`` labels per class or a ``fraction`` of the images keep their label; the
-rest become unlabeled (label ``-1``). Multi-label data: a ``fraction`` of the image-class entries is
+rest become unlabeled (label ``-1``). With ``seen`` classes (transductive zero-shot learning), only
+images of the seen classes keep labels; the unseen classes' images are all unlabeled. Multi-label data: a ``fraction`` of the image-class entries is
 observed (partial labels), or exactly one positive per image (``single_positive``); the rest are
 masked out as unknown. The draw depends only on ``seed`` and the dataset, so runs are comparable.
 """
@@ -21,6 +22,7 @@ class LabelBudget:
     fraction: float | None = None
     single_positive: bool = False
     seed: int = 0
+    seen: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.shots is not None and self.shots < 0:
@@ -32,7 +34,7 @@ class LabelBudget:
 
     @property
     def active(self) -> bool:
-        return self.shots is not None or self.fraction is not None or self.single_positive
+        return self.shots is not None or self.fraction is not None or self.single_positive or self.seen is not None
 
     def draw_single(self, labels: torch.Tensor) -> torch.Tensor:
         """Boolean ``[N]``: which single-label items keep their label."""
@@ -49,11 +51,15 @@ class LabelBudget:
             keep[order[: round(self.fraction * len(labels))]] = True
         else:
             keep[:] = True
+        if self.seen is not None:
+            keep &= torch.isin(labels, torch.as_tensor(self.seen, dtype=labels.dtype))
         return keep & (labels >= 0)
 
     def draw_multi(self, targets: torch.Tensor) -> torch.Tensor:
         """Boolean ``[N, C]`` observation mask for multi-hot targets."""
         g = torch.Generator().manual_seed(self.seed)
+        if self.seen is not None:
+            raise ValueError("seen classes (transductive zero-shot) is a single-label budget")
         if self.single_positive:
             mask = torch.zeros_like(targets, dtype=torch.bool)
             for i in range(len(targets)):

@@ -10,6 +10,7 @@ encode each image once across runs.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from vlweak.data.datasets import (
     ManifestReader,
     ShapesWorldDataset,
     Transformed,
+    VocabularyError,
     collate,
     validate_classnames,
 )
@@ -76,6 +78,10 @@ class VLDataModule(L.LightningDataModule):
         single_positive: multi-label train split with exactly one observed positive per image (all
             other entries unknown).
         budget_seed: seed of the label budget draw (the drawn mask is saved with the run's artifacts).
+        seen_classes: transductive zero-shot learning: only the train images of these classes keep
+            their labels (all of them, or ``shots`` per class), the other classes' images are the
+            unlabeled pool. A list of class names, or a fraction of the classes drawn with
+            ``budget_seed`` (Menghini et al. 2023 use 0.62). Single-label data only.
         skip_bad: skip unreadable images with a warning instead of failing on the first one.
         embeddings: serve cached backbone embeddings (``features``) instead of images.
         cache_dir: embedding cache folder (default ``$VLWEAK_CACHE`` or ``~/.cache/vlweak``).
@@ -91,6 +97,7 @@ class VLDataModule(L.LightningDataModule):
         label_fraction: float | None = None,
         single_positive: bool = False,
         budget_seed: int = 0,
+        seen_classes: list[str] | float | None = None,
         skip_bad: bool = False,
         embeddings: bool = False,
         cache_dir: str | None = None,
@@ -102,6 +109,9 @@ class VLDataModule(L.LightningDataModule):
             raise ValueError(f"predict_split must be train, val or test, got {predict_split!r}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.budget = LabelBudget(shots=shots, fraction=label_fraction, single_positive=single_positive, seed=budget_seed)
+        if isinstance(seen_classes, (int, float)) and not 0.0 < float(seen_classes) < 1.0:
+            raise ValueError(f"seen_classes as a fraction must lie in (0, 1), got {seen_classes}")
+        self.seen_classes = seen_classes
         self.skip_bad = skip_bad
         self.embeddings = embeddings
         self.cache = EmbeddingCache(cache_dir)
@@ -123,14 +133,40 @@ class VLDataModule(L.LightningDataModule):
         """The raw dataset of a split (images before the transform), or ``None`` if absent."""
         raise NotImplementedError
 
+    @property
+    def seen_class_indices(self) -> list[int] | None:
+        """Transductive zero-shot learning: sorted indices of the seen classes (``None``: no split)."""
+        if self.seen_classes is None:
+            return None
+        names = self.classnames
+        if isinstance(self.seen_classes, (int, float)):
+            n = int(len(names) * float(self.seen_classes))
+            if not 0 < n < len(names):
+                raise ValueError(f"seen_classes={self.seen_classes} leaves {n} of {len(names)} classes seen")
+            g = torch.Generator().manual_seed(self.budget.seed)
+            return sorted(torch.randperm(len(names), generator=g)[:n].tolist())
+        unknown = [c for c in self.seen_classes if c not in names]
+        if unknown:
+            raise VocabularyError(f"seen_classes {unknown[:5]} are not in the class vocabulary (e.g. {names[:5]})")
+        idx = sorted({names.index(c) for c in self.seen_classes})
+        if len(idx) == len(names):
+            raise ValueError("seen_classes lists every class: no class is left unseen")
+        return idx
+
     # ---------------------------------------------------------------- set-up
     def raw(self, split: str) -> Dataset | None:
         """The raw dataset of ``split`` (built once; the train split carries the label budget)."""
         split = self.predict_split if split == "predict" else split
         if split not in self._raw:
             ds = self.build_split(split)
-            if ds is not None and split == "train" and self.budget.active:
-                ds = Budgeted(ds, self.budget)
+            budget = self.budget
+            seen = self.seen_class_indices if split == "train" else None
+            if seen is not None:
+                if self.multilabel:
+                    raise ValueError("seen_classes (transductive zero-shot) needs single-label data")
+                budget = replace(budget, seen=tuple(seen))
+            if ds is not None and split == "train" and budget.active:
+                ds = Budgeted(ds, budget)
             self._raw[split] = ds
         return self._raw[split]
 

@@ -1,0 +1,156 @@
+"""Pseudolabel prompt tuning: rounds, resume after an interrupt, paradigms, and (with the shipped
+weights) GRIP beating zero-shot on the shifted world."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, requires_shipped
+from vlweak.callbacks import PseudolabelRounds
+from vlweak.cli import build_cli
+from vlweak.methods.prompt_tuning import spread_and_split
+
+TINY = {"class_path": "vlweak.backbones.OpenCLIPBackbone", "init_args": {"model_name": "vlweak-tiny", "pretrained": None}}
+
+
+def _recipe(tmp_path: Path, model: dict, data: dict, name: str = "r.yaml") -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs")}},
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+        },
+        "model": {"class_path": "vlweak.methods.PromptTuning", "init_args": model},
+        "data": {"class_path": "vlweak.data.ShapesWorldDataModule", "init_args": data},
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _fit(recipe: Path, *extra: str, callbacks: list | None = None):
+    cli = build_cli(["--config", str(recipe), *extra], run=False)
+    cli.trainer.callbacks.extend(callbacks or [])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
+
+
+def _rounds(cli) -> PseudolabelRounds:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, PseudolabelRounds))
+
+
+class _InterruptAtRound(L.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if _rounds_of(trainer).round >= self.at:
+            raise RuntimeError("interrupted")
+
+
+def _rounds_of(trainer) -> PseudolabelRounds:
+    return next(c for c in trainer.callbacks if isinstance(c, PseudolabelRounds))
+
+
+TINY_MODEL = {"backbone": TINY, "strategy": "grip", "rounds": 3, "n_ctx": 2, "epochs_per_round": 1, "warmup_epochs": 0}
+TINY_DATA = {"n_train": 96, "n_val": 0, "n_test": 48, "shots": 1, "embeddings": True, "batch_size": 32, "shift": 1.0}
+
+
+def test_resume_after_interrupt_skips_finished_rounds(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
+    full = _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'full'}")
+    assert _rounds(full).rounds_trained == [0, 1, 2]
+    assert (tmp_path / "full" / "round-final.safetensors").is_file()
+
+    rounds_dir = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}", callbacks=[_InterruptAtRound(2)])
+    names = sorted(p.name for p in rounds_dir.glob("round-*.safetensors"))
+    assert names == ["round-000.safetensors", "round-001.safetensors", "round-002.safetensors"]
+
+    # resuming reads round 2's pseudolabels back (no re-scoring) and trains round 2 only
+    from vlweak.methods.prompt_tuning import PromptTuning
+
+    calls = []
+    original = PromptTuning.score_unlabeled
+    monkeypatch.setattr(PromptTuning, "score_unlabeled", lambda self, source: calls.append(source) or original(self, source))
+    resumed = _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}")
+    assert _rounds(resumed).rounds_trained == [2]
+    assert calls == []
+    assert resumed.trainer.current_epoch == 1
+    # ... and ends where the uninterrupted run ended
+    for (n, a), (_, b) in zip(full.model.prompt_parameters(), resumed.model.prompt_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+    # a finished run restarted with the same folder trains nothing and keeps the final prompt
+    again = _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}")
+    assert _rounds(again).rounds_trained == []
+    assert torch.allclose(again.model.text_prompt.ctx, resumed.model.text_prompt.ctx)
+
+
+def test_resume_refuses_checkpoints_of_another_run(tmp_path):
+    rounds_dir = tmp_path / "rounds"
+    _fit(_recipe(tmp_path, TINY_MODEL, TINY_DATA), f"--model.init_args.rounds_dir={rounds_dir}")
+    other = _recipe(tmp_path, dict(TINY_MODEL, strategy="ifpl", k=2), TINY_DATA, "other.yaml")
+    with pytest.raises(ValueError, match="different run"):
+        _fit(other, f"--model.init_args.rounds_dir={rounds_dir}")
+
+
+def test_transductive_zero_shot_and_artifact_source(tmp_path):
+    data = dict(TINY_DATA, shots=None, seen_classes=0.62)
+    first = _fit(_recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=3), data), "--model.init_args.rounds_dir=" + str(tmp_path / "a"))
+    m, dm = first.model, first.datamodule
+    seen = dm.seen_class_indices
+    assert len(seen) == 7 and m.pseudolabel_classes == [c for c in range(12) if c not in seen]
+    from vlweak.callbacks.pseudolabel_rounds import RoundState
+
+    r0 = RoundState.load(tmp_path / "a" / "round-000.safetensors")
+    pseudo = r0.train_label[r0.pseudo]
+    assert len(pseudo) and all(int(c) not in seen for c in pseudo)  # pseudolabels only for unseen classes
+    assert all(int(c) in seen for c in r0.train_label[~r0.pseudo])  # labels only for seen classes
+    first.trainer.test(m, datamodule=dm)
+    for key in ("acc_seen", "acc_unseen", "acc_harmonic", "per_class_acc_std", "per_class_acc_min"):
+        assert f"test/{key}" in m.last_metrics
+
+    # a saved artifact as the pseudolabel source: round 0 takes its labels, aligned by sample id
+    art = tmp_path / "a" / "pseudolabels-round-000.safetensors"
+    second = _fit(
+        _recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=3, pseudolabels=str(art)), data, "b.yaml"),
+        "--model.init_args.rounds_dir=" + str(tmp_path / "b"),
+    )
+    r0b = RoundState.load(tmp_path / "b" / "round-000.safetensors")
+    assert torch.equal(r0b.train_index, r0.train_index) and torch.equal(r0b.train_label, r0.train_label)
+    assert second.model.pseudolabels == str(art)
+
+
+def test_spread_and_split_metrics():
+    scores = torch.eye(3)[[0, 0, 1, 2, 2, 2]]
+    targets = torch.tensor([0, 1, 1, 2, 2, 0])
+    out = spread_and_split(scores, targets, seen=[0])
+    # per-class accuracy: 1/2, 1/2, 1
+    assert out["per_class_acc_min"] == pytest.approx(0.5)
+    assert out["per_class_acc_std"] == pytest.approx(torch.tensor([0.5, 0.5, 1.0]).std(unbiased=False).item())
+    assert out["acc_seen"] == pytest.approx(0.5) and out["acc_unseen"] == pytest.approx(0.75)
+    assert out["acc_harmonic"] == pytest.approx(0.6)
+
+
+def test_bad_arguments_are_named():
+    from vlweak.backbones import OpenCLIPBackbone
+    from vlweak.methods import PromptTuning
+
+    bb = OpenCLIPBackbone("vlweak-tiny", pretrained=None)
+    with pytest.raises(ValueError, match="prompt"):
+        PromptTuning(bb, ["a", "b"], prompt="audio")
+    with pytest.raises(ValueError, match="strategy"):
+        PromptTuning(bb, ["a", "b"], strategy="grp")
+    with pytest.raises(ValueError, match="single-label"):
+        PromptTuning(bb, ["a", "b"], multilabel=True)

@@ -1,0 +1,5 @@
+"""Lightning callbacks shared by vlweak's methods."""
+
+from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds, RoundState
+
+__all__ = ["PseudolabelRounds", "RoundState"]

@@ -1,0 +1,246 @@
+"""Pseudolabeling rounds of iterative prompt tuning (FPL, IFPL, GRIP) as a Lightning callback.
+
+One ``trainer.fit`` runs every round: round ``r`` trains the prompt from scratch for
+``epochs_per_round`` epochs on the labeled samples plus the round's pseudolabels; when it ends, the
+trained prompt scores the unlabeled pool and :func:`~vlweak.labels.selection.top_k_per_class`
+picks the next round's pseudolabels (``K`` from :func:`~vlweak.labels.selection.k_schedule`).
+
+Every round is checkpointed when its pseudolabels are ready: ``<dirpath>/round-<r>.safetensors``
+holds the round index, the prompt that produced the pseudolabels and the training set (sample
+indices, labels, which are pseudolabels), written atomically; ``pseudolabels-round-<r>.safetensors``
+holds the scores as a :class:`~vlweak.labels.artifact.PseudoLabels` artifact. A run started with the
+same ``dirpath`` resumes at the round it was in: finished rounds are not redone and the round's
+pseudolabels are read back, not recomputed (the interrupted round's training restarts; it starts
+from scratch anyway). ``round-final.safetensors`` marks a finished run (a rerun only restores its
+prompt).
+
+The module drives the work; it provides (see :class:`vlweak.methods.PromptTuning`): ``strategy``,
+``k``, ``rounds``, ``epochs_per_round``, ``pseudolabel_classes``, ``setup_pool(trainer)``,
+``pool_index`` / ``pool_label`` (``-1`` = unlabeled), ``score_unlabeled(source)``,
+``unlabeled_sample_ids()``, ``use_training_set(index, label)``, ``release_pool()``,
+``seed_round(r)``, ``start_round(r)``, ``set_round_epoch(e)``, ``prompt_state()`` / ``load_prompt_state(state)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from vlweak.data.cache import atomic_save_tensors
+from vlweak.labels.artifact import PseudoLabels
+from vlweak.labels.selection import k_schedule, top_k_per_class
+
+STATE_FORMAT = "vlweak-pseudolabel-round/1"
+
+
+@dataclass
+class RoundState:
+    """What a round checkpoint holds.
+
+    Attributes:
+        round: the round these pseudolabels train (``== len(schedule)`` once the run is done).
+        train_index: dataset indices of the round's training set.
+        train_label: their labels (true labels and pseudolabels).
+        pseudo: which of them are pseudolabels.
+        prompt: the prompt that produced the pseudolabels (empty for the source pseudolabels).
+        meta: run identity (strategy, schedule, class vocabulary, pool size) and round details.
+    """
+
+    round: int
+    train_index: Tensor
+    train_label: Tensor
+    pseudo: Tensor
+    prompt: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        tensors = {
+            "train_index": self.train_index.long(),
+            "train_label": self.train_label.long(),
+            "pseudo": self.pseudo.to(torch.uint8),
+        }
+        tensors.update({f"prompt.{k}": v.detach().float() for k, v in self.prompt.items()})
+        meta = {"format": STATE_FORMAT, "round": str(self.round), "meta": json.dumps(self.meta, default=str)}
+        atomic_save_tensors(tensors, path, meta)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "RoundState":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a pseudolabel round checkpoint (format {meta.get('format')!r})")
+        return cls(
+            round=int(meta["round"]),
+            train_index=tensors["train_index"],
+            train_label=tensors["train_label"],
+            pseudo=tensors["pseudo"].bool(),
+            prompt={k[len("prompt.") :]: v for k, v in tensors.items() if k.startswith("prompt.")},
+            meta=json.loads(meta["meta"]),
+        )
+
+
+class PseudolabelRounds(L.Callback):
+    """Runs the pseudolabeling rounds of :class:`~vlweak.methods.PromptTuning` inside one fit.
+
+    Sets the trainer's ``max_epochs`` to the epochs the remaining rounds need and reloads the
+    train loader at each round (the training set changes).
+
+    Args:
+        dirpath: folder of the round checkpoints (default ``<log dir>/rounds``). Give a fixed folder
+            to resume an interrupted run.
+        resume: resume from the latest round checkpoint in ``dirpath`` when there is one.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None, resume: bool = True) -> None:
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.resume = resume
+        self.round = 0
+        self.epoch_in_round = 0
+        self.schedule: list[int | None] = []
+        self.rounds_trained: list[int] = []
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------- files
+    def folder(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.log_dir or trainer.default_root_dir) / "rounds"
+        return self.dirpath
+
+    @staticmethod
+    def round_path(folder: Path, r: int | str) -> Path:
+        return folder / (f"round-{r:03d}.safetensors" if isinstance(r, int) else f"round-{r}.safetensors")
+
+    def latest(self, folder: Path) -> RoundState | None:
+        final = self.round_path(folder, "final")
+        if final.is_file():
+            return RoundState.load(final)
+        found = sorted(folder.glob("round-[0-9][0-9][0-9].safetensors"))
+        return RoundState.load(found[-1]) if found else None
+
+    # ---------------------------------------------------------------- identity of a run
+    def identity(self, m: Any) -> dict[str, Any]:
+        return {
+            "strategy": m.strategy,
+            "schedule": self.schedule,
+            "classnames": list(m.classnames),
+            "pseudolabel_classes": list(m.pseudolabel_classes),
+            "n_pool": int(len(m.pool_index)),
+            "n_labeled": int((m.pool_label >= 0).sum()),
+            "prompt": m.prompt_type,
+        }
+
+    def check_identity(self, state: RoundState, m: Any, folder: Path) -> None:
+        want = self.identity(m)
+        got = {k: state.meta.get(k) for k in want}
+        diff = [k for k in want if got[k] != want[k]]
+        if diff:
+            detail = ", ".join(f"{k}: {got[k]!r} != {want[k]!r}" for k in diff[:3])
+            raise ValueError(
+                f"round checkpoints in {folder} were written by a different run ({detail}); "
+                "give another rounds_dir or set resume: false"
+            )
+
+    # ---------------------------------------------------------------- selection
+    def select(self, m: Any, scores: Tensor, r: int) -> RoundState:
+        """The training set of round ``r``: the labeled samples plus the top-K pseudolabels."""
+        unl = (m.pool_label < 0).nonzero().flatten()
+        pos, lab = top_k_per_class(scores, self.schedule[r], m.pseudolabel_classes)
+        labeled = (m.pool_label >= 0).nonzero().flatten()
+        index = torch.cat([m.pool_index[labeled], m.pool_index[unl[pos]]])
+        label = torch.cat([m.pool_label[labeled], lab])
+        pseudo = torch.cat([torch.zeros(len(labeled), dtype=torch.bool), torch.ones(len(pos), dtype=torch.bool)])
+        order = torch.argsort(index)
+        meta = dict(self.identity(m), k=self.schedule[r], n_pseudo=int(len(pos)))
+        truth = m.pool_truth
+        if truth is not None and len(pos):
+            meta["pseudolabel_acc"] = float((truth[unl[pos]] == lab).float().mean())
+        return RoundState(r, index[order], label[order], pseudo[order], m.prompt_state() if r else {}, meta)
+
+    def _save(self, trainer: L.Trainer, m: Any, state: RoundState, scores: Tensor | None, name: int | str) -> None:
+        if trainer.global_rank != 0:
+            return
+        folder = self.folder(trainer)
+        if scores is not None:
+            PseudoLabels.from_scores(
+                scores,
+                list(m.classnames),
+                m.unlabeled_sample_ids(),
+                m.pool_index[m.pool_label < 0],
+                provenance=dict(m.provenance(), stage=f"round-{state.round}", k=state.meta.get("k")),
+            ).save(folder / f"pseudolabels-round-{state.round:03d}.safetensors")
+        state.save(self.round_path(folder, name))
+
+    def _record(self, trainer: L.Trainer, state: RoundState) -> None:
+        info = {"round": float(state.round), "n_pseudo": float(state.meta.get("n_pseudo", 0))}
+        if "pseudolabel_acc" in state.meta:
+            info["pseudolabel_acc"] = state.meta["pseudolabel_acc"]
+        self.history.append(info)
+        if trainer.logger is not None and trainer.global_rank == 0:
+            trainer.logger.log_metrics({f"rounds/{k}": v for k, v in info.items()}, step=trainer.global_step)
+
+    # ---------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = pl_module
+        m.setup_pool(trainer)
+        n_unlabeled = int((m.pool_label < 0).sum())
+        self.schedule = k_schedule(m.strategy, n_unlabeled, len(m.pseudolabel_classes), m.k, m.rounds)
+        folder = self.folder(trainer)
+        state = self.latest(folder) if self.resume else None
+        if state is not None:
+            self.check_identity(state, m, folder)
+            if state.prompt:
+                m.load_prompt_state(state.prompt)
+        else:
+            scores = m.score_unlabeled(source=True)
+            state = self.select(m, scores, 0)
+            self._save(trainer, m, state, scores, 0)
+            self._record(trainer, state)
+        self.round, self.epoch_in_round = state.round, 0
+        remaining = max(0, len(self.schedule) - self.round)
+        trainer.fit_loop.max_epochs = trainer.current_epoch + remaining * m.epochs_per_round
+        trainer.reload_dataloaders_every_n_epochs = m.epochs_per_round
+        if remaining:
+            m.use_training_set(state.train_index, state.train_label)
+            m.seed_round(self.round)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.epoch_in_round == 0:
+            pl_module.start_round(self.round)
+            self.rounds_trained.append(self.round)
+        pl_module.set_round_epoch(self.epoch_in_round)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = pl_module
+        self.epoch_in_round += 1
+        if self.epoch_in_round < m.epochs_per_round:
+            return
+        self.round, self.epoch_in_round = self.round + 1, 0
+        if self.round < len(self.schedule):
+            scores = m.score_unlabeled(source=False)
+            state = self.select(m, scores, self.round)
+            self._save(trainer, m, state, scores, self.round)
+            self._record(trainer, state)
+            m.use_training_set(state.train_index, state.train_label)
+        else:
+            done = RoundState(
+                self.round, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                torch.empty(0, dtype=torch.bool), m.prompt_state(), dict(self.identity(m), done=True),
+            )
+            self._save(trainer, m, done, None, "final")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.release_pool()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if hasattr(pl_module, "release_pool"):
+            pl_module.release_pool()

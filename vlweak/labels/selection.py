@@ -1,0 +1,106 @@
+"""Pseudolabel selection for pseudolabel prompt tuning (Menghini et al. 2023, Sec. 3-4).
+
+CLIP's confidences are miscalibrated and its predictions imbalanced across classes, so a global
+confidence threshold picks many images of a few "easy" classes. The paper instead selects, for each
+class, the ``K`` images most confidently predicted as that class (class-balanced top-K):
+
+1. every unlabeled image gets one hard pseudolabel, its arg-max class (among the classes that may
+   receive pseudolabels: all classes, or the unseen ones in transductive zero-shot learning);
+2. a class's *pool* is the images whose pseudolabel it is; the ``K`` most confident images of each
+   pool are kept (a pool smaller than ``K`` is kept whole); equal confidences are broken by the
+   lower sample position, so the selection is deterministic.
+
+The training strategies differ in how ``K`` evolves over rounds (:func:`k_schedule`):
+
+* ``fpl``  — Fixed PseudoLabels: one round with ``K`` (16 in the paper) from zero-shot scores;
+* ``ifpl`` — Iterative FPL: ``rounds`` rounds (10) with the same ``K``; each round retrains the
+  prompt from scratch on the pseudolabels of the previous round's prompt;
+* ``grip`` — Grow and Refine Iterative Pseudolabeling: ``rounds`` rounds (10); round ``t``
+  (1-based) keeps ``ceil(t · |U| / (rounds · C))`` images per class and the last round keeps every
+  unlabeled image, so the training set grows until the unlabeled pool is covered; labels are
+  recomputed on the whole pool each round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+STRATEGIES = ("fpl", "ifpl", "grip")
+
+
+def top_k_per_class(
+    scores: Tensor,
+    k: int | None,
+    classes: Sequence[int] | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Class-balanced top-K pseudolabels.
+
+    Args:
+        scores: ``[N, C]`` class scores (probabilities or logits) of the unlabeled samples.
+        k: images kept per class; ``None`` keeps every sample (each with its arg-max class).
+        classes: the classes that may receive pseudolabels (default: all ``C``); a sample's
+            pseudolabel is its arg-max among these.
+
+    Returns:
+        ``(positions, labels)``: row positions into ``scores`` of the selected samples (sorted
+        ascending) and their pseudolabels (class indices into the ``C`` columns).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [N, C], got shape {tuple(scores.shape)}")
+    if k is not None and k < 0:
+        raise ValueError(f"k (pseudolabels per class) must be >= 0 or None, got {k}")
+    n, c = scores.shape
+    allowed = torch.arange(c) if classes is None else torch.as_tensor(list(classes) if not isinstance(classes, Tensor) else classes, dtype=torch.long).flatten()
+    if allowed.numel() == 0:
+        raise ValueError("classes is empty: no class may receive pseudolabels")
+    if int(allowed.min()) < 0 or int(allowed.max()) >= c:
+        raise ValueError(f"classes {allowed.tolist()} fall outside the {c} score columns")
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty
+    sub = scores.detach().float().cpu()[:, allowed]
+    conf, arg = sub.max(1)
+    labels = allowed[arg]
+    if k is None:
+        return torch.arange(n), labels
+    keep = torch.zeros(n, dtype=torch.bool)
+    for cls in allowed.tolist():
+        pool = (labels == cls).nonzero().flatten()  # ascending positions
+        if len(pool) == 0 or k == 0:
+            continue
+        # stable descending sort: equal confidences keep ascending position order
+        order = torch.sort(conf[pool], descending=True, stable=True).indices
+        keep[pool[order[:k]]] = True
+    positions = keep.nonzero().flatten()
+    return positions, labels[positions]
+
+
+def k_schedule(strategy: str, n_unlabeled: int, n_classes: int, k: int = 16, rounds: int = 10) -> list[int | None]:
+    """Images per class of each round (``None`` = the whole unlabeled pool).
+
+    Args:
+        strategy: ``fpl``, ``ifpl`` or ``grip``.
+        n_unlabeled: size of the unlabeled pool ``|U|``.
+        n_classes: classes that receive pseudolabels ``C``.
+        k: fixed K of FPL and IFPL (paper: 16).
+        rounds: rounds of IFPL and GRIP (paper: 10); FPL always has one round.
+    """
+    strategy = strategy.lower()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    if strategy == "fpl":
+        return [k]
+    if strategy == "ifpl":
+        return [k] * rounds
+    grow: list[int | None] = [math.ceil(t * n_unlabeled / (rounds * n_classes)) for t in range(1, rounds)]
+    return grow + [None]

@@ -1,0 +1,442 @@
+"""Pseudolabel prompt tuning (Menghini et al. 2023, *Enhancing CLIP with CLIP*).
+
+A frozen CLIP model, a learnable prompt, and one loss for every learning paradigm: cross-entropy
+over the labeled samples and the pseudolabeled unlabeled samples,
+
+    L = Σ_{(x, y) ∈ X_L ∪ X̃_U} CE(s · f(x) · g(C)ᵀ, y),        s = logit_scale,
+
+where ``f`` is the (optionally visually prompted) image encoder, ``g`` the (optionally textually
+prompted) text encoder over the class names, and ``X̃_U`` the class-balanced top-K pseudolabels
+(:mod:`vlweak.labels.selection`). The paradigms are data settings of the data module:
+
+* semi-supervised: ``shots`` labels per class, the rest of the train split unlabeled;
+* transductive zero-shot: ``seen_classes`` labeled, the unseen classes' images unlabeled and
+  pseudolabeled among the unseen classes only; test reports seen / unseen accuracy and their
+  harmonic mean;
+* unsupervised: ``shots: 0``.
+
+Prompt types: ``textual`` (CoOp context, :class:`~vlweak.prompts.TextPromptLearner`), ``visual``
+(tokens in the image encoder's input, :class:`~vlweak.prompts.VisualPromptLearner`, text side the
+hand-written template classifier), ``multimodal`` (both, trained jointly). Strategies (FPL, IFPL,
+GRIP) run as rounds inside one fit (:class:`~vlweak.callbacks.PseudolabelRounds`), each round
+retraining the prompt from scratch. Round 0's pseudolabels come from zero-shot CLIP or from any saved
+pseudolabel artifact (CHiLS, ZLaP, ...), aligned by sample id.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from vlweak.backbones import Backbone
+from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
+from vlweak.data.datamodule import FeatureDataset
+from vlweak.data.datasets import collate
+from vlweak.labels.artifact import PseudoLabels
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.metrics import multiclass_report
+from vlweak.prompts import TextPromptLearner, VisualPromptLearner, text_classifier
+
+PROMPT_TYPES = ("textual", "visual", "multimodal")
+
+
+class PromptTuning(VLMethod):
+    """Prompt tuning on CLIP pseudolabels: FPL, IFPL and GRIP (Menghini et al. 2023).
+
+    Args:
+        backbone: the frozen CLIP-family model (default: the shipped ``vlweak-shapes`` model).
+        classnames: class vocabulary; set by the CLI from the data module.
+        multilabel: set by the CLI from the data module; must be false (single-label method).
+        prompt: ``textual`` (CoOp context), ``visual`` (visual prompt tokens; needs a ViT image
+            tower and images, not ``embeddings: true``) or ``multimodal`` (both).
+        strategy: ``fpl`` (one round, fixed K), ``ifpl`` (``rounds`` rounds, fixed K) or ``grip``
+            (``rounds`` rounds, K growing until the unlabeled pool is covered).
+        k: pseudolabels per class of FPL and IFPL (paper: 16).
+        rounds: rounds of IFPL and GRIP (paper: 10).
+        pseudolabels: source of the first round's pseudolabels: ``zeroshot`` (computed here with
+            ``templates``) or the path of a saved pseudolabel artifact over the train split (e.g.
+            from ZLaP or CHiLS; aligned by sample id, same class vocabulary).
+        templates: prompt templates of the zero-shot classifier (``simple``, ``imagenet80`` or a list).
+        n_ctx: textual context length (paper: 16).
+        ctx_init: phrase initialising the textual context (``null``: N(0, 0.02), as in the paper).
+        class_specific: one textual context per class instead of a shared one.
+        n_visual_tokens: visual prompt tokens (paper: 16).
+        epochs_per_round: training epochs of each round (paper: 150).
+        lr: SGD learning rate (paper: 0.1 for textual and visual prompts, 0.01 for multimodal).
+        momentum: SGD momentum (paper: 0.9).
+        weight_decay: SGD weight decay (paper: 0.1).
+        warmup_epochs: epochs at ``warmup_lr`` before the cosine decay of each round (paper: 5).
+        warmup_lr: learning rate of the warm-up epochs (paper: 1e-4).
+        cache_features: textual prompts only: image features never change, so the train pool is
+            encoded once per run and training steps reuse those features instead of re-encoding
+            images (``embeddings: true`` in the data module also skips loading the images).
+        rounds_dir: folder of the per-round checkpoints (default ``<log dir>/rounds``); a run
+            started with the same folder resumes at the round it was in.
+        resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
+        seed: seed of each round's prompt initialisation and data order (round ``r`` uses
+            ``seed + r``), so a resumed run repeats what an uninterrupted one does.
+        artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone = DEFAULT_BACKBONE,
+        classnames: list[str] | None = None,
+        multilabel: bool = False,
+        prompt: str = "textual",
+        strategy: str = "grip",
+        k: int = 16,
+        rounds: int = 10,
+        pseudolabels: str = "zeroshot",
+        templates: str | list[str] = "simple",
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        n_visual_tokens: int = 16,
+        epochs_per_round: int = 150,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.1,
+        warmup_epochs: int = 5,
+        warmup_lr: float = 1e-4,
+        cache_features: bool = True,
+        rounds_dir: str | None = None,
+        resume: bool = True,
+        seed: int = 0,
+        artifact_path: str | None = None,
+    ) -> None:
+        super().__init__(backbone, classnames, multilabel, artifact_path)
+        if multilabel:
+            raise ValueError("PromptTuning is single-label: use a single-label data module (multilabel: false)")
+        if prompt not in PROMPT_TYPES:
+            raise ValueError(f"prompt must be one of {PROMPT_TYPES}, got {prompt!r}")
+        strategy = strategy.lower()
+        if strategy not in ("fpl", "ifpl", "grip"):
+            raise ValueError(f"strategy must be fpl, ifpl or grip, got {strategy!r}")
+        if epochs_per_round < 1:
+            raise ValueError(f"epochs_per_round must be >= 1, got {epochs_per_round}")
+        if warmup_epochs < 0 or k < 0 or rounds < 1:
+            raise ValueError(f"need warmup_epochs >= 0, k >= 0, rounds >= 1; got {warmup_epochs}, {k}, {rounds}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.prompt_type, self.strategy, self.k, self.rounds = prompt, strategy, k, rounds
+        self.pseudolabels, self.templates = pseudolabels, templates
+        self.epochs_per_round, self.lr, self.momentum, self.weight_decay = epochs_per_round, lr, momentum, weight_decay
+        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
+        self.cache_features, self.rounds_dir, self.resume, self.seed = cache_features, rounds_dir, resume, seed
+        names = self.require_classnames()
+        self.text_prompt = (
+            TextPromptLearner(backbone, names, n_ctx, ctx_init, class_specific) if prompt != "visual" else None
+        )
+        if prompt != "textual":
+            self.visual_prompt = VisualPromptLearner(backbone.visual_width, n_visual_tokens)
+        else:
+            self.visual_prompt = None
+        self._phrase_init = {n: p.detach().clone() for n, p in self.prompt_parameters()} if ctx_init else {}
+        self.register_buffer("classifier", torch.empty(0), persistent=False)
+        self.pool_index = torch.empty(0, dtype=torch.long)
+        self.pool_label = torch.empty(0, dtype=torch.long)
+        self.pool_truth: Tensor | None = None
+        self.pseudolabel_classes: list[int] = list(range(len(names)))
+        self.seen_classes: list[int] | None = None
+        self._pool_features: Tensor | None = None
+        self._feature_row: Tensor | None = None
+        self._train_target = torch.empty(0, dtype=torch.long)
+        self._pool_dataset: Any = None
+        self._eval_classes: Tensor | None = None
+
+    # ---------------------------------------------------------------- prompts
+    def prompt_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        out = []
+        if self.text_prompt is not None:
+            out += [(f"text.{n}", p) for n, p in self.text_prompt.named_parameters()]
+        if self.visual_prompt is not None:
+            out += [(f"visual.{n}", p) for n, p in self.visual_prompt.named_parameters()]
+        return out
+
+    def prompt_state(self) -> dict[str, Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.prompt_parameters()}
+
+    def load_prompt_state(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.prompt_parameters())
+        if set(state) != set(params):
+            raise ValueError(f"prompt state has {sorted(state)}, this prompt has {sorted(params)}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    def reset_prompts(self, generator: torch.Generator) -> None:
+        """Re-initialise every prompt parameter (phrase init, or N(0, 0.02) as the learners do)."""
+        with torch.no_grad():
+            for n, p in self.prompt_parameters():
+                if n in self._phrase_init:
+                    p.copy_(self._phrase_init[n])
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+    def zero_shot_classifier(self) -> Tensor:
+        if self.classifier.numel() == 0:
+            self.classifier = text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
+        return self.classifier
+
+    def class_features(self) -> Tensor:
+        """Unit-norm class embeddings ``[C, D]``: the prompted text tower, or the template classifier."""
+        return self.text_prompt() if self.text_prompt is not None else self.zero_shot_classifier()
+
+    def encode_images(self, images: Tensor, prompted: bool = True) -> Tensor:
+        """Unit-norm image features, through the visual prompt when there is one."""
+        if self.visual_prompt is None or not prompted:
+            return self.backbone.encode_image(images)
+        with self.backbone.autocast():
+            pooled, _ = self.backbone.encode_image_tokens(images.to(self.device), self.visual_prompt())
+        return F.normalize(pooled.float(), dim=-1)
+
+    def batch_features(self, batch: dict[str, Any], train: bool = False) -> Tensor:
+        if self.visual_prompt is None:
+            if "features" in batch:
+                return F.normalize(batch["features"].float(), dim=-1)
+            if train and self.cache_features and self._pool_features is not None:
+                rows = self._feature_row.to(batch["index"].device)[batch["index"]]
+                return self._pool_features.to(self.device)[rows.to(self.device)]
+            return self.backbone.encode_image(batch["image"])
+        if "image" not in batch:
+            raise ValueError(f"{self.prompt_type} prompts need images: set data.init_args.embeddings: false")
+        return self.encode_images(batch["image"])
+
+    def logits(self, image_features: Tensor, class_features: Tensor) -> Tensor:
+        return self.backbone.logit_scale * image_features @ class_features.T
+
+    # ---------------------------------------------------------------- the unlabeled pool
+    def setup_pool(self, trainer: Any) -> None:
+        """Scan the train split once: indices, budget labels, features for scoring (and training,
+        for textual prompts), the seen/unseen class split."""
+        dm = trainer.datamodule
+        if dm is None or "train" not in getattr(dm, "datasets", {}):
+            raise RuntimeError("PromptTuning needs a vlweak data module with a train split")
+        ds = dm.datasets["train"]
+        self._pool_dataset, self._datamodule = ds, dm
+        seen = getattr(dm, "seen_class_indices", None)
+        self.seen_classes = list(seen) if seen is not None else None
+        c = len(self.require_classnames())
+        self.pseudolabel_classes = [i for i in range(c) if seen is None or i not in seen]
+        index, label, feats = [], [], []
+        with torch.no_grad():
+            for batch in self._loader(ds, dm):
+                if not batch:
+                    continue
+                if "label" not in batch:
+                    raise ValueError("PromptTuning needs single-label train data (items with 'label')")
+                index.append(batch["index"].cpu())
+                label.append(batch["label"].cpu())
+                f = batch["features"] if "features" in batch else self.backbone.encode_image(batch["image"].to(self.device))
+                feats.append(F.normalize(f.float(), dim=-1).cpu())
+        if not index:
+            raise ValueError("the train split is empty")
+        self.pool_index, self.pool_label = torch.cat(index), torch.cat(label)
+        self._pool_features = torch.cat(feats)
+        self._feature_row = torch.full((int(self.pool_index.max()) + 1,), -1, dtype=torch.long)
+        self._feature_row[self.pool_index] = torch.arange(len(self.pool_index))
+        raw = dm.raw("train") if hasattr(dm, "raw") else None
+        truth = raw.true_targets() if raw is not None and hasattr(raw, "true_targets") else None
+        self.pool_truth = truth[self.pool_index] if truth is not None else None
+        if self.strategy != "fpl" and int((self.pool_label < 0).sum()) == 0:
+            raise ValueError("the train split has no unlabeled images to pseudolabel (set shots or seen_classes)")
+
+    def _loader(self, ds: Any, dm: Any) -> DataLoader:
+        return DataLoader(ds, batch_size=getattr(dm, "batch_size", 64), num_workers=getattr(dm, "num_workers", 0), collate_fn=collate)
+
+    def _positions(self, index: Tensor) -> Tensor:
+        ds = self._pool_dataset
+        if isinstance(ds, FeatureDataset):
+            pos = torch.full((int(ds.index.max()) + 1,), -1, dtype=torch.long)
+            pos[ds.index] = torch.arange(len(ds.index))
+            return pos[index]
+        return index
+
+    def unlabeled_sample_ids(self) -> list[str]:
+        ids = self._datamodule.sample_ids("train") if hasattr(self._datamodule, "sample_ids") else []
+        idx = self.pool_index[self.pool_label < 0]
+        return [ids[int(i)] for i in idx] if ids else [str(int(i)) for i in idx]
+
+    def _restrict(self, scores: Tensor) -> Tensor:
+        """Probabilities over the classes that may be pseudolabeled (others 0)."""
+        allowed = torch.zeros(scores.shape[1], dtype=torch.bool)
+        allowed[self.pseudolabel_classes] = True
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+    @torch.no_grad()
+    def score_unlabeled(self, source: bool) -> Tensor:
+        """``[U, C]`` class probabilities of the unlabeled pool: from the pseudolabel source
+        (``source=True``: zero-shot CLIP or a saved artifact) or from the current prompt."""
+        unl = self.pool_label < 0
+        if source and self.pseudolabels != "zeroshot":
+            art = PseudoLabels.load(self.pseudolabels, self.require_classnames())
+            scores = art.aligned_to(self.unlabeled_sample_ids()).scores.float()
+            scores = scores.masked_fill(~torch.isin(torch.arange(scores.shape[1]), torch.tensor(self.pseudolabel_classes)), 0.0)
+            return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+        if source or self.visual_prompt is None:
+            feats = self._pool_features[unl].to(self.device)
+            classes = self.zero_shot_classifier() if source else self.class_features()
+            return self._restrict(self.logits(feats, classes).float().cpu())
+        positions = self._positions(self.pool_index[unl])
+        classes = self.class_features()
+        out, idx = [], []
+        for batch in self._loader(Subset(self._pool_dataset, positions.tolist()), self._datamodule):
+            if batch:
+                out.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).float().cpu())
+                idx.append(batch["index"])
+        scores, idx = torch.cat(out), torch.cat(idx)
+        if not torch.equal(idx, self.pool_index[unl]):
+            raise RuntimeError("unreadable images changed between scans of the train split")
+        return self._restrict(scores)
+
+    def use_training_set(self, index: Tensor, label: Tensor) -> None:
+        """Serve only ``index`` (labeled + pseudolabeled) as the train split, with ``label``."""
+        target = torch.full((int(self.pool_index.max()) + 1,), -1, dtype=torch.long)
+        target[index] = label
+        self._train_target = target
+        self._datamodule.datasets["train"] = Subset(self._pool_dataset, self._positions(index).tolist())
+
+    def release_pool(self) -> None:
+        """Give the data module its whole train split back and drop the pool features."""
+        if self._pool_dataset is not None:
+            self._datamodule.datasets["train"] = self._pool_dataset
+        self._pool_dataset, self._pool_features = None, None
+
+    # ---------------------------------------------------------------- rounds
+    def seed_round(self, r: int) -> None:
+        """Seed the global RNG for round ``r``'s data order; called right before the round's first
+        train iterator is drawn (at fit start for the first round of a run, else at round start)."""
+        torch.manual_seed(self.seed + r)
+
+    def start_round(self, r: int) -> None:
+        """Round ``r`` trains from scratch: fresh prompts, fresh optimizer state, seeded order."""
+        if self.trainer.current_epoch > 0:
+            self.seed_round(r)
+        self.reset_prompts(torch.Generator().manual_seed(self.seed + r))
+        for opt in self.trainer.optimizers:
+            opt.state.clear()
+
+    def lr_at(self, epoch: int) -> float:
+        """Constant warm-up, then cosine decay over the round's remaining epochs."""
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        span = max(1, self.epochs_per_round - self.warmup_epochs)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
+
+    def set_round_epoch(self, epoch: int) -> None:
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = self.lr_at(epoch)
+
+    def configure_callbacks(self) -> list[PseudolabelRounds]:
+        return [PseudolabelRounds(self.rounds_dir, self.resume)]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for _, p in self.prompt_parameters()]
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if not batch:
+            return None
+        target = self._train_target.to(self.device)[batch["index"].to(self.device)]
+        logits = self.logits(self.batch_features(batch, train=True), self.class_features())
+        loss = F.cross_entropy(logits.float(), target, ignore_index=-1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
+        return loss
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval_start(self) -> None:
+        with torch.no_grad():
+            self._eval_classes = self.class_features().detach()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def on_predict_epoch_start(self) -> None:
+        self._eval_start()
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        if not batch:
+            return
+        with torch.no_grad():
+            scores = self.logits(self.batch_features(batch), self._eval_classes).float().softmax(-1)
+        out = {"scores": scores, "index": batch["index"]}
+        if "label" in batch:
+            out["target"] = batch["label"]
+        self.collect(**out)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def evaluate(self, stage: str, scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+        """Accuracy metrics, plus the spread of per-class accuracy (std and min over the classes
+        present) and, with a seen/unseen split, seen and unseen accuracy and their harmonic mean."""
+        metrics = super().evaluate(stage, scores, targets, mask)
+        extra = spread_and_split(scores, targets, self._seen_classes())
+        for k, v in extra.items():
+            self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=True)
+            metrics[f"{stage}/{k}"] = v
+        self.last_metrics = metrics
+        return metrics
+
+    def _seen_classes(self) -> list[int] | None:
+        if self.seen_classes is not None:
+            return self.seen_classes
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        seen = getattr(dm, "seen_class_indices", None)
+        return list(seen) if seen is not None else None
+
+    def _finish(self, stage: str) -> None:
+        out = self.gathered()
+        if not out:
+            return
+        if "target" in out:
+            self.evaluate(stage, out["scores"], out["target"])
+        if stage != "val":
+            self.write_artifact(stage, out["scores"], out["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish("predict")
+
+
+def spread_and_split(scores: Tensor, targets: Tensor, seen: list[int] | None = None) -> dict[str, float]:
+    """Per-class accuracy spread (``per_class_acc_std``, ``per_class_acc_min`` over the classes
+    present in ``targets``) and, given ``seen`` classes, ``acc_seen`` / ``acc_unseen`` (accuracy on
+    the samples of seen / unseen classes, predicting among all classes) and ``acc_harmonic``."""
+    keep = targets >= 0
+    scores, targets = scores[keep], targets[keep].long()
+    per_class = multiclass_report(scores, targets)["per_class"].float()
+    present = torch.bincount(targets, minlength=scores.shape[1]) > 0
+    pc = per_class[present]
+    out = {
+        "per_class_acc_std": float(pc.std(unbiased=False)) if len(pc) else float("nan"),
+        "per_class_acc_min": float(pc.min()) if len(pc) else float("nan"),
+    }
+    if seen is not None:
+        correct = scores.argmax(1) == targets
+        is_seen = torch.isin(targets, torch.as_tensor(seen, dtype=torch.long))
+        s = float(correct[is_seen].float().mean()) if is_seen.any() else float("nan")
+        u = float(correct[~is_seen].float().mean()) if (~is_seen).any() else float("nan")
+        out.update(acc_seen=s, acc_unseen=u, acc_harmonic=2 * s * u / (s + u) if s + u > 0 else 0.0)
+    return out
