@@ -152,7 +152,7 @@ def test_plumbing_fit_test_and_artifacts_tiny(tmp_path):
     conf = tmp_path / "tiny.yaml"
     conf.write_text(TINY)
     small = ["--data.init_args.n_train=64", "--data.init_args.n_val=16", "--data.init_args.n_test=32"]
-    cli = _cli(tmp_path, "fit", "--config", str(conf), *small, "--trainer.max_epochs=2")
+    cli = _cli(tmp_path, "fit", "--config", str(conf), *small, "--trainer.max_epochs=2", "--model.init_args.features=snippets")
     log_dir = cli.trainer.log_dir
     init = PseudoLabels.load(f"{log_dir}/pseudolabels-train-init.safetensors")
     refined = PseudoLabels.load(f"{log_dir}/pseudolabels-train-refined.safetensors")

@@ -83,7 +83,11 @@ class CDUL(VLMethod):
         init: initial pseudolabels: ``aggregated`` (paper: mean of global and aggregated local),
             ``global`` (whole image only) or ``local`` (aggregated snippets only).
         temperature: softmax temperature of the CLIP similarities; ``null`` uses ``logit_scale``.
-        head: classifier on the frozen CLIP image embedding: ``linear`` or ``mlp``.
+        head: classifier on the frozen CLIP image embeddings: ``linear`` or ``mlp``.
+        features: what the head sees: ``global`` (the whole-image embedding) or ``snippets`` (the
+            whole image and every snippet as instances of a bag; per class the max over instances,
+            so small objects seen by one snippet count). Both are cached CLIP embeddings; inference
+            is still the classifier alone.
         hidden_dim: hidden width of the ``mlp`` head.
         network: an image classifier ``[B, 3, H, W] → [B, C]`` logits (e.g. a timm/torchvision model
             with ``num_classes`` set) trained instead of the head; it gets the data module's images.
@@ -111,6 +115,7 @@ class CDUL(VLMethod):
         init: str = "aggregated",
         temperature: float | None = None,
         head: str = "linear",
+        features: str = "global",
         hidden_dim: int = 512,
         network: nn.Module | None = None,
         lr: float = 1e-3,
@@ -128,6 +133,8 @@ class CDUL(VLMethod):
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         if head not in ("linear", "mlp"):
             raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}")
+        if features not in ("global", "snippets"):
+            raise ValueError(f"features must be 'global' or 'snippets', got {features!r}")
         if inference not in ("classifier", "init"):
             raise ValueError(f"inference must be 'classifier' or 'init', got {inference!r}")
         if int(grid) != grid or grid < 1:
@@ -140,7 +147,7 @@ class CDUL(VLMethod):
         self.snippet_threshold, self.init, self.temperature = snippet_threshold, init, temperature
         self.lr, self.weight_decay = lr, weight_decay
         self.label_lr, self.label_warmup_epochs = label_lr, label_warmup_epochs
-        self.threshold, self.inference = threshold, inference
+        self.threshold, self.inference, self.features = threshold, inference, features
         self.snippet_batch_size, self.cache_dir = snippet_batch_size, cache_dir
         self.save_hyperparameters(ignore=["backbone", "network"])
         self.network = network
@@ -154,6 +161,7 @@ class CDUL(VLMethod):
         self.init_scores: dict[str, Tensor] = {}
         self.init_metrics: dict[str, float] = {}
         self._split_scores: Tensor | None = None
+        self._snippet_tables: dict[str, Tensor] = {}
         self._label_updates: list[dict[str, Tensor]] = []
 
     def _make_head(self, kind: str, hidden: int) -> nn.Module:
@@ -223,9 +231,41 @@ class CDUL(VLMethod):
             "index": glob["index"].long(),
         }
         out["init"] = out[self.init]
+        out["snippets"] = snip["features"]
         if hasattr(base, "targets") and getattr(base, "multilabel", False):
             out["target"] = base.targets()[out["index"]]  # evaluation only, never used for training
         return out
+
+    def _snippet_table(self, split: str, init: dict[str, Tensor] | None = None) -> Tensor:
+        """Snippet embeddings ``[N, G, D]`` of a split on the device, rows by dataset index (cached)."""
+        if split not in self._snippet_tables:
+            from vlweak.data.budget import Budgeted
+
+            if init is not None:
+                feats, index = init["snippets"], init["index"]
+            else:
+                raw = self._datamodule().raw(split)
+                base = raw.dataset if isinstance(raw, Budgeted) else raw
+                dm = self._datamodule()
+                got = snippet_embeddings(
+                    self.backbone, base, self.grid, self.overlap, self._cache(), self.snippet_batch_size,
+                    getattr(dm, "num_workers", 0), f"snippets of {split}",
+                )
+                feats, index = got["features"], got["index"]
+            table = torch.zeros(int(index.max()) + 1, *feats.shape[1:])
+            table[index] = feats
+            self._snippet_tables[split] = table.to(self.device)
+        return self._snippet_tables[split]
+
+    def _current_split(self) -> str:
+        t = self.trainer
+        if t.training:
+            return "train"
+        if t.validating or t.sanity_checking:
+            return "val"
+        if t.predicting:
+            return getattr(self._datamodule(), "predict_split", "test")
+        return "test"
 
     def _log_init(self, prefix: str, init: dict[str, Tensor], use_self_log: bool = False) -> dict[str, float]:
         """mAP of the global / local / aggregated initial scores against the split's true targets
@@ -261,6 +301,9 @@ class CDUL(VLMethod):
         self._require_multilabel()
         init = self.initialize("train")
         self.init_scores = init
+        self._snippet_tables = {}
+        if self.features == "snippets":
+            self._snippet_table("train", init)
         n = int(init["index"].max()) + 1
         pseudo = torch.full((n, len(self.classnames)), 0.5)
         pseudo[init["index"]] = init["init"].float()
@@ -278,10 +321,20 @@ class CDUL(VLMethod):
             return self.network(batch["image"])
         with torch.no_grad():
             feats = self.image_features(batch)
-        return self.head(feats)
+            if self.features == "snippets":
+                snippets = self._snippet_table(self._current_split())[batch["index"].to(self.device)]
+                feats = torch.cat([feats[:, None], snippets.to(feats.dtype)], 1)  # [B, 1 + G, D]
+        logits = self.head(feats)
+        return logits.max(1).values if logits.ndim == 3 else logits
 
     def forward(self, images: Tensor) -> Tensor:
-        """Class probabilities of a batch of preprocessed images (the classifier alone)."""
+        """Class probabilities of a batch of preprocessed images (the classifier alone; with
+        ``features: snippets`` the images are cut into snippets here)."""
+        if self.network is None and self.features == "snippets":
+            from vlweak.methods.cdul_snippets import encode_snippets
+
+            feats = torch.cat([self.backbone.encode_image(images)[:, None], encode_snippets(self.backbone, images, self.grid, self.overlap)], 1)
+            return torch.sigmoid(self.head(feats).max(1).values)
         return torch.sigmoid(self.classify({"image": images}))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
@@ -334,6 +387,7 @@ class CDUL(VLMethod):
     def _start(self, split: str) -> None:
         self._require_multilabel()
         self._split_scores = None
+        self._snippet_tables.pop(split, None)
         if self.inference == "init":
             init = self.initialize(split)
             stage = self.trainer.state.stage
