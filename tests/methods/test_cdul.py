@@ -207,3 +207,21 @@ def test_pseudolabel_targets_replace_annotations(tmp_path):
     bad = PseudoLabels.from_scores(fake[:5], world.classnames, ids[:5], multilabel=True).save(tmp_path / "short")
     with pytest.raises(Exception, match="no pseudolabel"):
         PseudoLabeledDataModule(world, str(bad)).setup("fit")
+
+
+def test_image_network_classifier_trains_from_pseudolabels(tiny_backbone, tmp_path):
+    import lightning as L
+
+    from vlweak.data import ShapesWorldDataModule
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 12)
+    )
+    dm = ShapesWorldDataModule(multilabel=True, n_train=32, n_val=8, n_test=16, batch_size=16, cache_dir=str(tmp_path))
+    model = CDUL(backbone=tiny_backbone, classnames=dm.classnames, multilabel=True, network=net, grid=2, lr=0.01)
+    trainer = L.Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    before = net[-1].weight.detach().clone()
+    trainer.fit(model, datamodule=dm)
+    assert not torch.equal(before, net[-1].weight)  # the image network itself was trained
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert 0.0 <= model.last_metrics["test/mAP"] <= 1.0

@@ -236,6 +236,17 @@ class CDUL(VLMethod):
             out["target"] = base.targets()[out["index"]]  # evaluation only, never used for training
         return out
 
+    def _initialize_ranks(self, split: str) -> dict[str, Tensor]:
+        """:meth:`initialize` with rank 0 encoding first (filling the cache) and the others after."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and self.global_rank != 0:
+            self.trainer.strategy.barrier("cdul-initialize")
+            return self.initialize(split)
+        out = self.initialize(split)
+        if world > 1:
+            self.trainer.strategy.barrier("cdul-initialize")
+        return out
+
     def _snippet_table(self, split: str, init: dict[str, Tensor] | None = None) -> Tensor:
         """Snippet embeddings ``[N, G, D]`` of a split on the device, rows by dataset index (cached)."""
         if split not in self._snippet_tables:
@@ -299,7 +310,7 @@ class CDUL(VLMethod):
     # ---------------------------------------------------------------- stage 2: training
     def on_fit_start(self) -> None:
         self._require_multilabel()
-        init = self.initialize("train")
+        init = self._initialize_ranks("train")
         self.init_scores = init
         self._snippet_tables = {}
         if self.features == "snippets":
@@ -389,7 +400,7 @@ class CDUL(VLMethod):
         self._split_scores = None
         self._snippet_tables.pop(split, None)
         if self.inference == "init":
-            init = self.initialize(split)
+            init = self._initialize_ranks(split)
             stage = self.trainer.state.stage
             self._log_init(f"{stage.value if stage else split}_init", init, use_self_log=stage is not None and stage.value == "test")
             n = int(init["index"].max()) + 1
