@@ -154,3 +154,60 @@ def test_bad_arguments_are_named():
         PromptTuning(bb, ["a", "b"], strategy="grp")
     with pytest.raises(ValueError, match="single-label"):
         PromptTuning(bb, ["a", "b"], multilabel=True)
+
+
+TINY_OVERLAY = "model:\n  init_args:\n    n_ctx: 4\n    backbone:\n      class_path: vlweak.backbones.OpenCLIPBackbone\n      init_args:\n        model_name: vlweak-tiny\n        pretrained: null\n"
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["shapes_semisupervised.yaml", "strategy_fpl.yaml"],
+        ["shapes_semisupervised.yaml", "strategy_ifpl.yaml", "prompt_visual.yaml"],
+        ["shapes_transductive.yaml", "strategy_grip.yaml", "prompt_multimodal.yaml"],
+        ["shapes_unsupervised.yaml", "zlap_to_grip.yaml"],
+        ["imagefolder.yaml"],
+    ],
+)
+def test_recipes_compose(tmp_path, configs):
+    from tests.conftest import write_image_folder
+
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text(TINY_OVERLAY)
+    args = []
+    for c in configs:
+        args += ["--config", str(REPO / "recipes" / "prompt_tuning" / c)]
+    if configs == ["imagefolder.yaml"]:
+        for split in ("train", "test"):
+            write_image_folder(tmp_path / "folder" / split, {"cat": 3, "dog": 3})
+        args.append(f"--data.init_args.root={tmp_path / 'folder'}")
+    cli = build_cli(args + ["--config", str(overlay)], run=False)
+    m = cli.model
+    want = {"strategy_fpl.yaml": "fpl", "strategy_ifpl.yaml": "ifpl"}
+    assert m.strategy == next((want[c] for c in configs if c in want), "grip")
+    assert (m.visual_prompt is not None) == any("visual" in c or "multimodal" in c for c in configs)
+    if "shapes_transductive.yaml" in configs:
+        assert len(cli.datamodule.seen_class_indices) == 7
+    if "zlap_to_grip.yaml" in configs:
+        assert m.pseudolabels.endswith("zlap-train.safetensors")
+
+
+SHAPES = {"class_path": "vlweak.backbones.OpenCLIPBackbone", "init_args": {"model_name": "vlweak-shapes", "pretrained": "vlweak-shapes"}}
+
+
+@requires_shipped
+def test_grip_textual_beats_zero_shot_on_the_shifted_world(tmp_path):
+    from vlweak.methods import ZeroShot
+
+    model = {"backbone": SHAPES, "strategy": "grip", "rounds": 4, "n_ctx": 4, "epochs_per_round": 4, "warmup_epochs": 0, "lr": 0.1, "weight_decay": 5e-4}
+    data = {"n_train": 400, "n_val": 0, "n_test": 400, "shots": 2, "embeddings": True, "batch_size": 32, "shift": 1.0}
+    cli = _fit(_recipe(tmp_path, model, data), "--model.init_args.rounds_dir=" + str(tmp_path / "rounds"))
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    grip = cli.model.last_metrics["test/acc"]
+
+    zs = ZeroShot(cli.model.backbone, cli.model.classnames, artifact_path="")
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        zs, datamodule=cli.datamodule, verbose=False
+    )
+    zero_shot = zs.last_metrics["test/acc"]
+    assert grip > zero_shot + 0.05, (grip, zero_shot)

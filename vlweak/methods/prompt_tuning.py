@@ -218,6 +218,8 @@ class PromptTuning(VLMethod):
         if dm is None or "train" not in getattr(dm, "datasets", {}):
             raise RuntimeError("PromptTuning needs a vlweak data module with a train split")
         ds = dm.datasets["train"]
+        if self.visual_prompt is not None and isinstance(ds, FeatureDataset):
+            raise ValueError(f"{self.prompt_type} prompts need images: set data.init_args.embeddings: false")
         self._pool_dataset, self._datamodule = ds, dm
         seen = getattr(dm, "seen_class_indices", None)
         self.seen_classes = list(seen) if seen is not None else None
