@@ -1,0 +1,356 @@
+"""DualCoOp (Sun, Hu, Saenko, NeurIPS 2022): "DualCoOp: Fast Adaptation to Multi-Label Recognition
+with Limited Annotations".
+
+1. **Dual prompts** (Sec. 3.1): a learnable positive and a learnable negative context,
+   ``[v⁺_1 … v⁺_M] <class>`` and ``[v⁻_1 … v⁻_M] <class>``, class-specific or shared, run through the
+   frozen text encoder in one pass for all classes: ``t⁺_c, t⁻_c``.
+2. **Class-specific region feature aggregation** (Sec. 3.2): every spatial token of the frozen image
+   encoder is projected into the joint space (ResNet: the attention pool's value/output projections;
+   ViT: the patch tokens through ``ln_post`` and the final projection), ``r_i``. Per region and class
+   ``s⁺_{i,c} = ⟨r_i, t⁺_c⟩``, ``s⁻_{i,c} = ⟨r_i, t⁻_c⟩``; the regions are weighted by a softmax over
+   regions of the positive similarities, ``w_{i,c} = softmax_i(s⁺_{i,c} / τ_s)``, and both are aggregated
+   with the same weights: ``S^±_c = Σ_i w_{i,c} s^±_{i,c}``.
+3. **Prediction and loss** (Sec. 3.3): ``p_c = softmax(λ S⁺_c, λ S⁻_c)₁ = σ(λ (S⁺_c − S⁻_c))``, trained
+   with the asymmetric loss (:mod:`vlweak.losses.asymmetric`) on the observed labels only; with one
+   positive per image, EM + APL (:mod:`vlweak.losses.single_positive`) instead.
+
+Settings: partial labels (the data module's ``label_fraction``; the drawn mask is saved in the log
+dir), single positive (``single_positive``), and zero-shot multi-label: train on the seen classes,
+evaluate on the unseen ones and on all (``unseen_classes``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlweak.backbones import Backbone
+from vlweak.losses import AsymmetricPseudoLabeler, asymmetric_loss, em_apl_loss
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.metrics import multilabel_report
+from vlweak.prompts.learners import DualPromptLearner
+
+log = logging.getLogger(__name__)
+
+LossName = Literal["auto", "asl", "em_apl"]
+
+
+def region_aggregate(dense: Tensor, pos: Tensor, neg: Tensor, spatial_temperature: float) -> Tensor:
+    """Class-specific region feature aggregation (DualCoOp Sec. 3.2).
+
+    Args:
+        dense: ``[B, R, D]`` unit-norm region features.
+        pos: ``[C, D]`` unit-norm positive prompt features.
+        neg: ``[C, D]`` unit-norm negative prompt features.
+        spatial_temperature: ``τ_s`` of the softmax over regions.
+
+    Returns ``[B, C, 2]``: the aggregated positive and negative similarities ``(S⁺, S⁻)``.
+    """
+    c = pos.shape[0]
+    sims = dense @ torch.cat([pos, neg]).T.to(dense.dtype)  # [B, R, 2C], one matmul for both prompts
+    s_pos, s_neg = sims[..., :c], sims[..., c:]
+    weights = torch.softmax(s_pos / spatial_temperature, dim=1)  # over regions, per class
+    return torch.stack([(weights * s_pos).sum(1), (weights * s_neg).sum(1)], dim=-1)
+
+
+def resolve_unseen(classnames: list[str], unseen: list[str] | float | None, seed: int = 0) -> list[int]:
+    """Indices of the unseen classes: the named ones, or a seeded random ``fraction`` of the classes."""
+    if unseen is None:
+        return []
+    if isinstance(unseen, (int, float)) and not isinstance(unseen, bool):
+        if not 0 < unseen < 1:
+            raise ValueError(f"unseen_classes as a fraction must lie in (0, 1), got {unseen}")
+        k = max(1, round(unseen * len(classnames)))
+        if k >= len(classnames):
+            raise ValueError(f"unseen fraction {unseen} leaves no seen class among {len(classnames)}")
+        g = torch.Generator().manual_seed(seed)
+        return sorted(torch.randperm(len(classnames), generator=g)[:k].tolist())
+    names = list(unseen)
+    missing = [n for n in names if n not in classnames]
+    if missing:
+        raise ValueError(f"unseen classes {missing} are not in the class vocabulary ({classnames[:8]}...)")
+    idx = sorted(classnames.index(n) for n in names)
+    if len(idx) >= len(classnames):
+        raise ValueError("unseen_classes names every class: nothing is left to train on")
+    return idx
+
+
+class DualCoOp(VLMethod):
+    """DualCoOp: positive/negative prompt tuning with class-specific region aggregation.
+
+    Args:
+        backbone: the frozen CLIP-family model (ResNet or ViT image tower).
+        classnames: class vocabulary; set by the CLI from the data module.
+        multilabel: must be true (set by the CLI from the data module).
+        n_ctx: context tokens of each prompt (16, as CoOp/DualCoOp).
+        init_pos: phrase initialising the positive context (``None``: N(0, 0.02), the paper's).
+        init_neg: phrase initialising the negative context.
+        class_specific: class-specific contexts (``None``: yes for partial labels, the paper's choice;
+            shared when ``unseen_classes`` is set, since unseen classes need a shared context).
+        spatial_temperature: ``τ_s`` of the softmax over regions (0.05, i.e. similarities × 20).
+        logit_scale: ``λ`` of the positive-vs-negative softmax; ``None`` uses the backbone's CLIP scale.
+        loss: ``asl`` (asymmetric loss), ``em_apl`` (single positive), ``auto`` (``em_apl`` when the
+            data module's budget is ``single_positive``, else ``asl``).
+        gamma_pos: ASL focusing exponent of positives ``γ⁺``.
+        gamma_neg: ASL focusing exponent of negatives ``γ⁻``.
+        clip: ASL probability margin ``m`` on negatives.
+        loss_reduction: ``sum`` over observed entries (ASL's) or ``mean``.
+        em_alpha: EM weight ``α`` of the entropy on unknown labels.
+        apl_beta: APL weight ``β`` of the soft pseudo-negatives.
+        apl_neg_proportion: fraction of each class's unknown labels turned into pseudo-negatives by the end.
+        apl_warmup_epochs: epochs of EM alone before APL starts.
+        unseen_classes: zero-shot setting: class names held out of training, or a fraction of the
+            classes drawn with ``split_seed``; evaluation then also logs ``<stage>/unseen_*`` and
+            ``<stage>/seen_*`` metrics next to the metrics on all classes.
+        split_seed: seed of a fractional seen/unseen split.
+        lr: SGD learning rate (0.002).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        threshold: probability threshold for F1 and hard pseudolabels.
+        save_mask: write the train split's drawn label mask to ``<log dir>/train_label_mask.safetensors``.
+        artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone = DEFAULT_BACKBONE,
+        classnames: list[str] | None = None,
+        multilabel: bool = True,
+        n_ctx: int = 16,
+        init_pos: str | None = None,
+        init_neg: str | None = None,
+        class_specific: bool | None = None,
+        spatial_temperature: float = 0.05,
+        logit_scale: float | None = None,
+        loss: LossName = "auto",
+        gamma_pos: float = 1.0,
+        gamma_neg: float = 2.0,
+        clip: float = 0.05,
+        loss_reduction: Literal["sum", "mean"] = "sum",
+        em_alpha: float = 0.1,
+        apl_beta: float = 0.9,
+        apl_neg_proportion: float = 0.9,
+        apl_warmup_epochs: int = 1,
+        unseen_classes: list[str] | float | None = None,
+        split_seed: int = 0,
+        lr: float = 0.002,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        threshold: float = 0.5,
+        save_mask: bool = True,
+        artifact_path: str | None = None,
+    ) -> None:
+        super().__init__(backbone, classnames, multilabel, artifact_path)
+        if not multilabel:
+            raise ValueError("DualCoOp is a multi-label method: use a data module with multilabel: true")
+        if loss not in ("auto", "asl", "em_apl"):
+            raise ValueError(f"loss must be 'auto', 'asl' or 'em_apl', got {loss!r}")
+        if spatial_temperature <= 0:
+            raise ValueError(f"spatial_temperature must be > 0, got {spatial_temperature}")
+        names = self.require_classnames()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.unseen = resolve_unseen(names, unseen_classes, split_seed)
+        self.seen = [c for c in range(len(names)) if c not in set(self.unseen)]
+        if class_specific is None:
+            class_specific = not self.unseen
+        elif class_specific and self.unseen:
+            raise ValueError("class_specific contexts cannot transfer to unseen classes: set class_specific: false")
+        self.prompts = DualPromptLearner(backbone, names, n_ctx, init_pos, init_neg, class_specific)
+        self.register_buffer("seen_index", torch.tensor(self.seen, dtype=torch.long), persistent=False)
+        self.register_buffer("text_cache", torch.empty(0), persistent=False)
+        self.loss_name = loss
+        self.labeler: AsymmetricPseudoLabeler | None = None
+        self._train_outputs: list[dict[str, Tensor]] = []
+        self.threshold = threshold
+
+    # ---------------------------------------------------------------- model
+    def text_features(self, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Unit-norm positive and negative prompt features ``([C', D], [C', D])`` of ``classes``
+        (default all), both prompts of every class in one pass of the text tower."""
+        pos, neg = self.prompts.positive, self.prompts.negative
+        emb_pos, emb_neg = pos.embeddings(), neg.embeddings()
+        ids_pos, ids_neg = pos.token_ids, neg.token_ids
+        if classes is not None and len(classes) < len(pos.classnames):
+            emb_pos, emb_neg, ids_pos, ids_neg = emb_pos[classes], emb_neg[classes], ids_pos[classes], ids_neg[classes]
+        with self.backbone.autocast():
+            feats = self.backbone.encode_text_embeddings(torch.cat([emb_pos, emb_neg]), torch.cat([ids_pos, ids_neg]))
+        feats = F.normalize(feats.float(), dim=-1)
+        return feats[: len(emb_pos)], feats[len(emb_pos) :]
+
+    def scale(self) -> Tensor:
+        s = self.hparams.logit_scale
+        return self.backbone.logit_scale.detach().float() if s is None else torch.tensor(float(s), device=self.device)
+
+    def region_features(self, batch: dict[str, Any]) -> Tensor:
+        """Unit-norm region features ``[B, R, D]`` from the frozen image tower (no gradient)."""
+        if "image" not in batch:
+            raise ValueError(
+                "DualCoOp needs images for region features; the batch has none (set the data module's embeddings: false)"
+            )
+        with torch.no_grad():
+            _, dense = self.backbone.dense_features(batch["image"])
+        return dense
+
+    def logits(self, dense: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        """``[B, C, 2]`` positive/negative logit pairs ``λ (S⁺, S⁻)``."""
+        return self.scale() * region_aggregate(dense, pos, neg, self.hparams.spatial_temperature)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class probabilities ``[B, C]`` of a batch of preprocessed images."""
+        pos, neg = self.text_features()
+        z = self.logits(self.region_features({"image": images}), pos, neg)
+        return torch.softmax(z, dim=-1)[..., 0]
+
+    # ---------------------------------------------------------------- training
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm = self._datamodule()
+        budget = getattr(dm, "budget", None)
+        if self.loss_name == "auto":
+            self.loss_name = "em_apl" if budget is not None and budget.single_positive else "asl"
+        if self.loss_name == "em_apl":
+            train = dm.raw("train") if dm is not None else None
+            if train is None:
+                raise ValueError("loss em_apl needs the data module's train split (its size sets the pseudo-label table)")
+            max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
+            self.labeler = AsymmetricPseudoLabeler(
+                len(train), len(self.seen), self.hparams.apl_neg_proportion, self.hparams.apl_warmup_epochs, max_epochs
+            )
+
+    def on_fit_start(self) -> None:
+        if self.labeler is not None:
+            self.labeler.to(self.device)
+        if self.hparams.save_mask and self.global_rank == 0:
+            from vlweak.data.multilabel import save_label_mask
+
+            dm = self._datamodule()
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            if dm is not None and save_label_mask(dm, root / "train_label_mask.safetensors") is not None:
+                log.info("saved the train label mask to %s", root / "train_label_mask.safetensors")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if not batch:
+            return None
+        if "target" not in batch:
+            raise ValueError("DualCoOp trains on multi-label batches with 'target' and 'mask'")
+        seen = self.seen_index
+        dense = self.region_features(batch)
+        pos, neg = self.text_features(seen if self.unseen else None)
+        z = self.logits(dense, pos, neg)
+        targets, mask = batch["target"][:, seen], batch["mask"][:, seen].bool()
+        hp = self.hparams
+        if self.loss_name == "em_apl":
+            pseudo = self.labeler(batch["index"]) if self.labeler is not None else None
+            loss = em_apl_loss(z, targets, mask, pseudo, hp.em_alpha, hp.apl_beta)
+            probs = torch.softmax(z.detach(), dim=-1)[..., 0]
+            self._train_outputs.append({"probs": probs, "index": batch["index"], "mask": mask})
+        else:
+            loss = asymmetric_loss(z, targets, mask, hp.gamma_pos, hp.gamma_neg, hp.clip, reduction=hp.loss_reduction)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        self.log("train/observed", mask.float().mean(), batch_size=len(targets))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        parts, self._train_outputs = self._train_outputs, []
+        if self.labeler is None or not parts:
+            return
+        local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if self.trainer.world_size > 1:
+            local = self._all_gather_ragged(local)
+        added = self.labeler.update(local["probs"], local["index"], local["mask"], self.current_epoch)
+        self.log("train/apl_new_negatives", float(added))
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.SGD(self.prompts.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        steps = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.labeler is not None:
+            checkpoint["apl_pseudo"] = self.labeler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("apl_pseudo")
+        if state is not None and self.labeler is not None:
+            self.labeler.load_state_dict(state)
+
+    # ---------------------------------------------------------------- evaluation
+    def _cache_text(self) -> None:
+        with torch.no_grad():
+            pos, neg = self.text_features()
+        self.text_cache = torch.stack([pos, neg])
+
+    def on_validation_epoch_start(self) -> None:
+        self._cache_text()
+
+    def on_test_epoch_start(self) -> None:
+        self._cache_text()
+
+    def on_predict_epoch_start(self) -> None:
+        self._cache_text()
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        if not batch:
+            return
+        if self.text_cache.numel() == 0:
+            self._cache_text()
+        pos, neg = self.text_cache[0], self.text_cache[1]
+        scores = torch.softmax(self.logits(self.region_features(batch), pos, neg), dim=-1)[..., 0]
+        out = {"scores": scores, "index": batch["index"]}
+        if "target" in batch:
+            out["target"], out["mask"] = batch["target"], batch["mask"]
+        self.collect(**out)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _finish(self, stage: str) -> None:
+        out = self.gathered()
+        self.text_cache = torch.empty(0, device=self.device)
+        if not out:
+            return
+        if "target" in out:
+            self.evaluate(stage, out["scores"], out["target"], out.get("mask"))
+            if self.unseen:
+                for part, idx in (("unseen", self.unseen), ("seen", self.seen)):
+                    report = multilabel_report(
+                        out["scores"][:, idx], out["target"][:, idx], out["mask"][:, idx], self.threshold
+                    )
+                    report.pop("per_class")
+                    for k, v in report.items():
+                        self.log(f"{stage}/{part}_{k}", v, rank_zero_only=True)
+                        self.last_metrics[f"{stage}/{part}_{k}"] = float(v)
+        if stage != "val":
+            self.write_artifact(stage, out["scores"], out["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish("predict")
+
+    def provenance(self) -> dict[str, Any]:
+        info = super().provenance()
+        names = self.require_classnames()
+        info["unseen_classes"] = [names[i] for i in self.unseen]
+        return info
