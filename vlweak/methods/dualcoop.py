@@ -93,13 +93,16 @@ class DualCoOp(VLMethod):
         class_specific: class-specific contexts (``None``: yes for partial labels, the paper's choice;
             shared when ``unseen_classes`` is set, since unseen classes need a shared context).
         spatial_temperature: ``τ_s`` of the softmax over regions (0.05, i.e. similarities × 20).
-        logit_scale: ``λ`` of the positive-vs-negative softmax; ``None`` uses the backbone's CLIP scale.
+        logit_scale: ``λ`` of the positive-vs-negative softmax; ``None`` uses the backbone's learned
+            CLIP scale (100 for OpenAI's CLIP, the paper's value).
         loss: ``asl`` (asymmetric loss), ``em_apl`` (single positive), ``auto`` (``em_apl`` when the
             data module's budget is ``single_positive``, else ``asl``).
         gamma_pos: ASL focusing exponent of positives ``γ⁺``.
         gamma_neg: ASL focusing exponent of negatives ``γ⁻``.
         clip: ASL probability margin ``m`` on negatives.
         loss_reduction: ``sum`` over observed entries (ASL's) or ``mean``.
+        loss_weight: factor on the loss (the reference code's ``loss_w``: 0.01-0.03 with the summed
+            ASL on COCO, larger for fewer observed labels).
         em_alpha: EM weight ``α`` of the entropy on unknown labels.
         apl_beta: APL weight ``β`` of the soft pseudo-negatives.
         apl_neg_proportion: fraction of each class's unknown labels turned into pseudo-negatives by the end.
@@ -132,6 +135,7 @@ class DualCoOp(VLMethod):
         gamma_neg: float = 2.0,
         clip: float = 0.05,
         loss_reduction: Literal["sum", "mean"] = "sum",
+        loss_weight: float = 1.0,
         em_alpha: float = 0.1,
         apl_beta: float = 0.9,
         apl_neg_proportion: float = 0.9,
@@ -255,6 +259,7 @@ class DualCoOp(VLMethod):
             self._train_outputs.append({"probs": probs, "index": batch["index"], "mask": mask})
         else:
             loss = asymmetric_loss(z, targets, mask, hp.gamma_pos, hp.gamma_neg, hp.clip, reduction=hp.loss_reduction)
+        loss = hp.loss_weight * loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         self.log("train/observed", mask.float().mean(), batch_size=len(targets))
         return loss
