@@ -57,8 +57,8 @@ class _TrainTimer(L.Callback):
         self.seconds += time.perf_counter() - self._t
 
 
-def _common(tmp: Path, accelerator: str) -> list[str]:
-    return [
+def _common(tmp: Path, accelerator: str, weights: str | None = None) -> list[str]:
+    return ([f"--model.init_args.backbone.init_args.pretrained={weights}"] if weights else []) + [
         f"--trainer.logger.init_args.save_dir={tmp}",
         f"--trainer.accelerator={accelerator}",
         "--trainer.enable_progress_bar=false",
@@ -127,10 +127,10 @@ def _test_metrics(cli) -> dict[str, float]:
     return dict(cli.model.last_metrics)
 
 
-def _zero_shot(recipe: str, seed: int, tmp: Path, accelerator: str) -> dict[str, float]:
+def _zero_shot(recipe: str, seed: int, tmp: Path, accelerator: str, weights: str | None) -> dict[str, float]:
     cli = _cli(
         recipe,
-        _common(tmp, accelerator)
+        _common(tmp, accelerator, weights)
         + [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--data.init_args.budget_seed={seed}"],
         False,
         tmp,
@@ -151,7 +151,7 @@ def _zero_shot(recipe: str, seed: int, tmp: Path, accelerator: str) -> dict[str,
     return out
 
 
-def _source_artifact(kind: str, recipe: str, seed: int, tmp: Path, accelerator: str) -> str:
+def _source_artifact(kind: str, seed: int, tmp: Path, accelerator: str, weights: str | None) -> str:
     """Pseudolabels of the train split from ZLaP or CHiLS, written as an artifact."""
     path = tmp / f"{kind}-train.safetensors"
     if kind == "zlap":
@@ -171,7 +171,8 @@ def _source_artifact(kind: str, recipe: str, seed: int, tmp: Path, accelerator: 
             f"--data.init_args.seed={seed}",
             "--data.init_args.shift=1.0",
             "--data.init_args.task=shape",
-        ],
+        ]
+        + ([f"--model.init_args.backbone.init_args.pretrained={weights}"] if weights else []),
         run=False,
     )
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
@@ -187,14 +188,14 @@ def accuracy(args: argparse.Namespace) -> None:
             with tempfile.TemporaryDirectory() as d:
                 tmp = Path(d)
                 seeds = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--data.init_args.budget_seed={seed}", f"--model.init_args.seed={seed}"]
-                zs = _zero_shot(recipe, seed, tmp, args.accelerator)
+                zs = _zero_shot(recipe, seed, tmp, args.accelerator, args.weights)
                 runs = {"zero-shot CLIP": zs}
                 sources = ["zeroshot"] + (args.sources if paradigm == "unsupervised" else [])
                 for source in sources:
                     extra = []
                     if source != "zeroshot":
-                        extra.append(f"--model.init_args.pseudolabels={_source_artifact(source, recipe, seed, tmp, args.accelerator)}")
-                    cli = _cli(recipe, _common(tmp, args.accelerator) + seeds + extra + args.extra, False, tmp)
+                        extra.append(f"--model.init_args.pseudolabels={_source_artifact(source, seed, tmp, args.accelerator, args.weights)}")
+                    cli = _cli(recipe, _common(tmp, args.accelerator, args.weights) + seeds + extra + args.extra, False, tmp)
                     t = time.perf_counter()
                     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
                     m = _test_metrics(cli)
@@ -213,7 +214,7 @@ def accuracy(args: argparse.Namespace) -> None:
         sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         return f"{100 * mean:.1f} ± {100 * sd:.1f}"
 
-    print(f"\nshapes world, shift 1.0, seeds {args.seeds} (mean ± std, %)")
+    print(f"\nshapes world, shift 1.0, seeds {args.seeds}, weights {args.weights or 'vlweak-shapes'} (mean ± std, %)")
     print("| paradigm | method | acc | mean class acc | per-class acc std | per-class acc min | seen | unseen | H |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, m in results.items():
@@ -236,7 +237,8 @@ def main() -> None:
     a.add_argument("--paradigms", nargs="*", default=[], help="semi-supervised, transductive, unsupervised (default: all)")
     a.add_argument("--sources", nargs="*", default=[], help="extra pseudolabel sources for the unsupervised paradigm: zlap, chils")
     a.add_argument("--accelerator", default="auto")
-    a.add_argument("--extra", nargs="*", default=[], help="extra CLI overrides for the GRIP runs")
+    a.add_argument("--extra", action="append", default=[], help="a CLI override for the GRIP runs, e.g. --extra=--model.init_args.rounds=5 (repeatable)")
+    a.add_argument("--weights", default=None, help="backbone weights file instead of the shipped vlweak-shapes weights")
     args = p.parse_args()
     throughput(args) if args.cmd == "throughput" else accuracy(args)
 
