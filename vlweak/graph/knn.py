@@ -40,42 +40,55 @@ def _merge(vals: Tensor, idx: Tensor, cand_vals: Tensor, cand_idx: Tensor, k: in
 
 
 def _default_block(device: torch.device) -> int:
-    return 8192 if device.type == "cuda" else 2048
+    return 4096 if device.type == "cuda" else 1024
+
+
+def _tile_budget(device: torch.device) -> int:
+    """Similarity entries per tile: 2^28 (1 GiB in fp32) on an accelerator, 2^25 on CPU."""
+    return 1 << 28 if device.type == "cuda" else 1 << 25
 
 
 def _torch_cross(queries: Tensor, base: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
-    m = queries.shape[0]
-    sims = queries.new_empty(m, k)
-    idx = torch.empty(m, k, dtype=torch.long, device=queries.device)
-    for start in range(0, m, block):
-        tile = queries[start : start + block] @ base.T
-        v, i = tile.topk(k, dim=1)
-        sims[start : start + block], idx[start : start + block] = v, i
+    m, n = queries.shape[0], base.shape[0]
+    sims = torch.full((m, k), float("-inf"), dtype=queries.dtype, device=queries.device)
+    idx = torch.full((m, k), -1, dtype=torch.long, device=queries.device)
+    width = max(block, _tile_budget(queries.device) // block)
+    for a in range(0, m, block):
+        rows = slice(a, a + block)
+        for b in range(0, n, width):
+            tile = queries[rows] @ base[b : b + width].T
+            v, i = tile.topk(min(k, tile.shape[1]), dim=1)
+            sims[rows], idx[rows] = _merge(sims[rows], idx[rows], v, i + b, k)
     return sims, idx
 
 
 def _torch_self(features: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
-    """Symmetric blockwise self-search: tiles (i, j >= i) only, diagonal masked."""
+    """Symmetric self-search: each row block ``[a, a+B)`` is multiplied only with columns ``>= a``.
+
+    A tile feeds the top-k of its rows and, for columns past the row block, the top-k of its columns
+    (the rows before ``a`` reached those columns in earlier strips). Half the products of a plain
+    search; the diagonal is masked so a point never finds itself.
+    """
     n = features.shape[0]
     sims = torch.full((n, k), float("-inf"), dtype=features.dtype, device=features.device)
     idx = torch.full((n, k), -1, dtype=torch.long, device=features.device)
-    starts = list(range(0, n, block))
-    for a in starts:
+    width = max(block, _tile_budget(features.device) // block)
+    for a in range(0, n, block):
         rows = features[a : a + block]
         ra = rows.shape[0]
-        for b in starts[starts.index(a) :]:
-            cols = features[b : b + block]
-            tile = rows @ cols.T  # [ra, rb]
-            if a == b:
-                tile.fill_diagonal_(float("-inf"))
-            kr = min(k, tile.shape[1])
-            v, i = tile.topk(kr, dim=1)
+        for b in range(a, n, width):
+            tile = rows @ features[b : b + width].T  # [ra, rb], columns b .. b + rb
+            if b == a:
+                tile[:, :ra].fill_diagonal_(float("-inf"))
+            v, i = tile.topk(min(k, tile.shape[1]), dim=1)
             sims[a : a + ra], idx[a : a + ra] = _merge(sims[a : a + ra], idx[a : a + ra], v, i + b, k)
-            if a != b:
-                kc = min(k, ra)
-                v, i = tile.topk(kc, dim=0)  # [kc, rb]
-                rb = tile.shape[1]
-                sims[b : b + rb], idx[b : b + rb] = _merge(sims[b : b + rb], idx[b : b + rb], v.T, i.T + a, k)
+            # columns past the row block learn about these rows
+            off = a + ra - b if b == a else 0
+            if tile.shape[1] > off:
+                cols = tile[:, off:].T.contiguous()  # [rb', ra]
+                v, i = cols.topk(min(k, ra), dim=1)
+                c0, c1 = b + off, b + tile.shape[1]
+                sims[c0:c1], idx[c0:c1] = _merge(sims[c0:c1], idx[c0:c1], v, i + a, k)
     return sims, idx
 
 

@@ -46,21 +46,48 @@ def propagation_operator(graph: ZLaPGraph, alpha: float) -> Callable[[Tensor], T
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     adjacency = graph.adjacency
-
     def apply(x: Tensor) -> Tensor:
         return torch.sparse.mm(adjacency, x).mul_(-alpha).add_(x)
 
     return apply
 
 
+def default_chunk(device: torch.device) -> int | None:
+    """Right-hand sides per CG run: all at once on an accelerator; 16 on CPU, where a narrow block
+    of columns stays in cache (measured fastest at N = 50,000)."""
+    return None if device.type == "cuda" else 16
+
+
 def class_solutions(
-    graph: ZLaPGraph, alpha: float = DEFAULT_ALPHA, *, tol: float = 1e-6, maxiter: int = 50
+    graph: ZLaPGraph,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    tol: float = 1e-6,
+    maxiter: int = 50,
+    chunk_size: int | None = -1,
 ) -> CGResult:
-    """Solve for every class at once: ``X [C + N, C]`` with each class's text node as the source."""
-    c = graph.num_classes
-    y = torch.zeros(graph.num_nodes, c, dtype=graph.adjacency.dtype, device=graph.device)
-    y[torch.arange(c), torch.arange(c)] = 1.0
-    return conjugate_gradient(propagation_operator(graph, alpha), y, tol=tol, maxiter=maxiter)
+    """Solve for every class: ``X [C + N, C]`` with each class's text node as the source.
+
+    Args:
+        chunk_size: classes per multi-right-hand-side CG run; ``None`` for all at once, ``-1`` for
+            :func:`default_chunk`. Columns are independent, so chunking never changes the result.
+    """
+    c, device = graph.num_classes, graph.device
+    chunk = default_chunk(device) if chunk_size == -1 else chunk_size
+    chunk = c if chunk is None else max(1, chunk)
+    operator = propagation_operator(graph, alpha)
+    x = torch.empty(graph.num_nodes, c, dtype=graph.adjacency.dtype, device=device)
+    residuals, converged, iterations = [], [], 0
+    for start in range(0, c, chunk):
+        width = min(chunk, c - start)
+        y = torch.zeros(graph.num_nodes, width, dtype=x.dtype, device=device)
+        y[torch.arange(start, start + width), torch.arange(width)] = 1.0
+        result = conjugate_gradient(operator, y, tol=tol, maxiter=maxiter)
+        x[:, start : start + width] = result.x
+        residuals.append(result.residual_norms)
+        converged.append(result.converged)
+        iterations = max(iterations, result.iterations)
+    return CGResult(x=x, iterations=iterations, residual_norms=torch.cat(residuals), converged=torch.cat(converged))
 
 
 def transductive_scores(

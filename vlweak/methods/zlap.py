@@ -1,0 +1,195 @@
+"""ZLaP: label propagation for zero-shot classification (Stojnić, Kalantidis, Tolias, CVPR 2024).
+
+1. Nodes: unlabeled image features (the data module's ``pool_split``, by default ``train``, read
+   through the embedding cache) and one text node per class (the zero-shot text classifier).
+2. Edges: each image to its ``k`` nearest images and its ``k`` nearest text nodes; negative
+   similarities clipped to 0, image–text similarities raised to ``gamma``; ``W + Wᵀ``; symmetric
+   normalisation ``W̄ = D^-1/2 W D^-1/2`` (:mod:`vlweak.graph.build`).
+3. Propagation: ``(I - alpha W̄) X = Y`` by conjugate gradient, all classes at once (Eq. 2).
+4. Scores, by ``mode``:
+
+   * ``transductive``: the evaluated images join the graph (with the pool; ``pool_split: null``
+     gives the paper's graph of the evaluated images alone) and read their rows of ``X``;
+   * ``inductive``: the graph is the pool; each evaluated image is scored by the dual solution,
+     one solve per image with its neighbour similarities as the right-hand side;
+   * ``sparse-inductive``: the pool's full solution with only its top ``sparse_topk`` entries per
+     row kept; an evaluated image is scored by a sparse product, no solve.
+
+Under DDP every rank collects its batches' features; at the epoch's end the features are gathered
+from all ranks (de-duplicated by sample index), rank 0 solves once, the scores are broadcast, and
+rank 0 writes the pseudolabel artifact. Scores are normalised to sum to one per image (single-label)
+or to a maximum of one (multi-label) for the artifact's confidences.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from vlweak.backbones import Backbone
+from vlweak.graph import ZLaPPropagator
+from vlweak.graph.knn import Engine
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.prompts import text_classifier
+
+Mode = Literal["transductive", "inductive", "sparse-inductive"]
+MODES = ("transductive", "inductive", "sparse-inductive")
+
+
+def normalise_scores(scores: Tensor, multilabel: bool = False) -> Tensor:
+    """Non-negative propagation scores as confidences: rows sum to 1 (single-label) or peak at 1
+    (multi-label); an all-zero row (an image the graph never reached) becomes uniform / zero."""
+    s = scores.clamp_min(0)
+    if multilabel:
+        return s / s.amax(1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    total = s.sum(1, keepdim=True)
+    uniform = torch.full_like(s, 1.0 / s.shape[1])
+    return torch.where(total > 0, s / total.clamp_min(torch.finfo(s.dtype).tiny), uniform)
+
+
+class ZLaP(VLMethod):
+    """Zero-shot label propagation, transductive or inductive.
+
+    Args:
+        backbone: the CLIP-family model (default: the shipped ``vlweak-shapes`` model).
+        classnames: class vocabulary; set by the CLI from the data module.
+        multilabel: multi-label task; set by the CLI from the data module.
+        mode: ``transductive``, ``inductive`` (dual solution) or ``sparse-inductive``.
+        k: neighbours per image among images and among text nodes (paper: 5).
+        gamma: power on image–text similarities (paper: 5.0).
+        alpha: propagation weight (paper: 0.3).
+        tol: conjugate-gradient relative tolerance per class.
+        maxiter: conjugate-gradient iteration cap.
+        sparse_topk: entries kept per row of the solution for ``sparse-inductive`` (paper: 1).
+        templates: prompt templates of the text classifier (see :class:`~vlweak.methods.ZeroShot`).
+        pool_split: the data module's split of unlabeled images the graph is built on; ``null``
+            (transductive only) builds it on the evaluated images alone.
+        knn_engine: ``auto``, ``faiss`` (CPU) or ``torch``.
+        threshold: multi-label only: a class is a hard pseudolabel when its confidence reaches this.
+        artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone = DEFAULT_BACKBONE,
+        classnames: list[str] | None = None,
+        multilabel: bool = False,
+        mode: Mode = "transductive",
+        k: int = 5,
+        gamma: float = 5.0,
+        alpha: float = 0.3,
+        tol: float = 1e-6,
+        maxiter: int = 50,
+        sparse_topk: int = 1,
+        templates: str | list[str] = "simple",
+        pool_split: str | None = "train",
+        knn_engine: Engine = "auto",
+        threshold: float = 0.5,
+        artifact_path: str | None = None,
+    ) -> None:
+        super().__init__(backbone, classnames, multilabel, artifact_path)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "transductive" and pool_split is None:
+            raise ValueError(f"mode {mode!r} needs a pool_split of unlabeled images to build the graph on")
+        self.mode = mode
+        self.templates = templates
+        self.pool_split = pool_split
+        self.threshold = threshold
+        self.propagator = ZLaPPropagator(
+            k=k, gamma=gamma, alpha=alpha, tol=tol, maxiter=maxiter, sparse_topk=sparse_topk, knn_engine=knn_engine
+        )
+        self.save_hyperparameters(ignore=["backbone"])
+        self._pool: Tensor | None = None
+
+    # ---------------------------------------------------------------- inputs
+    def classifier(self) -> Tensor:
+        """Text nodes: the zero-shot text classifier ``[C, D]`` (unit norm)."""
+        return text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
+
+    def pool_features(self) -> Tensor:
+        """Unit-norm features of the unlabeled pool, through the embedding cache (computed once)."""
+        if self._pool is None:
+            from vlweak.data.budget import Budgeted
+            from vlweak.data.cache import EmbeddingCache, image_embeddings
+
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if dm is None or not hasattr(dm, "raw"):
+                raise RuntimeError("ZLaP needs a vlweak data module to read the unlabeled pool from")
+            raw = dm.raw(self.pool_split)
+            if raw is None or len(raw) == 0:
+                raise RuntimeError(
+                    f"the data module has no {self.pool_split!r} split to build the graph on "
+                    "(give data n_train/train, or pool_split: null for a transductive graph of the evaluated images)"
+                )
+            base = raw.dataset if isinstance(raw, Budgeted) else raw
+            transform = dm.resolve_transform() if hasattr(dm, "resolve_transform") else self.backbone.transform
+            out = image_embeddings(
+                self.backbone, base, transform, getattr(dm, "cache", None) or EmbeddingCache(),
+                getattr(dm, "batch_size", 256), getattr(dm, "num_workers", 0), f"encoding {self.pool_split}",
+            )
+            order = torch.argsort(out["index"])
+            self._pool = torch.nn.functional.normalize(out["features"][order].float(), dim=-1)
+        return self._pool
+
+    # ---------------------------------------------------------------- propagation
+    @torch.no_grad()
+    def propagate(self, features: Tensor, split: str | None = None) -> Tensor:
+        """Class scores ``[M, C]`` (raw, non-negative) of evaluated images with unit-norm ``features``."""
+        text = self.classifier().float()
+        feats = features.to(self.device).float()
+        pool = None if self.pool_split is None else self.pool_features().to(self.device)
+        prop = self.propagator
+        if pool is None or split == self.pool_split:  # the evaluated images are the graph
+            return prop.fit(pool if pool is not None else feats, text).transductive()
+        if self.mode == "transductive":
+            scores = prop.fit(torch.cat([pool, feats]), text).transductive()
+            return scores[pool.shape[0] :]
+        prop.fit(pool, text)
+        return prop.inductive(feats) if self.mode == "inductive" else prop.sparse_inductive(feats)
+
+    # ---------------------------------------------------------------- loops
+    def _step(self, batch: dict[str, Any]) -> None:
+        if not batch:
+            return
+        out = {"features": self.image_features(batch), "index": batch["index"]}
+        if "label" in batch:
+            out["target"] = batch["label"]
+        elif "target" in batch:
+            out["target"], out["mask"] = batch["target"], batch["mask"]
+        self.collect(**out)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch)
+
+    def _split_of(self, stage: str) -> str:
+        if stage == "predict":
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            return getattr(dm, "predict_split", "test")
+        return stage
+
+    def _finish(self, stage: str) -> None:
+        out = self.gathered()  # every rank: all ranks' samples, de-duplicated, sorted by index
+        if not out:
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        scores = None
+        if world == 1 or self.global_rank == 0:
+            raw = self.propagate(out["features"], self._split_of(stage))
+            scores = normalise_scores(raw, self.multilabel).cpu()
+        if world > 1:
+            scores = self.trainer.strategy.broadcast(scores, src=0)
+        if "target" in out:
+            self.evaluate(stage, scores, out["target"], out.get("mask"))
+        self.write_artifact(stage, scores, out["index"], mode=self.mode)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._finish("predict")
