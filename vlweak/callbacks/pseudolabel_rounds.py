@@ -14,6 +14,10 @@ pseudolabels are read back, not recomputed (the interrupted round's training res
 from scratch anyway). ``round-final.safetensors`` marks a finished run (a rerun only restores its
 prompt).
 
+Under DDP every rank scans and scores the pool itself (the same deterministic result on each), the
+distributed sampler splits the round's training set, and rank 0 writes the round files (a resumed
+run reads them on every rank, so ``dirpath`` must be on a shared file system).
+
 The module drives the work; it provides (see :class:`vlweak.methods.PromptTuning`): ``strategy``,
 ``k``, ``rounds``, ``epochs_per_round``, ``pseudolabel_classes``, ``setup_pool(trainer)``,
 ``pool_index`` / ``pool_label`` (``-1`` = unlabeled), ``score_unlabeled(source)``,

@@ -224,7 +224,12 @@ class PromptTuning(VLMethod):
         seen = getattr(dm, "seen_class_indices", None)
         self.seen_classes = list(seen) if seen is not None else None
         c = len(self.require_classnames())
-        self.pseudolabel_classes = [i for i in range(c) if seen is None or i not in seen]
+        # transductive zero-shot: the unlabeled pool holds only unseen classes' images, so they are
+        # pseudolabeled among the unseen classes (with a shots/fraction budget on top, among all)
+        budget = getattr(dm, "budget", None)
+        partial = budget is not None and (budget.shots is not None or budget.fraction is not None)
+        restrict = seen is not None and not partial
+        self.pseudolabel_classes = [i for i in range(c) if not restrict or i not in seen]
         index, label, feats = [], [], []
         with torch.no_grad():
             for batch in self._loader(ds, dm):
