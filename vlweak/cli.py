@@ -8,7 +8,6 @@ arguments.
 from __future__ import annotations
 
 import os
-import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -45,7 +44,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``vlweak`` console script."""
-    build_cli(sys.argv[1:] if args is None else args)
+    build_cli(args)
 
 
 if __name__ == "__main__":

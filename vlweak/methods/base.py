@@ -119,16 +119,28 @@ class VLMethod(L.LightningModule):
         else:
             report = multiclass_report(scores, targets)
         per_class = report.pop("per_class")
-        for k, v in report.items():
-            self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=True)
         self.last_metrics = {f"{stage}/{k}": float(v) for k, v in report.items()}
-        self._write_per_class(stage, names, per_class)
+        run_dir = self.run_dir()  # a collective under DDP: every rank calls it
+        if self._trainer is not None and self.trainer.predicting:  # predict hooks cannot self.log
+            if self.global_rank == 0:
+                for logger in self.loggers:
+                    logger.log_metrics(self.last_metrics)
+                    logger.save()
+        else:
+            for k, v in report.items():
+                self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=True)
+        self._write_per_class(run_dir, stage, names, per_class)
         return self.last_metrics
 
-    def _write_per_class(self, stage: str, names: list[str], values: Tensor) -> None:
-        if self.global_rank != 0 or self._trainer is None:
+    def run_dir(self) -> Path:
+        """The run's log folder. Under DDP this broadcasts: call it on every rank."""
+        if self._trainer is None:
+            return Path(".")
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def _write_per_class(self, log_dir: Path, stage: str, names: list[str], values: Tensor) -> None:
+        if self.global_rank != 0:
             return
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         metric = "ap" if self.multilabel else "accuracy"
         with open(log_dir / f"per_class_{stage}.csv", "w", newline="") as f:
@@ -137,7 +149,7 @@ class VLMethod(L.LightningModule):
             for n, v in zip(names, values.tolist()):
                 w.writerow([n, f"{v:.6f}"])
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, run_dir: Path | None = None) -> dict[str, Any]:
         b = self.backbone
         info: dict[str, Any] = {
             "method": type(self).__name__,
@@ -147,8 +159,8 @@ class VLMethod(L.LightningModule):
             "backbone_fingerprint": b.fingerprint(),
             "hparams": {k: v for k, v in self.hparams.items() if k not in ("backbone", "classnames")},
         }
-        if self._trainer is not None and self.trainer.log_dir:
-            config = Path(self.trainer.log_dir) / "config.yaml"
+        if run_dir is not None:
+            config = run_dir / "config.yaml"
             info["recipe"] = str(config) if config.is_file() else ""
         return info
 
@@ -160,7 +172,9 @@ class VLMethod(L.LightningModule):
         return [ids[int(i)] for i in indices]
 
     def write_artifact(self, stage: str, scores: Tensor, indices: Tensor, **extra_provenance: Any) -> Path | None:
-        """Write the pseudolabel artifact of ``stage`` from rank 0 (returns its path there)."""
+        """Write the pseudolabel artifact of ``stage`` from rank 0 (returns its path there).
+        Call it on every rank (finding the run folder is a collective under DDP)."""
+        run_dir = self.run_dir()
         if self.artifact_path == "" or self.global_rank != 0:
             return None
         split = {"test": "test", "predict": "predict", "validate": "val"}.get(stage, stage)
@@ -171,13 +185,12 @@ class VLMethod(L.LightningModule):
             indices,
             multilabel=self.multilabel,
             threshold=getattr(self, "threshold", 0.5),
-            provenance=dict(self.provenance(), stage=stage, **extra_provenance),
+            provenance=dict(self.provenance(run_dir), stage=stage, **extra_provenance),
         )
         if self.artifact_path:
             path = Path(self.artifact_path)
         else:
-            root = Path(self.trainer.log_dir or self.trainer.default_root_dir) if self._trainer else Path(".")
-            path = root / f"pseudolabels-{stage}.safetensors"
+            path = run_dir / f"pseudolabels-{stage}.safetensors"
         self.last_artifact = labels.save(path)
         return self.last_artifact
 

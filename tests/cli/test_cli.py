@@ -1,0 +1,104 @@
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import REPO
+from vlweak.backbones import OpenCLIPBackbone
+from vlweak.cli import build_cli
+from vlweak.labels import PseudoLabels
+
+CONF = str(REPO / "tests" / "conf" / "zeroshot_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
+    return str(path)
+
+
+def _run(args, tmp_path, ckpt):
+    return build_cli(
+        [*args, "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
+         f"--model.init_args.backbone.init_args.pretrained={ckpt}"]
+    )
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "vlweak.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out
+
+
+def test_print_config_is_complete(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["predict", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    for key in ("class_path: vlweak.methods.ZeroShot", "templates:", "model_name: vlweak-shapes", "task: shape", "batch_size:", "trainer:"):
+        assert key in out, key
+
+
+def test_test_logs_metrics_and_writes_artifact(tmp_path, tiny_ckpt):
+    cli = _run(["test"], tmp_path, tiny_ckpt)
+    log_dir = Path(cli.trainer.log_dir)
+    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    assert {"test/acc", "test/mean_class_acc", "test/acc_top5"} <= set(rows[0])
+    per_class = list(csv.DictReader(open(log_dir / "per_class_test.csv")))
+    assert [r["class"] for r in per_class] == cli.datamodule.classnames
+    pl = PseudoLabels.load(log_dir / "pseudolabels-test.safetensors", classnames=cli.datamodule.classnames)
+    assert len(pl) == 13 and pl.sample_ids[0] == "shapes-test-0"
+    assert pl.provenance["method"] == "ZeroShot" and pl.provenance["model"] == "vlweak-tiny"
+    assert torch.allclose(pl.scores.sum(1), torch.ones(13), atol=1e-5)
+    # the logged accuracy is the accuracy of the artifact's labels
+    truth = cli.datamodule.raw("test").targets()
+    assert float(rows[0]["test/acc"]) == pytest.approx((pl.labels == truth).float().mean().item(), abs=1e-6)
+
+
+def test_predict_on_chosen_split_and_cached_embeddings(tmp_path, tiny_ckpt):
+    cli = _run(["predict", "--data.init_args.predict_split=train"], tmp_path / "a", tiny_ckpt)
+    pl = PseudoLabels.load(Path(cli.trainer.log_dir) / "pseudolabels-predict.safetensors")
+    assert len(pl) == 16 and pl.sample_ids[0] == "shapes-train-0"
+    # the same run from cached embeddings gives the same pseudolabels
+    cli2 = _run(["predict", "--data.init_args.predict_split=train", "--data.init_args.embeddings=true"], tmp_path / "b", tiny_ckpt)
+    pl2 = PseudoLabels.load(Path(cli2.trainer.log_dir) / "pseudolabels-predict.safetensors")
+    assert torch.allclose(pl.scores, pl2.scores, atol=1e-5)
+    assert cli2.datamodule.cache.misses == 1
+
+
+def test_wandb_logger_offline(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cli = build_cli(["test", "--config", CONF, "--trainer.logger=WandbLogger",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.project=vlweak-tests",
+                     f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", f"--trainer.default_root_dir={tmp_path}"])
+    import wandb
+
+    wandb.finish()
+    assert type(cli.trainer.logger).__name__ == "WandbLogger"
+    assert list(tmp_path.rglob("*.wandb")), "no offline W&B run written"
+
+
+def test_ddp_two_processes_gather_and_dedup(tmp_path, tiny_ckpt):
+    """2-process CPU DDP: 13 test images split over 2 ranks (the sampler repeats one); the artifact
+    has each image once and equals the single-process run."""
+    single = _run(["test"], tmp_path / "single", tiny_ckpt)
+    ref = PseudoLabels.load(Path(single.trainer.log_dir) / "pseudolabels-test.safetensors")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "vlweak.cli", "test", "--config", CONF, "--trainer.devices=2", "--trainer.strategy=ddp",
+           f"--trainer.logger.init_args.save_dir={tmp_path / 'ddp'}", f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arts = list((tmp_path / "ddp").rglob("pseudolabels-test.safetensors"))
+    assert len(arts) == 1
+    pl = PseudoLabels.load(arts[0])
+    assert pl.indices.tolist() == list(range(13))
+    assert torch.allclose(pl.scores, ref.scores, atol=1e-5)
+    rows = list(csv.DictReader(open(arts[0].parent / "metrics.csv")))
+    assert float(rows[0]["test/acc"]) == pytest.approx(float(list(csv.DictReader(open(Path(single.trainer.log_dir) / "metrics.csv")))[0]["test/acc"]))
