@@ -136,7 +136,9 @@ class PromptTuning(VLMethod):
             self.visual_prompt = VisualPromptLearner(backbone.visual_width, n_visual_tokens)
         else:
             self.visual_prompt = None
-        self._phrase_init = {n: p.detach().clone() for n, p in self.prompt_parameters()} if ctx_init else {}
+        self._phrase_init = (
+            {n: p.detach().clone() for n, p in self.prompt_parameters() if n.startswith("text.")} if ctx_init else {}
+        )
         self.register_buffer("classifier", torch.empty(0), persistent=False)
         self.pool_index = torch.empty(0, dtype=torch.long)
         self.pool_label = torch.empty(0, dtype=torch.long)
@@ -147,6 +149,7 @@ class PromptTuning(VLMethod):
         self._feature_row: Tensor | None = None
         self._train_target = torch.empty(0, dtype=torch.long)
         self._pool_dataset: Any = None
+        self._datamodule: Any = None
         self._eval_classes: Tensor | None = None
 
     # ---------------------------------------------------------------- prompts
