@@ -127,8 +127,14 @@ def image_embeddings(
     batch_size: int = 256,
     num_workers: int = 0,
     desc: str = "encoding images",
+    stream: bool | None = None,
 ) -> dict[str, Tensor]:
-    """Cached :func:`encode_images` of ``dataset`` under ``transform`` with ``backbone``."""
+    """Cached :func:`encode_images` of ``dataset`` under ``transform`` with ``backbone``.
+
+    With a cache, datasets of at least :data:`vlweak.data.extract.STREAM_THRESHOLD` images (or any
+    size with ``stream=True``) are encoded by :func:`vlweak.data.extract.extract_embeddings`:
+    sharded, resumable after an interrupt, written straight into the cache entry."""
+    from vlweak.data import extract
     from vlweak.data.datasets import Transformed
 
     def compute() -> dict[str, Tensor]:
@@ -136,5 +142,20 @@ def image_embeddings(
 
     if cache is None:
         return compute()
-    key = cache_key(backbone=backbone.fingerprint(), data=dataset.fingerprint_parts(), transform=repr(transform))
-    return cache.get_or_compute(key, compute, backbone=backbone.fingerprint(), n=len(dataset))
+    parts: dict[str, Any] = dict(backbone=backbone.fingerprint(), data=dataset.fingerprint_parts(), transform=repr(transform))
+    if stream is None:
+        stream = len(dataset) >= extract.STREAM_THRESHOLD
+    if not (stream and cache.enabled):
+        return cache.get_or_compute(cache_key(**parts), compute, backbone=backbone.fingerprint(), n=len(dataset))
+    if extract.use_gpu_decode(dataset, transform, backbone.device):
+        parts["decoder"] = "cuda-jpeg"  # GPU-decoded pixels differ slightly from PIL's
+    key = cache_key(**parts)
+    found = cache.load(key)
+    if found is not None:
+        return found
+    meta = {"meta": json.dumps({"backbone": backbone.fingerprint(), "n": len(dataset)})}
+    extract.extract_embeddings(
+        backbone, dataset, transform, cache.path(key), work_dir=cache.root / "shards" / key,
+        batch_size=batch_size, num_workers=num_workers or None, desc=desc, metadata=meta,
+    )
+    return load_file(str(cache.path(key)))

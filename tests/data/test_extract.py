@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from tests.conftest import write_image_folder
+from vlweak.data import EmbeddingCache, ShapesWorld, ShapesWorldDataset, image_embeddings
+from vlweak.data.cache import encode_images
+from vlweak.data.datasets import ImageFolderReader, Transformed
+from vlweak.data.extract import assemble, extract_embeddings, load_features, split_transform
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def _counting(monkeypatch, backbone, fail_at=None):
+    calls = []
+    real = backbone.encode_image
+
+    def encode(x, normalize=True):
+        if fail_at is not None and len(calls) == fail_at:
+            raise Interrupt("interrupted")
+        calls.append(len(x))
+        return real(x, normalize)
+
+    monkeypatch.setattr(backbone, "encode_image", encode)
+    return calls
+
+
+def test_interrupted_extraction_resumes_at_next_shard(tmp_path, tiny_backbone, monkeypatch):
+    ds = ShapesWorldDataset(ShapesWorld(seed=0, image_size=32), "test", 20)
+    tf = tiny_backbone.transform
+    opts = dict(shard_size=6, batch_size=4, num_workers=0, progress=False)
+    # shards of 6 = batches of 4 + 2: the 5th encoder call is the first batch of shard 2
+    calls = _counting(monkeypatch, tiny_backbone, fail_at=4)
+    with pytest.raises(Interrupt):
+        extract_embeddings(tiny_backbone, ds, tf, tmp_path / "a.safetensors", **opts)
+    work = tmp_path / "a.safetensors.shards"
+    assert sorted(p.name for p in work.glob("shard-*")) == ["shard-000000.safetensors", "shard-000001.safetensors"]
+    assert not (tmp_path / "a.safetensors").exists()
+    monkeypatch.undo()
+    calls = _counting(monkeypatch, tiny_backbone)
+    extract_embeddings(tiny_backbone, ds, tf, tmp_path / "a.safetensors", **opts)
+    assert sum(calls) == 20 - 12  # shards 0 and 1 were not encoded again
+    assert not work.exists()  # the shards are removed once assembled
+    resumed = load_features(tmp_path / "a.safetensors")
+    extract_embeddings(tiny_backbone, ds, tf, tmp_path / "b.safetensors", **opts)
+    whole = load_features(tmp_path / "b.safetensors")
+    assert torch.equal(resumed["features"], whole["features"]) and resumed["index"].tolist() == list(range(20))
+    # and the same numbers as the in-memory encoder (the transform split in two changes nothing)
+    ref = encode_images(tiny_backbone, Transformed(ds, tf), batch_size=4, progress=False)
+    assert torch.allclose(whole["features"], ref["features"], atol=1e-6)
+
+
+def test_changed_shard_plan_starts_over(tmp_path, tiny_backbone, monkeypatch):
+    ds = ShapesWorldDataset(ShapesWorld(seed=0, image_size=32), "test", 10)
+    calls = _counting(monkeypatch, tiny_backbone, fail_at=1)
+    with pytest.raises(Interrupt):
+        extract_embeddings(tiny_backbone, ds, tiny_backbone.transform, tmp_path / "x.safetensors",
+                           shard_size=4, batch_size=4, num_workers=0, progress=False)
+    monkeypatch.undo()
+    calls = _counting(monkeypatch, tiny_backbone)
+    extract_embeddings(tiny_backbone, ds, tiny_backbone.transform, tmp_path / "x.safetensors",
+                       shard_size=5, batch_size=5, num_workers=0, progress=False)
+    assert sum(calls) == 10  # a shard of another plan is never reused
+
+
+def test_image_folder_with_bad_file_and_cache_entry(tmp_path, tiny_backbone):
+    root = write_image_folder(tmp_path / "imgs", {"cat": 5, "dog": 4}, size=40)
+    (root / "dog" / "9.png").write_bytes(b"not an image")
+    ds = ImageFolderReader.read(root, skip_bad=True)
+    cache = EmbeddingCache(tmp_path / "cache")
+    with pytest.warns(UserWarning, match="9.png"):
+        streamed = image_embeddings(tiny_backbone, ds, tiny_backbone.transform, cache, batch_size=3, stream=True)
+    assert streamed["index"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # the unreadable 10th is skipped
+    assert cache.misses == 1 and cache.path(next(iter(_keys(cache)))).is_file()
+    again = image_embeddings(tiny_backbone, ds, tiny_backbone.transform, cache, batch_size=3, stream=True)
+    assert cache.hits == 1 and torch.equal(again["features"], streamed["features"])
+    with pytest.warns(UserWarning):
+        plain = image_embeddings(tiny_backbone, ds, tiny_backbone.transform, None, batch_size=3)
+    assert torch.allclose(plain["features"], streamed["features"], atol=1e-6)
+
+
+def _keys(cache):
+    return [p.stem for p in (cache.root / "embeddings").glob("*.safetensors")]
+
+
+def test_gpu_decode_required_names_the_reason(tmp_path, tiny_backbone):
+    ds = ShapesWorldDataset(ShapesWorld(seed=0, image_size=32), "test", 4)
+    with pytest.raises(ValueError, match="not on a CUDA device"):
+        extract_embeddings(tiny_backbone, ds, tiny_backbone.transform, tmp_path / "g.safetensors",
+                           gpu_decode=True, progress=False)
+
+
+def test_split_transform_and_assemble(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from torchvision.transforms import v2
+
+    assert split_transform(v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])) is None
+    shards = []
+    for k in range(3):
+        p = tmp_path / f"s{k}.safetensors"
+        save_file({"features": torch.randn(k + 1, 7), "index": torch.arange(k + 1)}, str(p))
+        shards.append(p)
+    out = assemble(shards, tmp_path / "all.safetensors", {"note": "x"})
+    got = load_file(str(out))
+    parts = [load_file(str(p)) for p in shards]
+    assert torch.equal(got["features"], torch.cat([p["features"] for p in parts]))
+    assert torch.equal(got["index"], torch.cat([p["index"] for p in parts]))
