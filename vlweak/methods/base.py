@@ -62,6 +62,9 @@ class VLMethod(L.LightningModule):
         self._collected: list[dict[str, Tensor]] = []
         self.last_artifact: Path | None = None
         self.last_metrics: dict[str, float] = {}
+        #: the last evaluated / pseudolabelled epoch's gathered outputs (``stage``, ``scores``,
+        #: ``target``, ``mask``, ``index`` as available), for callbacks such as the figures.
+        self.last_outputs: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- vocabulary
     def require_classnames(self) -> list[str]:
@@ -119,6 +122,9 @@ class VLMethod(L.LightningModule):
         else:
             report = multiclass_report(scores, targets)
         per_class = report.pop("per_class")
+        self.last_outputs = {"stage": stage, "scores": scores, "target": targets}
+        if mask is not None:
+            self.last_outputs["mask"] = mask
         self.last_metrics = {f"{stage}/{k}": float(v) for k, v in report.items()}
         run_dir = self.run_dir()  # a collective under DDP: every rank calls it
         if self._trainer is not None and self.trainer.predicting:  # predict hooks cannot self.log
@@ -175,6 +181,9 @@ class VLMethod(L.LightningModule):
         """Write the pseudolabel artifact of ``stage`` from rank 0 (returns its path there).
         Call it on every rank (finding the run folder is a collective under DDP)."""
         run_dir = self.run_dir()
+        if self.last_outputs.get("stage") != stage or len(self.last_outputs.get("scores", ())) != len(scores):
+            self.last_outputs = {"stage": stage, "scores": scores}
+        self.last_outputs["index"] = indices
         if self.artifact_path == "" or self.global_rank != 0:
             return None
         split = {"test": "test", "predict": "predict", "validate": "val"}.get(stage, stage)
@@ -192,6 +201,7 @@ class VLMethod(L.LightningModule):
         else:
             path = run_dir / f"pseudolabels-{stage}.safetensors"
         self.last_artifact = labels.save(path)
+        self.last_outputs["artifact"] = self.last_artifact
         return self.last_artifact
 
     def configure_optimizers(self):  # training-free methods have nothing to optimize

@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import REPO
+from vlweak.backbones import OpenCLIPBackbone
+from vlweak.callbacks.figures import (
+    EvaluationFigures,
+    calibration_bins,
+    confusion_matrix,
+    expected_calibration_error,
+    per_class_accuracy,
+)
+from vlweak.cli import build_cli
+
+CONF = str(REPO / "tests" / "conf" / "zeroshot_tiny.yaml")
+FIGS = {"per_class_accuracy", "confusion_matrix", "reliability", "samples"}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
+    return str(path)
+
+
+def _args(stage, tmp_path, ckpt, *extra):
+    return [stage, "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--model.init_args.backbone.init_args.pretrained={ckpt}",
+            "--trainer.callbacks+=vlweak.callbacks.EvaluationFigures", *extra]
+
+
+def test_ece_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(500, 7, generator=g).mul(2).softmax(1)
+    targets = torch.randint(0, 7, (500,), generator=g)
+    conf, pred = scores.max(1)
+    direct = 0.0
+    for lo in torch.arange(15) / 15:
+        hi = lo + 1 / 15
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            direct += inside.float().mean() * ((pred[inside] == targets[inside]).float().mean() - conf[inside].mean()).abs()
+    assert expected_calibration_error(scores, targets) == pytest.approx(float(direct), abs=1e-6)
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    tm = multiclass_calibration_error(scores, targets, num_classes=7, n_bins=15, norm="l1")
+    assert expected_calibration_error(scores, targets) == pytest.approx(float(tm), abs=1e-5)
+    # a perfectly calibrated toy case: confidence 0.75 and 3 of 4 right
+    s = torch.tensor([[0.75, 0.25]] * 4)
+    assert expected_calibration_error(s, torch.tensor([0, 0, 0, 1])) == pytest.approx(0.0, abs=1e-7)
+    bins = calibration_bins(s, torch.tensor([0, 0, 0, 1]), 4)
+    assert bins["count"].tolist() == [0, 0, 4, 0] and float(bins["accuracy"][2]) == 0.75
+
+
+def test_per_class_and_confusion():
+    pred, t = torch.tensor([0, 1, 1, 2, 0]), torch.tensor([0, 1, 2, 2, 1])
+    assert per_class_accuracy(pred, t, 4)[:3].tolist() == [1.0, 0.5, 0.5] and per_class_accuracy(pred, t, 4)[3].isnan()
+    cm = confusion_matrix(pred, t, 3)
+    assert cm.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+
+
+def test_vlweak_test_writes_pngs(tmp_path, tiny_ckpt):
+    cli = build_cli(_args("test", tmp_path, tiny_ckpt))
+    folder = Path(cli.trainer.log_dir) / "figures"
+    assert {p.name for p in folder.glob("*.png")} == {f"test_{n}.png" for n in FIGS}
+    assert all(p.stat().st_size > 2000 for p in folder.glob("*.png"))
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, EvaluationFigures))
+    out = cli.model.last_outputs
+    assert out["stage"] == "test" and out["index"].tolist() == list(range(13))
+    assert cb.ece == pytest.approx(expected_calibration_error(out["scores"], out["target"]))
+
+
+def test_wandb_offline_gets_images_artifact_and_config(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    build_cli(_args("test", tmp_path, tiny_ckpt, "--trainer.logger=WandbLogger",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.project=vlweak-tests"))
+    import wandb
+
+    wandb.finish()
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert len(runs) == 1
+    media = sorted(p.name.rsplit("_", 2)[0] for p in (runs[0] / "files" / "media" / "images").rglob("*.png"))
+    assert media == sorted(FIGS)
+    # the PNGs are in the run directory too
+    assert len(list(tmp_path.rglob("figures/test_*.png"))) == 4
+    # the artifact (type "pseudolabels", with the artifact file) and the resolved config are in the
+    # offline run's record log (protobuf: a 12-byte string field "pseudolabels" is the type)
+    log = next(runs[0].glob("*.wandb")).read_bytes()
+    run_id = runs[0].name.rsplit("-", 1)[1]
+    assert b"\x0cpseudolabels" in log and f"pseudolabels-test-{run_id}".encode() in log
+    assert b"pseudolabels-test.safetensors" in log
+    assert b"resolved_config" in log and b"vlweak.methods.ZeroShot" in log
