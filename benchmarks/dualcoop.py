@@ -12,10 +12,15 @@ Weights are random (no download needed): the timings depend on the architecture,
 Class count, batch and context length default to DualCoOp's COCO setting (80 classes, batch 32,
 16 context tokens).
 
+``--accuracy`` instead measures test mAP on the built-in world's multi-label scenes: zero-shot
+(ZeroShot, multilabel) against DualCoOp trained with each observed label fraction (the shipped
+``vlweak-shapes`` weights, or ``--weights FILE``).
+
 Examples::
 
     python benchmarks/dualcoop.py --quick                    # CPU, tiny models, seconds
     python benchmarks/dualcoop.py --archs RN50 ViT-B-32      # GPU, bf16 vs fp32
+    python benchmarks/dualcoop.py --accuracy --fractions 0.1 0.3 0.5 1.0 --epochs 10
 """
 
 from __future__ import annotations
@@ -76,6 +81,38 @@ def throughput(m: DualCoOp, step, precision: str, batch: int, steps: int, warmup
     return batch * steps / (time.perf_counter() - start)
 
 
+def accuracy(args: argparse.Namespace) -> None:
+    import lightning as L
+
+    from vlweak.data import ShapesWorldDataModule
+    from vlweak.methods import ZeroShot
+
+    backbone = OpenCLIPBackbone("vlweak-shapes", pretrained=args.weights)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def data(fraction: float | None) -> ShapesWorldDataModule:
+        return ShapesWorldDataModule(
+            multilabel=True, n_train=args.n_train, n_val=32, n_test=args.n_test, batch_size=32,
+            label_fraction=fraction, budget_seed=args.seed,
+        )
+
+    zero_shot = ZeroShot(backbone=backbone, classnames=data(None).classnames, multilabel=True)
+    L.Trainer(**quiet).test(zero_shot, data(None), verbose=False)
+    print(f"world multi-label scenes: {args.n_train} train / {args.n_test} test images, {args.epochs} epochs, "
+          f"lr {args.lr}, loss reduction {args.reduction}, budget seed {args.seed}")
+    print("| observed labels | zero-shot mAP | DualCoOp mAP | F1@top3 |")
+    print("| --- | --- | --- | --- |")
+    for fraction in args.fractions:
+        torch.manual_seed(args.seed)
+        dm = data(fraction if fraction < 1 else None)
+        model = DualCoOp(backbone=backbone, classnames=dm.classnames, save_mask=False, lr=args.lr,
+                         loss_reduction=args.reduction, n_ctx=args.n_ctx)
+        L.Trainer(max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0, **quiet).fit(model, dm)
+        L.Trainer(**quiet).test(model, dm, verbose=False)
+        m = model.last_metrics
+        print(f"| {fraction:.0%} | {zero_shot.last_metrics['test/mAP']:.3f} | {m['test/mAP']:.3f} | {m['test/f1_top3']:.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=None, help="open_clip architectures (default: RN50 ViT-B-32 on GPU)")
@@ -88,7 +125,18 @@ def main() -> None:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="vlweak's autocast precision (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--quick", action="store_true", help="CPU-sized run: tiny models, 20 classes, batch 8, 4 context tokens")
+    p.add_argument("--accuracy", action="store_true", help="test mAP per observed label fraction instead of throughput")
+    p.add_argument("--weights", default="vlweak-shapes", help="--accuracy: vlweak-shapes weights (tag or file)")
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 0.5, 1.0])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--reduction", choices=["sum", "mean"], default="sum")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.accuracy:
+        return accuracy(args)
     device = torch.device(args.device)
     if args.quick:
         args.archs = args.archs or ["vlweak-tiny", "vlweak-tiny-rn"]

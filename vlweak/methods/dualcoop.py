@@ -226,19 +226,24 @@ class DualCoOp(VLMethod):
             if train is None:
                 raise ValueError("loss em_apl needs the data module's train split (its size sets the pseudo-label table)")
             max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
-            self.labeler = AsymmetricPseudoLabeler(
+            labeler = AsymmetricPseudoLabeler(
                 len(train), len(self.seen), self.hparams.apl_neg_proportion, self.hparams.apl_warmup_epochs, max_epochs
             )
+            # Not a sub-module: its table is train-set state, saved under its own checkpoint key, so
+            # test/predict load a checkpoint without it.
+            object.__setattr__(self, "labeler", labeler)
 
     def on_fit_start(self) -> None:
         if self.labeler is not None:
             self.labeler.to(self.device)
-        if self.hparams.save_mask and self.global_rank == 0:
+        if self.hparams.save_mask:
             from vlweak.data.multilabel import save_label_mask
 
             dm = self._datamodule()
-            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            if dm is not None and save_label_mask(dm, root / "train_label_mask.safetensors") is not None:
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
+            if self.global_rank != 0 or dm is None:
+                return
+            if save_label_mask(dm, root / "train_label_mask.safetensors") is not None:
                 log.info("saved the train label mask to %s", root / "train_label_mask.safetensors")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
@@ -339,9 +344,15 @@ class DualCoOp(VLMethod):
                         out["scores"][:, idx], out["target"][:, idx], out["mask"][:, idx], self.threshold
                     )
                     report.pop("per_class")
-                    for k, v in report.items():
-                        self.log(f"{stage}/{part}_{k}", v, rank_zero_only=True)
-                        self.last_metrics[f"{stage}/{part}_{k}"] = float(v)
+                    metrics = {f"{stage}/{part}_{k}": float(v) for k, v in report.items()}
+                    self.last_metrics.update(metrics)
+                    if self.trainer.predicting:  # predict hooks cannot self.log
+                        if self.global_rank == 0:
+                            for logger in self.loggers:
+                                logger.log_metrics(metrics)
+                    else:
+                        for k, v in metrics.items():
+                            self.log(k, v, rank_zero_only=True)
         if stage != "val":
             self.write_artifact(stage, out["scores"], out["index"])
 
@@ -354,8 +365,8 @@ class DualCoOp(VLMethod):
     def on_predict_epoch_end(self) -> None:
         self._finish("predict")
 
-    def provenance(self) -> dict[str, Any]:
-        info = super().provenance()
+    def provenance(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        info = super().provenance(*args, **kwargs)
         names = self.require_classnames()
         info["unseen_classes"] = [names[i] for i in self.unseen]
         return info
