@@ -1,8 +1,6 @@
 """Lightning callbacks shared by vlweak's methods."""
 
+from vlweak.callbacks.figures import EvaluationFigures
 from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds, RoundState
 
-__all__ = ["PseudolabelRounds", "RoundState"]
-from vlweak.callbacks.figures import EvaluationFigures  # noqa: E402
-
-__all__ += ["EvaluationFigures"]
+__all__ = ["EvaluationFigures", "PseudolabelRounds", "RoundState"]

@@ -1,8 +1,6 @@
 """Label sets, hierarchies and the pseudolabel artifact."""
 
 from vlweak.labels.artifact import ArtifactError, PseudoLabels
-
-__all__ = ["ArtifactError", "PseudoLabels"]
 from vlweak.labels.hierarchy import LabelHierarchy, normalize_name
 from vlweak.labels.hierarchy_builtin import builtin_names as builtin_hierarchies
 from vlweak.labels.hierarchy_clean import clean_subclasses
@@ -22,7 +20,8 @@ from vlweak.labels.hierarchy_generate import (
     generate_hierarchy,
 )
 
-__all__ += [
+__all__ = [
+    "ArtifactError",
     "DuplicateNameError",
     "EmptySubclassesError",
     "GenerationError",
@@ -31,6 +30,7 @@ __all__ += [
     "LabelHierarchy",
     "MultipleParentsError",
     "OpenAICompatibleGenerator",
+    "PseudoLabels",
     "SubclassGenerator",
     "TransformersGenerator",
     "UnknownParentError",

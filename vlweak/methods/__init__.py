@@ -1,12 +1,12 @@
 """vlweak's methods, one LightningModule each."""
 
 from vlweak.methods.base import VLMethod
-from vlweak.methods.cdul import CDUL  # noqa: F401
+from vlweak.methods.cdul import CDUL
+from vlweak.methods.chils import CHiLS
+from vlweak.methods.dualcoop import DualCoOp
 from vlweak.methods.pretrain import CLIPPretrain
+from vlweak.methods.prompt_tuning import PromptTuning
 from vlweak.methods.zeroshot import ZeroShot
+from vlweak.methods.zlap import ZLaP
 
-__all__ = ["CLIPPretrain", "VLMethod", "ZeroShot"]
-from vlweak.methods.chils import CHiLS  # noqa: E402,F401
-from vlweak.methods.prompt_tuning import PromptTuning  # noqa: E402,F401
-from vlweak.methods.dualcoop import DualCoOp  # noqa: E402,F401
-from vlweak.methods.zlap import ZLaP  # noqa: E402,F401
+__all__ = ["CDUL", "CHiLS", "CLIPPretrain", "DualCoOp", "PromptTuning", "VLMethod", "ZLaP", "ZeroShot"]
