@@ -19,6 +19,8 @@ requires_shipped = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
+    # runs without a logger write into the working directory: keep that out of the repository
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     monkeypatch.setenv("VLWEAK_CACHE", str(tmp_path_factory.getbasetemp() / "vlweak-cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
 

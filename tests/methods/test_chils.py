@@ -7,6 +7,8 @@ import lightning as L
 import pytest
 import torch
 
+from tests.conftest import REPO
+
 from vlweak.data import ShapesWorldDataModule
 from vlweak.data.world import COARSE
 from vlweak.labels import PseudoLabels, UnknownParentError
@@ -152,7 +154,7 @@ def test_recipe_runs_through_the_cli(tmp_path):
 
     cli = build_cli(
         [
-            "test", "--config", "recipes/chils/shapes_coarse.yaml",
+            "test", "--config", str(REPO / "recipes/chils/shapes_coarse.yaml"),
             "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
             "--model.init_args.backbone.init_args.pretrained=",  # random init
             "--data.init_args.n_test=16", "--data.init_args.batch_size=16",
