@@ -40,6 +40,9 @@ def atomic_save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: dic
     os.close(fd)
     try:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
