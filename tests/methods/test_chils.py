@@ -3,6 +3,8 @@ errors, and CHiLS beating superclass zero-shot on the built-in world."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -124,6 +126,18 @@ def test_module_test_loop_artifacts_and_side_by_side_metrics(tiny_backbone, tmp_
     trainer.test(model, datamodule=dm)
     CHiLS(backbone=tiny_backbone, classnames=dm.classnames, hierarchy="shapes", templates=["a {}.", "the {}."]).build_classifier()
     assert sum(calls) == 15 * 2
+
+
+def test_predict_on_a_labelled_split_logs_every_variant(tiny_backbone, tmp_path):
+    # predict hooks cannot self.log: the side-by-side accuracies go to the loggers directly
+    dm = _coarse(24)
+    model = CHiLS(backbone=tiny_backbone, classnames=dm.classnames, hierarchy="shapes", templates=["a {}."])
+    trainer = _trainer(tmp_path)
+    trainer.predict(model, datamodule=dm)
+    assert {f"predict/acc_{v}" for v in ("superclass", "subclass", "reweight", "aggregate")} <= set(model.last_metrics)
+    logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "predict/acc_aggregate" in logged and "predict/acc" in logged
+    assert PseudoLabels.load(model.last_artifact).provenance["stage"] == "predict"
 
 
 def test_forward_and_variants(tiny_backbone):

@@ -127,16 +127,21 @@ class VLMethod(L.LightningModule):
             self.last_outputs["mask"] = mask
         self.last_metrics = {f"{stage}/{k}": float(v) for k, v in report.items()}
         run_dir = self.run_dir()  # a collective under DDP: every rank calls it
-        if self._trainer is not None and self.trainer.predicting:  # predict hooks cannot self.log
-            if self.global_rank == 0:
-                for logger in self.loggers:
-                    logger.log_metrics(self.last_metrics)
-                    logger.save()
-        else:
-            for k, v in report.items():
-                self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=True)
+        self.log_metrics(self.last_metrics)
         self._write_per_class(run_dir, stage, names, per_class)
         return self.last_metrics
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Log already-gathered metrics from rank 0, in any loop (predict hooks cannot ``self.log``:
+        there they go to the loggers directly)."""
+        if self._trainer is not None and self.trainer.predicting:
+            if self.global_rank == 0:
+                for logger in self.loggers:
+                    logger.log_metrics(metrics)
+                    logger.save()
+        else:
+            for k, v in metrics.items():
+                self.log(k, v, sync_dist=False, rank_zero_only=True)
 
     def run_dir(self) -> Path:
         """The run's log folder. Under DDP this broadcasts: call it on every rank."""
@@ -203,6 +208,77 @@ class VLMethod(L.LightningModule):
         self.last_artifact = labels.save(path)
         self.last_outputs["artifact"] = self.last_artifact
         return self.last_artifact
+
+    # ---------------------------------------------------------------- the evaluation loops
+    # validate / test / predict have one shape in every method: prepare once per epoch
+    # (``prepare_eval``), score each batch (``eval_step``, its rows collected), then, on the
+    # outputs of all ranks, evaluate and write the artifact (``finish``). Methods override the three.
+    def prepare_eval(self, stage: str) -> None:
+        """Called at the start of a ``val`` / ``test`` / ``predict`` epoch (e.g. build the text classifier)."""
+
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor] | None:
+        """Per-sample outputs of one non-empty batch (``scores``, ``index`` and, when the batch has
+        ground truth, ``target`` / ``mask``), or ``None`` to collect nothing."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate batches")
+
+    def finish(self, stage: str, out: dict[str, Tensor]) -> None:
+        """At the epoch's end, on every rank, with the outputs of all ranks: evaluate when there is
+        ground truth, and write the pseudolabel artifact of ``test`` / ``predict``."""
+        if "target" in out:
+            self.evaluate(stage, out["scores"], out["target"], out.get("mask"))
+        if stage != "val":
+            self.write_artifact(stage, out["scores"], out["index"], **self.artifact_provenance())
+
+    def artifact_provenance(self) -> dict[str, Any]:
+        """Method-specific provenance written into the artifact beside :meth:`provenance`."""
+        return {}
+
+    @staticmethod
+    def targets_of(batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The batch's ground truth as collected outputs: ``target`` (single-label ``label``, or the
+        multi-label ``target`` with its ``mask``), or nothing when the batch is unlabeled."""
+        if "label" in batch:
+            return {"target": batch["label"]}
+        if "target" in batch:
+            return {"target": batch["target"], "mask": batch["mask"]}
+        return {}
+
+    def _eval_batch(self, batch: dict[str, Any], stage: str) -> None:
+        out = self.eval_step(batch, stage) if batch else None
+        if out is not None:
+            self.collect(**out)
+
+    def _end_eval(self, stage: str) -> None:
+        out = self.gathered()  # a collective under DDP: every rank calls it
+        if out:
+            self.finish(stage, out)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_batch(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_batch(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_batch(batch, "predict")
+
+    def on_validation_epoch_start(self) -> None:
+        self.prepare_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.prepare_eval("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self.prepare_eval("predict")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._end_eval("predict")
 
     def configure_optimizers(self):  # training-free methods have nothing to optimize
         return None

@@ -413,55 +413,24 @@ class CDUL(VLMethod):
                 "or set model.init_args.inference: init to score with the CLIP initialization"
             )
 
-    def on_validation_epoch_start(self) -> None:
-        self._require_multilabel()
-
-    def on_test_epoch_start(self) -> None:
-        self._start("test")
-
-    def on_predict_epoch_start(self) -> None:
-        dm = self._datamodule()
-        self._start(getattr(dm, "predict_split", "test"))
+    def prepare_eval(self, stage: str) -> None:
+        if stage == "val":  # validation scores the classifier being trained
+            self._require_multilabel()
+        else:
+            self._start("test" if stage == "test" else getattr(self._datamodule(), "predict_split", "test"))
 
     def _scores(self, batch: dict[str, Any]) -> Tensor:
         if self._split_scores is not None:
             return self._split_scores[batch["index"].cpu()].to(self.device)
         return torch.sigmoid(self.classify(batch))
 
-    def _step(self, batch: dict[str, Any]) -> None:
-        if not batch:
-            return
-        out = {"scores": self._scores(batch), "index": batch["index"]}
-        if "target" in batch:
-            out["target"], out["mask"] = batch["target"], batch["mask"]
-        self.collect(**out)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor] | None:
+        truth = self.targets_of(batch)
+        if stage == "val" and not truth:
+            return None
         with torch.no_grad():
-            out = {"scores": torch.sigmoid(self.classify(batch)), "index": batch["index"]} if batch else None
-        if out is not None and "target" in batch:
-            self.collect(**out, target=batch["target"], mask=batch["mask"])
+            scores = torch.sigmoid(self.classify(batch)) if stage == "val" else self._scores(batch)
+        return {"scores": scores, "index": batch["index"], **truth}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def _finish(self, stage: str) -> None:
-        out = self.gathered()
-        if not out:
-            return
-        if "target" in out:
-            self.evaluate(stage, out["scores"], out["target"], out.get("mask"))
-        if stage != "val":
-            self.write_artifact(stage, out["scores"], out["index"], inference=self.inference, init=self.init)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def on_predict_epoch_end(self) -> None:
-        self._finish("predict")
+    def artifact_provenance(self) -> dict[str, Any]:
+        return {"inference": self.inference, "init": self.init}

@@ -228,49 +228,30 @@ class CHiLS(VLMethod):
         return variant_scores(p_sub, p_sup, self.parent, self.variant)[0]
 
     # ---------------------------------------------------------------- loops
-    def on_test_epoch_start(self) -> None:
+    def prepare_eval(self, stage: str) -> None:
         self._ensure_classifier()
 
-    def on_predict_epoch_start(self) -> None:
-        self._ensure_classifier()
-
-    def on_validation_epoch_start(self) -> None:
-        self._ensure_classifier()
-
-    def _step(self, batch: dict[str, Any], keep_subclass_scores: bool) -> None:
-        if not batch:
-            return
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
         p_sub, p_sup = self.probabilities(self.image_features(batch))
         rw = reweight(p_sub, p_sup, self.parent)
         scores, sub_scores = variant_scores(p_sub, p_sup, self.parent, self.variant, rw)
         out = {"scores": scores, "index": batch["index"]}
-        if keep_subclass_scores:
+        if self.subclass_artifact and stage != "val":
             out["sub_scores"] = sub_scores
         if "label" in batch:  # every variant's prediction, for the side-by-side accuracies
             out["target"] = batch["label"]
             out.update({f"pred_{k}": v for k, v in all_predictions(p_sub, p_sup, self.parent, rw).items()})
-        self.collect(**out)
+        return out
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, keep_subclass_scores=False)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, keep_subclass_scores=self.subclass_artifact)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, keep_subclass_scores=self.subclass_artifact)
-
-    def _finish(self, stage: str) -> None:
-        out = self.gathered()
-        if not out:
-            return
+    def finish(self, stage: str, out: dict[str, Tensor]) -> None:
         if "pred_reweight" in out:
             self.evaluate(stage, out["scores"], out["target"])
             keep = out["target"] >= 0
-            for v in VARIANTS:  # every variant's accuracy, side by side
-                acc = (out[f"pred_{v}"][keep] == out["target"][keep]).float().mean()
-                self.log(f"{stage}/acc_{v}", acc, rank_zero_only=True)
-                self.last_metrics[f"{stage}/acc_{v}"] = float(acc)
+            side_by_side = {  # every variant's accuracy
+                f"{stage}/acc_{v}": float((out[f"pred_{v}"][keep] == out["target"][keep]).float().mean()) for v in VARIANTS
+            }
+            self.log_metrics(side_by_side)
+            self.last_metrics.update(side_by_side)
         if stage == "val":
             return
         path = self.write_artifact(stage, out["scores"], out["index"], variant=self.variant)
@@ -293,12 +274,3 @@ class CHiLS(VLMethod):
         path = main.with_name(main.name.replace(".safetensors", "-subclasses.safetensors"))
         self.last_subclass_artifact = labels.save(path)
         return self.last_subclass_artifact
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def on_predict_epoch_end(self) -> None:
-        self._finish("predict")

@@ -301,69 +301,31 @@ class DualCoOp(VLMethod):
             pos, neg = self.text_features()
         self.text_cache = torch.stack([pos, neg])
 
-    def on_validation_epoch_start(self) -> None:
+    def prepare_eval(self, stage: str) -> None:
         self._cache_text()
 
-    def on_test_epoch_start(self) -> None:
-        self._cache_text()
-
-    def on_predict_epoch_start(self) -> None:
-        self._cache_text()
-
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        if not batch:
-            return
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
         if self.text_cache.numel() == 0:
             self._cache_text()
         pos, neg = self.text_cache[0], self.text_cache[1]
         scores = torch.softmax(self.logits(self.region_features(batch), pos, neg), dim=-1)[..., 0]
-        out = {"scores": scores, "index": batch["index"]}
-        if "target" in batch:
-            out["target"], out["mask"] = batch["target"], batch["mask"]
-        self.collect(**out)
+        return {"scores": scores, "index": batch["index"], **self.targets_of(batch)}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+    def _end_eval(self, stage: str) -> None:
+        super()._end_eval(stage)
+        self.text_cache = torch.empty(0, device=self.device)  # prompts change in training
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def _finish(self, stage: str) -> None:
-        out = self.gathered()
-        self.text_cache = torch.empty(0, device=self.device)
-        if not out:
-            return
-        if "target" in out:
-            self.evaluate(stage, out["scores"], out["target"], out.get("mask"))
-            if self.unseen:
-                for part, idx in (("unseen", self.unseen), ("seen", self.seen)):
-                    report = multilabel_report(
-                        out["scores"][:, idx], out["target"][:, idx], out["mask"][:, idx], self.threshold
-                    )
-                    report.pop("per_class")
-                    metrics = {f"{stage}/{part}_{k}": float(v) for k, v in report.items()}
-                    self.last_metrics.update(metrics)
-                    if self.trainer.predicting:  # predict hooks cannot self.log
-                        if self.global_rank == 0:
-                            for logger in self.loggers:
-                                logger.log_metrics(metrics)
-                    else:
-                        for k, v in metrics.items():
-                            self.log(k, v, rank_zero_only=True)
-        if stage != "val":
-            self.write_artifact(stage, out["scores"], out["index"])
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def on_predict_epoch_end(self) -> None:
-        self._finish("predict")
+    def evaluate(self, stage: str, scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+        """mAP / F1 over all classes and, in the unseen-class setting, over the seen and the unseen ones."""
+        metrics = super().evaluate(stage, scores, targets, mask)
+        for part, idx in (("unseen", self.unseen), ("seen", self.seen)) if self.unseen else ():
+            report = multilabel_report(scores[:, idx], targets[:, idx], mask[:, idx], self.threshold)
+            report.pop("per_class")
+            part_metrics = {f"{stage}/{part}_{k}": float(v) for k, v in report.items()}
+            self.log_metrics(part_metrics)
+            metrics.update(part_metrics)
+        self.last_metrics = metrics
+        return metrics
 
     def provenance(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         info = super().provenance(*args, **kwargs)

@@ -361,46 +361,26 @@ class PromptTuning(VLMethod):
         return loss
 
     # ---------------------------------------------------------------- evaluation
-    def _eval_start(self) -> None:
+    def prepare_eval(self, stage: str) -> None:
         with torch.no_grad():
             self._eval_classes = self.class_features().detach()
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_start()
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_start()
-
-    def on_predict_epoch_start(self) -> None:
-        self._eval_start()
-
-    def _step(self, batch: dict[str, Any]) -> None:
-        if not batch:
-            return
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
         with torch.no_grad():
             scores = self.logits(self.batch_features(batch), self._eval_classes).float().softmax(-1)
         out = {"scores": scores, "index": batch["index"]}
         if "label" in batch:
             out["target"] = batch["label"]
-        self.collect(**out)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
+        return out
 
     def evaluate(self, stage: str, scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> dict[str, float]:
         """Accuracy metrics, plus the spread of per-class accuracy (std and min over the classes
         present) and, with a seen/unseen split, seen and unseen accuracy and their harmonic mean."""
         metrics = super().evaluate(stage, scores, targets, mask)
         extra = spread_and_split(scores, targets, self._seen_classes())
-        for k, v in extra.items():
-            self.log(f"{stage}/{k}", v, sync_dist=False, rank_zero_only=True)
-            metrics[f"{stage}/{k}"] = v
+        extra = {f"{stage}/{k}": v for k, v in extra.items()}
+        self.log_metrics(extra)
+        metrics.update(extra)
         self.last_metrics = metrics
         return metrics
 
@@ -411,23 +391,6 @@ class PromptTuning(VLMethod):
         seen = getattr(dm, "seen_class_indices", None)
         return list(seen) if seen is not None else None
 
-    def _finish(self, stage: str) -> None:
-        out = self.gathered()
-        if not out:
-            return
-        if "target" in out:
-            self.evaluate(stage, out["scores"], out["target"])
-        if stage != "val":
-            self.write_artifact(stage, out["scores"], out["index"])
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def on_predict_epoch_end(self) -> None:
-        self._finish("predict")
 
 
 def spread_and_split(scores: Tensor, targets: Tensor, seen: list[int] | None = None) -> dict[str, float]:

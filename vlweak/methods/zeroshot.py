@@ -74,49 +74,9 @@ class ZeroShot(VLMethod):
         return logits.softmax(-1)
 
     # ---------------------------------------------------------------- loops
-    def on_test_epoch_start(self) -> None:
+    def prepare_eval(self, stage: str) -> None:
         self.build_classifier()
 
-    def on_predict_epoch_start(self) -> None:
-        self.build_classifier()
-
-    def on_validation_epoch_start(self) -> None:
-        self.build_classifier()
-
-    def _step(self, batch: dict[str, Any]) -> None:
-        if not batch:
-            return
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
         scores = self.scores(self.logits(self.image_features(batch)))
-        out = {"scores": scores, "index": batch["index"]}
-        if "label" in batch:
-            out["target"] = batch["label"]
-        elif "target" in batch:
-            out["target"], out["mask"] = batch["target"], batch["mask"]
-        self.collect(**out)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def _finish(self, stage: str) -> None:
-        out = self.gathered()
-        if not out:
-            return
-        if "target" in out:
-            self.evaluate(stage, out["scores"], out["target"], out.get("mask"))
-        if stage != "val":
-            self.write_artifact(stage, out["scores"], out["index"])
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def on_predict_epoch_end(self) -> None:
-        self._finish("predict")
+        return {"scores": scores, "index": batch["index"], **self.targets_of(batch)}

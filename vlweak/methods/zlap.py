@@ -151,21 +151,9 @@ class ZLaP(VLMethod):
         return prop.inductive(feats) if self.mode == "inductive" else prop.sparse_inductive(feats)
 
     # ---------------------------------------------------------------- loops
-    def _step(self, batch: dict[str, Any]) -> None:
-        if not batch:
-            return
-        out = {"features": self.image_features(batch), "index": batch["index"]}
-        if "label" in batch:
-            out["target"] = batch["label"]
-        elif "target" in batch:
-            out["target"], out["mask"] = batch["target"], batch["mask"]
-        self.collect(**out)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch)
+    def eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
+        # the graph needs every image first: collect features, propagate in ``finish``
+        return {"features": self.image_features(batch), "index": batch["index"], **self.targets_of(batch)}
 
     def _split_of(self, stage: str) -> str:
         if stage == "predict":
@@ -173,10 +161,8 @@ class ZLaP(VLMethod):
             return getattr(dm, "predict_split", "test")
         return stage
 
-    def _finish(self, stage: str) -> None:
-        out = self.gathered()  # every rank: all ranks' samples, de-duplicated, sorted by index
-        if not out:
-            return
+    def finish(self, stage: str, out: dict[str, Tensor]) -> None:
+        # every rank holds all ranks' samples, de-duplicated and sorted by index
         world = self.trainer.world_size if self._trainer is not None else 1
         scores = None
         if world == 1 or self.global_rank == 0:
@@ -186,10 +172,5 @@ class ZLaP(VLMethod):
             scores = self.trainer.strategy.broadcast(scores, src=0)
         if "target" in out:
             self.evaluate(stage, scores, out["target"], out.get("mask"))
-        self.write_artifact(stage, scores, out["index"], mode=self.mode)
-
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def on_predict_epoch_end(self) -> None:
-        self._finish("predict")
+        if stage != "val":
+            self.write_artifact(stage, scores, out["index"], mode=self.mode)
