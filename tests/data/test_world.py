@@ -76,20 +76,3 @@ def test_shift_changes_backgrounds():
     src = {ShapesWorld(seed=0, shift=0.0).scene("test", i).background for i in range(50)}
     tgt = {ShapesWorld(seed=0, shift=1.0).scene("test", i).background for i in range(50)}
     assert src.isdisjoint(tgt)
-
-
-def test_pretraining_mix_of_one_and_multi_object_scenes():
-    from vlweak.data import ShapesWorldDataModule
-
-    dm = ShapesWorldDataModule(n_train=400, n_val=0, n_test=0, multi_object_fraction=0.3, seed=5)
-    ds = dm.build_split("train")
-    assert 0.22 < ds.is_multi.mean() < 0.38
-    multi, single = int(np.flatnonzero(ds.is_multi)[0]), int(np.flatnonzero(~ds.is_multi)[0])
-    # each item is the world's own scene of that kind, drawn from (seed, split, index) alone
-    assert ds[multi]["caption"] == ShapesWorld(seed=5, multilabel=True).scene("train", multi).caption
-    assert np.array_equal(ds[single]["image"].permute(1, 2, 0).numpy(), ShapesWorld(seed=5).scene("train", single).image)
-    assert set(ds[multi]) == {"image", "caption", "index"}
-    again = ShapesWorldDataModule(n_train=400, multi_object_fraction=0.3, seed=5).build_split("train")
-    assert np.array_equal(again.is_multi, ds.is_multi)
-    with pytest.raises(ValueError, match="multi_object_fraction"):
-        ShapesWorldDataModule(multi_object_fraction=1.5)

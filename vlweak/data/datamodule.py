@@ -23,7 +23,6 @@ from vlweak.data.cache import EmbeddingCache, image_embeddings
 from vlweak.data.datasets import (
     ImageFolderReader,
     ManifestReader,
-    ShapesCaptionMix,
     ShapesWorldDataset,
     Transformed,
     VocabularyError,
@@ -263,10 +262,6 @@ class ShapesWorldDataModule(VLDataModule):
         seed: world seed.
         image_size: image side in pixels.
         max_objects: most objects per multi-label scene.
-        multi_object_fraction: for contrastive pretraining (``CLIPPretrain``): the share of
-            multi-object scenes mixed among one-object scenes in every split, so the model learns
-            small objects and lists of shapes; items then carry image and caption only, no labels.
-            ``0`` (default) serves the labelled task.
         **kwargs: see :class:`VLDataModule` (batch size, label budget, embeddings, ...).
     """
 
@@ -281,13 +276,9 @@ class ShapesWorldDataModule(VLDataModule):
         seed: int = 0,
         image_size: int = 64,
         max_objects: int = 4,
-        multi_object_fraction: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= multi_object_fraction <= 1.0:
-            raise ValueError(f"multi_object_fraction must lie in [0, 1], got {multi_object_fraction}")
-        self.multi_object_fraction = multi_object_fraction
         self._classnames = classnames_for("shape") if multilabel else classnames_for(task)
         self.task, self._multilabel = task, multilabel
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
@@ -305,16 +296,7 @@ class ShapesWorldDataModule(VLDataModule):
 
     def build_split(self, split: str) -> Dataset | None:
         n = self.sizes[split]
-        if n <= 0:
-            return None
-        if self.multi_object_fraction > 0:
-            w = self.world
-            single, multi = (
-                ShapesWorld(seed=w.seed, image_size=w.image_size, shift=w.shift, multilabel=m, max_objects=w.max_objects)
-                for m in (False, True)
-            )
-            return ShapesCaptionMix(single, multi, split, n, self.multi_object_fraction)
-        return ShapesWorldDataset(self.world, split, n, task=self.task)
+        return ShapesWorldDataset(self.world, split, n, task=self.task) if n > 0 else None
 
 
 class ImageFolderDataModule(VLDataModule):

@@ -16,12 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vlweak.data.world import SPLITS, ShapesWorld, label_of, multilabel_target
+from vlweak.data.world import ShapesWorld, label_of, multilabel_target
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -336,28 +335,6 @@ class ShapesWorldDataset(Dataset):
             "split": self.split,
             "n": self.n,
         }
-
-
-class ShapesCaptionMix(Dataset):
-    """Image-caption pairs of the built-in world mixing one-object and multi-object scenes, for
-    contrastive pretraining: item ``i`` is a multi-object scene with probability ``fraction``
-    (decided by ``(seed, split, i)`` alone). Items carry ``image``, ``caption`` and ``index``, no labels."""
-
-    def __init__(self, single: ShapesWorld, multi: ShapesWorld, split: str, n: int, fraction: float) -> None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"multi-object fraction must lie in [0, 1], got {fraction}")
-        self.single, self.multi, self.split, self.n, self.fraction = single, multi, split, n, fraction
-        pick = np.random.default_rng([single.seed, SPLITS[split], 7919]).random(n)
-        self.is_multi = pick < fraction
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        scene = (self.multi if self.is_multi[index] else self.single).scene(self.split, index)
-        return {"image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(), "caption": scene.caption, "index": index}
 
 
 class Transformed(Dataset):
