@@ -161,6 +161,11 @@ def test_plumbing_fit_test_and_artifacts_tiny(tmp_path):
     assert not torch.allclose(init.scores, refined.scores)  # the Y-steps moved the labels
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert "test/mAP" in cli.model.last_metrics
+    # predict scores the data module's predict split, here with the training-free initialization
+    pred = _cli(tmp_path, "predict", "--config", str(conf), *small, "--model.init_args.inference=init",
+                "--data.init_args.predict_split=train")
+    art = PseudoLabels.load(pred.model.last_artifact)
+    assert art.scores.shape == (64, 12) and art.sample_ids[0] == "shapes-train-0"
     # an untrained classifier is refused with a message that says what to do
     with pytest.raises(RuntimeError, match="untrained"):
         _cli(tmp_path, "test", "--config", str(conf), *small)

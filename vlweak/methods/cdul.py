@@ -417,7 +417,7 @@ class CDUL(VLMethod):
         if stage == "val":  # validation scores the classifier being trained
             self._require_multilabel()
         else:
-            self._start("test" if stage == "test" else getattr(self._datamodule(), "predict_split", "test"))
+            self._start(self._current_split())
 
     def _scores(self, batch: dict[str, Any]) -> Tensor:
         if self._split_scores is not None:
