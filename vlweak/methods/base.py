@@ -182,6 +182,14 @@ class VLMethod(L.LightningModule):
             return [str(int(i)) for i in indices]
         return [ids[int(i)] for i in indices]
 
+    def split_of(self, stage: str) -> str:
+        """The data split a loop reads: ``val`` for validation, the data module's ``predict_split``
+        under ``predict`` (``test`` without one), else the stage's own name."""
+        if stage == "predict":
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            return getattr(dm, "predict_split", "test")
+        return {"validate": "val"}.get(stage, stage)
+
     def write_artifact(self, stage: str, scores: Tensor, indices: Tensor, **extra_provenance: Any) -> Path | None:
         """Write the pseudolabel artifact of ``stage`` from rank 0 (returns its path there).
         Call it on every rank (finding the run folder is a collective under DDP)."""
@@ -191,11 +199,10 @@ class VLMethod(L.LightningModule):
         self.last_outputs["index"] = indices
         if self.artifact_path == "" or self.global_rank != 0:
             return None
-        split = {"test": "test", "predict": "predict", "validate": "val"}.get(stage, stage)
         labels = PseudoLabels.from_scores(
             scores,
             self.require_classnames(),
-            self.sample_ids(split, indices),
+            self.sample_ids(self.split_of(stage), indices),
             indices,
             multilabel=self.multilabel,
             threshold=getattr(self, "threshold", 0.5),

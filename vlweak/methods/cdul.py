@@ -274,9 +274,7 @@ class CDUL(VLMethod):
             return "train"
         if t.validating or t.sanity_checking:
             return "val"
-        if t.predicting:
-            return getattr(self._datamodule(), "predict_split", "test")
-        return "test"
+        return self.split_of("predict" if t.predicting else "test")
 
     def _log_init(self, prefix: str, init: dict[str, Tensor], use_self_log: bool = False) -> dict[str, float]:
         """mAP of the global / local / aggregated initial scores against the split's true targets

@@ -155,18 +155,12 @@ class ZLaP(VLMethod):
         # the graph needs every image first: collect features, propagate in ``finish``
         return {"features": self.image_features(batch), "index": batch["index"], **self.targets_of(batch)}
 
-    def _split_of(self, stage: str) -> str:
-        if stage == "predict":
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            return getattr(dm, "predict_split", "test")
-        return stage
-
     def finish(self, stage: str, out: dict[str, Tensor]) -> None:
         # every rank holds all ranks' samples, de-duplicated and sorted by index
         world = self.trainer.world_size if self._trainer is not None else 1
         scores = None
         if world == 1 or self.global_rank == 0:
-            raw = self.propagate(out["features"], self._split_of(stage))
+            raw = self.propagate(out["features"], self.split_of(stage))
             scores = normalise_scores(raw, self.multilabel).cpu()
         if world > 1:
             scores = self.trainer.strategy.broadcast(scores, src=0)
