@@ -92,3 +92,23 @@ def test_bf16_autocast_on_cpu(tiny_backbone):
     assert torch.nn.functional.cosine_similarity(out, tiny_backbone.encode_image(x)).min() > 0.98
     with pytest.raises(ValueError, match="precision"):
         OpenCLIPBackbone("vlweak-tiny", pretrained=None, precision="fp8")
+
+
+def test_config_overrides_change_the_architecture_and_the_fingerprint(tmp_path):
+    torch.manual_seed(0)
+    tok = OpenCLIPBackbone("vlweak-tiny", pretrained=None, config_overrides={"vision_cfg": {"pool_type": "tok"}})
+    avg = OpenCLIPBackbone("vlweak-tiny", pretrained=None, config_overrides={"vision_cfg": {"pool_type": "avg"}})
+    assert (tok.model.visual.pool_type, avg.model.visual.pool_type) == ("tok", "avg")
+    # the rest of the nested config is kept: the same parameters load into both poolings
+    path = tmp_path / "w.safetensors"
+    save_file(tok.model.state_dict(), str(path))
+    a = OpenCLIPBackbone("vlweak-tiny", pretrained=str(path), config_overrides={"vision_cfg": {"pool_type": "avg"}})
+    t = OpenCLIPBackbone("vlweak-tiny", pretrained=str(path), config_overrides={"vision_cfg": {"pool_type": "tok"}})
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(a.encode_image(x), t.encode_image(x))
+    assert a.fingerprint() != t.fingerprint()  # the embedding cache keeps them apart
+    # mean-pooled: the global feature is the mean of the projected region features
+    pooled, dense = a.dense_features(x, normalize=False)
+    assert torch.allclose(pooled, dense.mean(1), atol=1e-5)
+    with pytest.raises(ValueError, match="vison_cfg"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained=None, config_overrides={"vison_cfg": {"pool_type": "avg"}})

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -88,6 +90,8 @@ class OpenCLIPBackbone(Backbone):
             random initialisation.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
         freeze: keep the encoders frozen.
+        config_overrides: open_clip architecture entries to change before the model is built, merged
+            one level deep, e.g. ``{"vision_cfg": {"pool_type": "tok"}}`` (part of the fingerprint).
         cache_dir: where open_clip downloads tagged weights.
     """
 
@@ -97,6 +101,7 @@ class OpenCLIPBackbone(Backbone):
         pretrained: str | None = "vlweak-shapes",
         precision: Precision = "fp32",
         freeze: bool = True,
+        config_overrides: dict[str, Any] | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(precision=precision, freeze=freeze)
@@ -107,11 +112,12 @@ class OpenCLIPBackbone(Backbone):
             raise UnknownArchitectureError(f"unknown open_clip architecture {model_name!r}.{hint}")
         self.model_name = model_name
         self.pretrained = pretrained
+        self.config_overrides = dict(config_overrides or {})
         root_logger = logging.getLogger()
         level = root_logger.level
         root_logger.setLevel(logging.ERROR)  # open_clip warns about random init before we load weights
         try:
-            self.model = open_clip.create_model(model_name, pretrained=None)
+            self.model = open_clip.create_model(model_name, pretrained=None, **self._merged(config_overrides))
         finally:
             root_logger.setLevel(level)
         self._weights_digest = "random-init"
@@ -120,6 +126,19 @@ class OpenCLIPBackbone(Backbone):
         self.weights = pretrained or "random-init"
         self._tokenizer = open_clip.get_tokenizer(model_name)
         self._finish_init()
+
+    def _merged(self, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        """The top-level config entries to pass to ``open_clip.create_model`` for ``overrides``."""
+        if not overrides:
+            return {}
+        base = open_clip.get_model_config(self.model_name) or {}
+        unknown = sorted(set(overrides) - set(base))
+        if unknown:
+            raise ValueError(f"config_overrides names {unknown}, not in {self.model_name!r}'s config ({sorted(base)})")
+        return {
+            k: {**base[k], **v} if isinstance(base[k], dict) and isinstance(v, dict) else v
+            for k, v in overrides.items()
+        }
 
     # ------------------------------------------------------------------ weights
     def _load_weights(self, pretrained: str, cache_dir: str | None) -> None:
@@ -159,7 +178,10 @@ class OpenCLIPBackbone(Backbone):
         self._weights_digest = file_digest(path)
 
     def fingerprint_parts(self) -> dict[str, str]:
-        return {"model": self.model_name, "weights": self._weights_digest}
+        parts = {"model": self.model_name, "weights": self._weights_digest}
+        if self.config_overrides:
+            parts["config"] = json.dumps(self.config_overrides, sort_keys=True)
+        return parts
 
     # ------------------------------------------------------------------ properties
     @property
