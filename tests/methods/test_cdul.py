@@ -194,9 +194,8 @@ def test_world_no_labels_aggregated_beats_global(world_runs):
 
 
 @requires_shipped
-@pytest.mark.xfail(strict=True, reason="not reached with the shipped model: the head matches its initial pseudolabels "
-                   "(test mAP 0.59 against 0.60 for the aggregated initialization), it does not beat them")
 def test_world_classifier_beats_its_initial_pseudolabels(world_runs):
+    # measured: classifier test mAP 0.729 against 0.705 for the aggregated initialization (global 0.367)
     _, classifier, test_init = world_runs
     assert classifier > test_init["test_init/mAP_aggregated"], (classifier, test_init)
 
