@@ -20,7 +20,7 @@ Examples::
 
     python benchmarks/dualcoop.py --quick                    # CPU, tiny models, seconds
     python benchmarks/dualcoop.py --archs RN50 ViT-B-32      # GPU, bf16 vs fp32
-    python benchmarks/dualcoop.py --accuracy --fractions 0.1 0.3 0.5 1.0 --epochs 10
+    python benchmarks/dualcoop.py --accuracy --fractions 0.1 0.3 0.5 1.0 --epochs 16
 """
 
 from __future__ import annotations
@@ -128,11 +128,11 @@ def main() -> None:
     p.add_argument("--accuracy", action="store_true", help="test mAP per observed label fraction instead of throughput")
     p.add_argument("--weights", default="vlweak-shapes", help="--accuracy: vlweak-shapes weights (tag or file)")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 0.5, 1.0])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--reduction", choices=["sum", "mean"], default="sum")
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--reduction", choices=["sum", "mean"], default="mean")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.accuracy:
