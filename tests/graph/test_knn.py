@@ -60,3 +60,31 @@ def test_k_is_clipped_and_bad_inputs_raise():
         knn(x, x, 0)
     with pytest.raises(ValueError):
         knn(x, x, 2, engine="annoy")
+
+
+def _clustered(n: int, d: int, clusters: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = normalize(torch.randn(clusters, d, generator=g), dim=1)
+    return normalize(centres[torch.randint(clusters, (n,), generator=g)] + 0.15 * torch.randn(n, d, generator=g), dim=1)
+
+
+def test_ivf_engine_is_close_to_exact_and_excludes_self():
+    x = _clustered(4000, 32, 20, seed=3)
+    sims, idx = self_knn(x, 5, engine="faiss-ivf")
+    ref_s, ref_i = _brute(x, x, 5, True)
+    assert sims.shape == idx.shape == (4000, 5)
+    assert not (idx == torch.arange(4000).unsqueeze(1)).any()
+    recall = (idx.unsqueeze(2) == ref_i.unsqueeze(1)).any(2).float().mean().item()
+    assert recall > 0.9, recall
+    # what it returns are true similarities, sorted
+    torch.testing.assert_close(sims, (x.unsqueeze(1) * x[idx]).sum(-1), atol=1e-5, rtol=0)
+    assert (sims[:, :-1] >= sims[:, 1:] - 1e-6).all()
+
+
+def test_ivf_engine_falls_back_to_exact_for_rows_it_cannot_fill():
+    # 100 points: one list of 2 (100 // 39); ask for more neighbours than one probed list can hold
+    x = _clustered(100, 8, 2, seed=4)
+    sims, idx = knn(x, x, 90, engine="faiss-ivf")
+    ref_s, ref_i = _brute(x, x, 90, False)
+    assert (idx >= 0).all()
+    torch.testing.assert_close(sims, ref_s, atol=1e-5, rtol=0)

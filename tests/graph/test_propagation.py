@@ -56,3 +56,14 @@ def test_unfitted_propagator_raises():
 
     with pytest.raises(RuntimeError):
         ZLaPPropagator().transductive()
+
+
+def test_approximate_knn_engine_keeps_the_predictions():
+    g = torch.Generator().manual_seed(5)
+    centres = torch.nn.functional.normalize(torch.randn(10, 32, generator=g), dim=1)
+    labels = torch.randint(10, (3000,), generator=g)
+    images = torch.nn.functional.normalize(centres[labels] + 0.2 * torch.randn(3000, 32, generator=g), dim=1)
+    text = torch.nn.functional.normalize(centres + 0.3 * torch.randn(10, 32, generator=g), dim=1)
+    exact = ZLaPPropagator(knn_engine="faiss").fit(images, text).transductive().argmax(1)
+    approx = ZLaPPropagator(knn_engine="faiss-ivf").fit(images, text).transductive().argmax(1)
+    assert (exact == approx).float().mean().item() >= 0.99

@@ -10,8 +10,9 @@ It carries the structure vlweak's methods exploit:
   classifying through the coarse names (the gap CHiLS closes);
 * **multi-label** scenes: 1-4 small objects, labels = the shapes present;
 * **domain shift** (``shift`` in [0, 1]): textured and pale backgrounds, desaturated palette and
-  outline-only drawing appear as ``shift`` grows, giving an unlabeled target domain with cluster
-  structure that zero-shot handles worse than the source domain.
+  outline-only drawing appear as ``shift`` grows, giving an unlabeled target domain that
+  zero-shot handles worse than the source domain (its images' nearest neighbours share their shape
+  less often, too: ``benchmarks/world_zeroshot.py`` measures both).
 """
 
 from __future__ import annotations

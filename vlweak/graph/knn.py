@@ -1,6 +1,6 @@
-"""Exact k-nearest neighbours by inner product on L2-normalised features.
+"""k-nearest neighbours by inner product on L2-normalised features.
 
-Two engines, one answer (up to ties):
+Two exact engines, one answer (up to ties):
 
 * ``"faiss"``: an exact ``faiss.IndexFlatIP`` (CPU tensors only);
 * ``"torch"``: blockwise ``matmul`` + ``topk`` on whatever device the tensors are on. When the
@@ -11,18 +11,28 @@ Two engines, one answer (up to ties):
 ``engine="auto"`` picks faiss for CPU tensors and torch on an accelerator. (On 2 CPU cores the
 symmetric torch search measured slower than faiss despite half the products — faiss fuses the top-k
 into its GEMM loop — so it is the GPU path and a CPU fallback.) Memory stays O(M·k) plus one tile.
+
+And one approximate engine for large CPU graphs, where the exact search is most of ZLaP's time:
+
+* ``"faiss-ivf"``: a ``faiss.IndexIVFFlat`` (spherical k-means into ``2·sqrt(N)`` lists, each query
+  scans the ``nprobe`` nearest lists: by default a fiftieth of them, and enough for about 1,000
+  candidates per query). A row that finds fewer than ``k``
+  candidates falls back to the exact search. Measure its agreement before trusting it
+  (``benchmarks/zlap.py --engine faiss-ivf`` prints prediction agreement with the exact reference).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-Engine = Literal["auto", "faiss", "torch"]
+Engine = Literal["auto", "faiss", "torch", "faiss-ivf"]
+ENGINES = ("auto", "faiss", "torch", "faiss-ivf")
 
-__all__ = ["Engine", "knn", "self_knn"]
+__all__ = ["ENGINES", "Engine", "knn", "self_knn"]
 
 
 def _check(features: Tensor, name: str) -> None:
@@ -103,6 +113,31 @@ def _faiss_search(queries: Tensor, base: Tensor, k: int) -> tuple[Tensor, Tensor
     return torch.from_numpy(d).to(queries.dtype), torch.from_numpy(i).long()
 
 
+def _faiss_ivf_search(queries: Tensor, base: Tensor, k: int, nprobe: int | None = None) -> tuple[Tensor, Tensor]:
+    import faiss
+
+    base_np = base.detach().float().contiguous().numpy()
+    n, d = base_np.shape
+    nlist = max(1, min(int(round(2 * math.sqrt(n))), n // 39))  # faiss wants >= 39 training points per list
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical = True
+    index.cp.niter = 10
+    index.cp.max_points_per_centroid = 64  # k-means on a sample: training stays a small part of the search
+    index.train(base_np)
+    index.add(base_np)
+    # scan a fiftieth of the lists, and at least ~1,000 candidates per query (small sets stay near exact)
+    index.nprobe = min(nlist, nprobe or max(4, nlist // 50, math.ceil(1000 * nlist / n)))
+    q_np = queries.detach().float().contiguous().numpy()
+    dist, ids = index.search(q_np, k)
+    sims, idx = torch.from_numpy(dist), torch.from_numpy(ids).long()
+    short = (idx < 0).any(dim=1).nonzero().squeeze(1)
+    if len(short):  # a query whose probed lists hold fewer than k points: search it exactly
+        s, i = _faiss_search(queries[short], base, k)
+        sims[short], idx[short] = s.float(), i
+    return sims.to(queries.dtype), idx
+
+
 def _drop_self(sims: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """From k+1 results per row, drop the row's own index (or the last one if it is absent)."""
     rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
@@ -131,7 +166,8 @@ def knn(
         queries: ``[M, d]``.
         base: ``[N, d]`` or ``None`` for a self-search.
         k: neighbours per query; clipped to the number of candidates (``N``, or ``M - 1``).
-        engine: ``"auto"``, ``"faiss"`` (CPU tensors only) or ``"torch"``.
+        engine: ``"auto"``, ``"faiss"`` (CPU tensors only), ``"torch"``, or the approximate
+            ``"faiss-ivf"`` (CPU tensors only).
         block_size: rows (and columns) per tile of the torch engine.
 
     Returns:
@@ -154,16 +190,20 @@ def knn(
     if candidates < 1:
         raise ValueError("need at least one candidate neighbour (two points for a self-search)")
     k = min(k, candidates)
-    if engine not in ("auto", "faiss", "torch"):
-        raise ValueError(f"unknown kNN engine {engine!r}; use 'auto', 'faiss' or 'torch'")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown kNN engine {engine!r}; use one of {', '.join(ENGINES)}")
     on_cpu = queries.device.type == "cpu"
-    if engine == "faiss" and not on_cpu:
-        raise RuntimeError("the faiss engine searches CPU tensors; use engine='torch' on an accelerator")
+    if engine.startswith("faiss") and not on_cpu:
+        raise RuntimeError(f"the {engine} engine searches CPU tensors; use engine='torch' on an accelerator")
     if engine == "auto":
         engine = "faiss" if on_cpu else "torch"
     block = block_size or _default_block(queries.device)
 
     with torch.no_grad():
+        if engine == "faiss-ivf":
+            if base is None:
+                return _drop_self(*_faiss_ivf_search(queries, queries, k + 1), k)
+            return _faiss_ivf_search(queries, base, k)
         if engine == "faiss":
             if base is None:
                 sims, idx = _faiss_search(queries, queries, k + 1)
