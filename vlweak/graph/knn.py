@@ -16,9 +16,9 @@ And one approximate engine for large CPU graphs, where the exact search is most 
 
 * ``"faiss-ivf"``: a ``faiss.IndexIVFFlat`` (spherical k-means into ``2·sqrt(N)`` lists, each query
   scans the ``nprobe`` nearest lists: by default a fiftieth of them, and enough for about 1,000
-  candidates per query). A row that finds fewer than ``k``
-  candidates falls back to the exact search. Measure its agreement before trusting it
-  (``benchmarks/zlap.py --engine faiss-ivf`` prints prediction agreement with the exact reference).
+  candidates per query). A row that finds fewer than ``k`` candidates falls back to the exact
+  search. Measure its agreement before trusting it (``benchmarks/zlap.py --engine faiss-ivf``
+  prints prediction agreement with the exact reference).
 """
 
 from __future__ import annotations
