@@ -45,6 +45,28 @@ def test_print_config_is_complete(capsys):
         assert key in out, key
 
 
+OVERLAYS = {"prompt_multimodal", "prompt_visual", "strategy_fpl", "strategy_grip", "strategy_ifpl", "zlap_to_grip"}
+RECIPES = sorted(
+    p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "sweeps" and p.stem not in OVERLAYS
+)
+
+
+@pytest.mark.parametrize("recipe", RECIPES + sorted(OVERLAYS), ids=lambda r: str(r).split("recipes/")[-1])
+def test_every_recipe_loads(recipe, capsys):
+    """Every shipped recipe parses into a complete config (overlays on top of the unsupervised
+    prompt-tuning recipe they are documented with)."""
+    if isinstance(recipe, str):
+        configs = ["--config", str(REPO / "recipes/prompt_tuning/shapes_unsupervised.yaml"),
+                   "--config", str(REPO / f"recipes/prompt_tuning/{recipe}.yaml")]
+    else:
+        configs = ["--config", str(recipe)]
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", *configs, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: vlweak.methods." in out and "trainer:" in out
+
+
 def test_test_logs_metrics_and_writes_artifact(tmp_path, tiny_ckpt):
     cli = _run(["test"], tmp_path, tiny_ckpt)
     log_dir = Path(cli.trainer.log_dir)
