@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vlweak.graph import ZLaPPropagator
@@ -67,3 +68,25 @@ def test_approximate_knn_engine_keeps_the_predictions():
     exact = ZLaPPropagator(knn_engine="faiss").fit(images, text).transductive().argmax(1)
     approx = ZLaPPropagator(knn_engine="faiss-ivf").fit(images, text).transductive().argmax(1)
     assert (exact == approx).float().mean().item() >= 0.99
+
+
+def test_sparse_topk_must_be_positive():
+    with pytest.raises(ValueError, match="sparse_topk"):
+        ZLaPPropagator(sparse_topk=0)
+
+
+def test_a_solve_stopped_by_maxiter_warns(clustered_data):
+    images, text, _ = clustered_data(n=200, d=16, c=4)
+    prop = ZLaPPropagator(alpha=0.99, maxiter=2).fit(images, text)
+    with pytest.warns(RuntimeWarning, match="did not reach the CG tolerance"):
+        prop.transductive()
+    with pytest.warns(RuntimeWarning, match="dual inductive"):
+        prop.inductive(images[:3])
+
+
+def test_bfloat16_features_propagate_like_float32(clustered_data):
+    images, text, labels = clustered_data(n=300, d=16, c=4)
+    full = ZLaPPropagator().fit(images, text).transductive()
+    half = ZLaPPropagator().fit(images.bfloat16(), text.bfloat16()).transductive()
+    assert half.dtype == torch.float32
+    assert (half.argmax(1) == full.argmax(1)).float().mean() > 0.95

@@ -56,3 +56,20 @@ def test_mismatched_inputs_raise():
         build_zlap_graph(torch.randn(5, 3), torch.randn(2, 4))
     with pytest.raises(ValueError):
         build_zlap_graph(torch.randn(1, 3), torch.randn(2, 3))
+
+
+def test_empty_text_and_mixed_dtypes_raise_naming_the_problem():
+    with pytest.raises(ValueError, match="at least one class"):
+        build_zlap_graph(torch.randn(5, 3), torch.randn(0, 3))
+    with pytest.raises(ValueError, match="float64"):
+        build_zlap_graph(torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features_build_the_float32_graph(clustered_data, dtype):
+    images, text, _ = clustered_data(n=100, d=16, c=4)
+    images, text = images.to(dtype), text.to(dtype)
+    half = build_zlap_graph(images, text, k=5, gamma=5.0)
+    full = build_zlap_graph(images.float(), text.float(), k=5, gamma=5.0)
+    assert half.adjacency.dtype == torch.float32
+    torch.testing.assert_close(half.adjacency.to_dense(), full.adjacency.to_dense())

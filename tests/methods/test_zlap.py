@@ -59,6 +59,37 @@ def test_predict_on_the_pool_is_transductive_over_the_pool(tiny_backbone, tmp_pa
     torch.testing.assert_close(pl.scores, normalise_scores(direct))
 
 
+def test_predict_on_part_of_the_pool_returns_those_rows(tiny_backbone, tmp_path):
+    dm = _world(predict_split="train")
+    model = ZLaP(backbone=tiny_backbone, classnames=dm.classnames)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_predict_batches=2,
+    )
+    model.artifact_path = str(tmp_path / "part.safetensors")
+    trainer.predict(model, datamodule=dm)
+    pl = PseudoLabels.load(model.last_artifact)
+    assert pl.indices.tolist() == list(range(16))  # 2 batches of 8 of the 48-image pool
+    whole = model.propagator.fit(model.pool_features(), model.classifier()).transductive()
+    torch.testing.assert_close(pl.scores, normalise_scores(whole)[:16])
+
+
+def test_multilabel_map_ranks_by_the_raw_propagation_scores(tiny_backbone, tmp_path):
+    from vlweak.metrics import multilabel_report
+
+    dm = ShapesWorldDataModule(n_train=48, n_val=0, n_test=24, multilabel=True, batch_size=8)
+    model = ZLaP(backbone=tiny_backbone, classnames=dm.classnames, multilabel=True, artifact_path="")
+    _trainer(tmp_path).test(model, datamodule=dm)
+    raw = model.propagator.transductive()[48:]  # the graph was the pool followed by the test images
+    target = model.last_outputs["target"]
+    expected = multilabel_report(raw, target)["mAP"].item()
+    assert model.last_metrics["test/mAP"] == pytest.approx(expected)
+    # confidences (per image rescaled) are what the artifact holds and what F1 reads
+    assert model.last_metrics["test/f1_at_threshold"] == pytest.approx(
+        multilabel_report(normalise_scores(raw, True), target)["f1_at_threshold"].item()
+    )
+
+
 def test_graph_of_test_images_alone(tiny_backbone, tmp_path):
     dm = _world(n_train=0)
     model = ZLaP(backbone=tiny_backbone, classnames=dm.classnames, pool_split=None, artifact_path="")

@@ -54,13 +54,23 @@ class ZLaPGraph:
         return self.adjacency.device
 
 
+def _solvable(x: Tensor | None) -> Tensor | None:
+    """Half-precision features in float32: sparse products have no fp16/bf16 kernels on CPU, and
+    CG cannot reach its tolerance (nor ``s ** gamma`` stay above underflow) in half precision."""
+    return x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _check_inputs(images: Tensor, text: Tensor) -> None:
+    if text.dim() == 2 and text.shape[0] == 0:
+        raise ValueError("the graph needs at least one class text embedding, got none")
     if images.dim() != 2 or text.dim() != 2:
         raise ValueError(f"images and text must be 2-d, got {tuple(images.shape)} and {tuple(text.shape)}")
     if images.shape[1] != text.shape[1]:
         raise ValueError(f"images have d={images.shape[1]} but text embeddings d={text.shape[1]}")
     if images.device != text.device:
         raise ValueError(f"images on {images.device} but text embeddings on {text.device}")
+    if images.dtype != text.dtype:
+        raise ValueError(f"images are {images.dtype} but text embeddings {text.dtype}")
 
 
 def query_edges(
@@ -86,6 +96,10 @@ def query_edges(
     Returns:
         ``(nodes [M, k_img + k_txt], weights [M, k_img + k_txt])`` in the graph's node numbering.
     """
+    queries, images, text = _solvable(queries), _solvable(images), _solvable(text)
+    _check_inputs(queries, text)
+    if images is not None:
+        _check_inputs(images, text)
     num_classes = text.shape[0]
     img_sims, img_idx = knn(queries, images, k, engine=engine)
     txt_sims, txt_idx = knn(queries, text, k, engine="torch")
@@ -117,6 +131,7 @@ def build_zlap_graph(
     Returns:
         :class:`ZLaPGraph` on the features' device.
     """
+    images, text = _solvable(images), _solvable(text)
     _check_inputs(images, text)
     if images.shape[0] < 2:
         raise ValueError("the graph needs at least two images")

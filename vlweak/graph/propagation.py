@@ -16,6 +16,8 @@ Eq. 2) by conjugate gradient, for all right-hand sides at once.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,9 +38,23 @@ __all__ = [
 ]
 
 # Paper / public reference defaults: k = 5, gamma = 5.0, alpha = 0.3; CG tol 1e-6, at most 50 steps.
+# vlweak's k counts neighbours other than the image itself, as the paper defines the graph (a search
+# of k that includes the query and then drops the diagonal keeps k - 1).
 DEFAULT_K = 5
 DEFAULT_GAMMA = 5.0
 DEFAULT_ALPHA = 0.3
+
+
+def warn_unconverged(result: CGResult, what: str) -> None:
+    """Warn when conjugate gradient stopped at ``maxiter`` before reaching its tolerance."""
+    bad = int((~result.converged).sum())
+    if bad:
+        warnings.warn(
+            f"ZLaP {what}: {bad} of {result.converged.numel()} right-hand sides did not reach the CG tolerance "
+            f"in {result.iterations} iterations (raise maxiter, or lower alpha); scores may be inexact",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def propagation_operator(graph: ZLaPGraph, alpha: float) -> Callable[[Tensor], Tensor]:
@@ -131,8 +147,9 @@ def dual_inductive_scores(
     out = torch.empty(m, graph.num_classes, dtype=graph.adjacency.dtype, device=graph.device)
     for start in range(0, m, batch):
         y = _rhs(graph, nodes[start : start + batch], weights[start : start + batch])
-        x = conjugate_gradient(operator, y, tol=tol, maxiter=maxiter).x
-        out[start : start + batch] = x[: graph.num_classes].T
+        result = conjugate_gradient(operator, y, tol=tol, maxiter=maxiter)
+        warn_unconverged(result, "dual inductive solves")
+        out[start : start + batch] = result.x[: graph.num_classes].T
     return out
 
 
@@ -152,6 +169,8 @@ class SparseSolution:
 
     @classmethod
     def from_dense(cls, solution: Tensor, topk: int = 1) -> SparseSolution:
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
         values, classes = solution.topk(min(topk, solution.shape[1]), dim=1)
         return cls(values=values, classes=classes, num_classes=solution.shape[1])
 
@@ -195,6 +214,8 @@ class ZLaPPropagator:
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        if sparse_topk < 1:
+            raise ValueError(f"sparse_topk must be >= 1, got {sparse_topk}")
         self.k, self.gamma, self.alpha = k, gamma, alpha
         self.tol, self.maxiter = tol, maxiter
         self.sparse_topk = sparse_topk
@@ -222,7 +243,9 @@ class ZLaPPropagator:
         """The full solution ``[C + N, C]`` (computed once)."""
         graph = self._need_graph()
         if self._solution is None:
-            self._solution = class_solutions(graph, self.alpha, tol=self.tol, maxiter=self.maxiter).x
+            result = class_solutions(graph, self.alpha, tol=self.tol, maxiter=self.maxiter)
+            warn_unconverged(result, "class solutions")
+            self._solution = result.x
         return self._solution
 
     def transductive(self) -> Tensor:

@@ -114,11 +114,14 @@ class VLMethod(L.LightningModule):
         return {k: torch.cat([g[k][r, : sizes[r]] for r in range(len(sizes))]) for k in g}
 
     # ---------------------------------------------------------------- evaluation and artifacts
-    def evaluate(self, stage: str, scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> dict[str, float]:
-        """Log accuracy metrics (single-label) or mAP/F1 (multi-label); per-class values go to a CSV."""
+    def evaluate(
+        self, stage: str, scores: Tensor, targets: Tensor, mask: Tensor | None = None, rank_scores: Tensor | None = None
+    ) -> dict[str, float]:
+        """Log accuracy metrics (single-label) or mAP/F1 (multi-label); per-class values go to a CSV.
+        Multi-label: ``rank_scores`` (default ``scores``) are what the per-class APs rank by."""
         names = self.require_classnames()
         if self.multilabel:
-            report = multilabel_report(scores, targets, mask)
+            report = multilabel_report(scores, targets, mask, rank_scores=rank_scores)
         else:
             report = multiclass_report(scores, targets)
         per_class = report.pop("per_class")

@@ -103,47 +103,78 @@ class ZLaP(VLMethod):
         )
         self.save_hyperparameters(ignore=["backbone"])
         self._pool: Tensor | None = None
+        self._pool_index: Tensor | None = None
 
     # ---------------------------------------------------------------- inputs
     def classifier(self) -> Tensor:
         """Text nodes: the zero-shot text classifier ``[C, D]`` (unit norm)."""
         return text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
 
+    def _pool_dataset(self) -> Any:
+        """The data module's unlabeled pool dataset (unbudgeted), or a clear error when it has none."""
+        from vlweak.data.budget import Budgeted
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "raw"):
+            raise RuntimeError("ZLaP needs a vlweak data module to read the unlabeled pool from")
+        raw = dm.raw(self.pool_split)
+        if raw is None or len(raw) == 0:
+            raise RuntimeError(
+                f"the data module has no {self.pool_split!r} split to build the graph on "
+                "(give data n_train/train, or pool_split: null for a transductive graph of the evaluated images)"
+            )
+        return raw.dataset if isinstance(raw, Budgeted) else raw
+
     def pool_features(self) -> Tensor:
-        """Unit-norm features of the unlabeled pool, through the embedding cache (computed once)."""
+        """Unit-norm features of the unlabeled pool, through the embedding cache (computed once),
+        in the order of their sample index (:attr:`_pool_index`)."""
         if self._pool is None:
-            from vlweak.data.budget import Budgeted
             from vlweak.data.cache import EmbeddingCache, image_embeddings
 
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            if dm is None or not hasattr(dm, "raw"):
-                raise RuntimeError("ZLaP needs a vlweak data module to read the unlabeled pool from")
-            raw = dm.raw(self.pool_split)
-            if raw is None or len(raw) == 0:
-                raise RuntimeError(
-                    f"the data module has no {self.pool_split!r} split to build the graph on "
-                    "(give data n_train/train, or pool_split: null for a transductive graph of the evaluated images)"
-                )
-            base = raw.dataset if isinstance(raw, Budgeted) else raw
+            base = self._pool_dataset()
+            dm = self.trainer.datamodule
             transform = dm.resolve_transform() if hasattr(dm, "resolve_transform") else self.backbone.transform
             out = image_embeddings(
                 self.backbone, base, transform, getattr(dm, "cache", None) or EmbeddingCache(),
                 getattr(dm, "batch_size", 256), getattr(dm, "num_workers", 0), f"encoding {self.pool_split}",
             )
             order = torch.argsort(out["index"])
+            self._pool_index = out["index"][order].cpu()
             self._pool = torch.nn.functional.normalize(out["features"][order].float(), dim=-1)
         return self._pool
 
+    def prepare_eval(self, stage: str) -> None:
+        # every rank checks the pool exists (so all fail alike); the rank that solves encodes it
+        # now, before the batches, instead of inside the end-of-epoch collective
+        if self.pool_split is None:
+            return
+        self._pool_dataset()
+        if self._trainer is None or self.trainer.world_size == 1 or self.global_rank == 0:
+            self.pool_features()
+
     # ---------------------------------------------------------------- propagation
     @torch.no_grad()
-    def propagate(self, features: Tensor, split: str | None = None) -> Tensor:
-        """Class scores ``[M, C]`` (raw, non-negative) of evaluated images with unit-norm ``features``."""
+    def propagate(self, features: Tensor, split: str | None = None, index: Tensor | None = None) -> Tensor:
+        """Class scores ``[M, C]`` (raw, non-negative) of evaluated images with unit-norm ``features``.
+
+        When the evaluated split *is* the pool, the graph is the whole pool and the rows of the
+        evaluated samples (``index``, their sample indices; all of the pool when ``None``) are returned.
+        """
         text = self.classifier().float()
         feats = features.to(self.device).float()
         pool = None if self.pool_split is None else self.pool_features().to(self.device)
         prop = self.propagator
-        if pool is None or split == self.pool_split:  # the evaluated images are the graph
-            return prop.fit(pool if pool is not None else feats, text).transductive()
+        if pool is None:  # the evaluated images are the graph
+            return prop.fit(feats, text).transductive()
+        if split == self.pool_split:
+            scores = prop.fit(pool, text).transductive()
+            if index is None:
+                return scores
+            rows = torch.searchsorted(self._pool_index, index.cpu())
+            rows = rows.clamp_max(len(self._pool_index) - 1)
+            if not torch.equal(self._pool_index[rows], index.cpu()):
+                raise RuntimeError(f"evaluated samples of the {split!r} split are missing from its pool features")
+            return scores[rows.to(scores.device)]
         if self.mode == "transductive":
             scores = prop.fit(torch.cat([pool, feats]), text).transductive()
             return scores[pool.shape[0] :]
@@ -158,13 +189,15 @@ class ZLaP(VLMethod):
     def finish(self, stage: str, out: dict[str, Tensor]) -> None:
         # every rank holds all ranks' samples, de-duplicated and sorted by index
         world = self.trainer.world_size if self._trainer is not None else 1
-        scores = None
+        raw = None
         if world == 1 or self.global_rank == 0:
-            raw = self.propagate(out["features"], self.split_of(stage))
-            scores = normalise_scores(raw, self.multilabel).cpu()
+            raw = self.propagate(out["features"], self.split_of(stage), out["index"]).cpu()
         if world > 1:
-            scores = self.trainer.strategy.broadcast(scores, src=0)
+            raw = self.trainer.strategy.broadcast(raw, src=0)
+        scores = normalise_scores(raw, self.multilabel)
         if "target" in out:
-            self.evaluate(stage, scores, out["target"], out.get("mask"))
+            # multi-label APs rank images per class: by the raw propagation scores, not by the
+            # per-image rescaled confidences (which the F1 values read)
+            self.evaluate(stage, scores, out["target"], out.get("mask"), rank_scores=raw if self.multilabel else None)
         if stage != "val":
             self.write_artifact(stage, scores, out["index"], mode=self.mode)

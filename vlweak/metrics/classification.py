@@ -37,14 +37,19 @@ def f1_at_top_k(scores: Tensor, targets: Tensor, k: int = 3) -> Tensor:
     return 2 * precision * recall / (precision + recall).clamp(min=1e-12)
 
 
-def multilabel_report(scores: Tensor, targets: Tensor, mask: Tensor | None = None, threshold: float = 0.5) -> dict[str, Tensor]:
+def multilabel_report(
+    scores: Tensor, targets: Tensor, mask: Tensor | None = None, threshold: float = 0.5, rank_scores: Tensor | None = None
+) -> dict[str, Tensor]:
     """mAP (macro over classes with a positive), per-class AP, F1@top-3 and F1 at ``threshold``.
-    Entries where ``mask`` is False are unknown and ignored."""
+    Entries where ``mask`` is False are unknown and ignored. ``rank_scores``, when given, are what
+    the per-class APs rank images by (e.g. raw propagation scores whose per-image rescaled
+    confidences are ``scores``); the F1 values always read ``scores``."""
     scores, t = scores.float(), targets.long()
+    ranked = scores if rank_scores is None else rank_scores.float()
     if mask is not None:
         t = torch.where(mask.bool(), t, torch.full_like(t, -1))
     c = scores.shape[1]
-    per_class = multilabel_average_precision(scores, t, num_labels=c, average=None, ignore_index=-1)
+    per_class = multilabel_average_precision(ranked, t, num_labels=c, average=None, ignore_index=-1)
     has_pos = ((t == 1).sum(0) > 0)
     out = {
         "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),

@@ -1,0 +1,113 @@
+"""How much room a model's frozen features leave above zero-shot on the built-in world.
+
+    python benchmarks/world_headroom.py [--shift 1.0] [--pool 2000 5000 20000] [--weights vlweak-shapes]
+
+Label propagation (ZLaP) and textual prompt tuning (CoOp, GRIP) both work on frozen image
+features, so both are bounded by what those features carry:
+
+* **linear-probe ceiling**: a linear classifier trained on *true* labels of the pool (n = 1,000 /
+  5,000 / all), started from the zero-shot classifier, scored on held-out images. A textual prompt
+  is a linear classifier on the same features, so no pseudolabel strategy can beat this row; if it
+  sits at zero-shot, textual prompt tuning has nothing to gain.
+* **what neighbours share**: how often an image's 10 nearest images (inner product) share its
+  shape, colour, background and outline style. Propagation moves labels along these edges; it can
+  only add to zero-shot where neighbours agree on the class more often than zero-shot is right.
+* **ZLaP against the pool size**: transductive ZLaP (paper defaults) on pools of growing size.
+* **where zero-shot errs**: top-1 on filled against outline-only drawings.
+
+The tables are measured for one domain of the world (``--shift``) with the shipped model or any
+checkpoint (``--weights``), so a new world variant or model can be checked for headroom before
+running the methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlweak.backbones import OpenCLIPBackbone
+from vlweak.data import ShapesWorld, ShapesWorldDataset
+from vlweak.data.cache import encode_images
+from vlweak.data.datasets import Transformed
+from vlweak.data.world import COLOUR_NAMES, SHAPES
+from vlweak.graph import self_knn
+from vlweak.graph.propagation import ZLaPPropagator
+from vlweak.prompts import text_classifier
+
+
+def linear_probe(train: Tensor, labels: Tensor, init: Tensor, steps: int = 1000, scale: float = 30.0) -> Tensor:
+    """Weights ``[C, D]`` and bias of a linear classifier fit by full-batch Adam from ``init``."""
+    weight = torch.nn.Parameter(init.clone())
+    bias = torch.nn.Parameter(torch.zeros(len(init)))
+    opt = torch.optim.Adam([weight, bias], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(scale * train @ weight.T + bias, labels).backward()
+        opt.step()
+    return torch.cat([scale * weight.detach(), bias.detach()[:, None]], 1)
+
+
+def headroom(backbone: OpenCLIPBackbone, shift: float, pools: list[int], n_test: int, seed: int = 0) -> dict:
+    world = ShapesWorld(seed=seed, shift=shift)
+    n_pool = max(pools)
+    pool = ShapesWorldDataset(world, "train", n_pool)
+    test = ShapesWorldDataset(world, "test", n_test)
+
+    def encode(ds):
+        return encode_images(backbone, Transformed(ds, backbone.transform), batch_size=500, progress=False)["features"]
+
+    fp, yp = encode(pool), pool.targets()
+    ft, yt = encode(test), test.targets()
+    text = text_classifier(backbone, SHAPES)
+    out: dict = {"zero-shot top-1 (test)": ((ft @ text.T).argmax(1) == yt).float().mean().item()}
+    for n in sorted({min(1000, n_pool), min(5000, n_pool), n_pool}):
+        w = linear_probe(fp[:n], yp[:n], text)
+        out[f"linear probe on {n} true labels (test)"] = ((ft @ w[:, :-1].T + w[:, -1]).argmax(1) == yt).float().mean().item()
+
+    scenes = [world.scene("test", i) for i in range(n_test)]
+    backgrounds = sorted({s.background for s in scenes})
+    factors = {
+        "shape": yt,
+        "colour": torch.tensor([COLOUR_NAMES.index(s.objects[0].colour) for s in scenes]),
+        "background": torch.tensor([backgrounds.index(s.background) for s in scenes]),
+        "outline": torch.tensor([int(s.objects[0].outline) for s in scenes]),
+    }
+    _, idx = self_knn(ft, 10)
+    for name, v in factors.items():
+        out[f"10 nearest test images share the {name}"] = (v[idx] == v[:, None]).float().mean().item()
+    outline = factors["outline"].bool()
+    correct = (ft @ text.T).argmax(1) == yt
+    out["zero-shot top-1, filled shapes"] = correct[~outline].float().mean().item()
+    if outline.any():
+        out["zero-shot top-1, outline-only shapes"] = correct[outline].float().mean().item()
+
+    for n in pools:
+        feats, labels = torch.cat([fp[:n], ft]), torch.cat([yp[:n], yt])
+        zs = ((feats @ text.T).argmax(1) == labels).float().mean().item()
+        zl = (ZLaPPropagator().fit(feats, text).transductive().argmax(1) == labels).float().mean().item()
+        out[f"ZLaP / zero-shot, graph of {n} pool + {n_test} test images"] = (zl, zs)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shift", type=float, default=1.0, help="domain of the world (0 source .. 1 shifted)")
+    p.add_argument("--pool", type=int, nargs="+", default=[2000, 5000, 20000], help="pool sizes for ZLaP")
+    p.add_argument("--n-test", type=int, default=3000, help="held-out test images")
+    p.add_argument("--weights", default="vlweak-shapes", help="pretrained tag or checkpoint file")
+    args = p.parse_args()
+    backbone = OpenCLIPBackbone("vlweak-shapes", pretrained=args.weights)
+    numbers = headroom(backbone, args.shift, sorted(args.pool), args.n_test)
+    width = max(map(len, numbers))
+    print(f"shift {args.shift}, weights {args.weights}\n")
+    print(f"| {'measure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+    for k, v in numbers.items():
+        value = f"{v[0]:.3f} / {v[1]:.3f}" if isinstance(v, tuple) else f"{v:.3f}"
+        print(f"| {k:<{width}} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

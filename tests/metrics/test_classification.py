@@ -1,0 +1,28 @@
+"""Evaluation reports: multi-label APs rank by the scores they are given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlweak.metrics import multilabel_report
+
+
+def test_ap_ranks_by_rank_scores_and_f1_reads_the_confidences():
+    raw = torch.tensor([[0.9, 0.3], [0.1, 0.05], [0.5, 0.6]])
+    target = torch.tensor([[1, 0], [0, 1], [1, 1]])
+    rescaled = raw / raw.amax(1, keepdim=True)  # per-image rescaling changes each class's ranking
+    assert multilabel_report(raw, target)["mAP"].item() == pytest.approx(11 / 12)
+    assert multilabel_report(rescaled, target)["mAP"].item() == pytest.approx(19 / 24)
+    both = multilabel_report(rescaled, target, rank_scores=raw)
+    assert both["mAP"].item() == pytest.approx(11 / 12)
+    assert both["f1_at_threshold"].item() == pytest.approx(multilabel_report(rescaled, target)["f1_at_threshold"].item())
+
+
+def test_unknown_entries_are_ignored():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.2, 0.3]])
+    target = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    mask = torch.tensor([[True, True], [False, True], [True, True]])
+    # with image 1's first label unknown, class 0 ranks image 0 (positive) over image 2 (positive): AP 1
+    per_class = multilabel_report(scores, target, mask)["per_class"]
+    assert per_class[0].item() == pytest.approx(1.0)
