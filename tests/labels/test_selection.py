@@ -55,6 +55,10 @@ def test_bad_inputs_are_named():
         top_k_per_class(torch.rand(4, 3), 2, classes=[5])
     with pytest.raises(ValueError, match="strategy"):
         k_schedule("grp", 100, 10)
+    nan = torch.rand(4, 3)
+    nan[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite \(first rows \[2\]\)"):
+        top_k_per_class(nan, 1)
 
 
 def test_schedules_follow_the_paper():

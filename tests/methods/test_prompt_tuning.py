@@ -37,10 +37,10 @@ def _recipe(tmp_path: Path, model: dict, data: dict, name: str = "r.yaml") -> Pa
     return path
 
 
-def _fit(recipe: Path, *extra: str, callbacks: list | None = None):
+def _fit(recipe: Path, *extra: str, callbacks: list | None = None, ckpt_path: str | None = None):
     cli = build_cli(["--config", str(recipe), *extra], run=False)
     cli.trainer.callbacks.extend(callbacks or [])
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
 
 
@@ -49,11 +49,13 @@ def _rounds(cli) -> PseudolabelRounds:
 
 
 class _InterruptAtRound(L.Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, at: int, save: Path | None = None) -> None:
+        self.at, self.save = at, save
 
     def on_train_epoch_start(self, trainer, pl_module):
         if _rounds_of(trainer).round >= self.at:
+            if self.save is not None:  # what a ModelCheckpoint(save_last=True) would have left
+                trainer.save_checkpoint(self.save)
             raise RuntimeError("interrupted")
 
 
@@ -100,6 +102,48 @@ def test_resume_after_interrupt_skips_finished_rounds(tmp_path, monkeypatch):
     other = _recipe(tmp_path, dict(TINY_MODEL, strategy="ifpl", k=2), TINY_DATA, "other.yaml")
     with pytest.raises(ValueError, match="different run"):
         _fit(other, f"--model.init_args.rounds_dir={rounds_dir}")
+
+
+def test_default_rounds_folder_resumes_the_same_configuration_only(tmp_path):
+    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _fit(recipe, callbacks=[_InterruptAtRound(1)])
+    folders = list((tmp_path / "runs" / "lightning_logs" / "rounds").iterdir())
+    assert len(folders) == 1 and (folders[0] / "round-001.safetensors").is_file()
+    resumed = _fit(recipe)  # no rounds_dir: the same configuration finds its folder again
+    assert _rounds(resumed).rounds_trained == [1, 2]
+    # another labeled set (budget seed) is another run: its own folder, all rounds trained ...
+    other = _fit(recipe, "--data.init_args.budget_seed=1")
+    assert _rounds(other).rounds_trained == [0, 1, 2]
+    assert len(list((tmp_path / "runs" / "lightning_logs" / "rounds").iterdir())) == 2
+    # ... and refused in a folder holding the first run's rounds, naming what differs
+    with pytest.raises(ValueError, match="labeled_set"):
+        _fit(recipe, "--data.init_args.budget_seed=1", f"--model.init_args.rounds_dir={folders[0]}")
+    with pytest.raises(ValueError, match="training"):
+        _fit(recipe, "--model.init_args.lr=0.5", f"--model.init_args.rounds_dir={folders[0]}")
+
+
+def test_a_fresh_start_removes_the_rounds_of_an_earlier_run(tmp_path):
+    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
+    folder = tmp_path / "rounds"
+    _fit(recipe, f"--model.init_args.rounds_dir={folder}")
+    assert (folder / "round-final.safetensors").is_file()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _fit(recipe, f"--model.init_args.rounds_dir={folder}", "--model.init_args.resume=false",
+             "--model.init_args.seed=5", callbacks=[_InterruptAtRound(1)])
+    assert sorted(p.name for p in folder.glob("round-*")) == ["round-000.safetensors", "round-001.safetensors"]
+    resumed = _fit(recipe, f"--model.init_args.rounds_dir={folder}", "--model.init_args.seed=5")
+    assert _rounds(resumed).rounds_trained == [1, 2]  # not the earlier run's final prompt
+
+
+def test_resuming_from_a_lightning_checkpoint_still_trains_the_remaining_rounds(tmp_path):
+    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
+    folder, ckpt = tmp_path / "rounds", tmp_path / "last.ckpt"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _fit(recipe, f"--model.init_args.rounds_dir={folder}", callbacks=[_InterruptAtRound(1, save=ckpt)])
+    resumed = _fit(recipe, f"--model.init_args.rounds_dir={folder}", ckpt_path=str(ckpt))
+    assert _rounds(resumed).rounds_trained == [1, 2]
+    assert (folder / "round-final.safetensors").is_file()
 
 
 def test_transductive_zero_shot_and_artifact_source(tmp_path):

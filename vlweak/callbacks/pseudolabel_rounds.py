@@ -27,6 +27,7 @@ The module drives the work; it provides (see :class:`vlweak.methods.PromptTuning
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -43,6 +44,16 @@ from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import k_schedule, top_k_per_class
 
 STATE_FORMAT = "vlweak-pseudolabel-round/1"
+
+
+def _source_identity(source: Any) -> str:
+    """The pseudolabel source as part of a run's identity: its name, or a file's path, size and mtime."""
+    text = str(source)
+    path = Path(text)
+    if text != "zeroshot" and path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    return text
 
 
 @dataclass
@@ -100,8 +111,8 @@ class PseudolabelRounds(L.Callback):
     train loader at each round (the training set changes).
 
     Args:
-        dirpath: folder of the round checkpoints (default ``<log dir>/rounds``). Give a fixed folder
-            to resume an interrupted run.
+        dirpath: folder of the round checkpoints (default: a folder per run identity under
+            ``<logger save_dir>/<logger name>/rounds/``, see :meth:`folder`).
         resume: resume from the latest round checkpoint in ``dirpath`` when there is one.
     """
 
@@ -112,13 +123,29 @@ class PseudolabelRounds(L.Callback):
         self.epoch_in_round = 0
         self.schedule: list[int | None] = []
         self.rounds_trained: list[int] = []
+        self.remaining = 0
         self.history: list[dict[str, float]] = []
 
     # ---------------------------------------------------------------- files
-    def folder(self, trainer: L.Trainer) -> Path:
+    def folder(self, trainer: L.Trainer, identity: dict[str, Any] | None = None) -> Path:
+        """``dirpath``, or by default ``<logger save_dir>/<logger name>/rounds/<run identity hash>``:
+        a stable folder (not the per-version log folder), so rerunning the same configuration resumes
+        it and any other configuration starts in a folder of its own."""
         if self.dirpath is None:
-            self.dirpath = Path(trainer.log_dir or trainer.default_root_dir) / "rounds"
+            logger = trainer.logger
+            if logger is not None and getattr(logger, "save_dir", None):
+                base = Path(logger.save_dir) / str(getattr(logger, "name", "") or "")
+            else:
+                base = Path(trainer.default_root_dir)
+            key = hashlib.sha1(json.dumps(identity or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            self.dirpath = base / "rounds" / key
         return self.dirpath
+
+    @staticmethod
+    def clear(folder: Path) -> None:
+        """Remove the round files of an earlier run from ``folder`` (a fresh start)."""
+        for path in list(folder.glob("round-*.safetensors")) + list(folder.glob("pseudolabels-round-*.safetensors")):
+            path.unlink()
 
     @staticmethod
     def round_path(folder: Path, r: int | str) -> Path:
@@ -133,18 +160,26 @@ class PseudolabelRounds(L.Callback):
 
     # ---------------------------------------------------------------- identity of a run
     def identity(self, m: Any) -> dict[str, Any]:
+        """What makes two runs the same run: resuming is allowed only when all of it matches."""
+        labeled = m.pool_label >= 0
+        digest = hashlib.sha1()
+        digest.update(m.pool_index[labeled].long().numpy().tobytes())
+        digest.update(m.pool_label[labeled].long().numpy().tobytes())
         return {
             "strategy": m.strategy,
             "schedule": self.schedule,
             "classnames": list(m.classnames),
             "pseudolabel_classes": list(m.pseudolabel_classes),
             "n_pool": int(len(m.pool_index)),
-            "n_labeled": int((m.pool_label >= 0).sum()),
+            "n_labeled": int(labeled.sum()),
+            "labeled_set": digest.hexdigest()[:16],
             "prompt": m.prompt_type,
+            "source": _source_identity(getattr(m, "pseudolabels", "zeroshot")),
+            "training": {k: v for k, v in getattr(m, "round_hyperparameters", dict)().items()},
         }
 
     def check_identity(self, state: RoundState, m: Any, folder: Path) -> None:
-        want = self.identity(m)
+        want = json.loads(json.dumps(self.identity(m), default=str))  # as stored
         got = {k: state.meta.get(k) for k in want}
         diff = [k for k in want if got[k] != want[k]]
         if diff:
@@ -198,24 +233,34 @@ class PseudolabelRounds(L.Callback):
         m.setup_pool(trainer)
         n_unlabeled = int((m.pool_label < 0).sum())
         self.schedule = k_schedule(m.strategy, n_unlabeled, len(m.pseudolabel_classes), m.k, m.rounds)
-        folder = self.folder(trainer)
-        state = self.latest(folder) if self.resume else None
+        folder = self.folder(trainer, self.identity(m))
+        state = self.latest(folder) if self.resume and folder.is_dir() else None
         if state is not None:
             self.check_identity(state, m, folder)
             if state.prompt:
                 m.load_prompt_state(state.prompt)
         else:
+            if trainer.global_rank == 0 and folder.is_dir():
+                self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
             scores = m.score_unlabeled(source=True)
             state = self.select(m, scores, 0)
             self._save(trainer, m, state, scores, 0)
             self._record(trainer, state)
         self.round, self.epoch_in_round = state.round, 0
-        remaining = max(0, len(self.schedule) - self.round)
-        trainer.fit_loop.max_epochs = trainer.current_epoch + remaining * m.epochs_per_round
+        self.remaining = max(0, len(self.schedule) - self.round)
+        # The epochs the remaining rounds need. A Lightning checkpoint given as ``ckpt_path`` restores
+        # ``current_epoch`` only after this hook, so the budget is set again in ``on_train_start``;
+        # until then it must not look spent (the fit loop would skip training altogether).
+        resuming_ckpt = getattr(trainer, "ckpt_path", None) is not None
+        trainer.fit_loop.max_epochs = -1 if resuming_ckpt else trainer.current_epoch + self.remaining * m.epochs_per_round
         trainer.reload_dataloaders_every_n_epochs = m.epochs_per_round
-        if remaining:
+        if self.remaining:
             m.use_training_set(state.train_index, state.train_label)
             m.seed_round(self.round)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # rounds restart from their first epoch whatever epoch a restored checkpoint was at
+        trainer.fit_loop.max_epochs = trainer.current_epoch + self.remaining * pl_module.epochs_per_round
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.epoch_in_round == 0:

@@ -53,6 +53,9 @@ def top_k_per_class(
         raise ValueError(f"scores must be [N, C], got shape {tuple(scores.shape)}")
     if k is not None and k < 0:
         raise ValueError(f"k (pseudolabels per class) must be >= 0 or None, got {k}")
+    bad = (~torch.isfinite(scores)).any(1).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"scores of {len(bad)} samples are not finite (first rows {bad[:5].tolist()}): NaN would rank as most confident")
     n, c = scores.shape
     allowed = torch.arange(c) if classes is None else torch.as_tensor(list(classes) if not isinstance(classes, Tensor) else classes, dtype=torch.long).flatten()
     if allowed.numel() == 0:

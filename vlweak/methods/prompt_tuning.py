@@ -75,8 +75,10 @@ class PromptTuning(VLMethod):
         cache_features: textual prompts only: image features never change, so the train pool is
             encoded once per run and training steps reuse those features instead of re-encoding
             images (``embeddings: true`` in the data module also skips loading the images).
-        rounds_dir: folder of the per-round checkpoints (default ``<log dir>/rounds``); a run
-            started with the same folder resumes at the round it was in.
+        rounds_dir: folder of the per-round checkpoints; a run started with the same folder resumes
+            at the round it was in. Default: ``<logger save_dir>/<logger name>/rounds/<hash>``, the
+            hash of the run's identity (labeled set, source, schedule, hyper-parameters), so rerunning
+            the same configuration resumes and any other configuration starts afresh.
         resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
         seed: seed of each round's prompt initialisation and data order (round ``r`` uses
             ``seed + r``), so a resumed run repeats what an uninterrupted one does.
@@ -159,6 +161,14 @@ class PromptTuning(VLMethod):
             out += [(f"text.{n}", p) for n, p in self.text_prompt.named_parameters()]
         if self.visual_prompt is not None:
             out += [(f"visual.{n}", p) for n, p in self.visual_prompt.named_parameters()]
+        return out
+
+    def round_hyperparameters(self) -> dict[str, Any]:
+        """What a round's training depends on beyond the data: the backbone and every training
+        hyper-parameter (part of a run's identity; a resumed run must match it)."""
+        skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels")
+        out = {k: v for k, v in self.hparams.items() if k not in skip}
+        out["backbone"] = self.backbone.fingerprint()
         return out
 
     def prompt_state(self) -> dict[str, Tensor]:
@@ -411,5 +421,6 @@ def spread_and_split(scores: Tensor, targets: Tensor, seen: list[int] | None = N
         is_seen = torch.isin(targets, torch.as_tensor(seen, dtype=torch.long))
         s = float(correct[is_seen].float().mean()) if is_seen.any() else float("nan")
         u = float(correct[~is_seen].float().mean()) if (~is_seen).any() else float("nan")
-        out.update(acc_seen=s, acc_unseen=u, acc_harmonic=2 * s * u / (s + u) if s + u > 0 else 0.0)
+        harmonic = 2 * s * u / (s + u) if s + u > 0 else 0.0
+        out.update(acc_seen=s, acc_unseen=u, acc_harmonic=harmonic if s == s and u == u else float("nan"))
     return out
