@@ -88,6 +88,15 @@ def test_coco_reader_errors(tmp_path):
     nothing = write_coco(tmp_path / "e", annotations=[])
     with pytest.raises(AnnotationError, match="no image has an annotated object"):
         CocoReader.read(nothing, on_empty="skip")
+    twice = write_coco(tmp_path / "f", images=[{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}])
+    with pytest.raises(AnnotationError, match=r"images\[1\] repeats image id 1 \('b.png'\)"):
+        CocoReader.read(twice)
+    cats = write_coco(tmp_path / "g")
+    data = json.loads(cats.read_text())
+    data["categories"].append({"id": 7, "name": "cat"})
+    cats.write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match=r"categories\[3\] repeats category id 7 \('cat'\)"):
+        CocoReader.read(cats)
 
 
 def test_coco_datamodule_and_saved_mask(tmp_path):

@@ -43,6 +43,16 @@ def test_vocabulary_errors(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\na.png,cat\nb.png,zebra\n")
     with pytest.raises(VocabularyError, match=r"row 3 \(b.png\).*'zebra'"):
         ManifestReader.read(tmp_path / "m.csv", classnames=["cat", "dog"])
+    # -1 means "unlabeled" for a single-label row; in a multi-label row it is not a class
+    (tmp_path / "ml.jsonl").write_text(json.dumps({"path": "a.png", "labels": ["-1"]}))
+    with pytest.raises(VocabularyError, match="'-1'"):
+        ManifestReader.read(tmp_path / "ml.jsonl", classnames=["cat", "dog", "fox"])
+    (tmp_path / "np.jsonl").write_text(json.dumps({"label": "cat"}))
+    with pytest.raises(ValueError, match="needs a 'path'"):
+        ManifestReader.read(tmp_path / "np.jsonl", classnames=["cat"])
+    (tmp_path / "ep.csv").write_text("path,label\na.png,cat\n,dog\n")
+    with pytest.raises(ValueError, match=r"ep.csv row 3: no image path"):
+        ManifestReader.read(tmp_path / "ep.csv", classnames=["cat", "dog"])
 
 
 def test_manifest_csv_and_jsonl_multilabel(tmp_path):
@@ -55,6 +65,8 @@ def test_manifest_csv_and_jsonl_multilabel(tmp_path):
     ml = ManifestReader.read(tmp_path / "m.jsonl")
     assert ml.multilabel and ml.classnames == ["cat", "dog"]
     assert ml[1]["target"].tolist() == [1.0, 1.0] and ml[2]["target"].tolist() == [0.0, 0.0]
+    (tmp_path / "j.csv").write_text('path,labels\nimgs/x/0.png,"[""cat"", ""dog""]"\n')
+    assert ManifestReader.read(tmp_path / "j.csv", classnames=["cat", "dog"])[0]["target"].tolist() == [1.0, 1.0]
     dm = ManifestDataModule(test=str(tmp_path / "m.jsonl"))
     assert dm.multilabel and dm.classnames == ["cat", "dog"]
 

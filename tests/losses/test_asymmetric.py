@@ -82,3 +82,35 @@ def test_reductions_and_bad_input():
         asymmetric_loss(pairs, y, reduction="avg")
     with pytest.raises(ValueError, match="clip"):
         AsymmetricLoss(clip=1.5)
+
+
+def test_nan_targets_and_saturated_logits_at_unknown_entries_leave_gradients_finite():
+    from vlweak.losses import asymmetric_loss
+
+    z = torch.tensor([[30.0, -30.0, 0.3, 2.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, float("nan"), 0.0, 1.0]])
+    mask = torch.tensor([[True, False, True, True]])
+    loss = asymmetric_loss(z, targets, mask, gamma_pos=0.5, gamma_neg=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    assert z.grad[0, 1] == 0  # the unknown entry
+
+
+def test_detached_focusing_weights_keep_the_value_and_change_the_gradient():
+    from vlweak.losses import asymmetric_loss
+
+    z = torch.tensor([[0.85, 2.0]])
+    y = torch.tensor([[1.0, 0.0]])
+    grads = []
+    for detach in (False, True):
+        zz = z.clone().requires_grad_(True)
+        loss = asymmetric_loss(zz, y, detach_weights=detach)
+        loss.backward()
+        grads.append((loss.item(), zz.grad.clone()))
+    (v0, g0), (v1, g1) = grads
+    assert v0 == pytest.approx(v1)
+    # with detached weights only the log terms carry gradient: -(1-p)^γ⁺ (1-p) for the positive
+    p = torch.sigmoid(z)
+    expected_pos = -(1 - p[0, 0]) * (1 - p[0, 0])
+    assert g1[0, 0].item() == pytest.approx(expected_pos.item(), rel=1e-5)
+    assert not torch.allclose(g0, g1)

@@ -56,3 +56,14 @@ def test_labeler_schedule_picks_lowest_unknowns():
     assert lab.update(probs, idx, mask, epoch=3) == 0  # nothing after the last epoch
     assert int((~torch.isnan(lab.pseudo)).sum()) == 12
     assert torch.isnan(lab(torch.tensor([0]))).all()
+
+
+def test_nan_targets_at_unknown_entries_leave_gradients_finite():
+    from vlweak.losses.single_positive import em_apl_loss
+
+    z = torch.tensor([[1.0, -2.0, 0.5]], requires_grad=True)
+    targets = torch.tensor([[1.0, float("nan"), float("nan")]])
+    mask = torch.tensor([[True, False, False]])
+    loss = em_apl_loss(z, targets, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()

@@ -47,6 +47,19 @@ def test_region_aggregate_matches_direct_computation():
     assert torch.allclose(sharp[..., 0], (dense @ pos.T).amax(1), atol=1e-4)
 
 
+def test_region_aggregate_stays_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(1)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    dense, pos, neg = unit(2, 9, 16), unit(3, 16), unit(3, 16)
+    exact = region_aggregate(dense, pos, neg, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = region_aggregate(dense.bfloat16(), pos, neg, 0.1)
+    assert got.dtype == torch.float32
+    # only the bf16 rounding of the region features remains, not of the similarities and sums
+    torch.testing.assert_close(got, region_aggregate(dense.bfloat16().float(), pos, neg, 0.1))
+    assert (got - exact).abs().max() < 2e-2
+
+
 @pytest.mark.parametrize("arch,regions", [("vlweak-tiny", 16), ("vlweak-tiny-rn", 4)])
 def test_vit_and_resnet_region_shapes(arch, regions):
     torch.manual_seed(0)

@@ -26,3 +26,23 @@ def test_unknown_entries_are_ignored():
     # with image 1's first label unknown, class 0 ranks image 0 (positive) over image 2 (positive): AP 1
     per_class = multilabel_report(scores, target, mask)["per_class"]
     assert per_class[0].item() == pytest.approx(1.0)
+
+
+def test_a_class_with_no_observed_entry_is_nan_not_a_crash():
+    scores = torch.rand(6, 4)
+    target = (torch.rand(6, 4) > 0.5).long()
+    target[0] = 1
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[:, 2] = False
+    report = multilabel_report(scores, target, mask)
+    assert torch.isnan(report["per_class"][2])
+    assert not torch.isnan(report["per_class"][[0, 1, 3]]).any()
+    assert torch.isfinite(report["mAP"])
+
+
+def test_f1_at_top3_ignores_picks_on_unknown_entries():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    target = torch.tensor([[1, 1, 0, 0]])
+    mask = torch.tensor([[True, True, False, True]])
+    assert multilabel_report(scores, target, mask)["f1_top3"].item() == pytest.approx(1.0)
+    assert multilabel_report(scores, target)["f1_top3"].item() == pytest.approx(0.8)

@@ -197,6 +197,12 @@ def _split_labels(value: Any) -> list[str]:
         return [str(v) for v in value]
     if isinstance(value, int):
         return [str(value)]
+    text = str(value).strip()
+    if text.startswith("["):  # a JSON list in a CSV cell
+        try:
+            return [str(v) for v in json.loads(text)]
+        except json.JSONDecodeError:
+            pass
     return [v.strip() for v in str(value).replace(";", "|").split("|") if v.strip()]
 
 
@@ -235,11 +241,13 @@ class ManifestReader:
         base = Path(root).expanduser() if root else manifest.parent
         paths, labels = [], []
         for n, (row, labs) in enumerate(zip(rows, raw), start=2 if manifest.suffix != ".jsonl" else 1):
+            if not str(row.get("path") or "").strip():
+                raise ValueError(f"{manifest} row {n}: no image path (every row needs a non-empty 'path')")
             ids = []
             for lab in labs:
                 if lab in index:
                     ids.append(index[lab])
-                elif lab.lstrip("-").isdigit() and -1 <= int(lab) < len(names):
+                elif lab.lstrip("-").isdigit() and (0 if multilabel else -1) <= int(lab) < len(names):
                     ids.append(int(lab))
                 else:
                     raise VocabularyError(

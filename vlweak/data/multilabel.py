@@ -128,6 +128,8 @@ class CocoReader:
         for n, c in enumerate(cats):
             if "id" not in c or "name" not in c:
                 raise AnnotationError(f"{path}: categories[{n}] needs 'id' and 'name', got {sorted(c)}")
+            if c["id"] in cat_index:
+                raise AnnotationError(f"{path}: categories[{n}] repeats category id {c['id']!r} ({c['name']!r})")
             cat_index[c["id"]] = len(names)
             names.append(clean_classname(str(c["name"])))
         names = validate_classnames(names, f"categories of {path}")
@@ -137,6 +139,8 @@ class CocoReader:
         for n, im in enumerate(data["images"]):
             if "id" not in im or "file_name" not in im:
                 raise AnnotationError(f"{path}: images[{n}] needs 'id' and 'file_name', got {sorted(im)}")
+            if im["id"] in images:
+                raise AnnotationError(f"{path}: images[{n}] repeats image id {im['id']!r} ({im['file_name']!r})")
             images[im["id"]] = im["file_name"]
         labels: dict[Any, set[int]] = {i: set() for i in images}
         for n, ann in enumerate(data.get("annotations") or []):

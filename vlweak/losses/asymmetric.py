@@ -65,6 +65,7 @@ def asymmetric_loss(
     clip: float = 0.05,
     eps: float = 1e-8,
     reduction: Reduction = "sum",
+    detach_weights: bool = False,
 ) -> Tensor:
     """DualCoOp's asymmetric loss.
 
@@ -77,20 +78,30 @@ def asymmetric_loss(
         clip: probability margin ``m`` shifted off negatives (0 disables it).
         eps: floor inside the negatives' logarithm when the margin is active.
         reduction: ``sum`` over observed entries (the paper's), ``mean`` over observed entries, or ``none``.
+        detach_weights: compute the focusing weights ``(1 - p)^γ⁺`` and ``p_m^γ⁻`` without gradient,
+            as DualCoOp's public code does (same loss value, different gradient); default off.
     """
     z = pair_to_margin(logits).float()
     mask = _check(z, targets, mask)
-    y = targets.float()
+    # unknown entries may hold anything (even NaN): zero them before any arithmetic, so that no
+    # 0 * NaN reaches the gradient
+    y = torch.where(mask, torch.nan_to_num(targets.float()), 0.0)
     p = torch.sigmoid(z)
-    # Positives: (1 - p)^γ+ log p, with log p = logσ(z) (stable for large |z|).
-    pos = (1 - p).pow(gamma_pos) * F.logsigmoid(z) if gamma_pos else F.logsigmoid(z)
+    # the focusing weights' bases are floored at eps: x^γ with γ < 1 has an infinite slope at 0
+    w_pos = (1 - p).clamp(min=eps).pow(gamma_pos) if gamma_pos else None
     # Negatives: p_m^γ- log(1 - p_m), p_m = max(p - m, 0).
     if clip > 0:
         p_m = (p - clip).clamp(min=0)
         log_not = torch.log((1 - p_m).clamp(min=eps))
     else:
         p_m, log_not = p, F.logsigmoid(-z)
-    neg = p_m.pow(gamma_neg) * log_not if gamma_neg else log_not
+    w_neg = p_m.clamp(min=eps).pow(gamma_neg) if gamma_neg else None
+    if detach_weights:
+        w_pos = None if w_pos is None else w_pos.detach()
+        w_neg = None if w_neg is None else w_neg.detach()
+    # Positives: (1 - p)^γ+ log p, with log p = logσ(z) (stable for large |z|).
+    pos = F.logsigmoid(z) if w_pos is None else w_pos * F.logsigmoid(z)
+    neg = log_not if w_neg is None else w_neg * log_not
     loss = -(y * pos + (1 - y) * neg)
     # torch.where (not a product with the mask) so that unknown entries get an exactly-zero gradient.
     loss = torch.where(mask, loss, torch.zeros_like(loss))
@@ -105,10 +116,16 @@ class AsymmetricLoss(nn.Module):
         gamma_neg: focusing exponent of negatives.
         clip: probability margin shifted off negatives.
         reduction: ``sum``, ``mean`` (over observed entries) or ``none``.
+        detach_weights: focusing weights without gradient (as DualCoOp's public code); default off.
     """
 
     def __init__(
-        self, gamma_pos: float = 1.0, gamma_neg: float = 2.0, clip: float = 0.05, reduction: Reduction = "sum"
+        self,
+        gamma_pos: float = 1.0,
+        gamma_neg: float = 2.0,
+        clip: float = 0.05,
+        reduction: Reduction = "sum",
+        detach_weights: bool = False,
     ) -> None:
         super().__init__()
         if gamma_pos < 0 or gamma_neg < 0:
@@ -116,10 +133,12 @@ class AsymmetricLoss(nn.Module):
         if not 0 <= clip < 1:
             raise ValueError(f"clip must lie in [0, 1), got {clip}")
         self.gamma_pos, self.gamma_neg, self.clip, self.reduction = gamma_pos, gamma_neg, clip, reduction
+        self.detach_weights = detach_weights
 
     def forward(self, logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         return asymmetric_loss(
-            logits, targets, mask, self.gamma_pos, self.gamma_neg, self.clip, reduction=self.reduction
+            logits, targets, mask, self.gamma_pos, self.gamma_neg, self.clip, reduction=self.reduction,
+            detach_weights=self.detach_weights,
         )
 
     def extra_repr(self) -> str:

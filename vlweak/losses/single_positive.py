@@ -51,7 +51,7 @@ def em_apl_loss(
             f"logits give {tuple(z.shape)}, targets {tuple(targets.shape)}, mask {tuple(mask.shape)}: shapes must match"
         )
     mask = mask.bool()
-    y = targets.float()
+    y = torch.where(mask, torch.nan_to_num(targets.float()), 0.0)  # unknown entries are never read
     log_p, log_not_p = F.logsigmoid(z), F.logsigmoid(-z)
     p = torch.sigmoid(z)
     observed = -(y * log_p + (1 - y) * log_not_p)

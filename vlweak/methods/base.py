@@ -121,7 +121,7 @@ class VLMethod(L.LightningModule):
         Multi-label: ``rank_scores`` (default ``scores``) are what the per-class APs rank by."""
         names = self.require_classnames()
         if self.multilabel:
-            report = multilabel_report(scores, targets, mask, rank_scores=rank_scores)
+            report = multilabel_report(scores, targets, mask, getattr(self, "threshold", 0.5), rank_scores=rank_scores)
         else:
             report = multiclass_report(scores, targets)
         per_class = report.pop("per_class")

@@ -49,13 +49,16 @@ def region_aggregate(dense: Tensor, pos: Tensor, neg: Tensor, spatial_temperatur
         neg: ``[C, D]`` unit-norm negative prompt features.
         spatial_temperature: ``τ_s`` of the softmax over regions.
 
-    Returns ``[B, C, 2]``: the aggregated positive and negative similarities ``(S⁺, S⁻)``.
+    Returns ``[B, C, 2]`` in float32: the aggregated positive and negative similarities ``(S⁺, S⁻)``.
+    Computed in float32 whatever the autocast: the logits are these similarities times a scale
+    near 100, where bf16 rounding would move the positive-negative margin by a tenth of a logit.
     """
     c = pos.shape[0]
-    sims = dense @ torch.cat([pos, neg]).T.to(dense.dtype)  # [B, R, 2C], one matmul for both prompts
-    s_pos, s_neg = sims[..., :c], sims[..., c:]
-    weights = torch.softmax(s_pos / spatial_temperature, dim=1)  # over regions, per class
-    return torch.stack([(weights * s_pos).sum(1), (weights * s_neg).sum(1)], dim=-1)
+    with torch.autocast(dense.device.type, enabled=False):
+        sims = dense.float() @ torch.cat([pos, neg]).float().T  # [B, R, 2C], one matmul for both prompts
+        s_pos, s_neg = sims[..., :c], sims[..., c:]
+        weights = torch.softmax(s_pos / spatial_temperature, dim=1)  # over regions, per class
+        return torch.stack([(weights * s_pos).sum(1), (weights * s_neg).sum(1)], dim=-1)
 
 
 def resolve_unseen(classnames: list[str], unseen: list[str] | float | None, seed: int = 0) -> list[int]:
@@ -201,8 +204,8 @@ class DualCoOp(VLMethod):
         return dense
 
     def logits(self, dense: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        """``[B, C, 2]`` positive/negative logit pairs ``λ (S⁺, S⁻)``."""
-        return self.scale() * region_aggregate(dense, pos, neg, self.hparams.spatial_temperature)
+        """``[B, C, 2]`` positive/negative logit pairs ``λ (S⁺, S⁻)`` (float32)."""
+        return self.scale().float() * region_aggregate(dense, pos, neg, self.hparams.spatial_temperature)
 
     def forward(self, images: Tensor) -> Tensor:
         """Class probabilities ``[B, C]`` of a batch of preprocessed images."""

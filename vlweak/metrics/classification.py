@@ -27,10 +27,13 @@ def multiclass_report(scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def f1_at_top_k(scores: Tensor, targets: Tensor, k: int = 3) -> Tensor:
-    """Overall (micro) F1 when each image predicts its ``k`` highest-scoring classes."""
+def f1_at_top_k(scores: Tensor, targets: Tensor, k: int = 3, mask: Tensor | None = None) -> Tensor:
+    """Overall (micro) F1 when each image predicts its ``k`` highest-scoring classes; a prediction
+    on an entry where ``mask`` is False (unknown) counts neither for nor against."""
     pred = torch.zeros_like(targets, dtype=torch.bool)
     pred.scatter_(1, scores.topk(min(k, scores.shape[1]), dim=1).indices, True)
+    if mask is not None:
+        pred &= mask.bool()
     tp = (pred & (targets > 0)).sum().float()
     precision = tp / pred.sum().clamp(min=1)
     recall = tp / (targets > 0).sum().clamp(min=1)
@@ -49,11 +52,18 @@ def multilabel_report(
     if mask is not None:
         t = torch.where(mask.bool(), t, torch.full_like(t, -1))
     c = scores.shape[1]
-    per_class = multilabel_average_precision(ranked, t, num_labels=c, average=None, ignore_index=-1)
-    has_pos = ((t == 1).sum(0) > 0)
+    # AP of the classes with an observed entry (torchmetrics cannot score a fully unknown column)
+    observed = (t >= 0).any(0)
+    per_class = torch.full((c,), float("nan"))
+    if observed.any():
+        ap = multilabel_average_precision(
+            ranked[:, observed], t[:, observed], num_labels=int(observed.sum()), average=None, ignore_index=-1
+        )
+        per_class[observed] = ap.reshape(-1).float().cpu()
+    has_pos = ((t == 1).sum(0) > 0).cpu()
     out = {
         "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),
-        "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3),
+        "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3, None if mask is None else t >= 0),
         "f1_at_threshold": multilabel_f1_score(scores, t, num_labels=c, threshold=threshold, average="micro", ignore_index=-1),
         "per_class": per_class,
     }
