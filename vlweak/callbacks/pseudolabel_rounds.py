@@ -175,7 +175,7 @@ class PseudolabelRounds(L.Callback):
             "labeled_set": digest.hexdigest()[:16],
             "prompt": m.prompt_type,
             "source": _source_identity(getattr(m, "pseudolabels", "zeroshot")),
-            "training": {k: v for k, v in getattr(m, "round_hyperparameters", dict)().items()},
+            "training": getattr(m, "round_hyperparameters", dict)(),
         }
 
     def check_identity(self, state: RoundState, m: Any, folder: Path) -> None:

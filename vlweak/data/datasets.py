@@ -203,7 +203,7 @@ def _split_labels(value: Any) -> list[str]:
             return [str(v) for v in json.loads(text)]
         except json.JSONDecodeError:
             pass
-    return [v.strip() for v in str(value).replace(";", "|").split("|") if v.strip()]
+    return [v.strip() for v in text.replace(";", "|").split("|") if v.strip()]
 
 
 class ManifestReader:

@@ -421,6 +421,9 @@ def spread_and_split(scores: Tensor, targets: Tensor, seen: list[int] | None = N
         is_seen = torch.isin(targets, torch.as_tensor(seen, dtype=torch.long))
         s = float(correct[is_seen].float().mean()) if is_seen.any() else float("nan")
         u = float(correct[~is_seen].float().mean()) if (~is_seen).any() else float("nan")
-        harmonic = 2 * s * u / (s + u) if s + u > 0 else 0.0
-        out.update(acc_seen=s, acc_unseen=u, acc_harmonic=harmonic if s == s and u == u else float("nan"))
+        if math.isnan(s) or math.isnan(u):
+            harmonic = float("nan")
+        else:
+            harmonic = 2 * s * u / (s + u) if s + u > 0 else 0.0
+        out.update(acc_seen=s, acc_unseen=u, acc_harmonic=harmonic)
     return out

@@ -148,9 +148,10 @@ class ZLaP(VLMethod):
         # now, before the batches, instead of inside the end-of-epoch collective
         if self.pool_split is None:
             return
-        self._pool_dataset()
         if self._trainer is None or self.trainer.world_size == 1 or self.global_rank == 0:
-            self.pool_features()
+            self.pool_features()  # checks the pool through _pool_dataset on its first call
+        else:
+            self._pool_dataset()
 
     # ---------------------------------------------------------------- propagation
     @torch.no_grad()

@@ -54,13 +54,13 @@ def multilabel_report(
     c = scores.shape[1]
     # AP of the classes with an observed entry (torchmetrics cannot score a fully unknown column)
     observed = (t >= 0).any(0)
-    per_class = torch.full((c,), float("nan"))
+    per_class = torch.full((c,), float("nan"), device=ranked.device)
     if observed.any():
         ap = multilabel_average_precision(
             ranked[:, observed], t[:, observed], num_labels=int(observed.sum()), average=None, ignore_index=-1
         )
-        per_class[observed] = ap.reshape(-1).float().cpu()
-    has_pos = ((t == 1).sum(0) > 0).cpu()
+        per_class[observed] = ap.reshape(-1).float()
+    has_pos = (t == 1).sum(0) > 0
     out = {
         "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),
         "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3, None if mask is None else t >= 0),
