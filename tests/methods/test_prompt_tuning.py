@@ -104,6 +104,32 @@ def test_resume_after_interrupt_skips_finished_rounds(tmp_path, monkeypatch):
         _fit(other, f"--model.init_args.rounds_dir={rounds_dir}")
 
 
+def test_a_crash_while_scoring_keeps_the_trained_round(tmp_path, monkeypatch):
+    from vlweak.methods.prompt_tuning import PromptTuning
+
+    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
+    full = _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'full'}")
+    original, calls = PromptTuning.score_unlabeled, []
+
+    def crash_after_round_0(self, source):
+        calls.append(source)
+        if len(calls) == 2:  # round 0 trained; its prompt is scoring the pool
+            raise RuntimeError("interrupted while scoring")
+        return original(self, source)
+
+    folder = tmp_path / "rounds"
+    monkeypatch.setattr(PromptTuning, "score_unlabeled", crash_after_round_0)
+    with pytest.raises(RuntimeError, match="interrupted while scoring"):
+        _fit(recipe, f"--model.init_args.rounds_dir={folder}")
+    monkeypatch.setattr(PromptTuning, "score_unlabeled", lambda self, source: calls.append(source) or original(self, source))
+    calls.clear()
+    resumed = _fit(recipe, f"--model.init_args.rounds_dir={folder}")
+    assert _rounds(resumed).rounds_trained == [1, 2]  # round 0 is not trained again
+    assert calls[0] is False  # the kept prompt scores the pool
+    for (n, a), (_, b) in zip(full.model.prompt_parameters(), resumed.model.prompt_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
 def test_default_rounds_folder_resumes_the_same_configuration_only(tmp_path):
     recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
     with pytest.raises(RuntimeError, match="interrupted"):

@@ -11,7 +11,8 @@ indices, labels, which are pseudolabels), written atomically; ``pseudolabels-rou
 holds the scores as a :class:`~vlweak.labels.artifact.PseudoLabels` artifact. A run started with the
 same ``dirpath`` resumes at the round it was in: finished rounds are not redone and the round's
 pseudolabels are read back, not recomputed (the interrupted round's training restarts; it starts
-from scratch anyway). ``round-final.safetensors`` marks a finished run (a rerun only restores its
+from scratch anyway). The trained prompt is also written as soon as a round's training ends, before
+the pool is scored, so a crash while scoring resumes by scoring again, not by training again. ``round-final.safetensors`` marks a finished run (a rerun only restores its
 prompt).
 
 Under DDP every rank scans and scores the pool itself (the same deterministic result on each), the
@@ -239,6 +240,11 @@ class PseudolabelRounds(L.Callback):
             self.check_identity(state, m, folder)
             if state.prompt:
                 m.load_prompt_state(state.prompt)
+            if state.meta.get("scored") is False:  # trained, interrupted while scoring: score again
+                scores = m.score_unlabeled(source=False)
+                state = self.select(m, scores, state.round)
+                self._save(trainer, m, state, scores, state.round)
+                self._record(trainer, state)
         else:
             if trainer.global_rank == 0 and folder.is_dir():
                 self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
@@ -275,17 +281,21 @@ class PseudolabelRounds(L.Callback):
             return
         self.round, self.epoch_in_round = self.round + 1, 0
         if self.round < len(self.schedule):
+            # the trained prompt is kept before the (long) scoring of the pool, so a crash there
+            # resumes by scoring again rather than by training the round again
+            self._save(trainer, m, self._prompt_only(m, self.round, scored=False), None, self.round)
             scores = m.score_unlabeled(source=False)
             state = self.select(m, scores, self.round)
             self._save(trainer, m, state, scores, self.round)
             self._record(trainer, state)
             m.use_training_set(state.train_index, state.train_label)
         else:
-            done = RoundState(
-                self.round, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                torch.empty(0, dtype=torch.bool), m.prompt_state(), dict(self.identity(m), done=True),
-            )
-            self._save(trainer, m, done, None, "final")
+            self._save(trainer, m, self._prompt_only(m, self.round, done=True), None, "final")
+
+    def _prompt_only(self, m: Any, r: int, **meta: Any) -> RoundState:
+        """A round checkpoint holding the trained prompt and no training set."""
+        empty = torch.empty(0, dtype=torch.long)
+        return RoundState(r, empty, empty, empty.bool(), m.prompt_state(), dict(self.identity(m), **meta))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.release_pool()
