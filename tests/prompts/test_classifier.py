@@ -34,3 +34,15 @@ def test_coop_phrase_init_reproduces_zero_shot(tiny_backbone):
     learner().sum().backward()
     assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in tiny_backbone.parameters())
+
+
+def test_prompt_that_exactly_fills_the_context_is_accepted(tiny_backbone):
+    # tiny context: 16 tokens = SOS + n_ctx + "cat" + "." + EOS fits exactly at n_ctx = 12
+    assert tiny_backbone.context_length == 16
+    learner = TextPromptLearner(tiny_backbone, ["cat", "dog"], n_ctx=12)
+    assert learner.token_ids.shape == (2, 16) and learner().shape[0] == 2
+    with pytest.raises(ValueError, match="too long.*'cat'"):
+        TextPromptLearner(tiny_backbone, ["cat", "dog"], n_ctx=13)
+    with pytest.raises(ValueError, match="too long.*'sweet pepper'") as err:
+        TextPromptLearner(tiny_backbone, ["cat", "sweet pepper"], n_ctx=12)
+    assert "'cat'" not in str(err.value)

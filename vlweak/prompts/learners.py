@@ -62,7 +62,7 @@ class TextPromptLearner(nn.Module):
         self.n_ctx, self.class_specific, self.classnames = n_ctx, class_specific, names
         prompts = [" ".join([_PLACEHOLDER] * n_ctx) + f" {name}." for name in names]
         ids = backbone.tokenize(prompts)
-        too_long = [n for n, row in zip(names, ids) if int(row.argmax()) >= ids.shape[1] - 1 and row[-1] != 0]
+        too_long = _too_long(backbone, names, ids)
         if too_long:
             raise ValueError(f"class names too long for the context length with {n_ctx} context tokens: {too_long[:3]}")
         with torch.no_grad():
@@ -81,6 +81,21 @@ class TextPromptLearner(nn.Module):
         with self.backbone.autocast():
             feats = self.backbone.encode_text_embeddings(self.embeddings(), self.token_ids)
         return F.normalize(feats.float(), dim=-1)
+
+
+def _too_long(backbone, names: list[str], ids: Tensor) -> list[str]:
+    """Class names whose prompt the tokenizer truncated. A row that fills the context exactly ends
+    with EOS in the last slot, as a truncated one does; it fits when the token before EOS is the
+    prompt's own last token (that of ``"<name>."`` alone)."""
+    eos_at = ids.argmax(-1)
+    full = eos_at >= ids.shape[1] - 1
+    if not full.any():
+        return []
+    short = backbone.tokenize([f"{names[i]}." for i in full.nonzero().flatten().tolist()])
+    last = short.gather(1, (short.argmax(-1, keepdim=True) - 1).clamp(min=0)).flatten()
+    rows = full.nonzero().flatten()
+    kept = ids[rows].gather(1, (eos_at[rows] - 1).unsqueeze(1)).flatten()
+    return [names[i] for i, ok in zip(rows.tolist(), (kept == last).tolist()) if not ok]
 
 
 class DualPromptLearner(nn.Module):
