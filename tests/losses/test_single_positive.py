@@ -47,15 +47,28 @@ def test_labeler_schedule_picks_lowest_unknowns():
     lab = AsymmetricPseudoLabeler(n, c, neg_proportion=0.8, warmup_epochs=2, max_epochs=4)
     idx = torch.arange(n)
     assert lab.update(probs, idx, mask, epoch=0) == 0  # warm-up
-    # 9 unknowns per class, 0.8 * 9 / (4 - 2) -> 3 per class per epoch.
-    assert lab.update(probs, idx, mask, epoch=1) == 6
+    # 9 unknowns per class, 0.8 of them over 2 labeling epochs: round(3.6) = 4, then round(7.2) = 7
+    assert lab.update(probs, idx, mask, epoch=1) == 8
     chosen = (~torch.isnan(lab.pseudo[:, 0])).nonzero().flatten().tolist()
-    assert chosen == [1, 2, 3]  # lowest unknown scores, observed row 0 excluded
-    assert torch.allclose(lab.pseudo[1:4, 0], probs[1:4, 0])  # soft targets = predictions
+    assert chosen == [1, 2, 3, 4]  # lowest unknown scores, observed row 0 excluded
+    assert torch.allclose(lab.pseudo[1:5, 0], probs[1:5, 0])  # soft targets = predictions
     assert lab.update(probs, idx, mask, epoch=2) == 6
     assert lab.update(probs, idx, mask, epoch=3) == 0  # nothing after the last epoch
-    assert int((~torch.isnan(lab.pseudo)).sum()) == 12
+    assert int((~torch.isnan(lab.pseudo)).sum()) == 14  # round(0.8 * 9) = 7 per class, as promised
     assert torch.isnan(lab(torch.tensor([0]))).all()
+
+
+def test_labeler_counts_repeated_items_once():
+    # a distributed sampler pads its shards with repeats; they must not count as more unknowns
+    n, c = 10, 2
+    mask = torch.zeros(n, c, dtype=torch.bool)
+    probs = torch.linspace(0.01, 0.5, n)[:, None].repeat(1, c)
+    idx = torch.arange(n)
+    rep = torch.cat([idx, idx[:4]])
+    lab = AsymmetricPseudoLabeler(n, c, neg_proportion=0.5, warmup_epochs=1, max_epochs=2)
+    assert lab.update(probs[rep], rep, mask[rep], epoch=0) == 10  # round(0.5 * 10) per class
+    assert lab.unknown_count.tolist() == [10, 10]
+    assert (~torch.isnan(lab.pseudo[:, 0])).nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
 
 
 def test_nan_targets_at_unknown_entries_leave_gradients_finite():

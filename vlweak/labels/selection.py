@@ -107,3 +107,13 @@ def k_schedule(strategy: str, n_unlabeled: int, n_classes: int, k: int = 16, rou
         return [k] * rounds
     grow: list[int | None] = [math.ceil(t * n_unlabeled / (rounds * n_classes)) for t in range(1, rounds)]
     return grow + [None]
+
+
+def first_occurrences(index: Tensor) -> Tensor:
+    """Positions of the first occurrence of each distinct value of ``index``, in increasing value
+    order (drops the repeats a distributed sampler pads its shards with)."""
+    order = torch.argsort(index, stable=True)
+    ordered = index[order]
+    first = torch.ones(len(index), dtype=torch.bool, device=index.device)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order[first]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlweak.labels.selection import first_occurrences
 from vlweak.losses.asymmetric import pair_to_margin
 
 
@@ -91,9 +92,11 @@ class AsymmetricPseudoLabeler(nn.Module):
 
     ``pseudo`` (a buffer, saved in checkpoints) holds, per item and class, the soft negative target
     assigned to an unknown entry, ``NaN`` where none. After each epoch from ``warmup_epochs`` on,
-    :meth:`update` labels, per class, the ``neg_proportion · U_c / (max_epochs − warmup_epochs)``
-    lowest-scoring still-unlabeled unknown entries (``U_c``: the class's unknown entries at the start),
-    so that ``neg_proportion`` of them are labeled when the last epoch starts.
+    :meth:`update` labels, per class, the lowest-scoring still-unlabeled unknown entries, as many as
+    bring the class's total to ``round(neg_proportion · U_c · j / (max_epochs − warmup_epochs))``
+    after the ``j``-th labeling epoch (``U_c``: the class's unknown entries at the start), so that
+    ``neg_proportion`` of them are labeled when the last epoch starts (a per-epoch quota rounded down
+    would fall short of it). Repeated items (a distributed sampler pads with repeats) count once.
 
     Args:
         num_samples: size of the train set (rows are addressed by the items' ``index``).
@@ -117,10 +120,11 @@ class AsymmetricPseudoLabeler(nn.Module):
         """Pseudo-negative targets ``[B, C]`` of the items ``index`` (``NaN`` = none)."""
         return self.pseudo[index.to(self.pseudo.device)]
 
-    def per_epoch(self) -> Tensor:
-        """How many entries per class :meth:`update` labels in one epoch."""
+    def target(self, epoch: int) -> Tensor:
+        """Per class, how many entries are pseudo-labeled once :meth:`update` has run for ``epoch``."""
         span = max(1, self.max_epochs - self.warmup_epochs)
-        return (self.neg_proportion * self.unknown_count.clamp(min=0).float() / span).floor().long()
+        done = min(span, max(0, epoch + 2 - self.warmup_epochs))
+        return (self.neg_proportion * self.unknown_count.clamp(min=0).double() * done / span).round().long()
 
     @torch.no_grad()
     def update(self, probs: Tensor, index: Tensor, mask: Tensor, epoch: int) -> int:
@@ -135,6 +139,8 @@ class AsymmetricPseudoLabeler(nn.Module):
         """
         index, mask = index.to(self.pseudo.device).long(), mask.to(self.pseudo.device).bool()
         probs = probs.to(self.pseudo.device).float()
+        keep = first_occurrences(index)
+        index, mask, probs = index[keep], mask[keep], probs[keep]
         if (self.unknown_count < 0).all():
             self.unknown_count.copy_((~mask).sum(0))
         if epoch + 1 < self.warmup_epochs or epoch + 1 >= self.max_epochs:
@@ -142,7 +148,8 @@ class AsymmetricPseudoLabeler(nn.Module):
         current = self.pseudo[index]
         free = ~mask & torch.isnan(current)
         added = 0
-        for c, k in enumerate(self.per_epoch().tolist()):
+        labeled = (~torch.isnan(self.pseudo)).sum(0)
+        for c, k in enumerate((self.target(epoch) - labeled).tolist()):
             cand = free[:, c].nonzero().flatten()
             k = min(k, len(cand))
             if k <= 0:

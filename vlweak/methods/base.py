@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.labels.artifact import PseudoLabels
+from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
 
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
@@ -27,12 +28,7 @@ DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", p
 
 def dedup_by_index(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     """Keep the first occurrence of each ``index`` and sort by it."""
-    index = outputs["index"]
-    order = torch.argsort(index, stable=True)
-    sorted_index = index[order]
-    first = torch.ones_like(sorted_index, dtype=torch.bool)
-    first[1:] = sorted_index[1:] != sorted_index[:-1]
-    keep = order[first]
+    keep = first_occurrences(outputs["index"])
     return {k: v[keep] for k, v in outputs.items()}
 
 
