@@ -47,3 +47,7 @@ def test_budget_errors():
         LabelBudget(fraction=1.5)
     with pytest.raises(ValueError, match="either shots or label_fraction"):
         LabelBudget(shots=1, fraction=0.5)
+    with pytest.raises(ValueError, match="single_positive.*label_fraction"):
+        LabelBudget(single_positive=True, fraction=0.1)
+    with pytest.raises(ValueError, match="single_positive.*shots"):
+        LabelBudget(single_positive=True, shots=2)

@@ -97,6 +97,12 @@ def test_coco_reader_errors(tmp_path):
     cats.write_text(json.dumps(data))
     with pytest.raises(AnnotationError, match=r"categories\[3\] repeats category id 7 \('cat'\)"):
         CocoReader.read(cats)
+    # a misspelt option fails before any image is looked at, even where no image is empty
+    full = write_coco(tmp_path / "h", annotations=[{"image_id": i, "category_id": 7} for i in (1, 2, 3, 4)])
+    with pytest.raises(ValueError, match="on_empty must be .* got 'Skip'"):
+        CocoReader.read(full, on_empty="Skip")
+    with pytest.raises(ValueError, match="on_empty must be .* got 'drop'"):
+        CocoDataModule(train=str(full), on_empty="drop")
 
 
 def test_coco_datamodule_and_saved_mask(tmp_path):
@@ -158,3 +164,7 @@ def test_voc_reader_errors(tmp_path):
     assert len(VocReader.read(empty, on_empty="skip")) == 1
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         VocReader.read(empty, "missing")
+    with pytest.raises(ValueError, match="on_empty must be .* got 'Keep'"):
+        VocReader.read(root, on_empty="Keep")
+    with pytest.raises(ValueError, match="difficult must be .* got 'hard'"):
+        VocDataModule(root=str(root), train="trainval", difficult="hard")

@@ -31,6 +31,9 @@ class LabelBudget:
             raise ValueError(f"label_fraction must lie in [0, 1], got {self.fraction}")
         if self.shots is not None and self.fraction is not None:
             raise ValueError("give either shots or label_fraction, not both")
+        if self.single_positive and (self.shots is not None or self.fraction is not None):
+            given = "shots" if self.shots is not None else "label_fraction"
+            raise ValueError(f"single_positive observes exactly one positive per image; it cannot be combined with {given}")
 
     @property
     def active(self) -> bool:

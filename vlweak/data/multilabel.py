@@ -80,12 +80,18 @@ class MultiLabelImages(LabeledImages):
         return m
 
 
+def _check_options(on_empty: str, difficult: str = "ignore") -> None:
+    """Reader options are checked before any file is read (a typo must not wait for an empty image)."""
+    if on_empty not in ("error", "skip", "keep"):
+        raise ValueError(f"on_empty must be 'error', 'skip' or 'keep', got {on_empty!r}")
+    if difficult not in ("ignore", "positive", "negative"):
+        raise ValueError(f"difficult must be 'ignore', 'positive' or 'negative', got {difficult!r}")
+
+
 def _empty(on_empty: OnEmpty, where: str) -> bool:
     """``True`` to keep an image without labels; raises for ``error``."""
     if on_empty == "error":
         raise AnnotationError(f"{where} has no annotated object (on_empty='skip' drops such images, 'keep' keeps them as all-negative)")
-    if on_empty not in ("skip", "keep"):
-        raise ValueError(f"on_empty must be 'error', 'skip' or 'keep', got {on_empty!r}")
     return on_empty == "keep"
 
 
@@ -109,6 +115,7 @@ class CocoReader:
         on_empty: images without annotations: ``error``, ``skip`` or ``keep`` (all negative).
         skip_bad: skip unreadable images at load time instead of failing.
         """
+        _check_options(on_empty)
         path = Path(annotation).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -190,12 +197,11 @@ class VocReader:
         on_empty: an XML without objects: ``error``, ``skip`` or ``keep`` (all negative).
         skip_bad: skip unreadable images at load time instead of failing.
         """
+        _check_options(on_empty, difficult)
         root = Path(root).expanduser()
         ann_dir = root / "Annotations"
         if not ann_dir.is_dir():
             raise FileNotFoundError(f"VOC annotation folder not found: {ann_dir}")
-        if difficult not in ("ignore", "positive", "negative"):
-            raise ValueError(f"difficult must be 'ignore', 'positive' or 'negative', got {difficult!r}")
         mapping = classnames if isinstance(classnames, dict) else (
             {c: clean_classname(c) for c in classnames} if classnames else VOC_CLASSES
         )
@@ -328,6 +334,7 @@ class VocDataModule(VLDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _check_options(on_empty, difficult)
         self.root = Path(root).expanduser()
         if not (self.root / "Annotations").is_dir():
             raise FileNotFoundError(f"VOC annotation folder not found: {self.root / 'Annotations'}")
