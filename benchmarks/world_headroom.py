@@ -1,6 +1,6 @@
 """How much room a model's frozen features leave above zero-shot on the built-in world.
 
-    python benchmarks/world_headroom.py [--shift 1.0] [--pool 2000 5000 20000] [--weights vlweak-shapes]
+    python benchmarks/world_headroom.py [--shift 1.0] [--pool 2000 5000 20000] [--model vlweak-shapes] [--weights vlweak-shapes]
 
 Label propagation (ZLaP) and textual prompt tuning (CoOp, GRIP) both work on frozen image
 features, so both are bounded by what those features carry:
@@ -97,12 +97,13 @@ def main() -> None:
     p.add_argument("--shift", type=float, default=1.0, help="domain of the world (0 source .. 1 shifted)")
     p.add_argument("--pool", type=int, nargs="+", default=[2000, 5000, 20000], help="pool sizes for ZLaP")
     p.add_argument("--n-test", type=int, default=3000, help="held-out test images")
+    p.add_argument("--model", default="vlweak-shapes", help="open_clip architecture of the weights")
     p.add_argument("--weights", default="vlweak-shapes", help="pretrained tag or checkpoint file")
     args = p.parse_args()
-    backbone = OpenCLIPBackbone("vlweak-shapes", pretrained=args.weights)
+    backbone = OpenCLIPBackbone(args.model, pretrained=args.weights)
     numbers = headroom(backbone, args.shift, sorted(args.pool), args.n_test)
     width = max(map(len, numbers))
-    print(f"shift {args.shift}, weights {args.weights}\n")
+    print(f"shift {args.shift}, model {args.model}, weights {args.weights}\n")
     print(f"| {'measure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
     for k, v in numbers.items():
         value = f"{v[0]:.3f} / {v[1]:.3f}" if isinstance(v, tuple) else f"{v:.3f}"
