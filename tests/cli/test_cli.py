@@ -75,7 +75,7 @@ def test_test_logs_metrics_and_writes_artifact(tmp_path, tiny_ckpt):
     per_class = list(csv.DictReader(open(log_dir / "per_class_test.csv")))
     assert [r["class"] for r in per_class] == cli.datamodule.classnames
     pl = PseudoLabels.load(log_dir / "pseudolabels-test.safetensors", classnames=cli.datamodule.classnames)
-    assert len(pl) == 13 and pl.sample_ids[0] == "shapes-test-0"
+    assert len(pl) == 13 and pl.sample_ids[0] == "shapes-s0-shift0-32px/test/0"
     assert pl.provenance["method"] == "ZeroShot" and pl.provenance["model"] == "vlweak-tiny"
     assert torch.allclose(pl.scores.sum(1), torch.ones(13), atol=1e-5)
     # the logged accuracy is the accuracy of the artifact's labels
@@ -86,7 +86,7 @@ def test_test_logs_metrics_and_writes_artifact(tmp_path, tiny_ckpt):
 def test_predict_on_chosen_split_and_cached_embeddings(tmp_path, tiny_ckpt):
     cli = _run(["predict", "--data.init_args.predict_split=train"], tmp_path / "a", tiny_ckpt)
     pl = PseudoLabels.load(Path(cli.trainer.log_dir) / "pseudolabels-predict.safetensors")
-    assert len(pl) == 16 and pl.sample_ids[0] == "shapes-train-0"
+    assert len(pl) == 16 and pl.sample_ids[0] == "shapes-s0-shift0-32px/train/0"
     # the same run from cached embeddings gives the same pseudolabels
     cli2 = _run(["predict", "--data.init_args.predict_split=train", "--data.init_args.embeddings=true"], tmp_path / "b", tiny_ckpt)
     pl2 = PseudoLabels.load(Path(cli2.trainer.log_dir) / "pseudolabels-predict.safetensors")

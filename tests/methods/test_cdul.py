@@ -157,7 +157,7 @@ def test_plumbing_fit_test_and_artifacts_tiny(tmp_path):
     log_dir = cli.trainer.log_dir
     init = PseudoLabels.load(f"{log_dir}/pseudolabels-train-init.safetensors")
     refined = PseudoLabels.load(f"{log_dir}/pseudolabels-train-refined.safetensors")
-    assert init.multilabel and init.scores.shape == (64, 12) and init.sample_ids[0] == "shapes-train-0"
+    assert init.multilabel and init.scores.shape == (64, 12) and init.sample_ids[0] == "shapes-s0-shift0-64px-multi4/train/0"
     assert not torch.allclose(init.scores, refined.scores)  # the Y-steps moved the labels
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert "test/mAP" in cli.model.last_metrics
@@ -165,7 +165,7 @@ def test_plumbing_fit_test_and_artifacts_tiny(tmp_path):
     pred = _cli(tmp_path, "predict", "--config", str(conf), *small, "--model.init_args.inference=init",
                 "--data.init_args.predict_split=train")
     art = PseudoLabels.load(pred.model.last_artifact)
-    assert art.scores.shape == (64, 12) and art.sample_ids[0] == "shapes-train-0"
+    assert art.scores.shape == (64, 12) and art.sample_ids[0] == "shapes-s0-shift0-64px-multi4/train/0"
     # an untrained classifier is refused with a message that says what to do
     with pytest.raises(RuntimeError, match="untrained"):
         _cli(tmp_path, "test", "--config", str(conf), *small)

@@ -198,6 +198,20 @@ def test_transductive_zero_shot_and_artifact_source(tmp_path):
     assert torch.equal(r0b.train_index, r0.train_index) and torch.equal(r0b.train_label, r0.train_label)
     assert second.model.pseudolabels == str(art)
 
+    # ... but not on another draw of the world (same split and positions, other images) ...
+    from vlweak.labels.artifact import ArtifactError, PseudoLabels
+
+    with pytest.raises(ArtifactError, match="no pseudolabel"):
+        _fit(_recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=3, pseudolabels=str(art)), dict(data, shift=0.5), "c.yaml"),
+             "--model.init_args.rounds_dir=" + str(tmp_path / "c"))
+    # ... and a multi-label artifact is refused by name
+    pl = PseudoLabels.load(art)
+    multi = tmp_path / "multi.safetensors"
+    PseudoLabels.from_scores(pl.scores, pl.classnames, pl.sample_ids, pl.indices, multilabel=True).save(multi)
+    with pytest.raises(ValueError, match="multi.safetensors are multi-label"):
+        _fit(_recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=3, pseudolabels=str(multi)), data, "d.yaml"),
+             "--model.init_args.rounds_dir=" + str(tmp_path / "d"))
+
 
 def test_spread_and_split_metrics():
     scores = torch.eye(3)[[0, 0, 1, 2, 2, 2]]

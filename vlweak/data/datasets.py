@@ -305,7 +305,10 @@ class ShapesWorldDataset(Dataset):
 
     @property
     def sample_ids(self) -> list[str]:
-        return [f"shapes-{self.split}-{i}" for i in range(self.n)]
+        # the world's parameters are part of the id: an artifact of another draw must not align
+        w = self.world
+        world = f"shapes-s{w.seed}-shift{w.shift:g}-{w.image_size}px" + (f"-multi{w.max_objects}" if w.multilabel else "")
+        return [f"{world}/{self.split}/{i}" for i in range(self.n)]
 
     def __len__(self) -> int:
         return self.n

@@ -295,6 +295,8 @@ class PromptTuning(VLMethod):
         unl = self.pool_label < 0
         if source and self.pseudolabels != "zeroshot":
             art = PseudoLabels.load(self.pseudolabels, self.require_classnames())
+            if art.multilabel:
+                raise ValueError(f"pseudolabels {self.pseudolabels} are multi-label; prompt tuning needs single-label scores")
             scores = art.aligned_to(self.unlabeled_sample_ids()).scores.float()
             scores = scores.masked_fill(~torch.isin(torch.arange(scores.shape[1]), torch.tensor(self.pseudolabel_classes)), 0.0)
             return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
