@@ -112,3 +112,9 @@ def test_config_overrides_change_the_architecture_and_the_fingerprint(tmp_path):
     assert torch.allclose(pooled, dense.mean(1), atol=1e-5)
     with pytest.raises(ValueError, match="vison_cfg"):
         OpenCLIPBackbone("vlweak-tiny", pretrained=None, config_overrides={"vison_cfg": {"pool_type": "avg"}})
+
+
+def test_pretrained_null_from_the_command_line_means_random_init():
+    # `--...pretrained=null` after a config that set a file reaches the backbone as the string "None"
+    for value in ("None", "null", ""):
+        assert OpenCLIPBackbone("vlweak-tiny", pretrained=value).weights == "random-init"

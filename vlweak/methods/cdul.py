@@ -291,7 +291,10 @@ class CDUL(VLMethod):
         return res
 
     def _write_split_artifact(self, name: str, split: str, scores: Tensor, index: Tensor, **prov: Any) -> Path | None:
-        if self.artifact_path == "" or self.global_rank != 0 or self._trainer is None:
+        if self.artifact_path == "" or self._trainer is None:
+            return None
+        root = self.run_dir()  # a collective under DDP: every rank asks, rank 0 writes
+        if self.global_rank != 0:
             return None
         labels = PseudoLabels.from_scores(
             scores,
@@ -300,9 +303,8 @@ class CDUL(VLMethod):
             index,
             multilabel=True,
             threshold=self.threshold,
-            provenance=dict(self.provenance(), stage=name, split=split, **prov),
+            provenance=dict(self.provenance(root), stage=name, split=split, **prov),
         )
-        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         return labels.save(root / f"pseudolabels-{split}-{name}.safetensors")
 
     # ---------------------------------------------------------------- stage 2: training

@@ -270,6 +270,9 @@ class DualCoOp(VLMethod):
         loss = hp.loss_weight * loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         self.log("train/observed", mask.float().mean(), batch_size=len(targets))
+        if hp.loss_reduction == "sum" and self.loss_name != "em_apl" and self._trainer is not None:
+            # DDP averages the ranks' gradients; a sum over the global batch needs them added
+            loss = loss * self.trainer.world_size
         return loss
 
     def on_train_epoch_end(self) -> None:

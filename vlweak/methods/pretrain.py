@@ -112,9 +112,10 @@ class CLIPPretrain(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
     def on_fit_end(self) -> None:
+        # trainer.log_dir broadcasts under DDP: every rank asks before rank 0 alone writes
+        path = Path(self.export_path) if self.export_path else Path(self.trainer.log_dir or ".") / "backbone.safetensors"
         if self.trainer.global_rank != 0:
             return
-        path = Path(self.export_path) if self.export_path else Path(self.trainer.log_dir or ".") / "backbone.safetensors"
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.export_dtype]
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.backbone.model.state_dict().items()}
         atomic_save_tensors(sd, path, {"model_name": self.backbone.model_name, "format": "open_clip"})
