@@ -32,6 +32,17 @@ def tiny_backbone() -> OpenCLIPBackbone:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A random-init ``vlweak-tiny`` saved to a file: the same weights in every process of a test."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def shapes_backbone() -> OpenCLIPBackbone:
     if not SHIPPED_WEIGHTS["vlweak-shapes"].is_file():
         pytest.skip("shipped vlweak-shapes weights not built yet")

@@ -2,10 +2,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tests.conftest import REPO
-from vlweak.backbones import OpenCLIPBackbone
 from vlweak.callbacks.figures import (
     EvaluationFigures,
     calibration_bins,
@@ -18,13 +16,6 @@ from vlweak.cli import build_cli
 CONF = str(REPO / "tests" / "conf" / "zeroshot_tiny.yaml")
 FIGS = {"per_class_accuracy", "confusion_matrix", "reliability", "samples"}
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
-    return str(path)
 
 
 def _args(stage, tmp_path, ckpt, *extra):

@@ -6,22 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tests.conftest import REPO
-from vlweak.backbones import OpenCLIPBackbone
 from vlweak.cli import build_cli
 from vlweak.labels import PseudoLabels
 
 CONF = str(REPO / "tests" / "conf" / "zeroshot_tiny.yaml")
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
-    return str(path)
 
 
 def _run(args, tmp_path, ckpt):

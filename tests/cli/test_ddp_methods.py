@@ -16,20 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from vlweak.backbones import OpenCLIPBackbone
 from vlweak.cli import build_cli
 from vlweak.labels import PseudoLabels
 
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
-    return str(path)
 
 
 def _common(recipe: str, out: Path, weights: str) -> list[str]:
@@ -68,8 +60,8 @@ def _assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_chils_ddp_matches_one_process(tmp_path, tiny_weights):
-    a, b = _both("test", "chils/shapes_coarse.yaml", tmp_path, tiny_weights, 8,
+def test_chils_ddp_matches_one_process(tmp_path, tiny_ckpt):
+    a, b = _both("test", "chils/shapes_coarse.yaml", tmp_path, tiny_ckpt, 8,
                  "--data.init_args.n_test=13", "--data.init_args.n_train=0", "--data.init_args.n_val=0")
     one, two = (PseudoLabels.load(d / "pseudolabels-test.safetensors") for d in (a, b))
     assert len(two) == 13 and two.sample_ids == one.sample_ids  # the sampler's repeat removed
@@ -80,8 +72,8 @@ def test_chils_ddp_matches_one_process(tmp_path, tiny_weights):
     ("dualcoop/shapes_partial.yaml", ["--model.init_args.loss_reduction=sum"]),
     ("dualcoop/shapes_single_positive.yaml", ["--model.init_args.apl_warmup_epochs=1"]),
 ])
-def test_dualcoop_ddp_matches_one_process(tmp_path, tiny_weights, recipe, extra):
-    a, b = _both("fit", recipe, tmp_path, tiny_weights, 16, "--data.init_args.n_train=16", "--data.init_args.n_val=0",
+def test_dualcoop_ddp_matches_one_process(tmp_path, tiny_ckpt, recipe, extra):
+    a, b = _both("fit", recipe, tmp_path, tiny_ckpt, 16, "--data.init_args.n_train=16", "--data.init_args.n_val=0",
                  "--data.init_args.n_test=0", "--trainer.max_epochs=3", "--model.init_args.n_ctx=2",
                  "--trainer.limit_val_batches=0", *extra)
     one, two = (_prompt_params(d / "checkpoints" / "last.ckpt") for d in (a, b))
@@ -92,8 +84,8 @@ def test_dualcoop_ddp_matches_one_process(tmp_path, tiny_weights, recipe, extra)
         assert torch.equal(p1.isnan(), p2.isnan())
 
 
-def test_cdul_ddp_matches_one_process(tmp_path, tiny_weights):
-    a, b = _both("fit", "cdul/shapes.yaml", tmp_path, tiny_weights, 16, "--data.init_args.n_train=16",
+def test_cdul_ddp_matches_one_process(tmp_path, tiny_ckpt):
+    a, b = _both("fit", "cdul/shapes.yaml", tmp_path, tiny_ckpt, 16, "--data.init_args.n_train=16",
                  "--data.init_args.n_val=0", "--data.init_args.n_test=0", "--trainer.max_epochs=3",
                  "--model.init_args.label_warmup_epochs=1", "--trainer.limit_val_batches=0")
     for name in ("pseudolabels-train-init.safetensors", "pseudolabels-train-refined.safetensors"):
@@ -102,9 +94,9 @@ def test_cdul_ddp_matches_one_process(tmp_path, tiny_weights):
         torch.testing.assert_close(two.scores, one.scores, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_weights):
+def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_ckpt):
     # batch 64 holds every round's whole training set (14, then all 48 images): full-batch steps
-    a, b = _both("fit", "prompt_tuning/shapes_semisupervised.yaml", tmp_path, tiny_weights, 64,
+    a, b = _both("fit", "prompt_tuning/shapes_semisupervised.yaml", tmp_path, tiny_ckpt, 64,
                  "--data.init_args.n_train=48", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--data.init_args.shots=1", "--model.init_args.rounds=2", "--model.init_args.epochs_per_round=1",
                  "--model.init_args.warmup_epochs=0", "--model.init_args.n_ctx=2")
@@ -116,14 +108,14 @@ def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_weights):
     assert torch.equal(r1["train_index"], r2["train_index"]) and torch.equal(r1["train_label"], r2["train_label"])
 
 
-def test_pretraining_ddp_matches_one_process_and_exports_once(tmp_path, tiny_weights):
+def test_pretraining_ddp_matches_one_process_and_exports_once(tmp_path, tiny_ckpt):
     # the contrastive loss sees the gathered global batch: 16 pairs in one process or 8 + 8 over two
-    a, b = _both("fit", "pretrain/shapes.yaml", tmp_path, tiny_weights, 16,
+    a, b = _both("fit", "pretrain/shapes.yaml", tmp_path, tiny_ckpt, 16,
                  "--data.init_args.n_train=16", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--model.init_args.export_path=null",
                  "--model.init_args.export_dtype=fp32")
     one, two = (load_file(d / "backbone.safetensors") for d in (a, b))
-    start = load_file(tiny_weights)
+    start = load_file(tiny_ckpt)
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # it trained
     # attention key biases get no gradient (softmax ignores them), so Adam turns rounding noise in
     # their gradient into full-size steps in both runs; every other weight must agree

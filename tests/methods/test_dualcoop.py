@@ -121,15 +121,6 @@ def test_unseen_split_and_errors(tiny_rn):
         m.region_features({"features": torch.zeros(2, 32)})
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> str:
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
-    return str(path)
-
 
 def _cli(subcommand: str, recipe: str, tmp_path: Path, weights: str, *extra: str):
     return build_cli(
@@ -144,16 +135,16 @@ def _cli(subcommand: str, recipe: str, tmp_path: Path, weights: str, *extra: str
     )
 
 
-def test_recipes_run_and_save_the_mask(tmp_path, tiny_weights):
-    cli = _cli("fit", "shapes_partial.yaml", tmp_path, tiny_weights)
+def test_recipes_run_and_save_the_mask(tmp_path, tiny_ckpt):
+    cli = _cli("fit", "shapes_partial.yaml", tmp_path, tiny_ckpt)
     log_dir = Path(cli.trainer.log_dir)
     mask, meta = load_label_mask(log_dir / "train_label_mask.safetensors")
     assert mask.shape == (32, 12) and meta["budget"]["fraction"] == 0.1
     assert torch.equal(mask, cli.datamodule.raw("train").masks())
     assert "val/mAP" in cli.trainer.logged_metrics
-    cli = _cli("fit", "shapes_single_positive.yaml", tmp_path / "sp", tiny_weights, "--model.init_args.apl_warmup_epochs=0", "--trainer.max_epochs=2")
+    cli = _cli("fit", "shapes_single_positive.yaml", tmp_path / "sp", tiny_ckpt, "--model.init_args.apl_warmup_epochs=0", "--trainer.max_epochs=2")
     assert cli.model.loss_name == "em_apl" and int((~torch.isnan(cli.model.labeler.pseudo)).sum()) > 0
-    cli = _cli("fit", "shapes_zeroshot_unseen.yaml", tmp_path / "zs", tiny_weights)
+    cli = _cli("fit", "shapes_zeroshot_unseen.yaml", tmp_path / "zs", tiny_ckpt)
     assert {"val/unseen_mAP", "val/seen_mAP", "val/mAP"} <= set(cli.trainer.logged_metrics)
 
 

@@ -12,10 +12,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tests.conftest import REPO
-from vlweak.backbones import OpenCLIPBackbone
 from vlweak.data import ShapesWorldDataModule
 from vlweak.labels import PseudoLabels
 from vlweak.methods import ZeroShot, ZLaP
@@ -113,13 +111,6 @@ def test_normalised_scores():
     torch.testing.assert_close(normalise_scores(s), torch.tensor([[0.5, 0.5, 0], [1 / 3] * 3, [0, 0.75, 0.25]]))
     torch.testing.assert_close(normalise_scores(s, multilabel=True)[2], torch.tensor([0, 1, 1 / 3]))
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(path))
-    return str(path)
 
 
 def _recipe_args(tmp_path: Path, ckpt: str) -> list[str]:
