@@ -12,8 +12,8 @@ holds the scores as a :class:`~vlweak.labels.artifact.PseudoLabels` artifact. A 
 same ``dirpath`` resumes at the round it was in: finished rounds are not redone and the round's
 pseudolabels are read back, not recomputed (the interrupted round's training restarts; it starts
 from scratch anyway). The trained prompt is also written as soon as a round's training ends, before
-the pool is scored, so a crash while scoring resumes by scoring again, not by training again. ``round-final.safetensors`` marks a finished run (a rerun only restores its
-prompt).
+the pool is scored, so a crash while scoring resumes by scoring again, not by training again.
+``round-final.safetensors`` marks a finished run (a rerun only restores its prompt).
 
 Under DDP every rank scans and scores the pool itself (the same deterministic result on each), the
 distributed sampler splits the round's training set, and rank 0 writes the round files (a resumed
@@ -241,17 +241,11 @@ class PseudolabelRounds(L.Callback):
             if state.prompt:
                 m.load_prompt_state(state.prompt)
             if state.meta.get("scored") is False:  # trained, interrupted while scoring: score again
-                scores = m.score_unlabeled(source=False)
-                state = self.select(m, scores, state.round)
-                self._save(trainer, m, state, scores, state.round)
-                self._record(trainer, state)
+                state = self._pseudolabel(trainer, m, state.round)
         else:
             if trainer.global_rank == 0 and folder.is_dir():
                 self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
-            scores = m.score_unlabeled(source=True)
-            state = self.select(m, scores, 0)
-            self._save(trainer, m, state, scores, 0)
-            self._record(trainer, state)
+            state = self._pseudolabel(trainer, m, 0)
         self.round, self.epoch_in_round = state.round, 0
         self.remaining = max(0, len(self.schedule) - self.round)
         # The epochs the remaining rounds need. A Lightning checkpoint given as ``ckpt_path`` restores
@@ -284,13 +278,19 @@ class PseudolabelRounds(L.Callback):
             # the trained prompt is kept before the (long) scoring of the pool, so a crash there
             # resumes by scoring again rather than by training the round again
             self._save(trainer, m, self._prompt_only(m, self.round, scored=False), None, self.round)
-            scores = m.score_unlabeled(source=False)
-            state = self.select(m, scores, self.round)
-            self._save(trainer, m, state, scores, self.round)
-            self._record(trainer, state)
+            state = self._pseudolabel(trainer, m, self.round)
             m.use_training_set(state.train_index, state.train_label)
         else:
             self._save(trainer, m, self._prompt_only(m, self.round, done=True), None, "final")
+
+    def _pseudolabel(self, trainer: L.Trainer, m: Any, r: int) -> RoundState:
+        """Score the pool (round 0: with the pseudolabel source, later: with the current prompt),
+        select round ``r``'s training set, checkpoint and record it."""
+        scores = m.score_unlabeled(source=r == 0)
+        state = self.select(m, scores, r)
+        self._save(trainer, m, state, scores, r)
+        self._record(trainer, state)
+        return state
 
     def _prompt_only(self, m: Any, r: int, **meta: Any) -> RoundState:
         """A round checkpoint holding the trained prompt and no training set."""

@@ -88,12 +88,11 @@ def _too_long(backbone, names: list[str], ids: Tensor) -> list[str]:
     with EOS in the last slot, as a truncated one does; it fits when the token before EOS is the
     prompt's own last token (that of ``"<name>."`` alone)."""
     eos_at = ids.argmax(-1)
-    full = eos_at >= ids.shape[1] - 1
-    if not full.any():
+    rows = (eos_at >= ids.shape[1] - 1).nonzero().flatten()
+    if not len(rows):
         return []
-    short = backbone.tokenize([f"{names[i]}." for i in full.nonzero().flatten().tolist()])
+    short = backbone.tokenize([f"{names[i]}." for i in rows.tolist()])
     last = short.gather(1, (short.argmax(-1, keepdim=True) - 1).clamp(min=0)).flatten()
-    rows = full.nonzero().flatten()
     kept = ids[rows].gather(1, (eos_at[rows] - 1).unsqueeze(1)).flatten()
     return [names[i] for i, ok in zip(rows.tolist(), (kept == last).tolist()) if not ok]
 
