@@ -17,7 +17,6 @@ CONF = str(REPO / "tests" / "conf" / "zeroshot_tiny.yaml")
 FIGS = {"per_class_accuracy", "confusion_matrix", "reliability", "samples"}
 
 
-
 def _args(stage, tmp_path, ckpt, *extra):
     return [stage, "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
             f"--model.init_args.backbone.init_args.pretrained={ckpt}",

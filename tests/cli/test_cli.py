@@ -14,7 +14,6 @@ from vlweak.labels import PseudoLabels
 CONF = str(REPO / "tests" / "conf" / "zeroshot_tiny.yaml")
 
 
-
 def _run(args, tmp_path, ckpt):
     return build_cli(
         [*args, "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -23,7 +23,6 @@ from vlweak.cli import build_cli
 from vlweak.labels import PseudoLabels
 
 
-
 def _common(recipe: str, out: Path, weights: str) -> list[str]:
     return [
         "--config", str(REPO / "recipes" / recipe),

@@ -121,7 +121,6 @@ def test_unseen_split_and_errors(tiny_rn):
         m.region_features({"features": torch.zeros(2, 32)})
 
 
-
 def _cli(subcommand: str, recipe: str, tmp_path: Path, weights: str, *extra: str):
     return build_cli(
         [

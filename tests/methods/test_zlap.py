@@ -112,7 +112,6 @@ def test_normalised_scores():
     torch.testing.assert_close(normalise_scores(s, multilabel=True)[2], torch.tensor([0, 1, 1 / 3]))
 
 
-
 def _recipe_args(tmp_path: Path, ckpt: str) -> list[str]:
     return [
         "--config", RECIPE,
