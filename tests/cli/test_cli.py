@@ -35,21 +35,24 @@ def test_print_config_is_complete(capsys):
         assert key in out, key
 
 
-OVERLAYS = {"prompt_multimodal", "prompt_visual", "strategy_fpl", "strategy_grip", "strategy_ifpl", "zlap_to_grip"}
+# overlay recipe -> the recipe it is documented on top of
+OVERLAYS = {
+    **{f"prompt_tuning/{name}.yaml": "prompt_tuning/shapes_unsupervised.yaml" for name in
+       ("prompt_multimodal", "prompt_visual", "strategy_fpl", "strategy_grip", "strategy_ifpl", "zlap_to_grip")},
+    "pretrain/fsdp.yaml": "pretrain/shapes.yaml",
+}
 RECIPES = sorted(
-    p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "sweeps" and p.stem not in OVERLAYS
+    str(p.relative_to(REPO / "recipes")) for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "sweeps"
 )
 
 
-@pytest.mark.parametrize("recipe", RECIPES + sorted(OVERLAYS), ids=lambda r: str(r).split("recipes/")[-1])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_loads(recipe, capsys):
-    """Every shipped recipe parses into a complete config (overlays on top of the unsupervised
-    prompt-tuning recipe they are documented with)."""
-    if isinstance(recipe, str):
-        configs = ["--config", str(REPO / "recipes/prompt_tuning/shapes_unsupervised.yaml"),
-                   "--config", str(REPO / f"recipes/prompt_tuning/{recipe}.yaml")]
-    else:
-        configs = ["--config", str(recipe)]
+    """Every shipped recipe parses into a complete config (overlays on top of the recipe they are
+    documented with)."""
+    configs = ["--config", str(REPO / "recipes" / recipe)]
+    if recipe in OVERLAYS:
+        configs = ["--config", str(REPO / "recipes" / OVERLAYS[recipe]), *configs]
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["fit", *configs, "--print_config"])
     assert exit_info.value.code in (0, None)

@@ -5,6 +5,8 @@ Each case runs one recipe twice through the CLI: in this process on one device, 
 Training cases use full-batch epochs (the single run's batch is the two ranks' batches together), so
 both runs take the same optimisation steps and must end at the same parameters up to
 floating-point order. Zero-shot and ZLaP have their own DDP tests (``test_cli.py``, ``test_zlap.py``).
+Pretraining, which trains whole encoders, also runs fully sharded (FSDP on CPU processes through
+``cpu_fsdp.CPUFSDPStrategy``), as one unit and with one unit per residual block.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ def _common(recipe: str, out: Path, weights: str) -> list[str]:
     ]
 
 
-def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int, *extra: str) -> tuple[Path, Path]:
-    """Run single-process (batch ``batch``) and 2-process DDP (``batch // 2`` per rank); return both log dirs."""
+def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int, *extra: str,
+          strategy: tuple[str, ...] = ("--trainer.strategy=ddp",)) -> tuple[Path, Path]:
+    """Run single-process (batch ``batch``) and 2-process ``strategy`` (``batch // 2`` per rank); return both log dirs."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     build_cli([subcommand, *_common(recipe, single, weights), f"--data.init_args.batch_size={batch}", *extra])
     cmd = [sys.executable, "-m", "vlweak.cli", subcommand, *_common(recipe, ddp, weights), f"--data.init_args.batch_size={batch // 2}",
-           *extra, "--trainer.devices=2", "--trainer.strategy=ddp"]
+           *extra, "--trainer.devices=2", *strategy]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,14 +110,26 @@ def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_ckpt):
     assert torch.equal(r1["train_index"], r2["train_index"]) and torch.equal(r1["train_label"], r2["train_label"])
 
 
-def test_pretraining_ddp_matches_one_process_and_exports_once(tmp_path, tiny_ckpt):
-    # the contrastive loss sees the gathered global batch: 16 pairs in one process or 8 + 8 over two
+_FSDP = "--trainer.strategy.class_path=tests.cli.cpu_fsdp.CPUFSDPStrategy"
+_PER_BLOCK = "--trainer.strategy.init_args.auto_wrap_policy=[open_clip.transformer.ResidualAttentionBlock]"  # as recipes/pretrain/fsdp.yaml
+
+
+@pytest.mark.parametrize("strategy", [
+    ("--trainer.strategy=ddp",),
+    (_FSDP,),  # the whole model one FSDP unit
+    (_FSDP, _PER_BLOCK),
+], ids=["ddp", "fsdp", "fsdp-per-block"])
+def test_pretraining_distributed_matches_one_process_and_exports_once(tmp_path, tiny_ckpt, strategy):
+    # the contrastive loss sees the gathered global batch: 16 pairs in one process or 8 + 8 over two.
+    # A strong weight decay makes its grouping visible: under FSDP the optimizer sees flat shards, and
+    # nested units rename parameters, yet norms, biases and the temperature must stay undecayed
     a, b = _both("fit", "pretrain/shapes.yaml", tmp_path, tiny_ckpt, 16,
                  "--data.init_args.n_train=16", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--model.init_args.export_path=null",
-                 "--model.init_args.export_dtype=fp32")
+                 "--model.init_args.export_dtype=fp32", "--model.init_args.weight_decay=1.0", strategy=strategy)
     one, two = (load_file(d / "backbone.safetensors") for d in (a, b))
     start = load_file(tiny_ckpt)
+    assert one.keys() == two.keys() == start.keys() and two["logit_scale"].shape == start["logit_scale"].shape
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # it trained
     # attention key biases get no gradient (softmax ignores them), so Adam turns rounding noise in
     # their gradient into full-size steps in both runs; every other weight must agree

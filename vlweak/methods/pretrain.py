@@ -4,6 +4,11 @@ Symmetric InfoNCE (Radford et al. 2021): for a batch of ``B`` pairs, logits
 ``s * f_img @ f_txtᵀ`` with a learnable temperature ``s = exp(t)`` (clamped at 100), cross-entropy
 over rows (image→text) and columns (text→image), averaged. Under DDP the features of all ranks are
 gathered (with gradients) so every rank contrasts against the global batch.
+
+Fully sharded training (``--trainer.strategy=fsdp`` on GPUs) works with the same recipe: the
+temperature is held as a one-element vector (FSDP refuses scalar parameters), weight decay is
+assigned by parameter name from the unsharded shapes (sharded views are flat), and the exported
+weights are gathered through the strategy's full state dict, in open_clip's own layout.
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ from torch import Tensor
 
 from vlweak.backbones import OpenCLIPBackbone
 from vlweak.data.cache import atomic_save_tensors
+
+
+# prefixes that wrappers (nested FSDP units, activation checkpointing, torch.compile) put in parameter names
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
@@ -61,6 +76,14 @@ class CLIPPretrain(L.LightningModule):
         if backbone.freeze:
             raise ValueError("CLIPPretrain needs a trainable backbone: set backbone.init_args.freeze: false")
         self.backbone = backbone
+        model = backbone.model
+        if model.logit_scale.ndim == 0:  # FSDP cannot shard a scalar parameter; the export squeezes it back
+            model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
+        # CLIP's rule (no decay on vectors, the temperature, embeddings), fixed here by name: under FSDP
+        # the optimizer is built after sharding, when every parameter is a flat view
+        self._no_decay = {
+            n for n, p in backbone.named_parameters() if p.ndim < 2 or "logit_scale" in n or "embedding" in n
+        }
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.export_path, self.export_dtype = export_path, export_dtype
         self.save_hyperparameters(ignore=["backbone"])
@@ -76,7 +99,7 @@ class CLIPPretrain(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", self.backbone.logit_scale)
+        self.log("train/logit_scale", self.backbone.logit_scale.squeeze())
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -92,9 +115,8 @@ class CLIPPretrain(L.LightningModule):
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.backbone.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "logit_scale" in name or "embedding" in name else decay).append(p)
+            if p.requires_grad:
+                (no_decay if _unwrapped_name(name) in self._no_decay else decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,
@@ -112,11 +134,16 @@ class CLIPPretrain(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
     def on_fit_end(self) -> None:
-        # trainer.log_dir broadcasts under DDP: every rank asks before rank 0 alone writes
+        # collectives on every rank: trainer.log_dir broadcasts under DDP, and the strategy's state dict
+        # gathers the shards under FSDP (onto rank 0); then rank 0 alone writes
         path = Path(self.export_path) if self.export_path else Path(self.trainer.log_dir or ".") / "backbone.safetensors"
+        full = self.trainer.strategy.lightning_module_state_dict()
         if self.trainer.global_rank != 0:
             return
+        prefix = "backbone.model."
+        sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        sd["logit_scale"] = sd["logit_scale"].reshape(())  # open_clip's layout
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.export_dtype]
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.backbone.model.state_dict().items()}
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
         atomic_save_tensors(sd, path, {"model_name": self.backbone.model_name, "format": "open_clip"})
         print(f"exported backbone weights to {path}")
