@@ -7,7 +7,9 @@ arguments.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -24,10 +26,44 @@ class VLWeakCLI(LightningCLI):
         parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
 
 
+_NULLS = {"null", "Null", "NULL", "~"}
+
+
+def _deep_nulls_as_configs(args: list[str]) -> list[str]:
+    """Rewrite ``--a.init_args.b.init_args.c=null`` as the equivalent one-key ``--config``.
+
+    jsonargparse hands a value two class levels down to the inner parser as formatted text, so a
+    ``null`` there arrives as the string ``"None"`` (an ``int | None`` argument then fails to parse).
+    A config string carries the null through; it sits where the option was, so the order of
+    overrides is kept.
+    """
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key, value, width = None, None, 1
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(args):
+            key, value, width = arg[2:], args[i + 1], 2
+        if key is not None and value in _NULLS and key.split(".").count("init_args") >= 2:
+            tree: object = None
+            for part in reversed(key.split(".")):
+                tree = {part: tree}
+            out += ["--config", json.dumps(tree)]
+        else:
+            out += args[i : i + width]
+        i += width
+    return out
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
     """Parse ``args`` (default: the command line), instantiate, and run the subcommand if ``run``;
     returns the CLI object (its ``model``, ``datamodule`` and ``trainer``) for in-process use."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args is None:  # the command line itself (Lightning reads sys.argv when given no args)
+        sys.argv[1:] = _deep_nulls_as_configs(sys.argv[1:])
+    else:
+        args = _deep_nulls_as_configs(list(args))
     return VLWeakCLI(
         model_class=None,
         datamodule_class=VLDataModule,

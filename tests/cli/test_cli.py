@@ -117,3 +117,16 @@ def test_ddp_two_processes_gather_and_dedup(tmp_path, tiny_ckpt):
     assert torch.allclose(pl.scores, ref.scores, atol=1e-5)
     rows = list(csv.DictReader(open(arts[0].parent / "metrics.csv")))
     assert float(rows[0]["test/acc"]) == pytest.approx(float(list(csv.DictReader(open(Path(single.trainer.log_dir) / "metrics.csv")))[0]["test/acc"]))
+
+
+def test_null_two_class_levels_down_is_none_and_keeps_override_order(tiny_ckpt):
+    # jsonargparse alone turns `null` two class levels down into the string "None"
+    base = ["--config", str(REPO / "recipes/pretrain/shapes.yaml"),
+            "--model.init_args.backbone.init_args.model_name=vlweak-tiny", "--data.init_args.image_size=32"]
+    key = "--model.init_args.backbone.init_args"
+    cli = build_cli([*base, f"{key}.pretrained={tiny_ckpt}", f"{key}.cache_dir", "null", f"{key}.pretrained=null"], run=False)
+    init = cli.config.model.init_args.backbone.init_args
+    assert init.pretrained is None and init.cache_dir is None
+    assert cli.model.backbone.pretrained is None
+    cli = build_cli([*base, f"{key}.pretrained=~", f"{key}.pretrained={tiny_ckpt}"], run=False)  # the later one wins
+    assert cli.config.model.init_args.backbone.init_args.pretrained == str(tiny_ckpt)

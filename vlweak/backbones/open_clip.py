@@ -122,7 +122,7 @@ class OpenCLIPBackbone(Backbone):
             root_logger.setLevel(level)
         self._weights_digest = "random-init"
         if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
-            pretrained = None  # `pretrained=null` on the command line can arrive as the string "None"
+            pretrained = None  # a sweep tool or a script formatting None writes the text "None"
         if pretrained:
             self._load_weights(pretrained, cache_dir)
         self.weights = pretrained or "random-init"
