@@ -189,31 +189,40 @@ class VLMethod(L.LightningModule):
             return getattr(dm, "predict_split", "test")
         return {"validate": "val"}.get(stage, stage)
 
-    def write_artifact(self, stage: str, scores: Tensor, indices: Tensor, **extra_provenance: Any) -> Path | None:
-        """Write the pseudolabel artifact of ``stage`` from rank 0 (returns its path there).
-        Call it on every rank (finding the run folder is a collective under DDP)."""
+    def save_pseudolabels(
+        self, file_name: str | Path, split: str, scores: Tensor, indices: Tensor, /, **provenance: Any
+    ) -> Path | None:
+        """Save ``scores`` of the samples ``indices`` of ``split`` as a pseudolabel artifact from rank 0
+        (returns its path there; a relative ``file_name`` lies in the run folder). Call it on every
+        rank (finding the run folder is a collective under DDP)."""
         run_dir = self.run_dir()
-        if self.last_outputs.get("stage") != stage or len(self.last_outputs.get("scores", ())) != len(scores):
-            self.last_outputs = {"stage": stage, "scores": scores}
-        self.last_outputs["index"] = indices
-        if self.artifact_path == "" or self.global_rank != 0:
+        if self.global_rank != 0:
             return None
         labels = PseudoLabels.from_scores(
             scores,
             self.require_classnames(),
-            self.sample_ids(self.split_of(stage), indices),
+            self.sample_ids(split, indices),
             indices,
             multilabel=self.multilabel,
             threshold=getattr(self, "threshold", 0.5),
-            provenance=dict(self.provenance(run_dir), stage=stage, **extra_provenance),
+            provenance=dict(self.provenance(run_dir), **provenance),
         )
-        if self.artifact_path:
-            path = Path(self.artifact_path)
-        else:
-            path = run_dir / f"pseudolabels-{stage}.safetensors"
-        self.last_artifact = labels.save(path)
-        self.last_outputs["artifact"] = self.last_artifact
-        return self.last_artifact
+        return labels.save(run_dir / file_name)
+
+    def write_artifact(self, stage: str, scores: Tensor, indices: Tensor, **extra_provenance: Any) -> Path | None:
+        """Write the pseudolabel artifact of ``stage`` (``artifact_path``, or
+        ``pseudolabels-<stage>.safetensors`` in the run folder) from rank 0 (returns its path there).
+        Call it on every rank (finding the run folder is a collective under DDP)."""
+        if self.last_outputs.get("stage") != stage or len(self.last_outputs.get("scores", ())) != len(scores):
+            self.last_outputs = {"stage": stage, "scores": scores}
+        self.last_outputs["index"] = indices
+        if self.artifact_path == "":
+            return None
+        name = self.artifact_path or f"pseudolabels-{stage}.safetensors"
+        path = self.save_pseudolabels(name, self.split_of(stage), scores, indices, stage=stage, **extra_provenance)
+        if path is not None:
+            self.last_artifact = self.last_outputs["artifact"] = path
+        return path
 
     # ---------------------------------------------------------------- the evaluation loops
     # validate / test / predict have one shape in every method: prepare once per epoch

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlweak.backbones import Backbone
-from vlweak.labels.artifact import PseudoLabels
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
 from vlweak.methods.cdul_snippets import (
     INIT_MODES,
@@ -293,19 +292,8 @@ class CDUL(VLMethod):
     def _write_split_artifact(self, name: str, split: str, scores: Tensor, index: Tensor, **prov: Any) -> Path | None:
         if self.artifact_path == "" or self._trainer is None:
             return None
-        root = self.run_dir()  # a collective under DDP: every rank asks, rank 0 writes
-        if self.global_rank != 0:
-            return None
-        labels = PseudoLabels.from_scores(
-            scores,
-            self.require_classnames(),
-            self.sample_ids(split, index),
-            index,
-            multilabel=True,
-            threshold=self.threshold,
-            provenance=dict(self.provenance(root), stage=name, split=split, **prov),
-        )
-        return labels.save(root / f"pseudolabels-{split}-{name}.safetensors")
+        return self.save_pseudolabels(f"pseudolabels-{split}-{name}.safetensors", split, scores, index,
+                                      stage=name, split=split, **prov)
 
     # ---------------------------------------------------------------- stage 2: training
     def on_fit_start(self) -> None:
