@@ -30,22 +30,22 @@ _NULLS = {"null", "Null", "NULL", "~"}
 
 
 def _deep_nulls_as_configs(args: list[str]) -> list[str]:
-    """Rewrite ``--a.init_args.b.init_args.c=null`` as the equivalent one-key ``--config``.
+    """Rewrite ``--model.init_args.backbone.init_args.cache_dir=null`` as the equivalent one-key ``--config``.
 
-    jsonargparse hands a value two class levels down to the inner parser as formatted text, so a
-    ``null`` there arrives as the string ``"None"`` (an ``int | None`` argument then fails to parse).
-    A config string carries the null through; it sits where the option was, so the order of
-    overrides is kept.
+    jsonargparse hands a value given below a class argument to the inner parser as formatted text,
+    so a ``null`` two class levels down (in any spelling: ``--model.backbone.cache_dir=null`` too)
+    arrives as the string ``"None"`` (an ``int | None`` argument then fails to parse). A config string
+    carries the null through; it sits where the option was, so the order of overrides is kept. Keys
+    of three or more parts are rewritten; the config form means the same for the shallower ones.
     """
     out, i = [], 0
     while i < len(args):
-        arg = args[i]
-        key, value, width = None, None, 1
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif arg.startswith("--") and i + 1 < len(args):
-            key, value, width = arg[2:], args[i + 1], 2
-        if key is not None and value in _NULLS and key.split(".").count("init_args") >= 2:
+        arg, key, width = args[i], None, 1
+        if arg.startswith("--") and "=" in arg and arg.split("=", 1)[1] in _NULLS:
+            key = arg[2:].split("=", 1)[0]
+        elif arg.startswith("--") and "=" not in arg and i + 1 < len(args) and args[i + 1] in _NULLS:
+            key, width = arg[2:], 2
+        if key is not None and key.count(".") >= 2 and "+" not in key:
             tree: object = None
             for part in reversed(key.split(".")):
                 tree = {part: tree}

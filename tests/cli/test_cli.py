@@ -76,6 +76,17 @@ def test_test_logs_metrics_and_writes_artifact(tmp_path, tiny_ckpt):
     assert float(rows[0]["test/acc"]) == pytest.approx((pl.labels == truth).float().mean().item(), abs=1e-6)
 
 
+def test_relative_artifact_path_is_relative_to_the_working_directory(tmp_path, tiny_ckpt, monkeypatch):
+    # as recipes/prompt_tuning/zlap_to_grip.yaml chains a predict run into the next fit
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["predict", "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                     f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--data.init_args.predict_split=test",
+                     "--model.init_args.artifact_path=chain/zs.safetensors"])
+    assert cli.model.last_artifact == tmp_path / "chain" / "zs.safetensors"
+    assert len(PseudoLabels.load(tmp_path / "chain" / "zs.safetensors")) == 13
+    assert not list((tmp_path / "logs").rglob("*.safetensors"))
+
+
 def test_predict_on_chosen_split_and_cached_embeddings(tmp_path, tiny_ckpt):
     cli = _run(["predict", "--data.init_args.predict_split=train"], tmp_path / "a", tiny_ckpt)
     pl = PseudoLabels.load(Path(cli.trainer.log_dir) / "pseudolabels-predict.safetensors")
@@ -130,3 +141,14 @@ def test_null_two_class_levels_down_is_none_and_keeps_override_order(tiny_ckpt):
     assert cli.model.backbone.pretrained is None
     cli = build_cli([*base, f"{key}.pretrained=~", f"{key}.pretrained={tiny_ckpt}"], run=False)  # the later one wins
     assert cli.config.model.init_args.backbone.init_args.pretrained == str(tiny_ckpt)
+    # the short spellings
+    cli = build_cli([*base, f"{key}.pretrained={tiny_ckpt}", "--model.backbone.cache_dir=/x",
+                     "--model.backbone.cache_dir=null", "--model.init_args.backbone.pretrained", "null"], run=False)
+    init = cli.config.model.init_args.backbone.init_args
+    assert init.pretrained is None and init.cache_dir is None
+    # an option that takes no value is not paired with the next one; shallow and non-null options pass
+    from vlweak.cli import _deep_nulls_as_configs
+
+    assert _deep_nulls_as_configs(["fit", "--print_config", "--a.b.c=null", "--a.b", "null", "--a.b.c=nulls", "--x.y.z", "~"]) == [
+        "fit", "--print_config", "--config", '{"a": {"b": {"c": null}}}', "--a.b", "null", "--a.b.c=nulls",
+        "--config", '{"x": {"y": {"z": null}}}']

@@ -218,7 +218,8 @@ class VLMethod(L.LightningModule):
         self.last_outputs["index"] = indices
         if self.artifact_path == "":
             return None
-        name = self.artifact_path or f"pseudolabels-{stage}.safetensors"
+        # artifact_path is relative to the working directory, the default name to the run folder
+        name = Path(self.artifact_path).absolute() if self.artifact_path else f"pseudolabels-{stage}.safetensors"
         path = self.save_pseudolabels(name, self.split_of(stage), scores, indices, stage=stage, **extra_provenance)
         if path is not None:
             self.last_artifact = self.last_outputs["artifact"] = path
