@@ -240,7 +240,8 @@ def test_image_network_classifier_trains_from_pseudolabels(tiny_backbone, tmp_pa
     )
     dm = ShapesWorldDataModule(multilabel=True, n_train=32, n_val=8, n_test=16, batch_size=16, cache_dir=str(tmp_path))
     model = CDUL(backbone=tiny_backbone, classnames=dm.classnames, multilabel=True, network=net, grid=2, lr=0.01)
-    trainer = L.Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
     before = net[-1].weight.detach().clone()
     trainer.fit(model, datamodule=dm)
     assert not torch.equal(before, net[-1].weight)  # the image network itself was trained

@@ -289,7 +289,8 @@ def test_grip_textual_beats_zero_shot_on_the_shifted_world(tmp_path):
     grip = cli.model.last_metrics["test/acc"]
 
     zs = ZeroShot(cli.model.backbone, cli.model.classnames, artifact_path="")
-    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path).test(
         zs, datamodule=cli.datamodule, verbose=False
     )
     zero_shot = zs.last_metrics["test/acc"]
