@@ -175,6 +175,9 @@ class OpenCLIPBackbone(Backbone):
 
     def _load_file(self, path: Path) -> None:
         sd = load_state_dict_file(path)
+        scale = sd.get("logit_scale")
+        if scale is not None and scale.numel() == 1:  # CLIPPretrain's Lightning checkpoints hold it as a vector
+            sd["logit_scale"] = scale.reshape(self.model.logit_scale.shape)
         check_state_dict(self.model, sd, str(path))
         self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         self._weights_digest = file_digest(path)

@@ -133,6 +133,12 @@ class CLIPPretrain(L.LightningModule):
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint.get("state_dict", {})
+        key = "backbone.model.logit_scale"
+        if key in sd and sd[key].ndim == 0:  # a checkpoint written before the temperature became a vector
+            sd[key] = sd[key].reshape(1)
+
     def on_fit_end(self) -> None:
         # collectives on every rank: trainer.log_dir broadcasts under DDP, and the strategy's state dict
         # gathers the shards under FSDP (onto rank 0); then rank 0 alone writes
