@@ -19,7 +19,9 @@ from vlweak.methods.dualcoop import region_aggregate, resolve_unseen
 
 NAMES = ["triangle", "square", "circle", "star"]
 # The short partial-label run of the behaviour test (shipped weights).
-N_TRAIN, N_TEST, STEPS, MARGIN = 2000, 300, 1000, 0.03
+# the gain depends on the training order: over the seeded orders 0-4 (PL_GLOBAL_SEED) DualCoOp
+# measured 0.402 / 0.429 / 0.416 / 0.430 / 0.401 against zero-shot 0.385 on these 300 test scenes
+N_TRAIN, N_TEST, STEPS, MARGIN = 2000, 300, 1000, 0.01
 TRAIN_KW: dict = {"loss_reduction": "mean", "lr": 0.03}  # recipes/dualcoop/shapes_partial.yaml
 
 
@@ -148,16 +150,18 @@ def test_recipes_run_and_save_the_mask(tmp_path, tiny_ckpt):
 
 
 @requires_shipped
-def test_partial_labels_beat_zero_shot_multilabel(shapes_backbone):
+def test_partial_labels_beat_zero_shot_multilabel(shapes_backbone, tmp_path):
     """10% of the labels of 2,000 multi-object scenes, 1,000 SGD steps (16 epochs): DualCoOp's test
-    mAP clearly beats zero-shot multi-label mAP of the same (shipped) model (measured 0.435 vs 0.385)."""
+    mAP beats zero-shot multi-label mAP of the same (shipped) model (measured 0.402 vs 0.385 in this
+    order; +0.016 to +0.045 over five training orders)."""
 
     def data() -> ShapesWorldDataModule:
         return ShapesWorldDataModule(
             multilabel=True, n_train=N_TRAIN, n_val=32, n_test=N_TEST, batch_size=32, label_fraction=0.1, budget_seed=0
         )
 
-    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                 default_root_dir=tmp_path)
     zero_shot = ZeroShot(backbone=shapes_backbone, classnames=data().classnames, multilabel=True)
     L.Trainer(**quiet).test(zero_shot, data(), verbose=False)
     torch.manual_seed(0)

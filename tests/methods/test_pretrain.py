@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vlweak.backbones import OpenCLIPBackbone
 from vlweak.data import ShapesWorldDataModule
@@ -50,3 +51,45 @@ def test_short_pretraining_lowers_loss_and_exports(tmp_path):
 def test_frozen_backbone_is_rejected():
     with pytest.raises(ValueError, match="freeze: false"):
         CLIPPretrain(OpenCLIPBackbone("vlweak-tiny", pretrained=None))
+
+
+class _Crash(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt("power cut")
+
+
+def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckpt):
+    # the recipe's path: last.ckpt every N steps, then `vlweak fit ... --ckpt_path <run>/checkpoints/last.ckpt`
+    from tests.conftest import REPO
+    from vlweak.cli import build_cli
+
+    def args(name):
+        return ["--config", str(REPO / "recipes/pretrain/shapes.yaml"),
+                "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
+                f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--model.init_args.warmup_steps=2",
+                "--model.init_args.export_path=null", "--model.init_args.export_dtype=fp32",
+                "--data.init_args.image_size=32", "--data.init_args.n_train=16", "--data.init_args.n_val=0",
+                "--data.init_args.n_test=0", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+                "--trainer.max_steps=6", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
+                "--trainer.enable_progress_bar=false", "--trainer.callbacks.init_args.every_n_train_steps=2",
+                f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
+                "--trainer.logger.init_args.version=0"]
+
+    build_cli(["fit", *args("whole")])
+    cli = build_cli(args("cut"), run=False)
+    cli.trainer.callbacks.append(_Crash())
+    with pytest.raises(SystemExit):  # Lightning turns the interrupt into an exit after its teardown
+        cli.trainer.fit(cli.model, cli.datamodule)
+    run = tmp_path / "cut" / "version_0"
+    assert not (run / "backbone.safetensors").exists()
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    # a training checkpoint is also a weights file for any backbone
+    state = torch.load(last, weights_only=False)["state_dict"]
+    loaded = OpenCLIPBackbone("vlweak-tiny", pretrained=str(last)).model.state_dict()
+    assert all(torch.equal(v, state[f"backbone.model.{k}"].reshape(v.shape)) for k, v in loaded.items())
+    build_cli(["fit", *args("cut"), f"--ckpt_path={last}"])
+    whole, resumed = (load_file(tmp_path / n / "version_0" / "backbone.safetensors") for n in ("whole", "cut"))
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], msg=k)

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from vlweak.data.budget import Budgeted, LabelBudget
 from vlweak.data.cache import EmbeddingCache, image_embeddings
@@ -63,6 +63,28 @@ class FeatureDataset(Dataset):
         if name in ("source", "features", "index", "targets_", "masks_", "multilabel"):
             raise AttributeError(name)
         return getattr(self.source, name)
+
+
+class EpochShuffle(RandomSampler):
+    """The training order of an epoch, drawn from the run's seed and the epoch number alone.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint sees the
+    same order as one never stopped (a plain shuffle draws from the global random state, which a
+    restart does not restore). Under DDP Lightning puts its seeded ``DistributedSampler`` in place,
+    as for any ``RandomSampler``.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int | None = None) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class VLDataModule(L.LightningDataModule):
@@ -222,10 +244,11 @@ class VLDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} split")
+        ds = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(ds) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
