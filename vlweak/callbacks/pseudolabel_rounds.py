@@ -267,6 +267,14 @@ class PseudolabelRounds(L.Callback):
             pl_module.start_round(self.round)
             self.rounds_trained.append(self.round)
         pl_module.set_round_epoch(self.epoch_in_round)
+        # the data order follows (seed, round, epoch in round), not Lightning's epoch count, which a
+        # resumed run restarts; Lightning set the sampler's epoch just before this hook
+        loader = trainer.train_dataloader
+        for sampler in {id(s): s for s in (getattr(loader, "sampler", None),
+                                           getattr(getattr(loader, "batch_sampler", None), "sampler", None))}.values():
+            if hasattr(sampler, "set_epoch") and hasattr(sampler, "seed"):
+                sampler.seed = pl_module.seed + self.round
+                sampler.set_epoch(self.epoch_in_round)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = pl_module
