@@ -23,7 +23,8 @@ The module drives the work; it provides (see :class:`vlweak.methods.PromptTuning
 ``k``, ``rounds``, ``epochs_per_round``, ``pseudolabel_classes``, ``setup_pool(trainer)``,
 ``pool_index`` / ``pool_label`` (``-1`` = unlabeled), ``score_unlabeled(source)``,
 ``unlabeled_sample_ids()``, ``use_training_set(index, label)``, ``release_pool()``,
-``seed_round(r)``, ``start_round(r)``, ``set_round_epoch(e)``, ``prompt_state()`` / ``load_prompt_state(state)``.
+``seed`` (round ``r``'s data order is drawn from ``seed + r`` and the epoch in the round), ``start_round(r)``,
+``set_round_epoch(e)``, ``prompt_state()`` / ``load_prompt_state(state)``.
 """
 
 from __future__ import annotations
@@ -256,7 +257,6 @@ class PseudolabelRounds(L.Callback):
         trainer.reload_dataloaders_every_n_epochs = m.epochs_per_round
         if self.remaining:
             m.use_training_set(state.train_index, state.train_label)
-            m.seed_round(self.round)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # rounds restart from their first epoch whatever epoch a restored checkpoint was at

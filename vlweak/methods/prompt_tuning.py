@@ -330,15 +330,9 @@ class PromptTuning(VLMethod):
         self._pool_dataset, self._pool_features = None, None
 
     # ---------------------------------------------------------------- rounds
-    def seed_round(self, r: int) -> None:
-        """Seed the global RNG for round ``r``'s data order; called right before the round's first
-        train iterator is drawn (at fit start for the first round of a run, else at round start)."""
-        torch.manual_seed(self.seed + r)
-
     def start_round(self, r: int) -> None:
-        """Round ``r`` trains from scratch: fresh prompts, fresh optimizer state, seeded order."""
-        if self.trainer.current_epoch > 0:
-            self.seed_round(r)
+        """Round ``r`` trains from scratch: fresh prompts (drawn from ``seed + r``) and fresh optimizer
+        state; :class:`~vlweak.callbacks.PseudolabelRounds` draws the round's data order."""
         self.reset_prompts(torch.Generator().manual_seed(self.seed + r))
         for opt in self.trainer.optimizers:
             opt.state.clear()
