@@ -32,6 +32,7 @@ from torch.nn.functional import normalize
 
 from vlweak.graph import build_zlap_graph, class_solutions, conjugate_gradient, knn, query_edges
 from vlweak.graph.build import ZLaPGraph
+from vlweak.graph.knn import ENGINES
 from vlweak.graph.propagation import propagation_operator
 
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
-    p.add_argument("--engine", default="auto", choices=["auto", "faiss", "torch", "faiss-ivf"], help="vlweak's kNN engine")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="vlweak's kNN engine")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--quick", action="store_true", help="N=5,000, d=128, C=10 and 100")
     args = p.parse_args(argv)
