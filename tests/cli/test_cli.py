@@ -152,3 +152,32 @@ def test_null_two_class_levels_down_is_none_and_keeps_override_order(tiny_ckpt):
     assert _deep_nulls_as_configs(["fit", "--print_config", "--a.b.c=null", "--a.b", "null", "--a.b.c=nulls", "--x.y.z", "~"]) == [
         "fit", "--print_config", "--config", '{"a": {"b": {"c": null}}}', "--a.b", "null", "--a.b.c=nulls",
         "--config", '{"x": {"y": {"z": null}}}']
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_unlabeled_split_is_pseudolabelled_without_metrics(tmp_path, tiny_ckpt, subcommand):
+    # pseudolabelling images nobody has labelled is the point: no metrics, the artifact all the same
+    from PIL import Image
+
+    rows = ["path"]
+    for i in range(5):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png")
+    (tmp_path / "pool.csv").write_text("\n".join(rows) + "\n")
+    cli = build_cli([subcommand, "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                     f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}",
+                     "--data=vlweak.data.ManifestDataModule", f"--data.test={tmp_path / 'pool.csv'}",
+                     "--data.classnames=[circle,square,star]"])
+    pl = PseudoLabels.load(Path(cli.trainer.log_dir) / f"pseudolabels-{subcommand}.safetensors")
+    assert len(pl) == 5 and pl.classnames == ["circle", "square", "star"]
+    assert cli.model.last_metrics == {} and not (Path(cli.trainer.log_dir) / f"per_class_{subcommand}.csv").exists()
+
+
+def test_per_class_accuracy_of_a_class_without_samples_is_nan():
+    from vlweak.metrics import multiclass_report
+
+    report = multiclass_report(torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]]), torch.tensor([0, 1]))
+    assert report["per_class"][:2].tolist() == [1.0, 1.0] and report["per_class"][2].isnan()
+    assert report["mean_class_acc"].item() == 1.0
+    with pytest.raises(ValueError, match="no labelled samples"):
+        multiclass_report(torch.rand(2, 3), torch.tensor([-1, -1]))

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
@@ -24,6 +25,14 @@ from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
 
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
+
+
+def has_known_labels(targets: Tensor, mask: Tensor | None = None) -> bool:
+    """Whether any label is known: a single-label target other than ``-1``, or an observed
+    multi-label entry."""
+    if targets.ndim == 1:
+        return bool((targets >= 0).any())
+    return bool(mask.any()) if mask is not None else targets.numel() > 0
 
 
 def dedup_by_index(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -266,6 +275,11 @@ class VLMethod(L.LightningModule):
 
     def _end_eval(self, stage: str) -> None:
         out = self.gathered()  # a collective under DDP: every rank calls it
+        if out and "target" in out and not has_known_labels(out["target"], out.get("mask")):
+            # an unlabeled split (a manifest without labels, a pool under a label budget) is
+            # pseudolabelled all the same; there is just nothing to score
+            rank_zero_info(f"the {self.split_of(stage)} split has no known labels: no metrics for {stage}")
+            out = {k: v for k, v in out.items() if k not in ("target", "mask")}
         if out:
             self.finish(stage, out)
 

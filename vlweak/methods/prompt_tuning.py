@@ -405,9 +405,8 @@ def spread_and_split(scores: Tensor, targets: Tensor, seen: list[int] | None = N
     the samples of seen / unseen classes, predicting among all classes) and ``acc_harmonic``."""
     keep = targets >= 0
     scores, targets = scores[keep], targets[keep].long()
-    per_class = multiclass_report(scores, targets)["per_class"].float()
-    present = torch.bincount(targets, minlength=scores.shape[1]) > 0
-    pc = per_class[present]
+    per_class = multiclass_report(scores, targets)["per_class"]
+    pc = per_class[~per_class.isnan()]
     out = {
         "per_class_acc_std": float(pc.std(unbiased=False)) if len(pc) else float("nan"),
         "per_class_acc_min": float(pc.min()) if len(pc) else float("nan"),

@@ -13,8 +13,11 @@ from torchmetrics.functional.classification import (
 
 def multiclass_report(scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Top-1, top-5 (when there are more than 5 classes), mean per-class accuracy and the per-class
-    accuracies of ``[N, C]`` scores against ``[N]`` labels (rows with label ``-1`` are ignored)."""
+    accuracies of ``[N, C]`` scores against ``[N]`` labels (rows with label ``-1`` are ignored; a
+    class without samples has accuracy NaN and no part in the mean)."""
     keep = labels >= 0
+    if not keep.any():
+        raise ValueError("no labelled samples to evaluate (every label is -1)")
     scores, labels = scores[keep].float(), labels[keep].long()
     c = scores.shape[1]
     out: dict[str, Tensor] = {
@@ -23,7 +26,9 @@ def multiclass_report(scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
     }
     if c > 5:
         out["acc_top5"] = multiclass_accuracy(scores, labels, num_classes=c, top_k=5, average="micro")
-    out["per_class"] = multiclass_accuracy(scores, labels, num_classes=c, average=None)
+    present = torch.bincount(labels, minlength=c) > 0
+    per_class = multiclass_accuracy(scores, labels, num_classes=c, average=None).float()
+    out["per_class"] = torch.where(present.to(per_class.device), per_class, torch.nan)
     return out
 
 
