@@ -15,4 +15,6 @@ class WeightsUnavailableError(BackboneError, RuntimeError):
 
 
 class CheckpointMismatchError(BackboneError, ValueError):
-    """A checkpoint's keys or shapes do not fit the architecture (the message names the first ones)."""
+    """A checkpoint's keys or shapes do not fit the architecture (the message names the first ones), or
+    the checkpoint cannot be read at all: a directory, an empty, truncated or corrupt file, or a file
+    that holds no ``name -> tensor`` state dict (the message names the path and the reason)."""

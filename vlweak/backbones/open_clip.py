@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +34,87 @@ SHIPPED_WEIGHTS = {"vlweak-shapes": WEIGHTS_DIR / "vlweak-shapes.safetensors"}
 log = logging.getLogger(__name__)
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_RESAVE_HINT = "re-save the weights with `safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')`"
+
+
 def _is_local_path(pretrained: str) -> bool:
-    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def _unreadable(path: Path, reason: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(f"{path} is not a readable checkpoint ({reason})")
+
+
+def _torch_load_reason(err: Exception) -> str:
+    """A short reason for a failed ``torch.load(weights_only=True)``, without torch's advice to
+    retry with ``weights_only=False`` (which runs arbitrary code from the file)."""
+    msg = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+    if found:
+        return (
+            f"it holds Python objects ({found.group(1)}) that a safe weights_only load refuses; "
+            f"{_RESAVE_HINT}"
+        )
+    if "WeightsUnpickler error:" in msg:
+        detail = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        detail = " ".join(detail.split())
+        return f"not a torch checkpoint: the safe unpickler stopped at {detail!r}" if detail else "not a torch checkpoint"
+    if isinstance(err, EOFError):
+        return "the file ends early: truncated or not a torch checkpoint"
+    first = " ".join(msg.split(". ")[0].split()) or type(err).__name__
+    if "zip archive" in first:
+        return f"truncated or corrupt torch zip archive: {first}"
+    return f"{type(err).__name__}: {first}"
+
+
+def _directory_error(path: Path) -> CheckpointMismatchError:
+    files = sorted(p.name for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES) if path.is_dir() else []
+    if (path / "config.json").is_file():
+        hint = "; it looks like a Hugging Face `save_pretrained` directory: use HFCLIPBackbone(model_id=...) for it"
+    elif files:
+        hint = f"; it holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''}: pass one of those files"
+    else:
+        hint = ""
+    return CheckpointMismatchError(f"{path} is a directory, expected a checkpoint file ({', '.join(_CHECKPOINT_SUFFIXES)}){hint}")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a checkpoint file (safetensors, or a torch pickle with an optional ``state_dict`` key)."""
+    """Read a checkpoint file (safetensors, or a torch pickle with an optional ``state_dict`` key).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        CheckpointMismatchError: ``path`` is a directory, or a file that is not a readable checkpoint
+            (empty, truncated, not safetensors / torch, or not a ``name -> tensor`` mapping).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise _directory_error(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise _unreadable(path, "empty file, 0 bytes")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as err:  # SafetensorError (bad header, truncated file) or OSError
+            raise _unreadable(path, f"safetensors: {err}") from err
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ...
+            # ``from None``: torch's own message advises weights_only=False, i.e. running the file's code.
+            raise _unreadable(path, _torch_load_reason(err)) from None
         if isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise _unreadable(path, f"it holds a {type(sd).__name__}, expected a state dict mapping names to tensors")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        shown = ", ".join(f"{k!r} ({type(sd[k]).__name__})" for k in bad[:5])
+        raise _unreadable(path, f"{len(bad)} entries are not name -> tensor, first: {shown}; expected a state dict")
     # Lightning checkpoints of a vlweak pretraining run prefix keys with "backbone.model.".
     for prefix in ("backbone.model.", "module.", "model."):
         if sd and all(k.startswith(prefix) for k in sd):
@@ -152,10 +217,12 @@ class OpenCLIPBackbone(Backbone):
                     "reinstall vlweak or retrain them with recipes/pretrain/shapes.yaml"
                 )
             self._load_file(path)
-        elif _is_local_path(pretrained) or Path(pretrained).is_file():
+        elif _is_local_path(pretrained) or Path(pretrained).expanduser().is_file():
             self._load_file(Path(pretrained).expanduser())
         else:
             tags = open_clip.list_pretrained_tags_by_model(self.model_name)
+            if pretrained not in tags and Path(pretrained).expanduser().is_dir():
+                self._load_file(Path(pretrained).expanduser())  # not a tag: a directory given by mistake is named as one
             if pretrained not in tags:
                 raise WeightsUnavailableError(
                     f"{pretrained!r} is neither a local file nor an open_clip pretrained tag of "

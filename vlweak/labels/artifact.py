@@ -29,6 +29,24 @@ class ArtifactError(ValueError):
     """A pseudolabel artifact is malformed or does not match what the reader expects."""
 
 
+#: JSON metadata entries of an artifact and the type each must decode to.
+_META_TYPES: dict[str, type] = {"sample_ids": list, "classnames": list, "multilabel": bool, "provenance": dict}
+_TENSORS = ("scores", "labels", "confidences", "indices")
+
+
+def _parse_meta(path: Path, key: str, text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is a damaged pseudolabel artifact: metadata {key!r} is not valid JSON ({err})") from err
+    want = _META_TYPES[key]
+    if not isinstance(value, want) or (want is list and not all(isinstance(v, str) for v in value)):
+        got = type(value).__name__
+        expected = {list: "a list of strings", bool: "true or false", dict: "a JSON object"}[want]
+        raise ArtifactError(f"{path} is a damaged pseudolabel artifact: metadata {key!r} is {got}, expected {expected}")
+    return value
+
+
 @dataclass
 class PseudoLabels:
     """Pseudolabels for ``N`` samples over a ``C``-class vocabulary.
@@ -42,6 +60,7 @@ class PseudoLabels:
         indices: ``[N]`` dataset indices of the samples.
         multilabel: whether labels are multi-hot.
         provenance: method, backbone, recipe and anything else that says how they were made.
+        path: the file :meth:`load` read them from (``None`` when built in memory); error messages name it.
     """
 
     sample_ids: list[str]
@@ -52,6 +71,8 @@ class PseudoLabels:
     indices: Tensor
     multilabel: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: the file it was loaded from (``None`` when built in memory); named in error messages.
+    path: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n, c = len(self.sample_ids), len(self.classnames)
@@ -112,8 +133,19 @@ class PseudoLabels:
 
     @classmethod
     def load(cls, path: str | os.PathLike, classnames: list[str] | None = None) -> "PseudoLabels":
-        """Read an artifact; with ``classnames``, a different vocabulary is an :class:`ArtifactError`."""
+        """Read an artifact; with ``classnames``, a different vocabulary is an :class:`ArtifactError`.
+
+        Raises:
+            FileNotFoundError: nothing exists at ``path``.
+            ArtifactError: ``path`` is a directory, not a readable safetensors file, not a vlweak
+                artifact, or one with missing / malformed metadata or tensors (the message names
+                ``path`` and what is wrong), or made for a different vocabulary.
+        """
         path = Path(path)
+        if path.is_dir():
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            hint = f"; it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}" if found else ""
+            raise ArtifactError(f"{path} is a directory, expected a pseudolabel artifact file (.safetensors){hint}")
         if not path.is_file():
             raise FileNotFoundError(f"pseudolabel artifact not found: {path}")
         try:
@@ -124,7 +156,14 @@ class PseudoLabels:
             raise ArtifactError(f"{path} is not a readable safetensors file: {err}") from err
         if meta.get("format") != FORMAT:
             raise ArtifactError(f"{path} is not a vlweak pseudolabel artifact (format {meta.get('format')!r})")
-        names = json.loads(meta["classnames"])
+        missing_meta = [k for k in _META_TYPES if k not in meta]
+        missing_tensors = [k for k in _TENSORS if k not in tensors]
+        if missing_meta or missing_tensors:
+            parts = [f"metadata {missing_meta}"] if missing_meta else []
+            parts += [f"tensors {missing_tensors}"] if missing_tensors else []
+            raise ArtifactError(f"{path} is a damaged pseudolabel artifact: missing {' and '.join(parts)}")
+        fields = {k: _parse_meta(path, k, meta[k]) for k in _META_TYPES}
+        names = fields["classnames"]
         if classnames is not None and list(classnames) != names:
             missing = [c for c in classnames if c not in names]
             extra = [c for c in names if c not in classnames]
@@ -132,23 +171,27 @@ class PseudoLabels:
             raise ArtifactError(
                 f"{path} was made for a different class vocabulary ({len(names)} classes vs {len(classnames)}: {detail})"
             )
-        return cls(
-            sample_ids=json.loads(meta["sample_ids"]),
-            classnames=names,
-            scores=tensors["scores"],
-            labels=tensors["labels"],
-            confidences=tensors["confidences"],
-            indices=tensors["indices"],
-            multilabel=json.loads(meta["multilabel"]),
-            provenance=json.loads(meta["provenance"]),
-        )
+        try:
+            return cls(
+                sample_ids=fields["sample_ids"],
+                classnames=names,
+                scores=tensors["scores"],
+                labels=tensors["labels"],
+                confidences=tensors["confidences"],
+                indices=tensors["indices"],
+                multilabel=fields["multilabel"],
+                provenance=fields["provenance"],
+                path=path,
+            )
+        except ArtifactError as err:
+            raise ArtifactError(f"{path} is a damaged pseudolabel artifact: {err}") from err
 
     def aligned_to(self, sample_ids: list[str]) -> "PseudoLabels":
         """Reorder (and subset) to ``sample_ids``; ids absent from the artifact are an error."""
         pos = {s: i for i, s in enumerate(self.sample_ids)}
         missing = [s for s in sample_ids if s not in pos]
         if missing:
-            raise ArtifactError(f"{len(missing)} samples have no pseudolabel, e.g. {missing[:3]}")
+            raise ArtifactError(self._missing_message(missing, len(sample_ids)))
         order = torch.tensor([pos[s] for s in sample_ids], dtype=torch.long)
         return PseudoLabels(
             list(sample_ids),
@@ -159,4 +202,18 @@ class PseudoLabels:
             self.indices[order],
             self.multilabel,
             dict(self.provenance),
+            self.path,
+        )
+
+    def _missing_message(self, missing: list[str], wanted: int) -> str:
+        """Which samples lack a pseudolabel, next to the artifact's own ids, so that a mismatch
+        (another dataset, split or preprocessing) shows at a glance."""
+        source = f"pseudolabel artifact {self.path}" if self.path is not None else "the pseudolabels"
+        made = ", ".join(f"{k} {self.provenance[k]}" for k in ("method", "stage") if self.provenance.get(k))
+        made = f" ids ({made})" if made else " ids"
+        matched = f"none of the {wanted} requested" if len(missing) == wanted else f"{wanted - len(missing)} of {wanted}"
+        return (
+            f"{len(missing)} samples have no pseudolabel in {source} ({matched} sample ids match; the artifact holds "
+            f"{len(self.sample_ids)}{made}), e.g. {missing[:3]}; the artifact's own ids look "
+            f"like {self.sample_ids[:3]}. Was it made for another dataset or split?"
         )
