@@ -163,3 +163,10 @@ def test_clean_subclasses_paper_rule():
     assert clean_subclasses("x", ["a"], append_parent=False) == ["x", "a"]
     h = LabelHierarchy({"fish": ["tuna"], "bird": ["owl"]}).cleaned()
     assert h.as_dict() == {"fish": ["fish", "tuna fish"], "bird": ["bird", "owl bird"]}
+
+
+def test_dataset_class_nested_as_a_subclass_is_named_with_its_place():
+    # "symbol" is listed under "polygon", so the linked-flat reading nests it there
+    h = LabelHierarchy.resolve({"polygon": ["triangle", "symbol"], "curved shape": ["circle"], "symbol": ["star"]})
+    with pytest.raises(UnknownParentError, match="'symbol' lies below 'polygon'"):
+        h.for_vocabulary(["polygon", "curved shape", "symbol"])

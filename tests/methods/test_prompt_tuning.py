@@ -11,6 +11,7 @@ import yaml
 from tests.conftest import REPO, requires_shipped
 from vlweak.callbacks import PseudolabelRounds
 from vlweak.cli import build_cli
+from vlweak.labels import PseudoLabels
 from vlweak.methods.prompt_tuning import spread_and_split
 
 TINY = {"class_path": "vlweak.backbones.OpenCLIPBackbone", "init_args": {"model_name": "vlweak-tiny", "pretrained": None}}
@@ -250,8 +251,9 @@ TINY_OVERLAY = "model:\n  init_args:\n    n_ctx: 4\n    backbone:\n      class_p
         ["imagefolder.yaml"],
     ],
 )
-def test_recipes_compose(tmp_path, configs):
+def test_recipes_compose(tmp_path, configs, monkeypatch):
     from tests.conftest import write_image_folder
+    from vlweak.data.world import classnames_for
 
     overlay = tmp_path / "tiny.yaml"
     overlay.write_text(TINY_OVERLAY)
@@ -262,6 +264,12 @@ def test_recipes_compose(tmp_path, configs):
         for split in ("train", "test"):
             write_image_folder(tmp_path / "folder" / split, {"cat": 3, "dog": 3})
         args.append(f"--data.init_args.root={tmp_path / 'folder'}")
+    if "zlap_to_grip.yaml" in configs:  # the artifact the recipe chains from (checked when the model is built)
+        monkeypatch.chdir(tmp_path)
+        names = classnames_for("shape")
+        PseudoLabels.from_scores(torch.eye(len(names)), names, [str(i) for i in range(len(names))]).save(
+            tmp_path / "runs" / "prompt_tuning" / "zlap-train.safetensors"
+        )
     cli = build_cli(args + ["--config", str(overlay)], run=False)
     m = cli.model
     want = {"strategy_fpl.yaml": "fpl", "strategy_ifpl.yaml": "ifpl"}

@@ -217,6 +217,8 @@ class ZLaPPropagator:
         if sparse_topk < 1:
             raise ValueError(f"sparse_topk must be >= 1, got {sparse_topk}")
         self.k, self.gamma, self.alpha = k, gamma, alpha
+        if not tol >= 0 or maxiter < 1:
+            raise ValueError(f"need tol >= 0 and maxiter >= 1, got tol={tol}, maxiter={maxiter}")
         self.tol, self.maxiter = tol, maxiter
         self.sparse_topk = sparse_topk
         self.knn_engine: Engine = knn_engine

@@ -407,6 +407,24 @@ class LabelHierarchy:
                 return p
         raise KeyError(f"{parent!r} is not a class of this hierarchy; classes: {self.parents}")
 
+    def _ancestors(self, name: str) -> list[str]:
+        """The names above the first node called ``name`` (normalized) in the tree, root first;
+        empty when it is a root or absent."""
+        key = normalize_name(name)
+
+        def find(node: _Node, above: list[str]) -> list[str] | None:
+            if normalize_name(node.name) == key:
+                return above
+            for child in node.children:
+                if (found := find(child, [*above, node.name])) is not None:
+                    return found
+            return None
+
+        for root in self._forest:
+            if (found := find(root, [])) is not None:
+                return found
+        return []
+
     # ------------------------------------------------------------------ the dataset's vocabulary
     def for_vocabulary(self, classnames: Sequence[str], missing: Missing = "error") -> "LabelHierarchy":
         """A two-level hierarchy whose parents are exactly ``classnames``, in that order and spelling.
@@ -428,9 +446,15 @@ class LabelHierarchy:
             )
         absent = [c for k, c in vocab.items() if k not in mine]
         if absent and missing == "error":
+            nested = [f"{c!r} lies below {' > '.join(map(repr, path))}" for c in absent if (path := self._ancestors(c))]
+            hint = (
+                f"; {', '.join(nested)} in the hierarchy (a name listed as a sub-class is nested there, "
+                "so it cannot also be a class at this level)"
+                if nested else ""
+            )
             raise UnknownParentError(
                 f"{self.source}: dataset classes {absent} have no sub-classes in the hierarchy "
-                "(add them, or pass missing='self' to use each such class as its own sub-class)"
+                f"(add them, or pass missing='self' to use each such class as its own sub-class){hint}"
             )
         tree = {c: self._children[mine[k]] if k in mine else [c] for k, c in vocab.items()}
         return LabelHierarchy(tree, source=self.source)

@@ -23,8 +23,28 @@ from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
+from vlweak.prompts.templates import resolve_templates
 
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
+
+
+def check_options(
+    *, templates: Any = None, temperature: float | None = None, threshold: float | None = None, **ranges: Any
+) -> None:
+    """Early checks of options several methods share, so a bad value fails at construction rather
+    than after the data is encoded: ``templates`` resolve, ``temperature`` is positive,
+    ``threshold`` lies in [0, 1], and each ``name=(value, low, high)`` lies in [low, high]
+    (``None`` for an open end)."""
+    if templates is not None:
+        resolve_templates(templates)
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (or null for the backbone's logit_scale), got {temperature}")
+    if threshold is not None:
+        ranges["threshold"] = (threshold, 0.0, 1.0)
+    for name, (value, low, high) in ranges.items():
+        if (low is not None and not value >= low) or (high is not None and not value <= high):
+            bounds = f"[{low}, {high}]" if low is not None and high is not None else f">= {low}" if low is not None else f"<= {high}"
+            raise ValueError(f"{name} must be {'in ' if high is not None and low is not None else ''}{bounds}, got {value}")
 
 
 def has_known_labels(targets: Tensor, mask: Tensor | None = None) -> bool:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlweak.backbones import Backbone
-from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.methods.cdul_snippets import (
     INIT_MODES,
     aggregate_snippets,
@@ -142,6 +142,10 @@ class CDUL(VLMethod):
             raise ValueError(f"overlap must lie in [0, 1), got {overlap!r}")
         if label_lr < 0:
             raise ValueError(f"label_lr must be >= 0, got {label_lr!r}")
+        check_options(
+            templates=templates, temperature=temperature, threshold=threshold,
+            snippet_threshold=(snippet_threshold, 0.0, 1.0), hidden_dim=(hidden_dim, 1, None),
+        )
         self.templates, self.grid, self.overlap = templates, int(grid), float(overlap)
         self.snippet_threshold, self.init, self.temperature = snippet_threshold, init, temperature
         self.lr, self.weight_decay = lr, weight_decay

@@ -41,7 +41,7 @@ from vlweak.backbones import Backbone
 from vlweak.data.cache import EmbeddingCache, cache_key
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.hierarchy import LabelHierarchy
-from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.prompts import resolve_templates, text_classifier
 
 Variant = Literal["reweight", "subclass", "aggregate", "superclass"]
@@ -171,6 +171,7 @@ class CHiLS(VLMethod):
             raise ValueError(f"unknown CHiLS variant {variant!r}; choose from {VARIANTS}")
         if hierarchy is None:
             raise ValueError("CHiLS needs a hierarchy: an inline mapping, a built-in name or a file")
+        check_options(templates=templates, temperature=temperature)
         self.tree = LabelHierarchy.resolve(hierarchy, level=hierarchy_level)
         if clean:
             self.tree = self.tree.cleaned()

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone
 from vlweak.losses import AsymmetricPseudoLabeler, asymmetric_loss, em_apl_loss
-from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multilabel_report
 from vlweak.prompts.learners import DualPromptLearner
 
@@ -159,6 +159,14 @@ class DualCoOp(VLMethod):
             raise ValueError(f"loss must be 'auto', 'asl' or 'em_apl', got {loss!r}")
         if spatial_temperature <= 0:
             raise ValueError(f"spatial_temperature must be > 0, got {spatial_temperature}")
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        if logit_scale is not None and not logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0 (or null for the backbone's), got {logit_scale}")
+        check_options(
+            threshold=threshold, n_ctx=(n_ctx, 1, None), gamma_pos=(gamma_pos, 0.0, None), clip=(clip, 0.0, 1.0), gamma_neg=(gamma_neg, 0.0, None),
+            em_alpha=(em_alpha, 0.0, None), apl_neg_proportion=(apl_neg_proportion, 0.0, 1.0), momentum=(momentum, 0.0, 1.0),
+        )
         names = self.require_classnames()
         self.save_hyperparameters(ignore=["backbone"])
         self.unseen = resolve_unseen(names, unseen_classes, split_seed)

@@ -26,6 +26,7 @@ pseudolabel artifact (CHiLS, ZLaP, ...), aligned by sample id.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
 from vlweak.data.datamodule import FeatureDataset
 from vlweak.data.datasets import collate
 from vlweak.labels.artifact import PseudoLabels
-from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multiclass_report
 from vlweak.prompts import TextPromptLearner, VisualPromptLearner, text_classifier
 
@@ -124,6 +125,16 @@ class PromptTuning(VLMethod):
             raise ValueError(f"epochs_per_round must be >= 1, got {epochs_per_round}")
         if warmup_epochs < 0 or k < 0 or rounds < 1:
             raise ValueError(f"need warmup_epochs >= 0, k >= 0, rounds >= 1; got {warmup_epochs}, {k}, {rounds}")
+        if warmup_epochs >= epochs_per_round:
+            raise ValueError(
+                f"warmup_epochs ({warmup_epochs}) must be below epochs_per_round ({epochs_per_round}): "
+                "every epoch of a round would train at warmup_lr"
+            )
+        check_options(templates=templates, n_ctx=(n_ctx, 1, None), momentum=(momentum, 0.0, 1.0))
+        if pseudolabels != "zeroshot":  # an artifact: check it exists and fits the vocabulary now, not after the pool is read
+            if not Path(pseudolabels).is_file():
+                raise ValueError(f"pseudolabels must be 'zeroshot' or the path of a pseudolabel artifact; {pseudolabels!r} is neither")
+            PseudoLabels.load(pseudolabels, classnames) if classnames else PseudoLabels.load(pseudolabels)
         self.save_hyperparameters(ignore=["backbone"])
         self.prompt_type, self.strategy, self.k, self.rounds = prompt, strategy, k, rounds
         self.pseudolabels, self.templates = pseudolabels, templates

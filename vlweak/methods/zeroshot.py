@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from vlweak.backbones import Backbone
-from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.prompts import text_classifier
 
 
@@ -44,6 +44,7 @@ class ZeroShot(VLMethod):
         artifact_path: str | None = None,
     ) -> None:
         super().__init__(backbone, classnames, multilabel, artifact_path)
+        check_options(templates=templates, temperature=temperature, threshold=threshold)
         self.templates = templates
         self.temperature = temperature
         self.threshold = threshold

@@ -31,7 +31,7 @@ from torch import Tensor
 from vlweak.backbones import Backbone
 from vlweak.graph import ZLaPPropagator
 from vlweak.graph.knn import Engine
-from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod
+from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.prompts import text_classifier
 
 Mode = Literal["transductive", "inductive", "sparse-inductive"]
@@ -94,6 +94,7 @@ class ZLaP(VLMethod):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "transductive" and pool_split is None:
             raise ValueError(f"mode {mode!r} needs a pool_split of unlabeled images to build the graph on")
+        check_options(templates=templates, threshold=threshold)
         self.mode = mode
         self.templates = templates
         self.pool_split = pool_split

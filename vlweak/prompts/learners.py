@@ -53,10 +53,10 @@ class TextPromptLearner(nn.Module):
                 if n_ctx < 1:
                     raise ValueError(f"context initialisation phrase {init!r} has no tokens")
                 init_vec = backbone.token_embedding(init_ids)[0, 1 : 1 + n_ctx].float().cpu()
+            elif n_ctx < 1:
+                raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
             else:
                 init_vec = torch.randn(n_ctx, width) * 0.02
-        if n_ctx < 1:
-            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
         ctx = init_vec.unsqueeze(0).repeat(len(names), 1, 1) if class_specific else init_vec
         self.ctx = nn.Parameter(ctx.clone())
         self.n_ctx, self.class_specific, self.classnames = n_ctx, class_specific, names

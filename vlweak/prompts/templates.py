@@ -24,7 +24,15 @@ def resolve_templates(templates: str | list[str] | tuple[str, ...]) -> list[str]
     out = list(templates)
     if not out:
         raise ValueError("the template list is empty")
-    bad = [t for t in out if t.count("{}") != 1]
+    bad = [t for t in out if not isinstance(t, str) or t.count("{}") != 1 or not _formats(t)]
     if bad:
-        raise ValueError(f"each template needs exactly one '{{}}' placeholder; bad: {bad[:3]}")
+        raise ValueError(f"each template needs exactly one '{{}}' placeholder and no other braces (write '{{{{' for a literal one); bad: {bad[:3]}")
     return out
+
+
+def _formats(template: str) -> bool:
+    try:
+        template.format("x")
+    except (ValueError, IndexError, KeyError):
+        return False
+    return True

@@ -1,0 +1,56 @@
+"""Bad option values fail when the method is built, naming the option, before any data is read."""
+
+import pytest
+import torch
+
+from vlweak.labels import PseudoLabels
+from vlweak.methods import CDUL, CHiLS, DualCoOp, PromptTuning, ZeroShot, ZLaP
+from vlweak.prompts import resolve_templates
+
+NAMES = ["circle", "square", "star"]
+
+CASES = [
+    (ZeroShot, {}, {"templates": []}, "template list is empty"),
+    (ZeroShot, {}, {"templates": "imagenet81"}, "unknown template set 'imagenet81'"),
+    (ZeroShot, {}, {"temperature": -0.01}, "temperature must be > 0"),
+    (ZeroShot, {}, {"temperature": 0.0}, "temperature must be > 0"),
+    (ZeroShot, {"multilabel": True}, {"threshold": 1.5}, r"threshold must be in \[0.0, 1.0\], got 1.5"),
+    (ZLaP, {}, {"templates": []}, "template list is empty"),
+    (ZLaP, {}, {"tol": -1.0}, "tol >= 0"),
+    (ZLaP, {}, {"threshold": -1.0}, "threshold"),
+    (CHiLS, {"hierarchy": {"circle": ["ring"], "square": ["box"], "star": ["asterisk"]}}, {"temperature": 0.0}, "temperature"),
+    (CHiLS, {"hierarchy": {"circle": ["ring"], "square": ["box"], "star": ["asterisk"]}}, {"templates": ["{} and {}"]}, "placeholder"),
+    (CDUL, {"multilabel": True}, {"threshold": -1.0}, "threshold"),
+    (CDUL, {"multilabel": True}, {"temperature": -1.0}, "temperature"),
+    (CDUL, {"multilabel": True}, {"snippet_threshold": 5.0}, "snippet_threshold"),
+    (CDUL, {"multilabel": True}, {"hidden_dim": 0}, "hidden_dim must be >= 1"),
+    (DualCoOp, {"multilabel": True}, {"n_ctx": -1}, "n_ctx must be >= 1, got -1"),
+    (DualCoOp, {"multilabel": True}, {"clip": -1.0}, "clip"),
+    (DualCoOp, {"multilabel": True}, {"gamma_neg": -1.0}, "gamma_neg"),
+    (DualCoOp, {"multilabel": True}, {"apl_neg_proportion": 2.0}, "apl_neg_proportion"),
+    (DualCoOp, {"multilabel": True}, {"logit_scale": -1.0}, "logit_scale"),
+    (DualCoOp, {"multilabel": True}, {"loss_reduction": "avg"}, "loss_reduction"),
+    (PromptTuning, {}, {"n_ctx": -1}, "n_ctx must be >= 1"),
+    (PromptTuning, {}, {"momentum": 2.0}, "momentum"),
+    (PromptTuning, {}, {"templates": []}, "template list is empty"),
+    (PromptTuning, {}, {"epochs_per_round": 3, "warmup_epochs": 3}, r"warmup_epochs \(3\) must be below epochs_per_round \(3\)"),
+    (PromptTuning, {}, {"pseudolabels": "zero-shot"}, "'zero-shot' is neither"),
+]
+
+
+@pytest.mark.parametrize("cls,base,bad,match", CASES, ids=[f"{c.__name__}-{next(iter(b))}" for c, _, b, _ in CASES])
+def test_bad_option_is_named_at_construction(tiny_backbone, cls, base, bad, match):
+    with pytest.raises(ValueError, match=match):
+        cls(backbone=tiny_backbone, classnames=NAMES, **base, **bad)
+
+
+def test_template_with_stray_brace_is_named():
+    with pytest.raises(ValueError, match=r"'a \{\}\} photo'"):
+        resolve_templates(["a {}} photo"])
+    assert resolve_templates(["a {{literal}} {}"]) == ["a {{literal}} {}"]
+
+
+def test_prompt_tuning_artifact_of_another_vocabulary_fails_at_construction(tiny_backbone, tmp_path):
+    path = PseudoLabels.from_scores(torch.rand(4, 2).softmax(1), ["cat", "dog"], [str(i) for i in range(4)]).save(tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="cat"):
+        PromptTuning(backbone=tiny_backbone, classnames=NAMES, pseudolabels=str(path))
