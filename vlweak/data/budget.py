@@ -89,7 +89,34 @@ class Budgeted(Dataset):
             if hasattr(dataset, "masks"):  # entries the annotation itself leaves unknown stay unknown
                 self._mask &= dataset.masks().bool()
         else:
+            if budget.single_positive:
+                raise ValueError(
+                    "single_positive (one observed positive per image) needs multi-label data; "
+                    "this dataset is single-label (use shots or label_fraction)"
+                )
             self._keep = budget.draw_single(self._true)
+            if budget.shots:
+                self._warn_short_classes()
+
+    def _warn_short_classes(self) -> None:
+        """Few-shot practice keeps every image of a class with fewer than ``shots`` of them; say so."""
+        import warnings
+
+        shots = self.budget.shots
+        names = list(getattr(self.dataset, "classnames", None) or [])
+        labels = self._true[self._true >= 0].long()
+        n_classes = max(len(names), int(labels.max()) + 1 if len(labels) else 0)
+        counts = torch.bincount(labels, minlength=n_classes)
+        classes = range(n_classes) if self.budget.seen is None else sorted(self.budget.seen)
+        short = [c for c in classes if int(counts[c]) < shots]
+        if not short:
+            return
+        listed = ", ".join(f"{names[c] if c < len(names) else c} ({int(counts[c])})" for c in short[:20])
+        warnings.warn(
+            f"shots={shots} but {len(short)} of {n_classes} classes have fewer train images, so all of "
+            f"their images keep their labels: {listed}{' ...' if len(short) > 20 else ''}",
+            stacklevel=2,
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from vlweak.data.budget import Budgeted, LabelBudget
 from vlweak.data.cache import EmbeddingCache, image_embeddings
 from vlweak.data.datasets import (
+    IMAGE_EXTENSIONS,
     ImageFolderReader,
     ManifestReader,
     ShapesWorldDataset,
@@ -32,6 +33,8 @@ from vlweak.data.datasets import (
 from vlweak.data.world import ShapesWorld, classnames_for
 
 SPLITS = ("train", "val", "test", "predict")
+#: the data splits a data module may have (``predict`` reads one of them, ``predict_split``)
+DATA_SPLITS = ("train", "val", "test")
 
 
 class FeatureDataset(Dataset):
@@ -94,16 +97,18 @@ class VLDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: data-loader worker processes.
         shots: label budget for the train split: keep ``shots`` labels per class, the rest unlabeled
-            (label ``-1``). Single-label data only.
+            (label ``-1``); a class with fewer train images keeps them all (with a warning naming
+            it). Single-label data only.
         label_fraction: keep this fraction of the train labels (single-label: of the images;
             multi-label: of the image-class entries, the rest masked out as unknown).
         single_positive: multi-label train split with exactly one observed positive per image (all
-            other entries unknown).
+            other entries unknown); an error on single-label data.
         budget_seed: seed of the label budget draw (the drawn mask is saved with the run's artifacts).
         seen_classes: transductive zero-shot learning: only the train images of these classes keep
             their labels (all of them, or ``shots`` per class), the other classes' images are the
             unlabeled pool. A list of class names, or a fraction of the classes drawn with
-            ``budget_seed`` (Menghini et al. 2023 use 0.62). Single-label data only.
+            ``budget_seed`` (Menghini et al. 2023 use 0.62); an empty list is an error. Single-label
+            data only.
         skip_bad: skip unreadable images with a warning instead of failing on the first one.
         embeddings: serve cached backbone embeddings (``features``) instead of images.
         cache_dir: embedding cache folder (default ``$VLWEAK_CACHE`` or ``~/.cache/vlweak``).
@@ -133,6 +138,11 @@ class VLDataModule(L.LightningDataModule):
         self.budget = LabelBudget(shots=shots, fraction=label_fraction, single_positive=single_positive, seed=budget_seed)
         if isinstance(seen_classes, (int, float)) and not 0.0 < float(seen_classes) < 1.0:
             raise ValueError(f"seen_classes as a fraction must lie in (0, 1), got {seen_classes}")
+        if seen_classes is not None and not isinstance(seen_classes, (int, float)) and len(seen_classes) == 0:
+            raise ValueError(
+                "seen_classes is empty: no class would keep its labels (leave it unset for no seen/unseen "
+                "split, or give class names or a fraction in (0, 1))"
+            )
         self.seen_classes = seen_classes
         self.skip_bad = skip_bad
         self.embeddings = embeddings
@@ -155,6 +165,29 @@ class VLDataModule(L.LightningDataModule):
         """The raw dataset of a split (images before the transform), or ``None`` if absent."""
         raise NotImplementedError
 
+    def missing_split_error(self, split: str) -> Exception:
+        """The error for a split that a stage needs but this data module does not have (subclasses
+        name what is missing: a folder, a manifest)."""
+        if split == "predict":
+            return RuntimeError(f"{type(self).__name__} has no {self.predict_split!r} split (predict_split)")
+        return RuntimeError(f"{type(self).__name__} has no {split!r} split")
+
+    def check_options(self) -> None:
+        """Label-budget options that do not fit the data (single- vs multi-label) or the class
+        vocabulary are errors before anything is read (subclasses call it once they know both)."""
+        multilabel = self.multilabel
+        if self.budget.single_positive and not multilabel:
+            raise ValueError(
+                f"single_positive: true (one observed positive per image) needs multi-label data; "
+                f"{type(self).__name__} here is single-label (use shots or label_fraction)"
+            )
+        if self.budget.shots is not None and multilabel:
+            raise ValueError("shots is a single-label budget; use label_fraction or single_positive for multi-label data")
+        if self.seen_classes is not None:
+            if multilabel:
+                raise ValueError("seen_classes (transductive zero-shot) needs single-label data")
+            _ = self.seen_class_indices  # unknown names or a fraction leaving no class seen fail here
+
     @property
     def seen_class_indices(self) -> list[int] | None:
         """Transductive zero-shot learning: sorted indices of the seen classes (``None``: no split)."""
@@ -167,6 +200,8 @@ class VLDataModule(L.LightningDataModule):
                 raise ValueError(f"seen_classes={self.seen_classes} leaves {n} of {len(names)} classes seen")
             g = torch.Generator().manual_seed(self.budget.seed)
             return sorted(torch.randperm(len(names), generator=g)[:n].tolist())
+        if len(self.seen_classes) == 0:
+            raise ValueError("seen_classes is empty: no class would keep its labels")
         unknown = [c for c in self.seen_classes if c not in names]
         if unknown:
             raise VocabularyError(f"seen_classes {unknown[:5]} are not in the class vocabulary (e.g. {names[:5]})")
@@ -179,7 +214,14 @@ class VLDataModule(L.LightningDataModule):
     def raw(self, split: str) -> Dataset | None:
         """The raw dataset of ``split`` (built once; the train split carries the label budget)."""
         split = self.predict_split if split == "predict" else split
+        if split not in DATA_SPLITS:
+            raise ValueError(
+                f"{type(self).__name__} has no {split!r} split (splits: {', '.join(DATA_SPLITS)}; "
+                "'predict' reads predict_split)"
+            )
         if split not in self._raw:
+            if split == "train":
+                self.check_options()
             ds = self.build_split(split)
             budget = self.budget
             seen = self.seen_class_indices if split == "train" else None
@@ -212,10 +254,16 @@ class VLDataModule(L.LightningDataModule):
             "test": ("test",),
             "predict": ("predict",),
         }.get(stage or "", SPLITS)
+        # the split a test / validate / predict loop reads must exist; under fit, train and val may
+        # go unused (training-free methods, limit_val_batches: 0), so their absence waits for the loader
+        required = {"test": "test", "validate": "val", "predict": "predict"}.get(stage or "")
+        self.check_options()
         transform = self.resolve_transform()
         for split in needed:
             raw = self.raw(split)
             if raw is None:
+                if split == required:
+                    raise self.missing_split_error(split)
                 continue
             if self.embeddings:
                 self.datasets[split] = self._embedded(raw, transform, split)
@@ -243,7 +291,9 @@ class VLDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- loaders
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if split not in self.datasets:
-            raise RuntimeError(f"{type(self).__name__} has no {split!r} split")
+            if self._raw.get(self.predict_split if split == "predict" else split) is not None:
+                raise RuntimeError(f"the {split!r} split of {type(self).__name__} is not set up (call setup first)")
+            raise self.missing_split_error(split)
         ds = self.datasets[split]
         return DataLoader(
             ds,
@@ -308,6 +358,7 @@ class ShapesWorldDataModule(VLDataModule):
         self.world = ShapesWorld(
             seed=seed, image_size=image_size, shift=shift, multilabel=multilabel, max_objects=max_objects
         )
+        self.check_options()
 
     @property
     def classnames(self) -> list[str]:
@@ -318,18 +369,30 @@ class ShapesWorldDataModule(VLDataModule):
         return self._multilabel
 
     def build_split(self, split: str) -> Dataset | None:
+        if split not in self.sizes:
+            raise ValueError(f"ShapesWorldDataModule has no {split!r} split (splits: {', '.join(self.sizes)})")
         n = self.sizes[split]
         return ShapesWorldDataset(self.world, split, n, task=self.task) if n > 0 else None
+
+    def missing_split_error(self, split: str) -> Exception:
+        name = self.predict_split if split == "predict" else split
+        err = super().missing_split_error(split)
+        return type(err)(f"{err} (n_{name}: {self.sizes.get(name)})")
 
 
 class ImageFolderDataModule(VLDataModule):
     """Image folders, one sub-folder per class: ``root/{train,val,test}/<class>/<image>``; a root
     without split folders is used as the test split (zero-shot evaluation of a whole folder).
 
+    A split folder named other than its default (``test: tst``) must exist; a default one may be
+    missing until a stage needs it (``vlweak test`` without ``root/test`` is an error naming the
+    folder). A class folder without images is a warning (the class has no examples in that split).
+
     Args:
         root: dataset folder.
         classnames: class names in folder order, or a ``{folder: name}`` map (e.g. WordNet ids to
-            names); default: the folder names with underscores turned into spaces.
+            names); default: the folder names with underscores turned into spaces. An empty list or
+            map, or a repeated name, is an error.
         train: train sub-folder name (``null`` to skip).
         val: validation sub-folder name.
         test: test sub-folder name.
@@ -351,10 +414,56 @@ class ImageFolderDataModule(VLDataModule):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.folders = {s: f for s, f in (("train", train), ("val", val), ("test", test)) if f}
         present = {s: self.root / f for s, f in self.folders.items() if (self.root / f).is_dir()}
+        # a folder the user named (not the default) must exist: no silent fallback to another layout
+        renamed = [self.root / f for s, f in self.folders.items() if f != s and s not in present]
+        if renamed:
+            s_ = "s" if len(renamed) > 1 else ""
+            raise FileNotFoundError(
+                f"split folder{s_} {', '.join(map(str, renamed))} not found (found: {self._found()})"
+            )
+        if not present:
+            self._check_flat_layout()
         self.split_dirs = present or {"test": self.root}
+        if self.predict_split != "test" and self.predict_split not in self.split_dirs:
+            raise self.missing_split_error("predict")
         self.classname_map = classnames
-        first = next(iter(self.split_dirs.values()))
-        self._classnames = ImageFolderReader.read(first, classnames, skip_bad=self.skip_bad).classnames
+        split, first = next(iter(self.split_dirs.items()))
+        probe = ImageFolderReader.read(first, classnames, skip_bad=self.skip_bad)
+        self._classnames = probe.classnames
+        self._read = {split: probe}  # build_split reuses it instead of listing the folder again
+        self.check_options()
+
+    def _found(self) -> str:
+        subs = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return ", ".join(subs) if subs else "no sub-folders"
+
+    def _check_flat_layout(self) -> None:
+        """No split folder: the root must hold the class folders itself (used whole as the test
+        split). Sub-folders that hold only folders are split folders under other names."""
+        subs = [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+        def has_images(d: Path) -> bool:
+            return any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir())
+
+        if subs and not any(has_images(d) for d in subs) and any(any(x.is_dir() for x in d.iterdir()) for d in subs):
+            expected = ", ".join(str(self.root / f) for f in self.folders.values()) or "none named"
+            raise FileNotFoundError(
+                f"split folders ({expected}) not found (found: {self._found()}); the sub-folders of "
+                f"{self.root} hold folders, not images: name the split folders with train/val/test"
+            )
+
+    def missing_split_error(self, split: str) -> Exception:
+        name = self.predict_split if split == "predict" else split
+        note = f" for predict_split {name!r}" if split == "predict" else ""
+        if name in getattr(self, "split_dirs", {}):  # the folder is there: the split was not set up
+            return RuntimeError(f"the {name!r} split of {self.root} is not set up (call setup first)")
+        folder = self.folders.get(name)
+        if folder is None:
+            return FileNotFoundError(f"ImageFolderDataModule has no {name!r} split{note}: {name} is null (root {self.root})")
+        msg = f"split folder {self.root / folder} not found (found: {self._found()}){note}"
+        if getattr(self, "split_dirs", None) == {"test": self.root}:
+            msg += f"; {self.root} has no split folders, so it is used whole as the test split"
+        return FileNotFoundError(msg)
 
     @property
     def classnames(self) -> list[str]:
@@ -364,7 +473,9 @@ class ImageFolderDataModule(VLDataModule):
         path = self.split_dirs.get(split)
         if path is None:
             return None
-        ds = ImageFolderReader.read(path, self.classname_map, skip_bad=self.skip_bad)
+        ds = self._read.pop(split, None)
+        if ds is None:
+            ds = ImageFolderReader.read(path, self.classname_map, skip_bad=self.skip_bad)
         if ds.classnames != self._classnames:
             raise ValueError(f"class folders of {path} differ from those of the other splits")
         return ds
@@ -400,8 +511,13 @@ class ManifestDataModule(VLDataModule):
         self.root = root
         first = next(iter(self.manifests.values()))
         probe = ManifestReader.read(first, classnames, root, multilabel, self.skip_bad)
-        self._classnames = validate_classnames(classnames or probe.classnames)
+        self._classnames = validate_classnames(probe.classnames if classnames is None else classnames)
         self._multilabel = probe.multilabel
+        self.check_options()
+
+    def missing_split_error(self, split: str) -> Exception:
+        err = super().missing_split_error(split)
+        return type(err)(f"{err}: no manifest given for it (given: {', '.join(self.manifests)})")
 
     @property
     def classnames(self) -> list[str]:

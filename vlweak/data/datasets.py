@@ -149,6 +149,12 @@ class ImageFolderReader:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
+        if classnames is not None and len(classnames) == 0:
+            # an explicit empty list/map is a mistake, not "use the folder names" (that is None)
+            raise VocabularyError(
+                f"classnames for image folder {root} is empty: give one name per class folder, "
+                "or leave it unset to use the folder names"
+            )
         folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not folders:
             raise VocabularyError(f"image folder {root} has no class sub-folders")
@@ -157,21 +163,34 @@ class ImageFolderReader:
             if unknown:
                 raise VocabularyError(f"class folders {unknown[:5]} of {root} have no entry in the class-name map")
             names = [classnames[f] for f in folders]
-        elif classnames:
-            names = list(classnames)
+        elif classnames is not None:
+            names = validate_classnames(classnames, f"classnames given for {root}")
             if len(names) != len(folders):
                 raise VocabularyError(f"{len(names)} class names given for {len(folders)} class folders in {root}")
         else:
             names = [clean_classname(f) for f in folders]
         names = validate_classnames(names, f"classes of {root}")
-        paths, labels = [], []
+        paths, labels, empty = [], [], []
         for k, folder in enumerate(folders):
+            n = len(paths)
             for f in sorted((root / folder).iterdir()):
                 if f.suffix.lower() in IMAGE_EXTENSIONS:
                     paths.append(str(f))
                     labels.append(k)
+            if len(paths) == n:
+                empty.append(f"{root / folder} ({names[k]!r})")
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        if empty:
+            # a class absent from one split is legitimate (the vocabulary is shared by all splits)
+            import warnings
+
+            warnings.warn(
+                f"{len(empty)} class folder{'s' if len(empty) > 1 else ''} of {root} "
+                f"{'have' if len(empty) > 1 else 'has'} no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
+                stacklevel=2,
+            )
         return LabeledImages(paths, labels, names, skip_bad=skip_bad)
 
 
@@ -299,9 +318,14 @@ class ShapesWorldDataset(Dataset):
     ) -> None:
         from vlweak.data.world import classnames_for
 
+        from vlweak.data.world import split_id
+
+        split_id(split)  # an unknown split fails here, naming the valid ones
         self.world, self.split, self.n, self.task = world, split, n, task
         self.multilabel = world.multilabel
-        self.classnames = classnames or (classnames_for("shape") if world.multilabel else classnames_for(task))
+        if classnames is None:
+            classnames = classnames_for("shape") if world.multilabel else classnames_for(task)
+        self.classnames = validate_classnames(classnames, "classnames of the shapes world")
 
     @property
     def sample_ids(self) -> list[str]:

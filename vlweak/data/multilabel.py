@@ -88,6 +88,19 @@ def _check_options(on_empty: str, difficult: str = "ignore") -> None:
         raise ValueError(f"difficult must be 'ignore', 'positive' or 'negative', got {difficult!r}")
 
 
+def voc_class_map(classnames: dict[str, str] | list[str] | None) -> dict[str, str]:
+    """``{xml name: class name}`` of VOC ``classnames``: ``None`` is VOC's 20 classes; an explicit
+    empty list or map, or a repeated name, is a :class:`VocabularyError`."""
+    if classnames is None:
+        return dict(VOC_CLASSES)
+    if len(classnames) == 0:
+        raise VocabularyError("VOC classnames is empty: give the XML object names, or leave it unset for VOC's 20 classes")
+    if isinstance(classnames, dict):
+        return dict(classnames)
+    names = validate_classnames(classnames, "VOC classnames")  # a repeated XML name is an error, not merged
+    return {c: clean_classname(c) for c in names}
+
+
 def _empty(on_empty: OnEmpty, where: str) -> bool:
     """``True`` to keep an image without labels; raises for ``error``."""
     if on_empty == "error":
@@ -202,9 +215,7 @@ class VocReader:
         ann_dir = root / "Annotations"
         if not ann_dir.is_dir():
             raise FileNotFoundError(f"VOC annotation folder not found: {ann_dir}")
-        mapping = classnames if isinstance(classnames, dict) else (
-            {c: clean_classname(c) for c in classnames} if classnames else VOC_CLASSES
-        )
+        mapping = voc_class_map(classnames)
         xml_names = list(mapping)
         names = validate_classnames(list(mapping.values()), "VOC class list")
         index = {n: k for k, n in enumerate(xml_names)}
@@ -291,6 +302,7 @@ class CocoDataModule(VLDataModule):
         self.on_empty = on_empty
         first, images = next(iter(self.files.values()))
         self._classnames = CocoReader.read(first, images, on_empty=on_empty).classnames
+        self.check_options()
 
     @property
     def classnames(self) -> list[str]:
@@ -316,7 +328,7 @@ class VocDataModule(VLDataModule):
         test: test image set.
         val: validation image set (default: the test set).
         classnames: XML object names in class order or ``{xml name: class name}`` (default VOC's 20,
-            with readable names such as "potted plant").
+            with readable names such as "potted plant"); an empty list or a repeated name is an error.
         difficult: classes present only as difficult objects: ``ignore`` (unknown), ``positive`` or ``negative``.
         on_empty: images without objects: ``error``, ``skip`` or ``keep``.
         **kwargs: see :class:`~vlweak.data.VLDataModule`.
@@ -340,10 +352,9 @@ class VocDataModule(VLDataModule):
             raise FileNotFoundError(f"VOC annotation folder not found: {self.root / 'Annotations'}")
         self.sets = {"train": train, "val": val or test, "test": test}
         self.classname_map, self.difficult, self.on_empty = classnames, difficult, on_empty
-        mapping = classnames if isinstance(classnames, dict) else (
-            {c: clean_classname(c) for c in classnames} if classnames else VOC_CLASSES
-        )
+        mapping = voc_class_map(classnames)
         self._classnames = validate_classnames(list(mapping.values()), "VOC class list")
+        self.check_options()
 
     @property
     def classnames(self) -> list[str]:

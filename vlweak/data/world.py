@@ -47,6 +47,14 @@ TASKS = ("shape", "coarse", "colour", "colour_shape")
 SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3, "pretrain": 4}
 
 
+def split_id(split: str) -> int:
+    """The number of a world split; an unknown split is a ``ValueError`` listing the valid ones."""
+    try:
+        return SPLITS[split]
+    except (KeyError, TypeError):
+        raise ValueError(f"the shapes world has no {split!r} split (splits: {', '.join(SPLITS)})") from None
+
+
 def _regular(n: int, inner: float | None = None) -> np.ndarray:
     """Vertices of a regular n-gon (or a 2n-pointed star when ``inner`` is given), radius 1."""
     if inner is None:
@@ -161,7 +169,7 @@ class ShapesWorld:
         self._yy, self._xx = np.meshgrid(g, g, indexing="ij")
 
     def rng(self, split: str, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, SPLITS[split], index, int(self.shift * 1000), int(self.multilabel)])
+        return np.random.default_rng([self.seed, split_id(split), index, int(self.shift * 1000), int(self.multilabel)])
 
     # ---------------------------------------------------------------- drawing
     def _background(self, rng: np.random.Generator) -> tuple[str, np.ndarray]:
