@@ -1,7 +1,7 @@
 """The ``vlweak`` command: Lightning's CLI over every vlweak method and data module.
 
 ``vlweak fit|validate|test|predict --config recipes/<recipe>.yaml``; ``--print_config`` shows the
-complete, documented configuration; ``--model.help CLASS`` / ``--data.help CLASS`` list a class's
+complete configuration; ``--ckpt_path last`` picks the newest ``last.ckpt`` of the recipe's runs; ``--model.help CLASS`` / ``--data.help CLASS`` list a class's
 arguments.
 """
 
@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 import vlweak.data  # noqa: F401  (registers the data modules for class-path resolution)
 import vlweak.methods  # noqa: F401
@@ -19,11 +23,51 @@ from vlweak.data.datamodule import VLDataModule
 
 
 class VLWeakCLI(LightningCLI):
-    """Links the data module's class vocabulary into the model."""
+    """Links the data module's class vocabulary into the model; ``--ckpt_path last`` means the newest
+    ``last.ckpt`` among the recipe's runs (see :func:`newest_last_checkpoint`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = newest_last_checkpoint(self.trainer, required=subcommand != "fit")
+        return kwargs
+
+
+def runs_root(trainer: L.Trainer) -> Path:
+    """The folder holding every run of a recipe: the logger's ``save_dir/name`` (its versions below
+    it), else its ``save_dir``, else the trainer's ``default_root_dir``."""
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "root_dir", None):
+        return Path(logger.root_dir)
+    if logger is not None and getattr(logger, "save_dir", None):
+        return Path(logger.save_dir)
+    return Path(trainer.default_root_dir)
+
+
+def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | None:
+    """The most recently written ``last*.ckpt`` among the runs of this recipe: under
+    :func:`runs_root` (``*/checkpoints/``, any depth) and in any ``ModelCheckpoint`` folder the
+    recipe fixes. Lightning's own ``"last"`` looks only in the new run's folder, which a ``test`` or a
+    resumed ``fit`` has just created empty. None found: an error naming the folder, or (``fit``,
+    ``required=False``) ``None`` with a warning, so the run starts from scratch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    root = runs_root(trainer)
+    found = set(root.glob("**/checkpoints/last*.ckpt")) if root.is_dir() else set()
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath and Path(cb.dirpath).is_dir():
+            found |= set(Path(cb.dirpath).glob("last*.ckpt"))
+    if found:
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    where = f"no last checkpoint among the runs under {root} (looked for */checkpoints/last*.ckpt)"
+    if required:
+        raise FileNotFoundError(f"--ckpt_path last: {where}; run `vlweak fit` with this recipe first, or give a .ckpt file")
+    rank_zero_warn(f"--ckpt_path last: {where}; training starts from scratch")
+    return None
 
 
 _NULLS = {"null", "Null", "NULL", "~"}

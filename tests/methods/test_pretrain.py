@@ -1,3 +1,5 @@
+import csv
+
 import lightning as L
 import pytest
 import torch
@@ -60,7 +62,7 @@ class _Crash(L.Callback):
 
 
 def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckpt):
-    # the recipe's path: last.ckpt every N steps, then `vlweak fit ... --ckpt_path <run>/checkpoints/last.ckpt`
+    # the recipe's path: last.ckpt every N steps, then `vlweak fit ... --ckpt_path last`
     from tests.conftest import REPO
     from vlweak.cli import build_cli
 
@@ -89,7 +91,13 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckp
     state = torch.load(last, weights_only=False)["state_dict"]
     loaded = OpenCLIPBackbone("vlweak-tiny", pretrained=str(last)).model.state_dict()
     assert all(torch.equal(v, state[f"backbone.model.{k}"].reshape(v.shape)) for k, v in loaded.items())
-    build_cli(["fit", *args("cut"), f"--ckpt_path={last}"])
-    whole, resumed = (load_file(tmp_path / n / "version_0" / "backbone.safetensors") for n in ("whole", "cut"))
+    with pytest.raises(FileNotFoundError, match="no last checkpoint among the runs under"):
+        build_cli(["test", *args("never-fitted"), "--ckpt_path=last"])
+    # the newest last.ckpt of the recipe's runs (`last` above), although the resumed run logs to a new folder
+    build_cli(["fit", *args("cut"), "--trainer.logger.init_args.version=1", "--trainer.log_every_n_steps=1", "--ckpt_path=last"])
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "cut" / "version_1" / "metrics.csv"))]
+    assert steps and min(steps) >= 2, steps  # continued from step 2, not from scratch
+    whole = load_file(tmp_path / "whole" / "version_0" / "backbone.safetensors")
+    resumed = load_file(tmp_path / "cut" / "version_1" / "backbone.safetensors")
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], msg=k)

@@ -303,3 +303,11 @@ def test_grip_textual_beats_zero_shot_on_the_shifted_world(tmp_path):
     )
     zero_shot = zs.last_metrics["test/acc"]
     assert grip > zero_shot + 0.05, (grip, zero_shot)
+
+
+def test_trainer_max_epochs_is_named_as_unused(tmp_path):
+    # the rounds decide the epochs; a max_epochs given out of habit must not pass silently
+    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
+    with pytest.warns(UserWarning, match=r"trainer.max_epochs=5 is not used: PromptTuning trains 3 round\(s\) of epochs_per_round=1"):
+        run = _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'r'}", "--trainer.max_epochs=5")
+    assert run.trainer.current_epoch == 3

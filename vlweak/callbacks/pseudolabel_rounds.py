@@ -38,6 +38,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import safe_open
 from torch import Tensor
 
@@ -249,6 +250,12 @@ class PseudolabelRounds(L.Callback):
             state = self._pseudolabel(trainer, m, 0)
         self.round, self.epoch_in_round = state.round, 0
         self.remaining = max(0, len(self.schedule) - self.round)
+        asked = trainer.fit_loop.max_epochs
+        if asked not in (None, -1, 1000):  # 1000: Lightning's value when unset
+            rank_zero_warn(
+                f"trainer.max_epochs={asked} is not used: {type(m).__name__} trains {len(self.schedule)} round(s) of "
+                f"epochs_per_round={m.epochs_per_round} epochs; set model.init_args.rounds / epochs_per_round instead"
+            )
         # The epochs the remaining rounds need. A Lightning checkpoint given as ``ckpt_path`` restores
         # ``current_epoch`` only after this hook, so the budget is set again in ``on_train_start``;
         # until then it must not look spent (the fit loop would skip training altogether).

@@ -156,7 +156,8 @@ class VLMethod(L.LightningModule):
         self.last_metrics = {f"{stage}/{k}": float(v) for k, v in report.items()}
         run_dir = self.run_dir()  # a collective under DDP: every rank calls it
         self.log_metrics(self.last_metrics)
-        self._write_per_class(run_dir, stage, names, per_class)
+        if not (self._trainer is not None and self.trainer.sanity_checking):  # a few batches: no per-class file
+            self._write_per_class(run_dir, stage, names, per_class)
         return self.last_metrics
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
