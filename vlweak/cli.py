@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ class VLWeakCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = newest_last_checkpoint(self.trainer, required=subcommand != "fit")
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # methods write artifacts; predict_step returns nothing to keep
         return kwargs
 
 
@@ -70,6 +73,14 @@ def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | N
     return None
 
 
+DESCRIPTION = (
+    "vlweak: vision-language weak supervision on Lightning. Run a recipe: "
+    "`vlweak test --config recipes/quickstart.yaml` (zero-shot pseudolabels); every method "
+    "(ZeroShot, CHiLS, ZLaP, DualCoOp, PromptTuning, CDUL, CLIPPretrain) has recipes under recipes/. "
+    "`vlweak fit --model.help PromptTuning` lists a method's arguments, `--data.help ImageFolderDataModule` "
+    "a data module's; `--print_config` prints a run's complete configuration."
+)
+
 _NULLS = {"null", "Null", "NULL", "~"}
 
 
@@ -104,6 +115,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
     """Parse ``args`` (default: the command line), instantiate, and run the subcommand if ``run``;
     returns the CLI object (its ``model``, ``datamodule`` and ``trainer``) for in-process use."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # frozen encoders stay in eval mode on purpose (no dropout / batch-norm updates in what is not trained)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     if args is None:  # the command line itself (Lightning reads sys.argv when given no args)
         sys.argv[1:] = _deep_nulls_as_configs(sys.argv[1:])
     else:
@@ -116,6 +129,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         },

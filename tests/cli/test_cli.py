@@ -91,6 +91,9 @@ def test_predict_on_chosen_split_and_cached_embeddings(tmp_path, tiny_ckpt):
     cli = _run(["predict", "--data.init_args.predict_split=train"], tmp_path / "a", tiny_ckpt)
     pl = PseudoLabels.load(Path(cli.trainer.log_dir) / "pseudolabels-predict.safetensors")
     assert len(pl) == 16 and pl.sample_ids[0] == "shapes-s0-shift0-32px/train/0"
+    assert pl.provenance["split"] == "train" and pl.provenance["stage"] == "predict"
+    assert Path(pl.provenance["recipe"]).is_absolute()
+    assert repr(pl).startswith("PseudoLabels(N=16, C=12 [") and "train/0" not in repr(pl)
     # the same run from cached embeddings gives the same pseudolabels
     cli2 = _run(["predict", "--data.init_args.predict_split=train", "--data.init_args.embeddings=true"], tmp_path / "b", tiny_ckpt)
     pl2 = PseudoLabels.load(Path(cli2.trainer.log_dir) / "pseudolabels-predict.safetensors")

@@ -376,9 +376,8 @@ def save_label_mask(datamodule: Any, path: str | os.PathLike, split: str = "trai
     """Write the observation mask a label budget drew for ``split`` (``None`` if that split has no
     budget): ``<path>`` (safetensors: ``mask`` bool ``[N, C]``, ``observed_targets`` with ``-1`` on
     unknown entries) plus ``<path>.json`` (budget, class names, sample ids). Written atomically."""
-    from safetensors.torch import save_file
-
     from vlweak.data.budget import Budgeted
+    from vlweak.data.cache import atomic_save_tensors
 
     ds = datamodule.raw(split) if hasattr(datamodule, "raw") else None
     if not isinstance(ds, Budgeted) or not ds.multilabel:
@@ -395,9 +394,8 @@ def save_label_mask(datamodule: Any, path: str | os.PathLike, split: str = "trai
         "sample_ids": [str(s) for s in getattr(ds, "sample_ids", range(len(ds)))],
         "observed_fraction": float(mask.float().mean()),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"mask": mask.to(torch.uint8).contiguous(), "observed_targets": observed.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    # safetensors itself creates files 0600; the atomic writer gives the usual permissions
+    atomic_save_tensors({"mask": mask.to(torch.uint8), "observed_targets": observed}, path)
     meta_path = path.with_name(path.name + ".json")
     tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
     tmp_meta.write_text(json.dumps(meta))

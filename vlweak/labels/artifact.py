@@ -47,7 +47,7 @@ def _parse_meta(path: Path, key: str, text: str) -> Any:
     return value
 
 
-@dataclass
+@dataclass(repr=False)
 class PseudoLabels:
     """Pseudolabels for ``N`` samples over a ``C``-class vocabulary.
 
@@ -105,6 +105,13 @@ class PseudoLabels:
         if indices is None:
             indices = torch.arange(len(scores))
         return cls(list(sample_ids), list(classnames), scores, labels, confidences, indices.long().cpu(), multilabel, provenance or {})
+
+    def __repr__(self) -> str:  # a summary: the full sample id list of a real dataset floods a notebook
+        made = ", ".join(f"{k}={self.provenance[k]!r}" for k in ("method", "stage", "split") if self.provenance.get(k))
+        names = ", ".join(self.classnames[:5]) + (", ..." if len(self.classnames) > 5 else "")
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        kind = "multi-label" if self.multilabel else "single-label"
+        return f"PseudoLabels(N={len(self)}, C={len(self.classnames)} [{names}], {kind}{', ' + made if made else ''}{where})"
 
     def __len__(self) -> int:
         return len(self.sample_ids)

@@ -201,7 +201,7 @@ class VLMethod(L.LightningModule):
         }
         if run_dir is not None:
             config = run_dir / "config.yaml"
-            info["recipe"] = str(config) if config.is_file() else ""
+            info["recipe"] = str(config.absolute()) if config.is_file() else ""
         return info
 
     def sample_ids(self, split: str, indices: Tensor) -> list[str]:
@@ -235,7 +235,7 @@ class VLMethod(L.LightningModule):
             indices,
             multilabel=self.multilabel,
             threshold=getattr(self, "threshold", 0.5),
-            provenance=dict(self.provenance(run_dir), **provenance),
+            provenance={**self.provenance(run_dir), "split": split, **provenance},
         )
         return labels.save(run_dir / file_name)
 

@@ -297,7 +297,7 @@ class CDUL(VLMethod):
         if self.artifact_path == "" or self._trainer is None:
             return None
         return self.save_pseudolabels(f"pseudolabels-{split}-{name}.safetensors", split, scores, index,
-                                      stage=name, split=split, **prov)
+                                      stage=name, **prov)
 
     # ---------------------------------------------------------------- stage 2: training
     def on_fit_start(self) -> None:

@@ -98,15 +98,16 @@ class CLIPPretrain(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _, _ = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", self.backbone.logit_scale.squeeze())
+        n = len(batch["caption"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/logit_scale", self.backbone.logit_scale.squeeze(), batch_size=n)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, img, txt = self._loss(batch)
         acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/i2t_acc", acc, sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(img))
+        self.log("val/i2t_acc", acc, sync_dist=True, batch_size=len(img))
 
     def on_train_batch_end(self, *args) -> None:
         with torch.no_grad():  # CLIP clamps the temperature at 100
