@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import vlweak.data  # noqa: F401  (registers the data modules for class-path resolution)
 import vlweak.methods  # noqa: F401
@@ -40,32 +40,39 @@ class VLWeakCLI(LightningCLI):
         return kwargs
 
 
-def runs_root(trainer: L.Trainer) -> Path:
-    """The folder holding every run of a recipe: the logger's ``save_dir/name`` (its versions below
-    it), else its ``save_dir``, else the trainer's ``default_root_dir``."""
+def runs_root(trainer: L.Trainer) -> Path | None:
+    """The folder holding every run of a recipe, one ``version_N`` folder each: the ``save_dir/name``
+    of a CSV or TensorBoard logger; ``None`` for loggers without one (W&B, none)."""
     logger = trainer.logger
-    if logger is not None and getattr(logger, "root_dir", None):
-        return Path(logger.root_dir)
-    if logger is not None and getattr(logger, "save_dir", None):
-        return Path(logger.save_dir)
-    return Path(trainer.default_root_dir)
+    root = getattr(logger, "root_dir", None) if logger is not None else None
+    return Path(root) if root else None
 
 
 def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | None:
-    """The most recently written ``last*.ckpt`` among the runs of this recipe: under
-    :func:`runs_root` (``*/checkpoints/``, any depth) and in any ``ModelCheckpoint`` folder the
-    recipe fixes. Lightning's own ``"last"`` looks only in the new run's folder, which a ``test`` or a
+    """The most recently written ``last*.ckpt`` among the runs of this recipe: in
+    ``<runs_root>/<run>/checkpoints/`` and in any ``ModelCheckpoint`` folder the recipe fixes (runs
+    of overlays that share the recipe's logger folder count too: the path used is printed). Lightning's own ``"last"`` looks only in the new run's folder, which a ``test`` or a
     resumed ``fit`` has just created empty. None found: an error naming the folder, or (``fit``,
     ``required=False``) ``None`` with a warning, so the run starts from scratch."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     root = runs_root(trainer)
-    found = set(root.glob("**/checkpoints/last*.ckpt")) if root.is_dir() else set()
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath and Path(cb.dirpath).is_dir():
-            found |= set(Path(cb.dirpath).glob("last*.ckpt"))
+    fixed = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    if root is None and not fixed:
+        raise ValueError(
+            f"--ckpt_path last needs a logger with a runs folder (CSVLogger or TensorBoardLogger; this run has "
+            f"{type(trainer.logger).__name__ if trainer.logger is not None else 'none'}) or a ModelCheckpoint dirpath; "
+            "give the .ckpt file instead"
+        )
+    # one run level only: a recipe whose folder nests another recipe's runs must not pick those up
+    found = set(root.glob("*/checkpoints/last*.ckpt")) if root is not None and root.is_dir() else set()
+    for d in fixed:
+        found |= set(d.glob("last*.ckpt")) if d.is_dir() else set()
     if found:
-        return str(max(found, key=lambda p: p.stat().st_mtime))
+        # ties broken by name, so every rank of a multi-process run resolves the same file
+        newest = max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+        rank_zero_info(f"--ckpt_path last: {newest}")
+        return str(newest)
     where = f"no last checkpoint among the runs under {root} (looked for */checkpoints/last*.ckpt)"
     if required:
         raise FileNotFoundError(f"--ckpt_path last: {where}; run `vlweak fit` with this recipe first, or give a .ckpt file")

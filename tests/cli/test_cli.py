@@ -182,5 +182,28 @@ def test_per_class_accuracy_of_a_class_without_samples_is_nan():
     report = multiclass_report(torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]]), torch.tensor([0, 1]))
     assert report["per_class"][:2].tolist() == [1.0, 1.0] and report["per_class"][2].isnan()
     assert report["mean_class_acc"].item() == 1.0
+    # a class without samples that is predicted does not count as a 0 in the mean
+    report = multiclass_report(torch.eye(3), torch.tensor([0, 1, 1]))
+    assert report["per_class"][2].isnan() and report["mean_class_acc"].item() == pytest.approx(0.75)
     with pytest.raises(ValueError, match="no labelled samples"):
         multiclass_report(torch.rand(2, 3), torch.tensor([-1, -1]))
+
+
+def test_ckpt_path_last_reads_one_run_level_of_the_recipe_folder(tmp_path):
+    import time
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from vlweak.cli import newest_last_checkpoint
+
+    own = tmp_path / "cdul" / "version_0" / "checkpoints" / "last.ckpt"
+    nested = tmp_path / "cdul" / "stage2" / "version_0" / "checkpoints" / "last.ckpt"  # another recipe's run
+    for p in (own, nested):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        time.sleep(0.01)
+    trainer = L.Trainer(logger=CSVLogger(tmp_path, name="cdul"), enable_progress_bar=False)
+    assert newest_last_checkpoint(trainer) == str(own)
+    with pytest.raises(ValueError, match="needs a logger with a runs folder"):
+        newest_last_checkpoint(L.Trainer(logger=False, enable_checkpointing=False))

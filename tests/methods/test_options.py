@@ -35,6 +35,7 @@ CASES = [
     (PromptTuning, {}, {"templates": []}, "template list is empty"),
     (PromptTuning, {}, {"epochs_per_round": 3, "warmup_epochs": 3}, r"warmup_epochs \(3\) must be below epochs_per_round \(3\)"),
     (PromptTuning, {}, {"pseudolabels": "zero-shot"}, "'zero-shot' is neither"),
+    (PromptTuning, {}, {"pseudolabels": "missing/zlap.txt"}, "'missing/zlap.txt' is neither"),
 ]
 
 

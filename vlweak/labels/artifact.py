@@ -104,7 +104,7 @@ class PseudoLabels:
             confidences, labels = scores.max(1)
         if indices is None:
             indices = torch.arange(len(scores))
-        return cls(list(sample_ids), list(classnames), scores, labels, confidences, indices.long().cpu(), multilabel, provenance or {})
+        return cls([str(s) for s in sample_ids], list(classnames), scores, labels, confidences, indices.long().cpu(), multilabel, provenance or {})
 
     def __repr__(self) -> str:  # a summary: the full sample id list of a real dataset floods a notebook
         made = ", ".join(f"{k}={self.provenance[k]!r}" for k in ("method", "stage", "split") if self.provenance.get(k))

@@ -131,10 +131,13 @@ class PromptTuning(VLMethod):
                 "every epoch of a round would train at warmup_lr"
             )
         check_options(templates=templates, n_ctx=(n_ctx, 1, None), momentum=(momentum, 0.0, 1.0))
-        if pseudolabels != "zeroshot":  # an artifact: check it exists and fits the vocabulary now, not after the pool is read
-            if not Path(pseudolabels).is_file():
-                raise ValueError(f"pseudolabels must be 'zeroshot' or the path of a pseudolabel artifact; {pseudolabels!r} is neither")
-            PseudoLabels.load(pseudolabels, classnames) if classnames else PseudoLabels.load(pseudolabels)
+        if pseudolabels != "zeroshot":
+            # an artifact present now is checked now (vocabulary, damage), not after the pool is read; a
+            # missing .safetensors may be written before fit (test / predict never read it)
+            if Path(pseudolabels).exists():
+                PseudoLabels.load(pseudolabels, classnames) if classnames else PseudoLabels.load(pseudolabels)
+            elif not pseudolabels.endswith(".safetensors"):
+                raise ValueError(f"pseudolabels must be 'zeroshot' or the path of a pseudolabel artifact (.safetensors); {pseudolabels!r} is neither")
         self.save_hyperparameters(ignore=["backbone"])
         self.prompt_type, self.strategy, self.k, self.rounds = prompt, strategy, k, rounds
         self.pseudolabels, self.templates = pseudolabels, templates

@@ -20,15 +20,16 @@ def multiclass_report(scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
         raise ValueError("no labelled samples to evaluate (every label is -1)")
     scores, labels = scores[keep].float(), labels[keep].long()
     c = scores.shape[1]
+    present = torch.bincount(labels, minlength=c) > 0
+    per_class = multiclass_accuracy(scores, labels, num_classes=c, average=None).float()
+    per_class = torch.where(present.to(per_class.device), per_class, torch.nan)
     out: dict[str, Tensor] = {
         "acc": multiclass_accuracy(scores, labels, num_classes=c, average="micro"),
-        "mean_class_acc": multiclass_accuracy(scores, labels, num_classes=c, average="macro"),
+        "mean_class_acc": per_class.nanmean(),  # over the classes with samples (torchmetrics' macro counts a predicted absent class as 0)
     }
     if c > 5:
         out["acc_top5"] = multiclass_accuracy(scores, labels, num_classes=c, top_k=5, average="micro")
-    present = torch.bincount(labels, minlength=c) > 0
-    per_class = multiclass_accuracy(scores, labels, num_classes=c, average=None).float()
-    out["per_class"] = torch.where(present.to(per_class.device), per_class, torch.nan)
+    out["per_class"] = per_class
     return out
 
 
