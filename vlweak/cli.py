@@ -1,8 +1,8 @@
 """The ``vlweak`` command: Lightning's CLI over every vlweak method and data module.
 
 ``vlweak fit|validate|test|predict --config recipes/<recipe>.yaml``; ``--print_config`` shows the
-complete configuration; ``--ckpt_path last`` picks the newest ``last.ckpt`` of the recipe's runs; ``--model.help CLASS`` / ``--data.help CLASS`` list a class's
-arguments.
+complete configuration; ``--ckpt_path last`` picks the newest ``last.ckpt`` of the recipe's runs;
+``--model.help CLASS`` / ``--data.help CLASS`` list a class's arguments.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def runs_root(trainer: L.Trainer) -> Path | None:
 def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | None:
     """The most recently written ``last*.ckpt`` among the runs of this recipe: in
     ``<runs_root>/<run>/checkpoints/`` and in any ``ModelCheckpoint`` folder the recipe fixes (runs
-    of overlays that share the recipe's logger folder count too: the path used is printed). Lightning's own ``"last"`` looks only in the new run's folder, which a ``test`` or a
-    resumed ``fit`` has just created empty. None found: an error naming the folder, or (``fit``,
+    of overlays that share the recipe's logger folder count too: the path used is printed).
+    Lightning's own ``"last"`` looks only in the new run's folder, which a ``test`` or a resumed
+    ``fit`` has just created empty. None found: an error naming the folder, or (``fit``,
     ``required=False``) ``None`` with a warning, so the run starts from scratch."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 

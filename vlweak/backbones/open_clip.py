@@ -69,7 +69,7 @@ def _torch_load_reason(err: Exception) -> str:
 
 
 def _directory_error(path: Path) -> CheckpointMismatchError:
-    files = sorted(p.name for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES) if path.is_dir() else []
+    files = sorted(p.name for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES)
     if (path / "config.json").is_file():
         hint = "; it looks like a Hugging Face `save_pretrained` directory: use HFCLIPBackbone(model_id=...) for it"
     elif files:
@@ -222,7 +222,7 @@ class OpenCLIPBackbone(Backbone):
         else:
             tags = open_clip.list_pretrained_tags_by_model(self.model_name)
             if pretrained not in tags and Path(pretrained).expanduser().is_dir():
-                self._load_file(Path(pretrained).expanduser())  # not a tag: a directory given by mistake is named as one
+                raise _directory_error(Path(pretrained).expanduser())  # a directory given by mistake
             if pretrained not in tags:
                 raise WeightsUnavailableError(
                     f"{pretrained!r} is neither a local file nor an open_clip pretrained tag of "

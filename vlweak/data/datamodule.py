@@ -200,8 +200,6 @@ class VLDataModule(L.LightningDataModule):
                 raise ValueError(f"seen_classes={self.seen_classes} leaves {n} of {len(names)} classes seen")
             g = torch.Generator().manual_seed(self.budget.seed)
             return sorted(torch.randperm(len(names), generator=g)[:n].tolist())
-        if len(self.seen_classes) == 0:
-            raise ValueError("seen_classes is empty: no class would keep its labels")
         unknown = [c for c in self.seen_classes if c not in names]
         if unknown:
             raise VocabularyError(f"seen_classes {unknown[:5]} are not in the class vocabulary (e.g. {names[:5]})")
@@ -220,8 +218,6 @@ class VLDataModule(L.LightningDataModule):
                 "'predict' reads predict_split)"
             )
         if split not in self._raw:
-            if split == "train":
-                self.check_options()
             ds = self.build_split(split)
             budget = self.budget
             seen = self.seen_class_indices if split == "train" else None

@@ -316,9 +316,7 @@ class ShapesWorldDataset(Dataset):
     def __init__(
         self, world: ShapesWorld, split: str, n: int, task: str = "shape", classnames: list[str] | None = None
     ) -> None:
-        from vlweak.data.world import classnames_for
-
-        from vlweak.data.world import split_id
+        from vlweak.data.world import classnames_for, split_id
 
         split_id(split)  # an unknown split fails here, naming the valid ones
         self.world, self.split, self.n, self.task = world, split, n, task

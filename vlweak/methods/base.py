@@ -43,8 +43,13 @@ def check_options(
         ranges["threshold"] = (threshold, 0.0, 1.0)
     for name, (value, low, high) in ranges.items():
         if (low is not None and not value >= low) or (high is not None and not value <= high):
-            bounds = f"[{low}, {high}]" if low is not None and high is not None else f">= {low}" if low is not None else f"<= {high}"
-            raise ValueError(f"{name} must be {'in ' if high is not None and low is not None else ''}{bounds}, got {value}")
+            if low is None:
+                bounds = f"<= {high}"
+            elif high is None:
+                bounds = f">= {low}"
+            else:
+                bounds = f"in [{low}, {high}]"
+            raise ValueError(f"{name} must be {bounds}, got {value}")
 
 
 def has_known_labels(targets: Tensor, mask: Tensor | None = None) -> bool:

@@ -140,10 +140,8 @@ class CDUL(VLMethod):
             raise ValueError(f"grid must be a positive integer, got {grid!r}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap!r}")
-        if label_lr < 0:
-            raise ValueError(f"label_lr must be >= 0, got {label_lr!r}")
         check_options(
-            templates=templates, temperature=temperature, threshold=threshold,
+            templates=templates, temperature=temperature, threshold=threshold, label_lr=(label_lr, 0, None),
             snippet_threshold=(snippet_threshold, 0.0, 1.0), hidden_dim=(hidden_dim, 1, None),
         )
         self.templates, self.grid, self.overlap = templates, int(grid), float(overlap)

@@ -135,7 +135,7 @@ class PromptTuning(VLMethod):
             # an artifact present now is checked now (vocabulary, damage), not after the pool is read; a
             # missing .safetensors may be written before fit (test / predict never read it)
             if Path(pseudolabels).exists():
-                PseudoLabels.load(pseudolabels, classnames) if classnames else PseudoLabels.load(pseudolabels)
+                PseudoLabels.load(pseudolabels, classnames or None)
             elif not pseudolabels.endswith(".safetensors"):
                 raise ValueError(f"pseudolabels must be 'zeroshot' or the path of a pseudolabel artifact (.safetensors); {pseudolabels!r} is neither")
         self.save_hyperparameters(ignore=["backbone"])
