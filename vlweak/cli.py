@@ -15,12 +15,39 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import vlweak.data  # noqa: F401  (registers the data modules for class-path resolution)
 import vlweak.methods  # noqa: F401
 from vlweak.data.datamodule import VLDataModule
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help with long "known subclasses" lists cut short: an ``nn.Module`` option would
+    otherwise list every module class imported (over a thousand lines under ``--model.help CDUL``)."""
+
+    max_subclasses = 24  # longer lists show their first half of this
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        head, sep, tail = text.rpartition(", known subclasses: ")
+        if not sep or not tail.endswith(")"):
+            return text
+        names = tail[:-1].split(", ")
+        if len(names) <= self.max_subclasses:
+            return text
+        keep = self.max_subclasses // 2
+        return f"{head}{sep}{', '.join(names[:keep])} and {len(names) - keep} more; any importable class path)"
+
+
+class ArgumentParser(LightningArgumentParser):
+    """Lightning's parser with :class:`HelpFormatter`; jsonargparse builds the parsers of
+    ``--model.help CLASS`` as ``type(parser)()``, so they get it too."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 class VLWeakCLI(LightningCLI):
@@ -138,6 +165,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
         run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
+        parser_class=ArgumentParser,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         },

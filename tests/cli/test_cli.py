@@ -27,6 +27,21 @@ def test_help_lists_subcommands():
         assert sub in out
 
 
+def test_method_help_cuts_long_subclass_lists(capsys):
+    # CDUL's ``network: nn.Module`` made jsonargparse list every imported module class (~1,500 lines)
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--model.help", "CDUL"])
+    out = capsys.readouterr().out
+    assert "--model.network NETWORK" in out and "--model.snippet_threshold" in out
+    assert len(out.splitlines()) < 200
+    assert "more; any importable class path" in " ".join(out.split())
+    with pytest.raises(SystemExit):  # short lists stay whole: every method is named
+        build_cli(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for method in ("CDUL", "CHiLS", "DualCoOp", "PromptTuning", "ZeroShot", "ZLaP", "CLIPPretrain"):
+        assert f"vlweak.methods.{method}" in out, method
+
+
 def test_print_config_is_complete(capsys):
     with pytest.raises(SystemExit):
         build_cli(["predict", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--print_config"])
