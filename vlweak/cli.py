@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ class VLWeakCLI(LightningCLI):
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = constructor_error(err)
+            if cause is None:
+                raise
+            raise cause from None  # its own traceback ends in the constructor that refused the value
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
@@ -65,6 +75,21 @@ class VLWeakCLI(LightningCLI):
         if subcommand == "predict" and kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False  # methods write artifacts; predict_step returns nothing to keep
         return kwargs
+
+
+def constructor_error(err: BaseException) -> BaseException | None:
+    """The exception a class's constructor raised under jsonargparse's instantiation, or ``None``.
+
+    jsonargparse reports a constructor's error inside a union error ("Does not validate against any
+    of the Union subtypes ... Given value: <the whole namespace>"), chained to the original; the
+    original, raised outside jsonargparse, names the bad value in one line.
+    """
+    while err.__cause__ is not None:
+        err = err.__cause__
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames or f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename:
+        return None
+    return err
 
 
 def runs_root(trainer: L.Trainer) -> Path | None:

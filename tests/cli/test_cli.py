@@ -42,6 +42,17 @@ def test_method_help_cuts_long_subclass_lists(capsys):
         assert f"vlweak.methods.{method}" in out, method
 
 
+def test_a_refused_value_is_reported_by_its_constructor(tmp_path):
+    # jsonargparse wraps a constructor's error in a union error that dumps the whole namespace
+    args = ["--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.logger=false"]
+    with pytest.raises(ValueError) as info:
+        build_cli([*args, "--model.init_args.temperature=-1"], run=False)
+    assert str(info.value).startswith("temperature must be > 0") and "Union" not in str(info.value)
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        build_cli([*args, f"--model.init_args.backbone.init_args.pretrained={missing}"], run=False)
+
+
 def test_print_config_is_complete(capsys):
     with pytest.raises(SystemExit):
         build_cli(["predict", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--print_config"])
