@@ -1,4 +1,5 @@
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -86,9 +87,13 @@ def test_every_recipe_loads(recipe, capsys):
     assert "class_path: vlweak.methods." in out and "trainer:" in out
 
 
-def test_test_logs_metrics_and_writes_artifact(tmp_path, tiny_ckpt):
+def test_test_logs_metrics_and_writes_artifact(tmp_path, tiny_ckpt, caplog):
+    caplog.set_level(logging.INFO)
     cli = _run(["test"], tmp_path, tiny_ckpt)
     log_dir = Path(cli.trainer.log_dir)
+    # the run says where the artifact went, and no product tips
+    assert f"pseudolabels of the test split (13 samples x 12 classes) -> {log_dir / 'pseudolabels-test.safetensors'}" in caplog.text
+    assert "Seed set to" in caplog.text and "Tip:" not in caplog.text
     rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
     assert {"test/acc", "test/mean_class_acc", "test/acc_top5"} <= set(rows[0])
     per_class = list(csv.DictReader(open(log_dir / "per_class_test.csv")))

@@ -242,7 +242,11 @@ class VLMethod(L.LightningModule):
             threshold=getattr(self, "threshold", 0.5),
             provenance={**self.provenance(run_dir), "split": split, **provenance},
         )
-        return labels.save(run_dir / file_name)
+        path = labels.save(run_dir / file_name)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if not (fitting and (self.trainer.validating or self.trainer.sanity_checking)):  # not once per epoch
+            rank_zero_info(f"pseudolabels of the {split} split ({len(indices):,} samples x {scores.shape[1]} classes) -> {path}")
+        return path
 
     def write_artifact(self, stage: str, scores: Tensor, indices: Tensor, **extra_provenance: Any) -> Path | None:
         """Write the pseudolabel artifact of ``stage`` (``artifact_path``, or
