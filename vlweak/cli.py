@@ -82,15 +82,20 @@ def constructor_error(err: BaseException) -> BaseException | None:
     """The exception a class's constructor raised under jsonargparse's instantiation, or ``None``.
 
     jsonargparse reports a constructor's error inside a union error ("Does not validate against any
-    of the Union subtypes ... Given value: <the whole namespace>"), chained to the original; the
-    original, raised outside jsonargparse, names the bad value in one line.
+    of the Union subtypes ... Given value: <the whole namespace>"), chained to the original. The
+    first exception of the chain raised outside jsonargparse is the constructor's (which may itself
+    be chained to a lower-level cause; its message is the one written for the user).
     """
-    while err.__cause__ is not None:
+    while _raised_by_jsonargparse(err):
+        if err.__cause__ is None:
+            return None
         err = err.__cause__
-    frames = traceback.extract_tb(err.__traceback__)
-    if not frames or f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename:
-        return None
     return err
+
+
+def _raised_by_jsonargparse(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
 
 
 def runs_root(trainer: L.Trainer) -> Path | None:

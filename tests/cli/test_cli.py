@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from vlweak.backbones.errors import CheckpointMismatchError
 from vlweak.cli import build_cli
 from vlweak.labels import PseudoLabels
 
@@ -52,6 +53,11 @@ def test_a_refused_value_is_reported_by_its_constructor(tmp_path):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         build_cli([*args, f"--model.init_args.backbone.init_args.pretrained={missing}"], run=False)
+    # the constructor's own error, not the library error under it: it names the file
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((REPO / "vlweak" / "backbones" / "weights" / "vlweak-shapes.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointMismatchError, match="truncated.safetensors is not a readable checkpoint"):
+        build_cli([*args, f"--model.init_args.backbone.init_args.pretrained={truncated}"], run=False)
 
 
 def test_print_config_is_complete(capsys):
