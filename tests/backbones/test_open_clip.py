@@ -58,6 +58,35 @@ def test_offline_download_says_how_to_use_a_file(monkeypatch):
         OpenCLIPBackbone("vlweak-tiny", pretrained="no_such_tag")
 
 
+def test_openai_style_tag_builds_quick_gelu(monkeypatch, tmp_path):
+    # OpenAI's weights were trained with QuickGELU; open_clip's plain names (ViT-B-32) build GELU
+    real = open_clip.create_model
+    torch.manual_seed(0)
+    source = real("vlweak-tiny", pretrained=None, force_quick_gelu=True)
+
+    def hub(name, pretrained=None, **kw):  # the tag "downloads" the source weights
+        model = real(name, pretrained=None, **kw)
+        if pretrained:
+            model.load_state_dict(source.state_dict())
+        return model
+
+    monkeypatch.setattr(open_clip, "create_model", hub)
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: ["openai_like", "laion_like"])
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {"quick_gelu": tag == "openai_like"})
+
+    def acts(backbone):
+        return {type(m).__name__ for m in backbone.model.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
+
+    tagged = OpenCLIPBackbone("vlweak-tiny", pretrained="openai_like")
+    assert acts(tagged) == {"QuickGELU"} and tagged.fingerprint_parts()["activation"] == "quick_gelu"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(tagged.encode_image(x), torch.nn.functional.normalize(source.encode_image(x), dim=-1), atol=1e-5)
+    plain = OpenCLIPBackbone("vlweak-tiny", pretrained="laion_like")
+    assert acts(plain) == {"GELU"} and "activation" not in plain.fingerprint_parts()
+    assert acts(OpenCLIPBackbone("vlweak-tiny", pretrained=None)) == {"GELU"}
+
+
 def test_text_from_embeddings_and_dense_features(tiny_backbone):
     ids = tiny_backbone.tokenize(["a photo of a cat.", "a dog"])
     direct = tiny_backbone.encode_text(["a photo of a cat.", "a dog"], normalize=False)

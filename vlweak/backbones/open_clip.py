@@ -152,7 +152,9 @@ class OpenCLIPBackbone(Backbone):
         pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``; downloaded to
             the open_clip cache on first use), ``vlweak-shapes`` for the shipped weights, a local
             checkpoint file (``.safetensors``/``.pt``/``.bin``/Lightning ``.ckpt``), or ``None`` for
-            random initialisation.
+            random initialisation. OpenAI's weights need QuickGELU: with the ``openai`` tag it is
+            used whatever the name; for a local copy name the ``-quickgelu`` architecture
+            (``ViT-B-32-quickgelu``, ``RN50-quickgelu``).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
         freeze: keep the encoders frozen.
         config_overrides: open_clip architecture entries to change before the model is built, merged
@@ -181,13 +183,17 @@ class OpenCLIPBackbone(Backbone):
         root_logger = logging.getLogger()
         level = root_logger.level
         root_logger.setLevel(logging.ERROR)  # open_clip warns about random init before we load weights
+        if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
+            pretrained = None  # a sweep tool or a script formatting None writes the text "None"
+        # OpenAI's weights were trained with QuickGELU; the plain architecture names build GELU
+        self.forced_quick_gelu = self._tag_needs_quick_gelu(pretrained)
         try:
-            self.model = open_clip.create_model(model_name, pretrained=None, **self._merged(config_overrides))
+            self.model = open_clip.create_model(
+                model_name, pretrained=None, force_quick_gelu=self.forced_quick_gelu, **self._merged(config_overrides)
+            )
         finally:
             root_logger.setLevel(level)
         self._weights_digest = "random-init"
-        if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
-            pretrained = None  # a sweep tool or a script formatting None writes the text "None"
         if pretrained:
             self._load_weights(pretrained, cache_dir)
         self.weights = pretrained or "random-init"
@@ -208,6 +214,16 @@ class OpenCLIPBackbone(Backbone):
         }
 
     # ------------------------------------------------------------------ weights
+    def _tag_needs_quick_gelu(self, pretrained: str | None) -> bool:
+        """Whether ``pretrained`` is an open_clip tag whose weights were trained with QuickGELU (OpenAI's)
+        while ``model_name`` builds GELU. A local file cannot tell: name the ``-quickgelu`` architecture
+        (e.g. ``ViT-B-32-quickgelu``) for a saved copy of OpenAI's weights."""
+        if not pretrained or pretrained in SHIPPED_WEIGHTS or self.model_name.endswith("-quickgelu"):
+            return False
+        if pretrained not in open_clip.list_pretrained_tags_by_model(self.model_name):
+            return False
+        return bool(open_clip.get_pretrained_cfg(self.model_name, pretrained).get("quick_gelu", False))
+
     def _load_weights(self, pretrained: str, cache_dir: str | None) -> None:
         if pretrained in SHIPPED_WEIGHTS:
             path = SHIPPED_WEIGHTS[pretrained]
@@ -229,13 +245,16 @@ class OpenCLIPBackbone(Backbone):
                     f"{self.model_name!r} (tags: {', '.join(tags) or 'none'})"
                 )
             try:
-                url_model = open_clip.create_model(self.model_name, pretrained=pretrained, cache_dir=cache_dir)
+                url_model = open_clip.create_model(
+                    self.model_name, pretrained=pretrained, cache_dir=cache_dir, force_quick_gelu=self.forced_quick_gelu
+                )
             except Exception as err:  # network / hub errors differ across versions
+                arch = f" with `model_name: {self.model_name}-quickgelu` (these weights need QuickGELU)" if self.forced_quick_gelu else ""
                 raise WeightsUnavailableError(
                     f"could not fetch open_clip weights {self.model_name}/{pretrained} ({type(err).__name__}: "
                     f"{err}). Offline? Download them on a connected machine (open_clip.create_model("
                     f"'{self.model_name}', pretrained='{pretrained}') and save model.state_dict()), "
-                    "then pass the file: `pretrained: /path/to/weights.safetensors`."
+                    f"then pass the file: `pretrained: /path/to/weights.safetensors`{arch}."
                 ) from err
             self.model.load_state_dict(url_model.state_dict())
             self._weights_digest = f"tag:{pretrained}"
@@ -251,6 +270,8 @@ class OpenCLIPBackbone(Backbone):
 
     def fingerprint_parts(self) -> dict[str, str]:
         parts = {"model": self.model_name, "weights": self._weights_digest}
+        if self.forced_quick_gelu:
+            parts["activation"] = "quick_gelu"
         if self.config_overrides:
             parts["config"] = json.dumps(self.config_overrides, sort_keys=True)
         return parts
