@@ -1,6 +1,7 @@
 """Pseudolabel prompt tuning: rounds, resume after an interrupt, paradigms, and (with the shipped
 weights) GRIP beating zero-shot on the shifted world."""
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -131,7 +132,8 @@ def test_a_crash_while_scoring_keeps_the_trained_round(tmp_path, monkeypatch):
         assert torch.allclose(a, b, atol=1e-6), n
 
 
-def test_default_rounds_folder_resumes_the_same_configuration_only(tmp_path):
+def test_default_rounds_folder_resumes_the_same_configuration_only(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
     with pytest.raises(RuntimeError, match="interrupted"):
         _fit(recipe, callbacks=[_InterruptAtRound(1)])
@@ -139,6 +141,9 @@ def test_default_rounds_folder_resumes_the_same_configuration_only(tmp_path):
     assert len(folders) == 1 and (folders[0] / "round-001.safetensors").is_file()
     resumed = _fit(recipe)  # no rounds_dir: the same configuration finds its folder again
     assert _rounds(resumed).rounds_trained == [1, 2]
+    assert f"resuming round 2 of 3 from {folders[0]} (rounds done: 1)" in caplog.text
+    _fit(recipe)
+    assert "all 3 rounds of this run are done" in caplog.text
     # another labeled set (budget seed) is another run: its own folder, all rounds trained ...
     other = _fit(recipe, "--data.init_args.budget_seed=1")
     assert _rounds(other).rounds_trained == [0, 1, 2]
@@ -148,6 +153,12 @@ def test_default_rounds_folder_resumes_the_same_configuration_only(tmp_path):
         _fit(recipe, "--data.init_args.budget_seed=1", f"--model.init_args.rounds_dir={folders[0]}")
     with pytest.raises(ValueError, match="training"):
         _fit(recipe, "--model.init_args.lr=0.5", f"--model.init_args.rounds_dir={folders[0]}")
+    # the same settings on other images (another draw of the world, no labels either way) are another run
+    unlabeled = _fit(recipe, "--data.init_args.shots=0")
+    assert _rounds(unlabeled).rounds_trained == [0, 1, 2]
+    other_images = _fit(recipe, "--data.init_args.shots=0", "--data.init_args.seed=7")
+    assert _rounds(other_images).rounds_trained == [0, 1, 2]
+    assert len(list((tmp_path / "runs" / "lightning_logs" / "rounds").iterdir())) == 4
 
 
 def test_a_fresh_start_removes_the_rounds_of_an_earlier_run(tmp_path):

@@ -38,7 +38,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import safe_open
 from torch import Tensor
 
@@ -124,6 +124,7 @@ class PseudolabelRounds(L.Callback):
         self.resume = resume
         self.round = 0
         self.epoch_in_round = 0
+        self._pool_ids: tuple[Any, str] | None = None  # (module, digest of its pool's sample ids)
         self.schedule: list[int | None] = []
         self.rounds_trained: list[int] = []
         self.remaining = 0
@@ -168,12 +169,15 @@ class PseudolabelRounds(L.Callback):
         digest = hashlib.sha1()
         digest.update(m.pool_index[labeled].long().numpy().tobytes())
         digest.update(m.pool_label[labeled].long().numpy().tobytes())
+        if self._pool_ids is None or self._pool_ids[0] is not m:  # the data itself: another folder is another run
+            self._pool_ids = (m, hashlib.sha1("\n".join(m.sample_ids("train", m.pool_index)).encode()).hexdigest()[:16])
         return {
             "strategy": m.strategy,
             "schedule": self.schedule,
             "classnames": list(m.classnames),
             "pseudolabel_classes": list(m.pseudolabel_classes),
             "n_pool": int(len(m.pool_index)),
+            "pool_samples": self._pool_ids[1],
             "n_labeled": int(labeled.sum()),
             "labeled_set": digest.hexdigest()[:16],
             "prompt": m.prompt_type,
@@ -240,6 +244,12 @@ class PseudolabelRounds(L.Callback):
         state = self.latest(folder) if self.resume and folder.is_dir() else None
         if state is not None:
             self.check_identity(state, m, folder)
+            total = len(self.schedule)
+            rank_zero_info(
+                f"all {total} rounds of this run are done in {folder}: nothing to train (resume: false starts over)"
+                if state.round >= total else
+                f"resuming round {state.round + 1} of {total} from {folder} (rounds done: {state.round})"
+            )
             if state.prompt:
                 m.load_prompt_state(state.prompt)
             if state.meta.get("scored") is False:  # trained, interrupted while scoring: score again
