@@ -173,10 +173,11 @@ def test_recipe_runs_through_the_cli(tmp_path):
             "--model.init_args.backbone.init_args.pretrained=",  # random init
             "--data.init_args.n_test=16", "--data.init_args.batch_size=16",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-            "--trainer.accelerator=cpu",
+            "--trainer.accelerator=cpu", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
         ]
     )
     assert isinstance(cli.model, CHiLS) and cli.model.hierarchy.parents == COARSE
+    assert any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # text embeddings in the data's cache_dir
     assert "test/acc_superclass" in cli.model.last_metrics and cli.model.last_artifact.is_file()
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
+from vlweak.data.cache import EmbeddingCache
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
@@ -176,6 +177,11 @@ class VLMethod(L.LightningModule):
         else:
             for k, v in metrics.items():
                 self.log(k, v, sync_dist=False, rank_zero_only=True)
+
+    def embedding_cache(self) -> EmbeddingCache:
+        """The data module's embedding cache (its ``cache_dir``), else the default one (``$VLWEAK_CACHE``)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "cache", None) or EmbeddingCache()
 
     def run_dir(self) -> Path:
         """The run's log folder. Under DDP this broadcasts: call it on every rank."""

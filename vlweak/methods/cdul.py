@@ -188,10 +188,7 @@ class CDUL(VLMethod):
     def _cache(self) -> Any:
         from vlweak.data.cache import EmbeddingCache
 
-        if self.cache_dir is not None:
-            return EmbeddingCache(self.cache_dir)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        return getattr(dm, "cache", None) or EmbeddingCache()
+        return EmbeddingCache(self.cache_dir) if self.cache_dir is not None else self.embedding_cache()
 
     def scale(self) -> Tensor:
         return self.backbone.logit_scale if self.temperature is None else torch.tensor(1.0 / self.temperature)

@@ -201,7 +201,7 @@ class CHiLS(VLMethod):
         """Class and sub-class text embeddings ``[C + S, D]`` (computed once per run)."""
         h = self.vocabulary_hierarchy()
         names = h.parents + h.subclasses
-        cache = EmbeddingCache() if self.cache_text else None
+        cache = self.embedding_cache() if self.cache_text else None
         self.classifier = cached_text_classifier(self.backbone, names, self.templates, cache).to(self.device)
         self.parent = h.subclass_to_parent().to(self.device)
         return self.classifier

@@ -130,13 +130,13 @@ class ZLaP(VLMethod):
         """Unit-norm features of the unlabeled pool, through the embedding cache (computed once),
         in the order of their sample index (:attr:`_pool_index`)."""
         if self._pool is None:
-            from vlweak.data.cache import EmbeddingCache, image_embeddings
+            from vlweak.data.cache import image_embeddings
 
             base = self._pool_dataset()
             dm = self.trainer.datamodule
             transform = dm.resolve_transform() if hasattr(dm, "resolve_transform") else self.backbone.transform
             out = image_embeddings(
-                self.backbone, base, transform, getattr(dm, "cache", None) or EmbeddingCache(),
+                self.backbone, base, transform, self.embedding_cache(),
                 getattr(dm, "batch_size", 256), getattr(dm, "num_workers", 0), f"encoding {self.pool_split}",
             )
             order = torch.argsort(out["index"])
