@@ -1,7 +1,16 @@
+import pytest
 import torch
 
+from tests.conftest import write_image_folder
 from vlweak.backbones import OpenCLIPBackbone
-from vlweak.data import EmbeddingCache, ShapesWorld, ShapesWorldDataset, image_embeddings
+from vlweak.data import (
+    EmbeddingCache,
+    ImageLoadError,
+    ManifestDataModule,
+    ShapesWorld,
+    ShapesWorldDataset,
+    image_embeddings,
+)
 
 
 def test_cache_hit_and_invalidation(tmp_path, tiny_backbone, monkeypatch):
@@ -40,3 +49,31 @@ def test_cache_hit_and_invalidation(tmp_path, tiny_backbone, monkeypatch):
 def test_precision_changes_key(tiny_backbone):
     bf = OpenCLIPBackbone("vlweak-tiny", pretrained=None, precision="bf16")
     assert bf.fingerprint() != OpenCLIPBackbone("vlweak-tiny", pretrained=None).fingerprint()
+
+
+def test_skip_bad_is_part_of_the_key(tmp_path, tiny_backbone, monkeypatch):
+    # a run that skipped unreadable images must not serve its entry to one that should fail on them
+    root = write_image_folder(tmp_path / "imgs", {"cat": 6, "dog": 6}, size=8)
+    for name in ("1.png", "3.png", "5.png"):
+        (root / "dog" / name).write_bytes(b"not an image")
+    rows = [f"imgs/{c}/{k}.png,{c}" for c in ("cat", "dog") for k in range(6)]
+    (tmp_path / "test.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+
+    def datamodule(skip_bad):
+        dm = ManifestDataModule(test=str(tmp_path / "test.csv"), skip_bad=skip_bad, embeddings=True,
+                                cache_dir=str(tmp_path / "cache"), transform=tiny_backbone.transform)
+        monkeypatch.setattr(dm, "_model_backbone", lambda: tiny_backbone)
+        return dm
+
+    lenient = datamodule(True)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        lenient.setup("test")
+    assert len(lenient.datasets["test"]) == 9
+    strict = datamodule(False)
+    with pytest.raises(ImageLoadError, match=r"dog.1\.png"):
+        strict.setup("test")
+    assert strict.cache.misses == 1 and strict.cache.hits == 0
+    # the streaming (sharded) path looks up the same key
+    cache = EmbeddingCache(tmp_path / "cache")
+    with pytest.raises(ImageLoadError, match=r"dog.1\.png"):
+        image_embeddings(tiny_backbone, strict.raw("test"), tiny_backbone.transform, cache, stream=True)

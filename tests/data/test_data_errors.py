@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import write_image_folder
 from vlweak.data import ImageFolderDataModule, ShapesWorld, ShapesWorldDataModule, ShapesWorldDataset, VocabularyError
-from vlweak.data.datasets import ImageFolderReader
+from vlweak.data.datasets import ImageFolderReader, validate_classnames
 from vlweak.data.multilabel import VocDataModule
 
 
@@ -86,6 +86,31 @@ def test_empty_class_folder_warns(tmp_path):
         assert len(dm.raw("test")) == 4
 
 
+def test_class_folder_missing_from_a_split_is_named(tmp_path):
+    root = _splits(tmp_path, classes={"cat": 1, "dog": 1, "fox": 1})
+    for f in (root / "test" / "dog").iterdir():
+        f.unlink()
+    (root / "test" / "dog").rmdir()
+    write_image_folder(root / "test", {"owl": 1}, size=4)
+    train, test = root / "train", root / "test"
+    dm = ImageFolderDataModule(str(root), val=None)
+    with pytest.raises(ValueError, match=re.escape(f"class folders of {test} differ from those of {train}: "
+                                                  f"{test} lacks ['dog'] (present in {train}); "
+                                                  f"{test} has ['owl'], which {train} lacks")):
+        dm.raw("test")
+    # with a class list the count differs too: the folders are still the message, not the count
+    named = ImageFolderDataModule(str(root), val=None, classnames=["Cat", "Dog", "Fox"])
+    with pytest.raises(ValueError, match=re.escape(f"{test} lacks ['dog']")):
+        named.raw("test")
+    (root / "test" / "owl" / "0.png").unlink()
+    (root / "test" / "owl").rmdir()
+    with pytest.raises(ValueError, match=re.escape(f"{test} lacks ['dog'] (present in {train}) (every split")):
+        ImageFolderDataModule(str(root), val=None, classnames=["Cat", "Dog", "Fox"]).raw("test")
+    (root / "test" / "dog").mkdir()  # an empty folder keeps the class: a warning, not an error
+    with pytest.warns(UserWarning, match="no images"):
+        assert len(ImageFolderDataModule(str(root), val=None).raw("test")) == 2
+
+
 # ---------------------------------------------------------------------------- the shapes world
 def test_world_unknown_split_lists_the_valid_ones():
     dm = ShapesWorldDataModule(n_train=4, n_val=0, n_test=4)
@@ -130,6 +155,23 @@ def test_empty_and_duplicate_classnames(tmp_path):
     with pytest.raises(VocabularyError, match=r"duplicate class names: \['dog'\]"):
         ImageFolderDataModule(str(root), classnames=["dog", "dog"])
     assert ImageFolderDataModule(str(root), classnames=None).classnames == ["cat", "dog"]
+    # a blank name would give the prompt "a photo of a ."
+    for blank in ("", "  "):
+        with pytest.raises(VocabularyError, match=re.escape(f"blank class names ({blank!r} at position 1)")):
+            ImageFolderDataModule(str(root), classnames=["cat", blank])
+    blank_in_map = f"classes of {root / 'train'} has blank class names ('' at position 1)"
+    with pytest.raises(VocabularyError, match=re.escape(blank_in_map)):
+        ImageFolderDataModule(str(root), classnames={"cat": "cat", "dog": ""})
+    # names that differ only by surrounding whitespace are one class twice
+    with pytest.raises(VocabularyError, match=re.escape("differ only by surrounding whitespace ('star' at position 0, "
+                                                        "'star ' at position 2)")):
+        validate_classnames(["star", "dog", "star "])
+    with pytest.raises(VocabularyError, match=re.escape("whitespace (' dog' at position 0, 'dog' at position 1)")):
+        ImageFolderDataModule(str(root), classnames=[" dog", "dog"])
+    with pytest.raises(VocabularyError, match=re.escape("duplicate class names: ['dog'] ('dog' at position 0, "
+                                                        "'dog' at position 2)")):
+        validate_classnames(["dog", "cat", "dog"])
+    assert validate_classnames(["tabby cat", "cat"]) == ["tabby cat", "cat"]
 
     (tmp_path / "voc" / "Annotations").mkdir(parents=True)
     voc = str(tmp_path / "voc")

@@ -1,11 +1,22 @@
 import json
+import os
+import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import write_image_folder
 from vlweak.data import ImageFolderDataModule, ImageLoadError, ManifestDataModule, VocabularyError
-from vlweak.data.datasets import ImageFolderReader, ManifestReader, Transformed, collate, validate_classnames
+from vlweak.data.datasets import (
+    ImageFolderReader,
+    ManifestReader,
+    Transformed,
+    collate,
+    load_image,
+    validate_classnames,
+)
 
 
 def test_image_folder_classes_and_items(tmp_path):
@@ -85,3 +96,118 @@ def test_image_folder_datamodule_splits_and_transform(tmp_path, tiny_backbone):
 def test_transformed_keeps_other_keys(tiny_backbone):
     ds = Transformed([{"image": torch.zeros(3, 20, 24, dtype=torch.uint8), "label": 1, "index": 0}], tiny_backbone.transform)
     assert ds[0]["image"].shape == (3, 32, 32) and ds[0]["label"] == 1
+
+
+def test_integer_labels_need_classnames(tmp_path):
+    rows = "\n".join(f"{i}.png,{lab}" for i, lab in enumerate([0, 1, 2, 10, 2, -1]))
+    (tmp_path / "idx.csv").write_text(f"path,label\n{rows}\n")
+    # sorted as text they would be classes ['-1', '0', '1', '10', '2'], silently wrong
+    expected = f"labels of manifest {tmp_path / 'idx.csv'} look like class indices (e.g. ['-1', '0', '1', '2', '10'])"
+    with pytest.raises(VocabularyError, match=re.escape(expected + ": give `classnames`")):
+        ManifestReader.read(tmp_path / "idx.csv")
+    with pytest.raises(VocabularyError, match="look like class indices"):
+        ManifestDataModule(test=str(tmp_path / "idx.csv"))
+    (tmp_path / "idx.jsonl").write_text("\n".join(json.dumps({"path": f"{i}.png", "labels": [i, 3]}) for i in range(3)))
+    with pytest.raises(VocabularyError, match=r"idx\.jsonl look like class indices"):
+        ManifestReader.read(tmp_path / "idx.jsonl")
+    names = [f"c{k}" for k in range(11)]
+    ds = ManifestReader.read(tmp_path / "idx.csv", classnames=names)
+    assert ds.labels == [0, 1, 2, 10, 2, -1] and ds.classnames == names
+    (tmp_path / "mixed.csv").write_text("path,label\na.png,cat\nb.png,dog\n")
+    assert ManifestReader.read(tmp_path / "mixed.csv").classnames == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_grayscale_is_scaled_not_clipped(tmp_path, mode):
+    ramp = np.tile(np.linspace(0, 65535, 64), (8, 1))  # a horizontal gradient over the 16-bit range
+    if mode == "I;16":
+        image, path = Image.fromarray(ramp.astype(np.uint16)), tmp_path / "g.png"
+    elif mode == "I":
+        image, path = Image.fromarray(ramp.astype(np.int32)), tmp_path / "g.tif"
+    else:
+        image, path = Image.fromarray((ramp / 65535).astype(np.float32)), tmp_path / "g.tif"
+    image.save(path)
+    assert Image.open(path).mode == mode
+    got = np.asarray(load_image(path))
+    assert got.shape == (8, 64, 3) and got.dtype == np.uint8
+    row = got[0, :, 0].astype(int)
+    assert len(np.unique(row)) > 32  # not constant (clipping made it all 255)
+    assert (np.diff(row) >= 0).all() and row[0] == 0 and row[-1] == 255  # the ordering is kept
+    assert (got == got[:1, :, :1]).all()  # grey: the same in every row and channel
+    # an I image whose values lie in 0..255 is already 8-bit; a float one in 0..255 too
+    small = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.int32), (2, 1)))
+    small.save(tmp_path / "small.tif")
+    assert np.asarray(load_image(tmp_path / "small.tif"))[0, :, 0].tolist() == list(range(0, 256, 4))
+    Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.float32), (2, 1))).save(tmp_path / "f255.tif")
+    assert np.asarray(load_image(tmp_path / "f255.tif"))[0, :, 0].tolist() == list(range(0, 256, 4))
+
+
+def test_manifest_formats_by_suffix_in_any_case(tmp_path):
+    write_image_folder(tmp_path / "imgs", {"x": 2})
+    rows = [{"path": "imgs/x/0.png", "label": "cat"}, {"path": "imgs/x/1.png", "label": "dog"}]
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "UPPER.JSONL").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "UPPER.CSV").write_text("path,label\nimgs/x/0.png,cat\nimgs/x/1.png,dog\n")
+    for name in ("array.json", "lines.json", "UPPER.JSONL", "UPPER.CSV"):
+        ds = ManifestReader.read(tmp_path / name)
+        assert ds.classnames == ["cat", "dog"] and ds.labels == [0, 1], name
+        assert ds[1]["label"] == 1
+    assert ManifestDataModule(test=str(tmp_path / "array.json")).classnames == ["cat", "dog"]
+    # row numbers: CSV counts the header line, JSON Lines the lines
+    (tmp_path / "E.CSV").write_text("path,label\na.png,cat\nb.png,zebra\n")
+    with pytest.raises(VocabularyError, match=r"E\.CSV row 3 \(b\.png\)"):
+        ManifestReader.read(tmp_path / "E.CSV", classnames=["cat"])
+    (tmp_path / "E.JSONL").write_text("\n".join(json.dumps({"path": p, "label": "zebra"}) for p in ("a.png", "b.png")))
+    with pytest.raises(VocabularyError, match=r"E\.JSONL row 1 \(a\.png\)"):
+        ManifestReader.read(tmp_path / "E.JSONL", classnames=["cat"])
+    (tmp_path / "m.txt").write_text("path,label\na.png,cat\n")
+    with pytest.raises(ValueError, match=re.escape(f"manifest {tmp_path / 'm.txt'}: unknown format '.txt' "
+                                                   "(supported: .csv, .jsonl, .json")):
+        ManifestReader.read(tmp_path / "m.txt")
+    (tmp_path / "nums.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"nums\.json: row 1 is a JSON int, expected an object"):
+        ManifestReader.read(tmp_path / "nums.json")
+    (tmp_path / "bad.json").write_text('{"path": "a.png"}\n{"path": \n')
+    with pytest.raises(ValueError, match=r"bad\.json:2: invalid JSON"):
+        ManifestReader.read(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="has no rows"):
+        ManifestReader.read(tmp_path / "empty.json")
+
+
+def test_hidden_files_in_class_folders_are_not_images(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"cat": 2, "dog": 1})
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "dog" / ".hidden.jpg").write_bytes(b"")
+    ds = ImageFolderReader.read(root)
+    assert len(ds) == 3 and not any(os.path.basename(p).startswith(".") for p in ds.paths)
+    assert [ds[i]["label"] for i in range(len(ds))] == [0, 0, 1]  # every item loads without skip_bad
+    # split folders under other names holding only hidden "images" are still split folders
+    nested = write_image_folder(tmp_path / "nested" / "training", {"cat": 1}).parent
+    (nested / "training" / "._cover.png").write_bytes(b"junk")
+    with pytest.raises(FileNotFoundError, match=r"split folders .* not found \(found: training\)"):
+        ImageFolderDataModule(str(nested))
+
+
+def test_sample_ids_are_absolute_whatever_the_spelling(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "if_split", {"cat": 2, "dog": 1})
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "m.csv").write_text("path,label\nif_split/cat/0.png,cat\nif_split/dog/0.png,dog\n")
+    monkeypatch.chdir(tmp_path)
+    rel = ImageFolderReader.read("if_split").sample_ids
+    assert rel == ImageFolderReader.read(root).sample_ids == ImageFolderReader.read("elsewhere/../if_split/").sample_ids
+    assert rel[0] == os.path.abspath(root / "cat" / "0.png") and all(os.path.isabs(s) for s in rel)
+    manifest_ids = ManifestReader.read("m.csv").sample_ids
+    assert manifest_ids == [rel[0], rel[2]]
+    assert ManifestReader.read("m.csv", root=".").sample_ids == manifest_ids
+    dm_ids = ImageFolderDataModule("if_split").sample_ids("test")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working directory, another spelling
+    assert ImageFolderReader.read("../if_split").sample_ids == rel
+    assert ImageFolderDataModule("../if_split").sample_ids("test") == dm_ids == rel
+    assert ManifestReader.read("../m.csv").sample_ids == manifest_ids
+    # a symlinked root keeps its own spelling (links are not resolved)
+    os.symlink(root, tmp_path / "link")
+    linked = ImageFolderReader.read(tmp_path / "link").sample_ids
+    assert linked[0] == str(tmp_path / "link" / "cat" / "0.png")

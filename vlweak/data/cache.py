@@ -1,10 +1,10 @@
 """The embedding cache: image (and text) embeddings on disk, keyed by what produced them.
 
 A key is the digest of the backbone fingerprint (architecture, weight-file digest, precision), the
-dataset fingerprint (reader, files with sizes and mtimes, or the world's seed and settings) and the
-transform; change any of them and the key changes, so a stale entry is never returned. Entries are
-safetensors files written atomically (temporary file, then rename), so a crash never leaves a
-half-written entry behind.
+dataset fingerprint (reader, files with sizes and mtimes and whether unreadable ones are skipped, or
+the world's seed and settings) and the transform; change any of them and the key changes, so a stale
+entry is never returned. Entries are safetensors files written atomically (temporary file, then
+rename), so a crash never leaves a half-written entry behind.
 """
 
 from __future__ import annotations

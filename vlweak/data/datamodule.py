@@ -28,6 +28,7 @@ from vlweak.data.datasets import (
     Transformed,
     VocabularyError,
     collate,
+    list_class_folders,
     validate_classnames,
 )
 from vlweak.data.world import ShapesWorld, classnames_for
@@ -426,6 +427,7 @@ class ImageFolderDataModule(VLDataModule):
         split, first = next(iter(self.split_dirs.items()))
         probe = ImageFolderReader.read(first, classnames, skip_bad=self.skip_bad)
         self._classnames = probe.classnames
+        self._class_folders, self._first_split = list_class_folders(first), first
         self._read = {split: probe}  # build_split reuses it instead of listing the folder again
         self.check_options()
 
@@ -439,7 +441,7 @@ class ImageFolderDataModule(VLDataModule):
         subs = [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")]
 
         def has_images(d: Path) -> bool:
-            return any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir())
+            return any(f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") for f in d.iterdir())
 
         if subs and not any(has_images(d) for d in subs) and any(any(x.is_dir() for x in d.iterdir()) for d in subs):
             expected = ", ".join(str(self.root / f) for f in self.folders.values()) or "none named"
@@ -471,20 +473,40 @@ class ImageFolderDataModule(VLDataModule):
             return None
         ds = self._read.pop(split, None)
         if ds is None:
+            # compared before reading: a classnames list given for fewer folders would fail on the count
+            folders = list_class_folders(path)
+            if folders != self._class_folders:
+                raise ValueError(self._class_mismatch(path, folders))
             ds = ImageFolderReader.read(path, self.classname_map, skip_bad=self.skip_bad)
         if ds.classnames != self._classnames:
-            raise ValueError(f"class folders of {path} differ from those of the other splits")
+            raise ValueError(f"class names of {path} ({ds.classnames}) differ from those of {self._first_split}")
         return ds
+
+    def _class_mismatch(self, path: Path, folders: list[str]) -> str:
+        """Which class folders ``path`` lacks, or has that the first split lacks."""
+        ref = self._class_folders
+        missing = [f for f in ref if f not in folders]
+        extra = [f for f in folders if f not in ref]
+        details = []
+        if missing:
+            details.append(f"{path} lacks {missing} (present in {self._first_split})")
+        if extra:
+            details.append(f"{path} has {extra}, which {self._first_split} lacks")
+        return (
+            f"class folders of {path} differ from those of {self._first_split}: {'; '.join(details)} (every "
+            "split needs the same class folders; leave a folder empty for a class without images in a split)"
+        )
 
 
 class ManifestDataModule(VLDataModule):
-    """CSV/JSONL manifests (``path`` plus ``label`` or ``labels``) per split.
+    """CSV/JSONL/JSON manifests (``path`` plus ``label`` or ``labels``) per split.
 
     Args:
         train: manifest of the train split.
         val: manifest of the validation split.
         test: manifest of the test split.
-        classnames: the class vocabulary; default: the sorted labels of the first manifest.
+        classnames: the class vocabulary; default: the sorted labels of the first manifest (needed
+            when the labels are class indices).
         root: folder that relative image paths resolve against (default: each manifest's folder).
         multilabel: force multi-label (default: when the manifest has a ``labels`` column).
         **kwargs: see :class:`VLDataModule`.

@@ -12,10 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -23,6 +25,8 @@ from torch.utils.data import Dataset
 from vlweak.data.world import ShapesWorld, label_of, multilabel_target
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+#: manifest file suffixes (compared case-insensitively) and their formats
+MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
 
 
 class ImageLoadError(OSError):
@@ -30,7 +34,8 @@ class ImageLoadError(OSError):
 
 
 class VocabularyError(ValueError):
-    """A class list is empty or has duplicates, or a label lies outside it."""
+    """A class list is empty or has blank or duplicate names, a label lies outside it, or labels that
+    look like class indices come without one."""
 
 
 def clean_classname(name: str) -> str:
@@ -39,26 +44,65 @@ def clean_classname(name: str) -> str:
 
 
 def validate_classnames(classnames: Sequence[str], source: str = "class list") -> list[str]:
-    """Return the class names as a list; an empty list or duplicate names is a :class:`VocabularyError`."""
+    """Return the class names as a list; an empty list, a blank name or duplicate names (also names
+    that differ only by surrounding whitespace) is a :class:`VocabularyError` naming the entries."""
     names = list(classnames)
     if not names:
         raise VocabularyError(f"{source} is empty: at least one class is needed")
-    seen: dict[str, int] = {}
-    dupes = [n for n in names if n in seen or seen.setdefault(n, 0)]
-    if dupes:
-        raise VocabularyError(f"{source} has duplicate class names: {sorted(set(dupes))}")
+    blank = [(k, n) for k, n in enumerate(names) if isinstance(n, str) and not n.strip()]
+    if blank:
+        where = ", ".join(f"{n!r} at position {k}" for k, n in blank)
+        raise VocabularyError(f"{source} has blank class names ({where}): every class needs a name")
+    groups: dict[Any, list[int]] = {}
+    for k, n in enumerate(names):
+        groups.setdefault(n.strip() if isinstance(n, str) else n, []).append(k)
+    clashes = [pos for pos in groups.values() if len(pos) > 1]
+    if clashes:
+        where = "; ".join(", ".join(f"{names[k]!r} at position {k}" for k in pos) for pos in clashes)
+        exact = sorted({names[k] for pos in clashes for k in pos if names.count(names[k]) > 1}, key=str)
+        if exact:
+            raise VocabularyError(f"{source} has duplicate class names: {exact} ({where})")
+        raise VocabularyError(
+            f"{source} has class names that differ only by surrounding whitespace ({where}): they name the same class"
+        )
     return names
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale images as 8-bit ``L``, scaled by the range of their
+    type (``convert("RGB")`` clips such values to 255 instead): ``I;16`` /257; ``I`` clipped to
+    0..65535, then /257 if above 255; ``F`` taken as [0, 1] if at most 1, else as [0, 255]."""
+    if img.mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.float64) / 257.0
+    elif img.mode == "I":
+        a = np.clip(np.asarray(img).astype(np.float64), 0, 65535)
+        if a.size and a.max() > 255:
+            a /= 257.0
+    elif img.mode == "F":
+        a = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.max() <= 1:
+            a *= 255.0
+    else:
+        return img
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as RGB, raising :class:`ImageLoadError` with the path if it is missing or corrupt."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return _to_8bit(img).convert("RGB")
     except FileNotFoundError as err:
         raise ImageLoadError(f"image not found: {path}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(f"cannot decode image {path}: {err}") from err
+
+
+def absolute_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """``os.path.abspath`` of each path (against the current folder, ``..`` and ``.`` folded,
+    symlinks not resolved)."""
+    cwd = os.getcwd()
+    return [os.path.normpath(os.path.join(cwd, os.fspath(p))) for p in paths]
 
 
 class VisionDataset(Dataset):
@@ -67,13 +111,15 @@ class VisionDataset(Dataset):
     multilabel: bool = False
 
     def __init__(self, paths: list[str], classnames: list[str], skip_bad: bool = False) -> None:
-        self.paths = paths
+        self.paths = absolute_paths(paths)
         self.classnames = classnames
         self.skip_bad = skip_bad
 
     @property
     def sample_ids(self) -> list[str]:
-        return [str(p) for p in self.paths]
+        """Absolute, normalized image paths (symlinks kept): the same whatever the spelling of the
+        root and the working directory, so artifacts of one run align with another's."""
+        return list(self.paths)  # made absolute at construction
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,7 +144,8 @@ class VisionDataset(Dataset):
                 stats.append((str(p), st.st_size, int(st.st_mtime)))
             except OSError:
                 stats.append((str(p), -1, -1))
-        return {"type": type(self).__name__, "files": stats}
+        # skip_bad changes what is encoded (unreadable images left out instead of an error)
+        return {"type": type(self).__name__, "files": stats, "skip_bad": bool(self.skip_bad)}
 
 
 class LabeledImages(VisionDataset):
@@ -138,6 +185,11 @@ class LabeledImages(VisionDataset):
         return torch.as_tensor(self.labels, dtype=torch.long)
 
 
+def list_class_folders(root: Path) -> list[str]:
+    """The sorted names of the class folders of ``root`` (its sub-folders, hidden ones left out)."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 class ImageFolderReader:
     """``root/<class>/<image>``: one sub-folder per class; class names from folder names
     (cleaned) unless ``classnames`` maps folder names to names."""
@@ -155,7 +207,7 @@ class ImageFolderReader:
                 f"classnames for image folder {root} is empty: give one name per class folder, "
                 "or leave it unset to use the folder names"
             )
-        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        folders = list_class_folders(root)
         if not folders:
             raise VocabularyError(f"image folder {root} has no class sub-folders")
         if isinstance(classnames, dict):
@@ -174,7 +226,8 @@ class ImageFolderReader:
         for k, folder in enumerate(folders):
             n = len(paths)
             for f in sorted((root / folder).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                # hidden files (macOS ``._x.png`` resource forks, ``.DS_Store``) are not images
+                if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
                     paths.append(str(f))
                     labels.append(k)
             if len(paths) == n:
@@ -194,19 +247,56 @@ class ImageFolderReader:
         return LabeledImages(paths, labels, names, skip_bad=skip_bad)
 
 
+def manifest_format(path: Path) -> str:
+    """``csv``, ``jsonl`` or ``json`` from the manifest's suffix (any case); another suffix is an error."""
+    fmt = MANIFEST_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"manifest {path}: unknown format {path.suffix or '(no suffix)'!r} "
+            f"(supported: {', '.join(MANIFEST_FORMATS)}, in any case)"
+        )
+    return fmt
+
+
+def _json_lines(path: Path, text: str) -> list[Any]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: invalid JSON ({err})") from err
+    return rows
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".jsonl":
-        rows = []
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: invalid JSON ({err})") from err
-        return rows
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a manifest: CSV with a header, JSON Lines (one object a line) or JSON (an array
+    of objects, or JSON Lines in a ``.json`` file)."""
+    fmt = manifest_format(path)
+    if fmt == "csv":
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    with open(path) as f:
+        text = f.read()
+    rows: Any = None
+    if fmt == "json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            rows = None  # not one JSON document: JSON Lines
+        if isinstance(rows, dict):
+            rows = [rows]  # one object: a one-line JSON Lines file
+        elif rows is not None and not isinstance(rows, list):
+            raise ValueError(f"manifest {path} holds a JSON {type(rows).__name__}, expected an array of row objects")
+    if rows is None:
+        rows = _json_lines(path, text)
+    bad = [k for k, r in enumerate(rows, 1) if not isinstance(r, dict)]
+    if bad:
+        raise ValueError(
+            f"manifest {path}: row {bad[0]} is a JSON {type(rows[bad[0] - 1]).__name__}, "
+            "expected an object with a 'path' key"
+        )
+    return rows
 
 
 def _split_labels(value: Any) -> list[str]:
@@ -226,9 +316,10 @@ def _split_labels(value: Any) -> list[str]:
 
 
 class ManifestReader:
-    """CSV or JSONL manifests with a ``path`` column/key and a ``label`` (one class) or ``labels``
-    (several, a JSON list or ``|``-separated) column. Relative paths resolve against ``root``
-    (default: the manifest's folder). A label may be a class name or a class index."""
+    """CSV, JSONL or JSON (an array of objects) manifests with a ``path`` column/key and a ``label``
+    (one class) or ``labels`` (several, a JSON list or ``|``-separated) column. Relative paths
+    resolve against ``root`` (default: the manifest's folder). A label may be a class name or a class
+    index (then ``classnames`` must be given)."""
 
     @staticmethod
     def read(
@@ -252,14 +343,21 @@ class ManifestReader:
             multilabel = key == "labels"
         raw = [_split_labels(r.get(key)) if key else [] for r in rows]
         if classnames is None:
-            names = sorted({lab for labs in raw for lab in labs})
+            found = {lab for labs in raw for lab in labs}
+            if found and all(re.fullmatch(r"\s*-?[0-9]+\s*", lab) for lab in found):
+                raise VocabularyError(
+                    f"the labels of manifest {manifest} look like class indices (e.g. "
+                    f"{sorted(found, key=lambda lab: int(lab))[:5]}): give `classnames` (the class names "
+                    "in index order), the class vocabulary cannot be read from numbers"
+                )
+            names = sorted(found)
         else:
             names = list(classnames)
         names = validate_classnames(names, f"class list of {manifest}")
         index = {n: k for k, n in enumerate(names)}
         base = Path(root).expanduser() if root else manifest.parent
         paths, labels = [], []
-        for n, (row, labs) in enumerate(zip(rows, raw), start=2 if manifest.suffix != ".jsonl" else 1):
+        for n, (row, labs) in enumerate(zip(rows, raw), start=2 if manifest_format(manifest) == "csv" else 1):
             if not str(row.get("path") or "").strip():
                 raise ValueError(f"{manifest} row {n}: no image path (every row needs a non-empty 'path')")
             ids = []

@@ -52,7 +52,7 @@ class PseudoLabels:
     """Pseudolabels for ``N`` samples over a ``C``-class vocabulary.
 
     Attributes:
-        sample_ids: one id per sample (file path or dataset-specific id).
+        sample_ids: one id per sample (the absolute image path of file-backed data, or a dataset-specific id).
         classnames: the class vocabulary, in score-column order.
         scores: ``[N, C]`` class scores (probabilities for single-label methods).
         labels: ``[N]`` hard labels, or ``[N, C]`` multi-hot labels when ``multilabel``.
