@@ -273,6 +273,12 @@ class DualCoOp(VLMethod):
             loss = em_apl_loss(z, targets, mask, pseudo, hp.em_alpha, hp.apl_beta)
             probs = torch.softmax(z.detach(), dim=-1)[..., 0]
             self._train_outputs.append({"probs": probs, "index": batch["index"], "mask": mask})
+        elif hp.loss_reduction == "mean" and self._trainer is not None and self.trainer.world_size > 1:
+            # the mean over the global batch's observed entries: ranks observe different numbers of
+            # labels, so a mean of the ranks' means would weigh them wrongly (DDP averages gradients)
+            total = asymmetric_loss(z, targets, mask, hp.gamma_pos, hp.gamma_neg, hp.clip, reduction="sum")
+            observed = self.all_gather(mask.sum().float()).sum().clamp_min(1)
+            loss = total / observed * self.trainer.world_size
         else:
             loss = asymmetric_loss(z, targets, mask, hp.gamma_pos, hp.gamma_neg, hp.clip, reduction=hp.loss_reduction)
         loss = hp.loss_weight * loss
