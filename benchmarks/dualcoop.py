@@ -26,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -88,7 +89,8 @@ def accuracy(args: argparse.Namespace) -> None:
     from vlweak.methods import ZeroShot
 
     backbone = OpenCLIPBackbone("vlweak-shapes", pretrained=args.weights)
-    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                 default_root_dir=tempfile.mkdtemp(prefix="vlweak-bench-"))  # artifacts stay out of the working folder
 
     def data(fraction: float | None) -> ShapesWorldDataModule:
         return ShapesWorldDataModule(

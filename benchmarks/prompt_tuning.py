@@ -105,6 +105,7 @@ def throughput(args: argparse.Namespace) -> None:
                     "--model.init_args.strategy=grip",
                     "--model.init_args.rounds=1",
                     f"--model.init_args.epochs_per_round={args.epochs}",
+                    f"--model.init_args.warmup_epochs={min(1, args.epochs - 1)}",  # below epochs_per_round
                     f"--data.init_args.n_train={args.n}",
                     f"--data.init_args.batch_size={args.batch_size}",
                     f"--data.init_args.num_workers={args.workers}",
@@ -140,7 +141,8 @@ def _zero_shot(recipe: str, seed: int, tmp: Path, accelerator: str, weights: str
     from vlweak.methods import ZeroShot
 
     zs = ZeroShot(cli.model.backbone, cli.model.classnames, templates=cli.model.templates, artifact_path="")
-    trainer = L.Trainer(accelerator=accelerator, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator=accelerator, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp)  # its per-class file goes there, not into the working folder
     trainer.test(zs, datamodule=cli.datamodule, verbose=False)
     from vlweak.methods.prompt_tuning import spread_and_split
 

@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, device, st, sec in status:
         print(f"| {name} | {device} | {st} | {sec:.0f} |")
     print(f"\nfull outputs: {out_dir}")
+    failed = [f"{name} ({device})" for name, device, st, _ in status if not st.startswith("ok")]
+    if failed:
+        raise SystemExit(f"failed suites: {', '.join(failed)} (logs in {out_dir})")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | N
     where = f"no last checkpoint among the runs under {root} (looked for */checkpoints/last*.ckpt)"
     if required:
         raise FileNotFoundError(f"--ckpt_path last: {where}; run `vlweak fit` with this recipe first, or give a .ckpt file")
-    rank_zero_warn(f"--ckpt_path last: {where}; training starts from scratch")
+    rank_zero_warn(f"--ckpt_path last: {where}; the fit starts without a Lightning checkpoint "
+                   "(pseudolabel rounds still resume from their own round files)")
     return None
 
 

@@ -244,3 +244,31 @@ def test_ckpt_path_last_reads_one_run_level_of_the_recipe_folder(tmp_path):
     assert newest_last_checkpoint(trainer) == str(own)
     with pytest.raises(ValueError, match="needs a logger with a runs folder"):
         newest_last_checkpoint(L.Trainer(logger=False, enable_checkpointing=False))
+
+
+def test_a_killed_fit_keeps_its_last_finished_epoch(tmp_path, tiny_ckpt):
+    # ModelCheckpoint(save_last=True, save_top_k=0) wrote last.ckpt only when the fit ended: a killed
+    # fit lost everything and --ckpt_path last picked up another run's file
+    import lightning as L
+
+    class Killed(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("killed")
+
+    cli = build_cli(["--config", str(REPO / "recipes" / "dualcoop" / "shapes_partial.yaml"), "--data.init_args.n_train=16",
+                     "--data.init_args.n_val=0", "--data.init_args.n_test=0", "--trainer.max_epochs=4",
+                     "--trainer.limit_val_batches=0", "--model.init_args.n_ctx=2", "--trainer.enable_progress_bar=false",
+                     "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
+                     f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    cli.trainer.callbacks.append(Killed())
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    assert ckpt.name == "last.ckpt" and torch.load(ckpt, weights_only=False)["epoch"] == 1
+    # every epoch-trained recipe keeps that one file (pretraining saves by steps)
+    for recipe in (REPO / "recipes").rglob("*.yaml"):
+        text = recipe.read_text()
+        if "ModelCheckpoint" in text and "every_n_train_steps" not in text:
+            assert "filename: last" in text and "save_on_train_epoch_end: true" in text, recipe
