@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -73,9 +74,31 @@ class VLWeakCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = newest_last_checkpoint(self.trainer, required=subcommand != "fit")
+            if kwargs["ckpt_path"]:
+                self._warn_if_configured_otherwise(subcommand, Path(kwargs["ckpt_path"]))
         if subcommand == "predict" and kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False  # methods write artifacts; predict_step returns nothing to keep
         return kwargs
+
+    def _warn_if_configured_otherwise(self, subcommand: str, ckpt: Path) -> None:
+        """Name the model and data settings in which the checkpoint's run (its ``config.yaml``)
+        differs from this one: ``--ckpt_path last`` takes the newest run, which may be another's."""
+        saved = ckpt.parent.parent / "config.yaml"
+        if not saved.is_file():
+            return
+        try:
+            theirs = yaml.safe_load(saved.read_text()) or {}
+            ours = yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_none=False)) or {}
+        except Exception:  # a config that cannot be read or dumped is no reason to stop the run
+            return
+        diff = [
+            f"{key}: {a!r} there, {b!r} here"
+            for section in ("model", "data")
+            for key, a, b in _differences(theirs.get(section), ours.get(section), section)
+        ]
+        if diff:
+            more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+            rank_zero_warn(f"--ckpt_path last: {ckpt} comes from a run configured otherwise: {'; '.join(diff[:5])}{more}")
 
 
 def constructor_error(err: BaseException) -> BaseException | None:
@@ -96,6 +119,13 @@ def constructor_error(err: BaseException) -> BaseException | None:
 def _raised_by_jsonargparse(err: BaseException) -> bool:
     frames = traceback.extract_tb(err.__traceback__)
     return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
+
+
+def _differences(a: Any, b: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, a's value, b's value)`` wherever two nested configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [(key, a, b)]
 
 
 def runs_root(trainer: L.Trainer) -> Path | None:

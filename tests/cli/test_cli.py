@@ -3,6 +3,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,16 @@ def test_a_killed_fit_keeps_its_last_finished_epoch(tmp_path, tiny_ckpt):
         text = recipe.read_text()
         if "ModelCheckpoint" in text and "every_n_train_steps" not in text:
             assert "filename: last" in text and "save_on_train_epoch_end: true" in text, recipe
+
+
+def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path, tiny_ckpt):
+    args = ["--config", str(REPO / "recipes" / "dualcoop" / "shapes_partial.yaml"), "--data.init_args.n_train=16",
+            "--data.init_args.n_val=0", "--data.init_args.n_test=8", "--trainer.max_epochs=1", "--trainer.limit_val_batches=0",
+            "--model.init_args.n_ctx=2", "--trainer.enable_progress_bar=false", "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
+            f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    build_cli(["fit", *args])
+    with pytest.warns(UserWarning, match=r"configured otherwise: data\.init_args\.label_fraction: 0\.1 there, 0\.5 here"):
+        build_cli(["test", *args, "--data.init_args.label_fraction=0.5", "--ckpt_path=last"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*configured otherwise")
+        build_cli(["test", *args, "--ckpt_path=last"])  # the same settings: nothing to say
