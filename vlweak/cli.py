@@ -142,7 +142,7 @@ def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | N
     of overlays that share the recipe's logger folder count too: the path used is printed).
     Lightning's own ``"last"`` looks only in the new run's folder, which a ``test`` or a resumed
     ``fit`` has just created empty. None found: an error naming the folder, or (``fit``,
-    ``required=False``) ``None`` with a warning, so the run starts from scratch."""
+    ``required=False``) ``None`` with a warning: the fit starts without a Lightning checkpoint."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     root = runs_root(trainer)

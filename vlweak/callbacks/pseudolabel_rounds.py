@@ -124,7 +124,7 @@ class PseudolabelRounds(L.Callback):
         self.resume = resume
         self.round = 0
         self.epoch_in_round = 0
-        self._pool_ids: tuple[Any, str] | None = None  # (module, digest of its pool's sample ids)
+        self.pool_digest = ""  # of the pool's sample ids, set when the pool is (each fit)
         self.schedule: list[int | None] = []
         self.rounds_trained: list[int] = []
         self.remaining = 0
@@ -169,15 +169,13 @@ class PseudolabelRounds(L.Callback):
         digest = hashlib.sha1()
         digest.update(m.pool_index[labeled].long().numpy().tobytes())
         digest.update(m.pool_label[labeled].long().numpy().tobytes())
-        if self._pool_ids is None or self._pool_ids[0] is not m:  # the data itself: another folder is another run
-            self._pool_ids = (m, hashlib.sha1("\n".join(m.sample_ids("train", m.pool_index)).encode()).hexdigest()[:16])
         return {
             "strategy": m.strategy,
             "schedule": self.schedule,
             "classnames": list(m.classnames),
             "pseudolabel_classes": list(m.pseudolabel_classes),
             "n_pool": int(len(m.pool_index)),
-            "pool_samples": self._pool_ids[1],
+            "pool_samples": self.pool_digest,  # the data itself: another folder is another run
             "n_labeled": int(labeled.sum()),
             "labeled_set": digest.hexdigest()[:16],
             "prompt": m.prompt_type,
@@ -238,6 +236,7 @@ class PseudolabelRounds(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = pl_module
         m.setup_pool(trainer)
+        self.pool_digest = hashlib.sha1("\n".join(m.sample_ids("train", m.pool_index)).encode()).hexdigest()[:16]
         n_unlabeled = int((m.pool_label < 0).sum())
         self.schedule = k_schedule(m.strategy, n_unlabeled, len(m.pseudolabel_classes), m.k, m.rounds)
         folder = self.folder(trainer, self.identity(m))

@@ -432,13 +432,12 @@ class ImageFolderDataModule(VLDataModule):
         self.check_options()
 
     def _found(self) -> str:
-        subs = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        return ", ".join(subs) if subs else "no sub-folders"
+        return ", ".join(list_class_folders(self.root)) or "no sub-folders"
 
     def _check_flat_layout(self) -> None:
         """No split folder: the root must hold the class folders itself (used whole as the test
         split). Sub-folders that hold only folders are split folders under other names."""
-        subs = [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        subs = [self.root / name for name in list_class_folders(self.root)]
 
         def has_images(d: Path) -> bool:
             return any(f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") for f in d.iterdir())
