@@ -19,12 +19,13 @@ from typing import Any
 import lightning as L
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import vlweak.data  # noqa: F401  (registers the data modules for class-path resolution)
 import vlweak.methods  # noqa: F401
 from vlweak.data.datamodule import VLDataModule
+from vlweak.runs import run_folder, runs_root
 
 
 class HelpFormatter(DefaultHelpFormatter):
@@ -51,6 +52,25 @@ class ArgumentParser(LightningArgumentParser):
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs) -> None:
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` of the run, written into the run's own folder
+    (:func:`vlweak.runs.run_folder`) instead of ``trainer.log_dir``, which for a W&B logger is the
+    ``save_dir`` every run shares."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            folder = run_folder(trainer)  # a collective under DDP
+            if trainer.is_global_zero:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, str(folder / self.config_filename), skip_none=False,
+                                 overwrite=self.overwrite, multifile=self.multifile)
+        to_log_dir, self.save_to_log_dir = self.save_to_log_dir, False
+        try:
+            super().setup(trainer, pl_module, stage)  # the save_config hook, and already_saved in sync
+        finally:
+            self.save_to_log_dir = to_log_dir
 
 
 class VLWeakCLI(LightningCLI):
@@ -128,14 +148,6 @@ def _differences(a: Any, b: Any, key: str) -> list[tuple[str, Any, Any]]:
     return [] if a == b else [(key, a, b)]
 
 
-def runs_root(trainer: L.Trainer) -> Path | None:
-    """The folder holding every run of a recipe, one ``version_N`` folder each: the ``save_dir/name``
-    of a CSV or TensorBoard logger; ``None`` for loggers without one (W&B, none)."""
-    logger = trainer.logger
-    root = getattr(logger, "root_dir", None) if logger is not None else None
-    return Path(root) if root else None
-
-
 def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | None:
     """The most recently written ``last*.ckpt`` among the runs of this recipe: in
     ``<runs_root>/<run>/checkpoints/`` and in any ``ModelCheckpoint`` folder the recipe fixes (runs
@@ -149,9 +161,8 @@ def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | N
     fixed = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
     if root is None and not fixed:
         raise ValueError(
-            f"--ckpt_path last needs a logger with a runs folder (CSVLogger or TensorBoardLogger; this run has "
-            f"{type(trainer.logger).__name__ if trainer.logger is not None else 'none'}) or a ModelCheckpoint dirpath; "
-            "give the .ckpt file instead"
+            "--ckpt_path last needs a logger (its runs folder holds the runs) or a ModelCheckpoint dirpath; "
+            "this run has neither: give the .ckpt file instead"
         )
     # one run level only: a recipe whose folder nests another recipe's runs must not pick those up
     found = set(root.glob("*/checkpoints/last*.ckpt")) if root is not None and root.is_dir() else set()
@@ -236,6 +247,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
         parser_class=ArgumentParser,

@@ -6,8 +6,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+import yaml
 
 from tests.conftest import REPO
 from vlweak.backbones.errors import CheckpointMismatchError
@@ -152,6 +154,42 @@ def test_wandb_logger_offline(tmp_path, tiny_ckpt, monkeypatch):
     assert list(tmp_path.rglob("*.wandb")), "no offline W&B run written"
 
 
+def test_wandb_runs_keep_their_files_apart(tmp_path, tiny_ckpt, monkeypatch):
+    """Runs logged to W&B share the logger's save_dir (every run of a sweep does); each run's local
+    files go to ``save_dir/<project>/<run id>`` (the sweep agent's id), beside its checkpoints."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    save_dir = tmp_path / "sweep"
+    for run_id, template in (("run-a", "simple"), ("run-b", "imagenet80")):
+        monkeypatch.setenv("WANDB_RUN_ID", run_id)  # what `wandb agent` sets for each run it launches
+        wandb.teardown()  # the agent starts each run in a new process, which reads WANDB_RUN_ID afresh
+        build_cli(["test", "--config", CONF, "--trainer.logger=WandbLogger",
+                   f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.logger.init_args.project=sweep-tests",
+                   f"--model.init_args.templates={template}",
+                   f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"])
+        wandb.finish()
+    wandb.teardown()  # later runs of this process must not take the last id
+    for run_id, template in (("run-a", "simple"), ("run-b", "imagenet80")):
+        folder = save_dir / "sweep-tests" / run_id
+        assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["init_args"]["templates"] == template
+        labels = PseudoLabels.load(folder / "pseudolabels-test.safetensors")
+        assert labels.provenance["hparams"]["templates"] == template
+        assert labels.provenance["recipe"] == str(folder / "config.yaml")
+    assert not (save_dir / "config.yaml").exists() and not (save_dir / "pseudolabels-test.safetensors").exists()
+    # where ModelCheckpoint writes under a W&B logger: --ckpt_path last finds it among the project's runs
+    from lightning.pytorch.loggers import WandbLogger
+
+    from vlweak.cli import newest_last_checkpoint
+
+    ckpt = save_dir / "sweep-tests" / "run-a" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    trainer = L.Trainer(logger=WandbLogger(save_dir=save_dir, project="sweep-tests", offline=True), enable_checkpointing=False)
+    assert newest_last_checkpoint(trainer) == str(ckpt)
+
+
 def test_ddp_two_processes_gather_and_dedup(tmp_path, tiny_ckpt):
     """2-process CPU DDP: 13 test images split over 2 ranks (the sampler repeats one); the artifact
     has each image once and equals the single-process run."""
@@ -230,7 +268,6 @@ def test_per_class_accuracy_of_a_class_without_samples_is_nan():
 def test_ckpt_path_last_reads_one_run_level_of_the_recipe_folder(tmp_path):
     import time
 
-    import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
     from vlweak.cli import newest_last_checkpoint
@@ -243,14 +280,13 @@ def test_ckpt_path_last_reads_one_run_level_of_the_recipe_folder(tmp_path):
         time.sleep(0.01)
     trainer = L.Trainer(logger=CSVLogger(tmp_path, name="cdul"), enable_progress_bar=False)
     assert newest_last_checkpoint(trainer) == str(own)
-    with pytest.raises(ValueError, match="needs a logger with a runs folder"):
+    with pytest.raises(ValueError, match="needs a logger .its runs folder holds the runs. or a ModelCheckpoint dirpath"):
         newest_last_checkpoint(L.Trainer(logger=False, enable_checkpointing=False))
 
 
 def test_a_killed_fit_keeps_its_last_finished_epoch(tmp_path, tiny_ckpt):
     # ModelCheckpoint(save_last=True, save_top_k=0) wrote last.ckpt only when the fit ended: a killed
     # fit lost everything and --ckpt_path last picked up another run's file
-    import lightning as L
 
     class Killed(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):

@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from vlweak.runs import run_folder
+
 
 # ---------------------------------------------------------------- the numbers behind the pictures
 def calibration_bins(scores: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
@@ -216,7 +218,7 @@ class EvaluationFigures(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage not in self.stages:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
+        run_dir = run_folder(trainer)  # a collective under DDP: every rank
         if trainer.global_rank != 0:
             return
         out = getattr(pl_module, "last_outputs", None) or {}

@@ -25,6 +25,7 @@ from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
 from vlweak.prompts.templates import resolve_templates
+from vlweak.runs import run_folder
 
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
 
@@ -187,7 +188,7 @@ class VLMethod(L.LightningModule):
         """The run's log folder. Under DDP this broadcasts: call it on every rank."""
         if self._trainer is None:
             return Path(".")
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return run_folder(self.trainer)
 
     def _write_per_class(self, log_dir: Path, stage: str, names: list[str], values: Tensor) -> None:
         if self.global_rank != 0:

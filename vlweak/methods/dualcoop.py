@@ -34,6 +34,7 @@ from vlweak.losses import AsymmetricPseudoLabeler, asymmetric_loss, em_apl_loss
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multilabel_report
 from vlweak.prompts.learners import DualPromptLearner
+from vlweak.runs import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class DualCoOp(VLMethod):
             from vlweak.data.multilabel import save_label_mask
 
             dm = self._datamodule()
-            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
+            root = run_folder(self.trainer)  # a collective under DDP
             if self.global_rank != 0 or dm is None:
                 return
             if save_label_mask(dm, root / "train_label_mask.safetensors") is not None:
