@@ -77,3 +77,15 @@ def test_sample_id_mismatch_names_the_artifact_and_its_own_ids(tmp_path):
     # built in memory: no path to name, still the artifact's own ids
     with pytest.raises(ArtifactError, match=r"1 samples have no pseudolabel in the pseudolabels \(3 of 4 .*shift0-64px/train/0"):
         art.aligned_to(ids[:3] + ["other"])
+    assert "another dataset or split" in msg
+
+
+def test_artifact_with_relative_paths_says_to_rerun(tmp_path):
+    """Artifacts written before sample ids became absolute paths hold the paths as spelled."""
+    rel = [f"data/pets/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(2)]
+    art = PseudoLabels.from_scores(torch.rand(4, 2), ["cat", "dog"], rel)
+    wanted = [f"/home/me/project/{p}" for p in rel]
+    with pytest.raises(ArtifactError, match="relative.*absolute paths now: re-run the method"):
+        art.aligned_to(wanted)
+    with pytest.raises(ArtifactError, match="another dataset or split"):  # unrelated ids: no such hint
+        art.aligned_to([f"/home/me/other/{i}.jpg" for i in range(4)])

@@ -222,5 +222,19 @@ class PseudoLabels:
         return (
             f"{len(missing)} samples have no pseudolabel in {source} ({matched} sample ids match; the artifact holds "
             f"{len(self.sample_ids)}{made}), e.g. {missing[:3]}; the artifact's own ids look "
-            f"like {self.sample_ids[:3]}. Was it made for another dataset or split?"
+            f"like {self.sample_ids[:3]}. {self._mismatch_hint(missing)}"
         )
+
+    def _mismatch_hint(self, missing: list[str]) -> str:
+        """Why ids may not match. File-backed data has absolute sample ids; artifacts of earlier vlweak
+        versions hold the image paths as they were spelled (often relative to the working folder)."""
+        def tail(p: str) -> str:
+            return p.replace("\\", "/").removeprefix("./")
+
+        wanted = {tail(m) for m in missing[:2000]}
+        for own in self.sample_ids[:200]:
+            if own and not os.path.isabs(own) and any(w.endswith("/" + tail(own)) for w in wanted):
+                return ("Its ids are image paths as they were spelled when it was made (relative); sample ids are "
+                        "absolute paths now: re-run the method that wrote it to get an artifact that aligns.")
+        return "Was it made for another dataset or split?"
+
