@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -46,12 +47,35 @@ class HelpFormatter(DefaultHelpFormatter):
         return f"{head}{sep}{', '.join(names[:keep])} and {len(names) - keep} more; any importable class path)"
 
 
+_GIVEN_ARGS: list[str] = []  # the command line of the latest build_cli (for help texts)
+
+
 class ArgumentParser(LightningArgumentParser):
     """Lightning's parser with :class:`HelpFormatter`; jsonargparse builds the parsers of
     ``--model.help CLASS`` as ``type(parser)()``, so they get it too."""
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs) -> None:
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def format_help(self) -> str:
+        return self._as_typed(super().format_help())
+
+    def format_usage(self) -> str:
+        return self._as_typed(super().format_usage())
+
+    def _as_typed(self, text: str) -> str:
+        """Options of a nested class's help (``--model.init_args.backbone.help CLASS``) under the
+        name the user gave, not relative to the inner parser (``--backbone.model_name``, which the
+        command line does not accept)."""
+        found = re.match(r"Help for --([\w.]+)\.help=", self.description or "")
+        if not found:
+            return text
+        relative = found.group(1)
+        typed = [a.split("=", 1)[0][2 : -len(".help")] for a in _GIVEN_ARGS if a.startswith("--") and a.split("=", 1)[0].endswith(".help")]
+        typed = [t for t in typed if t == relative or t.endswith("." + relative)]
+        if len(typed) != 1 or typed[0] == relative:
+            return text
+        return re.sub(rf"(?<![\w.-])--{re.escape(relative)}\.", f"--{typed[0]}.", text)
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -240,6 +264,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
         sys.argv[1:] = _deep_nulls_as_configs(sys.argv[1:])
     else:
         args = _deep_nulls_as_configs(list(args))
+    _GIVEN_ARGS[:] = sys.argv[1:] if args is None else args
     return VLWeakCLI(
         model_class=None,
         datamodule_class=VLDataModule,

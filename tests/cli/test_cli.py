@@ -47,6 +47,19 @@ def test_method_help_cuts_long_subclass_lists(capsys):
         assert f"vlweak.methods.{method}" in out, method
 
 
+def test_nested_class_help_names_options_as_given(capsys):
+    # jsonargparse names a nested class's options relative to its parser (``--backbone.pretrained``),
+    # which the command line refuses; they read as the user wrote the help option
+    for given in ("model.init_args.backbone", "model.backbone"):
+        with pytest.raises(SystemExit):
+            build_cli(["test", "--config", CONF, f"--{given}.help", "OpenCLIPBackbone"])
+        out = capsys.readouterr().out
+        assert f"--{given}.pretrained PRETRAINED" in out and f"Help for --{given}.help=" in out
+        assert "[--backbone." not in out and "\n  --backbone." not in out
+    cli = build_cli(["--config", CONF, "--trainer.logger=false", "--model.init_args.backbone.precision=bf16"], run=False)
+    assert cli.model.backbone.precision == "bf16"  # the name shown is accepted
+
+
 def test_a_refused_value_is_reported_by_its_constructor(tmp_path):
     # jsonargparse wraps a constructor's error in a union error that dumps the whole namespace
     args = ["--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.logger=false"]
