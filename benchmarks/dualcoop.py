@@ -95,13 +95,13 @@ def accuracy(args: argparse.Namespace) -> None:
     def data(fraction: float | None) -> ShapesWorldDataModule:
         return ShapesWorldDataModule(
             multilabel=True, n_train=args.n_train, n_val=32, n_test=args.n_test, batch_size=32,
-            label_fraction=fraction, budget_seed=args.seed,
+            label_fraction=fraction, budget_seed=args.seed, augment=args.augment,
         )
 
     zero_shot = ZeroShot(backbone=backbone, classnames=data(None).classnames, multilabel=True)
     L.Trainer(**quiet).test(zero_shot, data(None), verbose=False)
     print(f"world multi-label scenes: {args.n_train} train / {args.n_test} test images, {args.epochs} epochs, "
-          f"lr {args.lr}, loss reduction {args.reduction}, budget seed {args.seed}")
+          f"lr {args.lr}, loss reduction {args.reduction}, budget seed {args.seed}, augment {args.augment}")
     print("| observed labels | zero-shot mAP | DualCoOp mAP | F1@top3 |")
     print("| --- | --- | --- | --- |")
     for fraction in args.fractions:
@@ -136,6 +136,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--reduction", choices=["sum", "mean"], default="mean")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", choices=["flip", "crop_flip", "multilabel"], default=None,
+                   help="--accuracy: training augmentation of the train split (default none)")
     args = p.parse_args()
     if args.accuracy:
         return accuracy(args)

@@ -225,6 +225,44 @@ def test_transductive_zero_shot_and_artifact_source(tmp_path):
              "--model.init_args.rounds_dir=" + str(tmp_path / "d"))
 
 
+def test_augmented_training_pseudolabels_from_unaugmented_scans(tmp_path):
+    """With ``augment`` the train steps see augmented images, but the pool's features, and so the
+    pseudolabels of every round, are those of the evaluation transform."""
+    from vlweak.callbacks.pseudolabel_rounds import RoundState
+
+    model = dict(TINY_MODEL, strategy="fpl", k=3)
+    data = dict(TINY_DATA, embeddings=False)
+    plain = _fit(_recipe(tmp_path, model, data), f"--model.init_args.rounds_dir={tmp_path / 'plain'}")
+    aug = build_cli(["--config", str(_recipe(tmp_path, model, dict(data, augment="flip"), "aug.yaml")),
+                     f"--model.init_args.rounds_dir={tmp_path / 'aug'}"], run=False)
+    seen = []
+    original = aug.model.batch_features
+
+    def spy(batch, train=False):
+        if train:
+            seen.append((batch["index"].cpu(), batch["image"].cpu()))
+        return original(batch, train)
+
+    aug.model.batch_features = spy
+    aug.trainer.fit(aug.model, datamodule=aug.datamodule)
+    # the pool scan: the same features, so the same pseudolabels
+    a, b = (RoundState.load(tmp_path / d / "round-000.safetensors") for d in ("plain", "aug"))
+    assert torch.equal(a.train_index, b.train_index) and torch.equal(a.train_label, b.train_label)
+    # the train steps: images of the flip preset (each the evaluation image or its mirror, some
+    # mirrored), encoded every step instead of read from the cached pool features
+    raw, tf = aug.datamodule.raw("train"), aug.model.backbone.transform
+    mirrored = []
+    for index, images in seen:
+        for i, img in zip(index.tolist(), images):
+            ref = tf(raw[i]["image"])
+            assert torch.allclose(img, ref, atol=1e-5) or torch.allclose(img, ref.flip(-1), atol=1e-5)
+            mirrored.append(not torch.allclose(img, ref, atol=1e-5))
+    assert 0 < sum(mirrored) < len(mirrored)
+    assert not torch.allclose(plain.model.text_prompt.ctx, aug.model.text_prompt.ctx)
+    assert aug.model.round_hyperparameters()["augment"] == "flip"
+    assert "augment" not in plain.model.round_hyperparameters()
+
+
 def test_spread_and_split_metrics():
     scores = torch.eye(3)[[0, 0, 1, 2, 2, 2]]
     targets = torch.tensor([0, 1, 1, 2, 2, 0])

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from vlweak.data.budget import Budgeted, LabelBudget
+from vlweak.data.augment import Augment, check_augment, train_transform
 from vlweak.data.cache import EmbeddingCache, image_embeddings
 from vlweak.data.datasets import (
     IMAGE_EXTENSIONS,
@@ -115,6 +116,10 @@ class VLDataModule(L.LightningDataModule):
         cache_dir: embedding cache folder (default ``$VLWEAK_CACHE`` or ``~/.cache/vlweak``).
         predict_split: which split ``vlweak predict`` pseudolabels.
         transform: override the backbone's preprocessing (default: the model's ``backbone.transform``).
+        augment: training augmentation of the train split: ``flip``, ``crop_flip`` (single-label, as
+            CoOp) or ``multilabel`` (square resize, flip, RandAugment, cutout, as DualCoOp); see
+            :mod:`vlweak.data.augment`. Scans that score or pseudolabel the train split, and every
+            other split, keep the evaluation transform. Needs images (``embeddings: false``).
     """
 
     def __init__(
@@ -131,8 +136,15 @@ class VLDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         predict_split: str = "test",
         transform: Any = None,
+        augment: Augment | None = None,
     ) -> None:
         super().__init__()
+        check_augment(augment)
+        if augment is not None and embeddings:
+            raise ValueError(
+                f"augment: {augment} needs images, but embeddings: true serves cached features of unaugmented "
+                "images (set embeddings: false, or leave augment unset)"
+            )
         if predict_split not in ("train", "val", "test"):
             raise ValueError(f"predict_split must be train, val or test, got {predict_split!r}")
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -149,7 +161,7 @@ class VLDataModule(L.LightningDataModule):
         self.embeddings = embeddings
         self.cache = EmbeddingCache(cache_dir)
         self.predict_split = predict_split
-        self.transform = transform
+        self.transform, self.augment = transform, augment
         self.datasets: dict[str, Dataset] = {}
         self._raw: dict[str, Dataset] = {}
 
@@ -244,6 +256,24 @@ class VLDataModule(L.LightningDataModule):
             raise RuntimeError("no transform given and no model backbone to take one from")
         return backbone.transform
 
+    def resolve_train_transform(self) -> Any:
+        """The train split's transform: the ``augment`` preset at the backbone's image size and
+        normalization (the evaluation transform when ``augment`` is unset)."""
+        if self.augment is None:
+            return self.resolve_transform()
+        backbone = self._model_backbone()
+        if backbone is None:
+            raise RuntimeError(f"augment: {self.augment} takes the image size from the model backbone, and there is none")
+        return train_transform(self.augment, backbone.image_size, backbone.image_mean, backbone.image_std)
+
+    def eval_dataset(self, split: str) -> Dataset:
+        """``split`` as set up, but with the evaluation transform (what pseudolabel scans of an
+        augmented train split read); the set-up dataset itself when nothing is augmented."""
+        ds = self.datasets[split]
+        if split != "train" or self.augment is None:
+            return ds
+        return Transformed(self.raw(split), self.resolve_transform())
+
     def setup(self, stage: str | None = None) -> None:
         needed = {
             "fit": ("train", "val"),
@@ -256,6 +286,7 @@ class VLDataModule(L.LightningDataModule):
         required = {"test": "test", "validate": "val", "predict": "predict"}.get(stage or "")
         self.check_options()
         transform = self.resolve_transform()
+        train_tf = self.resolve_train_transform() if "train" in needed else transform
         for split in needed:
             raw = self.raw(split)
             if raw is None:
@@ -265,7 +296,7 @@ class VLDataModule(L.LightningDataModule):
             if self.embeddings:
                 self.datasets[split] = self._embedded(raw, transform, split)
             else:
-                self.datasets[split] = Transformed(raw, transform)
+                self.datasets[split] = Transformed(raw, train_tf if split == "train" else transform)
 
     def _embedded(self, raw: Dataset, transform: Any, split: str) -> FeatureDataset:
         backbone = self._model_backbone()

@@ -112,7 +112,8 @@ class PseudoLabeledDataModule(VLDataModule):
     (e.g. CDUL's ``pseudolabels-train-refined.safetensors``); val/test keep their annotations.
 
     Args:
-        data: the wrapped data module (its batch size, workers, embeddings and cache are used).
+        data: the wrapped data module (its batch size, workers, embeddings, cache, transform and
+            augmentation are used).
         pseudolabels: path of the artifact; it must cover every train sample.
         targets: ``hard`` (scores ≥ threshold), ``soft`` (the scores), ``confident`` (≥ threshold
             positive, ≤ negative negative, the rest unknown) or ``single_positive`` (top class only).
@@ -139,6 +140,7 @@ class PseudoLabeledDataModule(VLDataModule):
             cache_dir=str(data.cache.root),
             predict_split=data.predict_split,
             transform=data.transform,
+            augment=data.augment,
         )
         self.data, self.pseudolabels = data, pseudolabels
         self.target_mode, self.threshold, self.negative = targets, threshold, negative

@@ -78,7 +78,9 @@ class PromptTuning(VLMethod):
         warmup_lr: learning rate of the warm-up epochs (paper: 1e-4).
         cache_features: textual prompts only: image features never change, so the train pool is
             encoded once per run and training steps reuse those features instead of re-encoding
-            images (``embeddings: true`` in the data module also skips loading the images).
+            images (``embeddings: true`` in the data module also skips loading the images). Not used
+            when the data module augments the train split (``augment``): each step then encodes its
+            augmented images.
         rounds_dir: folder of the per-round checkpoints; a run started with the same folder resumes
             at the round it was in. Default: ``<logger save_dir>/<logger name>/rounds/<hash>``, the
             hash of the run's identity (labeled set, source, schedule, hyper-parameters), so rerunning
@@ -168,6 +170,8 @@ class PromptTuning(VLMethod):
         self._feature_row: Tensor | None = None
         self._train_target = torch.empty(0, dtype=torch.long)
         self._pool_dataset: Any = None
+        self._scan_dataset: Any = None
+        self._augment: str | None = None
         self._datamodule: Any = None
         self._eval_classes: Tensor | None = None
 
@@ -186,6 +190,8 @@ class PromptTuning(VLMethod):
         skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels")
         out = {k: v for k, v in self.hparams.items() if k not in skip}
         out["backbone"] = self.backbone.fingerprint()
+        if self._augment is not None:
+            out["augment"] = self._augment
         return out
 
     def prompt_state(self) -> dict[str, Tensor]:
@@ -229,7 +235,7 @@ class PromptTuning(VLMethod):
         if self.visual_prompt is None:
             if "features" in batch:
                 return F.normalize(batch["features"].float(), dim=-1)
-            if train and self.cache_features and self._pool_features is not None:
+            if train and self.cache_features and self._augment is None and self._pool_features is not None:
                 rows = self._feature_row.to(batch["index"].device)[batch["index"]]
                 return self._pool_features.to(self.device)[rows.to(self.device)]
             return self.backbone.encode_image(batch["image"])
@@ -250,7 +256,10 @@ class PromptTuning(VLMethod):
         ds = dm.datasets["train"]
         if self.visual_prompt is not None and isinstance(ds, FeatureDataset):
             raise ValueError(f"{self.prompt_type} prompts need images: set data.init_args.embeddings: false")
-        self._pool_dataset, self._datamodule = ds, dm
+        # augmented training images, but pool scans (features, scores) read the evaluation transform
+        self._augment = getattr(dm, "augment", None)
+        scan = dm.eval_dataset("train") if hasattr(dm, "eval_dataset") else ds
+        self._pool_dataset, self._scan_dataset, self._datamodule = ds, scan, dm
         seen = getattr(dm, "seen_class_indices", None)
         self.seen_classes = list(seen) if seen is not None else None
         c = len(self.require_classnames())
@@ -262,7 +271,7 @@ class PromptTuning(VLMethod):
         self.pseudolabel_classes = [i for i in range(c) if not restrict or i not in seen]
         index, label, feats = [], [], []
         with torch.no_grad():
-            for batch in self._loader(ds, dm):
+            for batch in self._loader(scan, dm):
                 if not batch:
                     continue
                 if "label" not in batch:
@@ -324,7 +333,7 @@ class PromptTuning(VLMethod):
         positions = self._positions(self.pool_index[unl])
         classes = self.class_features()
         out, idx = [], []
-        for batch in self._loader(Subset(self._pool_dataset, positions.tolist()), self._datamodule):
+        for batch in self._loader(Subset(self._scan_dataset, positions.tolist()), self._datamodule):
             if batch:
                 out.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).float().cpu())
                 idx.append(batch["index"])
@@ -344,7 +353,7 @@ class PromptTuning(VLMethod):
         """Give the data module its whole train split back and drop the pool features."""
         if self._pool_dataset is not None:
             self._datamodule.datasets["train"] = self._pool_dataset
-        self._pool_dataset, self._pool_features = None, None
+        self._pool_dataset, self._scan_dataset, self._pool_features = None, None, None
 
     # ---------------------------------------------------------------- rounds
     def start_round(self, r: int) -> None:
