@@ -246,3 +246,25 @@ def test_bf16_autocast_stays_close(backbone, saved, images):
     assert text.dtype == image.dtype == torch.float32
     assert torch.allclose(text, backbone.encode_text(TEXTS), atol=3e-2)
     assert torch.allclose(image, backbone.encode_image(images), atol=3e-2)
+
+
+def test_image_size_interpolates_the_positions(backbone, saved):
+    from vlweak.backbones.open_clip import resize_positions
+
+    big = HFCLIPBackbone(model_id=str(saved[0]), image_size=64)
+    assert big.image_size == 64 and big.transform(torch.zeros(3, 10, 10, dtype=torch.uint8)).shape[-1] == 64
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _features(saved[1].get_image_features(pixel_values=x, interpolate_pos_encoding=True))
+    assert torch.allclose(big.encode_image(x), F.normalize(ref, dim=-1), atol=1e-5)
+    pooled, dense = big.dense_features(x)
+    assert dense.shape == (2, 64, 16) and torch.allclose(pooled, big.encode_image(x), atol=1e-5)
+    # the same interpolation as the open_clip backbone's resized checkpoints
+    emb = saved[1].vision_model.embeddings
+    with torch.no_grad():
+        hf = emb.interpolate_pos_encoding(torch.zeros(1, 65, 24), 64, 64)[0]
+    assert torch.allclose(hf, resize_positions(emb.position_embedding.weight, 64), atol=1e-5)
+    assert big.fingerprint() != backbone.fingerprint()
+    assert HFCLIPBackbone(model_id=str(saved[0]), image_size=32).fingerprint() == backbone.fingerprint()
+    with pytest.raises(ValueError, match="multiple of .* patch size 8, got 30"):
+        HFCLIPBackbone(model_id=str(saved[0]), image_size=30)

@@ -165,3 +165,72 @@ def test_pretrained_null_from_the_command_line_means_random_init():
     # `--...pretrained=null` after a config that set a file reaches the backbone as the string "None"
     for value in ("None", "null", ""):
         assert OpenCLIPBackbone("vlweak-tiny", pretrained=value).weights == "random-init"
+
+
+@pytest.mark.parametrize("name, native, stride", [("vlweak-tiny", 32, 8), ("vlweak-tiny-rn", 64, 32)])
+def test_image_size_runs_pretrained_weights_at_another_resolution(tmp_path, name, native, stride):
+    torch.manual_seed(2)
+    src = OpenCLIPBackbone(name, pretrained=None)
+    path = tmp_path / f"{name}.safetensors"
+    save_file(src.model.state_dict(), str(path))
+    big = OpenCLIPBackbone(name, pretrained=str(path), image_size=2 * native)
+    key = "visual.positional_embedding" if stride != 32 else "visual.attnpool.positional_embedding"
+    small_sd, big_sd = src.model.state_dict(), big.model.state_dict()
+    for k, v in small_sd.items():  # every other weight loads unchanged
+        if k != key:
+            assert torch.equal(v, big_sd[k]), k
+    g = native // stride
+    assert big_sd[key].shape == (1 + (2 * g) ** 2, small_sd[key].shape[1])
+    assert torch.equal(big_sd[key][0], small_sd[key][0])  # the class position is kept
+    # the model runs at the new size, its preprocessing too, with 4x the regions
+    assert big.image_size == 2 * native and big.transform(torch.zeros(3, 10, 10, dtype=torch.uint8)).shape[-1] == 2 * native
+    pooled, dense = big.dense_features(torch.randn(2, 3, 2 * native, 2 * native))
+    assert pooled.shape == (2, big.embed_dim) and dense.shape == (2, (2 * g) ** 2, big.embed_dim)
+    assert big.fingerprint() != OpenCLIPBackbone(name, pretrained=str(path)).fingerprint()
+    # without image_size the resized weights are another architecture's, named as such
+    resized = tmp_path / "big.safetensors"
+    save_file(big.model.state_dict(), str(resized))
+    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")):
+        OpenCLIPBackbone(name, pretrained=str(resized))
+
+
+def test_resized_positions_interpolate_the_grid():
+    from vlweak.backbones.open_clip import resize_positions
+
+    # a ramp along x (same on every row), 4x4 grid plus the class position, resized to 8x8
+    ramp = torch.arange(4.0).repeat(4).reshape(16, 1).expand(16, 3)
+    pos = torch.cat([torch.full((1, 3), 7.0), ramp])
+    out = resize_positions(pos, 64)
+    assert out.shape == (65, 3) and torch.equal(out[0], pos[0])
+    grid = out[1:, 0].reshape(8, 8)
+    assert torch.allclose(grid, grid[:1].expand(8, 8), atol=1e-5)  # rows stay equal
+    assert (grid[0, 1:] >= grid[0, :-1] - 1e-6).all() and grid[0, 0] < grid[0, -1]  # still a ramp
+    assert torch.allclose(resize_positions(pos, 16), pos)  # the same grid is unchanged
+    with pytest.raises(CheckpointMismatchError, match="square"):
+        resize_positions(pos, 50)
+
+
+def test_image_size_must_fit_the_tower():
+    with pytest.raises(ValueError, match="multiple of vlweak-tiny's patch size 8, got 36"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained=None, image_size=36)
+    with pytest.raises(ValueError, match="multiple of vlweak-tiny-rn's ResNet stride 32, got 80"):
+        OpenCLIPBackbone("vlweak-tiny-rn", pretrained=None, image_size=80)
+
+
+def test_image_size_with_a_pretrained_tag(monkeypatch):
+    real = open_clip.create_model
+    torch.manual_seed(3)
+    source = real("vlweak-tiny", pretrained=None)
+
+    def hub(name, pretrained=None, **kw):  # the tag "downloads" the source weights at the native size
+        model = real(name, pretrained=None, **kw)
+        if pretrained:
+            model.load_state_dict(source.state_dict())
+        return model
+
+    monkeypatch.setattr(open_clip, "create_model", hub)
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: ["laion_like"])
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {})
+    big = OpenCLIPBackbone("vlweak-tiny", pretrained="laion_like", image_size=64)
+    assert big.model.visual.positional_embedding.shape == (1 + 8 * 8, 32)
+    assert torch.equal(big.model.visual.conv1.weight, source.visual.conv1.weight)

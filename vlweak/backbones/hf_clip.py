@@ -84,6 +84,9 @@ class HFCLIPBackbone(Backbone):
         cache_dir: hub cache directory (default: the Hugging Face cache).
         local_files_only: never touch the network; only the hub cache or a local directory. Also
             implied by ``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``.
+        image_size: run the image tower at this input size instead of the config's: the position
+            embeddings are interpolated to the new patch grid (bicubic, class position kept). A
+            multiple of the patch size; the preprocessing transform follows it.
 
     Raises:
         FileNotFoundError: ``model_id`` is a path that does not exist, or a directory lacking the
@@ -100,6 +103,7 @@ class HFCLIPBackbone(Backbone):
         freeze: bool = True,
         cache_dir: str | None = None,
         local_files_only: bool = False,
+        image_size: int | None = None,
     ) -> None:
         super().__init__(precision=precision, freeze=freeze)
         self.model_id = model_id
@@ -113,6 +117,11 @@ class HFCLIPBackbone(Backbone):
 
         config = self._load_config(source)
         self.model = self._load_model(source, config)
+        patch = int(config.vision_config.patch_size)
+        if image_size is not None and (not isinstance(image_size, int) or image_size < patch or image_size % patch):
+            raise ValueError(f"image_size must be a positive multiple of {model_id}'s patch size {patch}, got {image_size!r}")
+        native = int(config.vision_config.image_size)
+        self.input_size = image_size if image_size != native else None
         self._tokenizer = self._load_tokenizer(source)
         self._processor_cfg = self._load_processor_config(source)
         if self._local_dir is not None:
@@ -233,13 +242,16 @@ class HFCLIPBackbone(Backbone):
 
     def fingerprint_parts(self) -> dict[str, str]:
         model = self._local_dir.name if self._local_dir is not None else self.model_id
-        return {"model": model, "weights": self._weights_digest}
+        parts = {"model": model, "weights": self._weights_digest}
+        if self.input_size is not None:
+            parts["image_size"] = str(self.input_size)
+        return parts
 
     # ------------------------------------------------------------------ properties
     @property
     def image_size(self) -> int:
-        # The vision config is authoritative: the position embeddings only fit this size.
-        return int(self.model.config.vision_config.image_size)
+        # The vision config's, unless image_size asked for another (positions interpolated to it).
+        return self.input_size or int(self.model.config.vision_config.image_size)
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
@@ -309,7 +321,7 @@ class HFCLIPBackbone(Backbone):
     def _vision_hidden(self, images: Tensor, prompts: Tensor | None) -> Tensor:
         """Encoder output ``[B, 1 + HW, width]`` (prompt tokens removed), before ``post_layernorm``."""
         vm = self.model.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(images))
+        x = vm.pre_layrnorm(vm.embeddings(images, interpolate_pos_encoding=self.input_size is not None))
         n_prompt = 0
         if prompts is not None:
             if prompts.dim() not in (2, 3) or prompts.shape[-1] != self.visual_width:

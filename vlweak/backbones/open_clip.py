@@ -160,6 +160,11 @@ class OpenCLIPBackbone(Backbone):
         config_overrides: open_clip architecture entries to change before the model is built, merged
             one level deep, e.g. ``{"vision_cfg": {"pool_type": "tok"}}`` (part of the fingerprint).
         cache_dir: where open_clip downloads tagged weights.
+        image_size: run the image tower at this input size instead of the architecture's (e.g. 448
+            for DualCoOp's multi-label setting with RN101): the pretrained positional embeddings
+            (ViT tokens, or a ResNet's attention pool) are resized to the new grid, bicubically, the
+            class position kept. A multiple of the patch size (ViT) or of 32 (ResNet). The
+            preprocessing transform follows it.
     """
 
     def __init__(
@@ -170,6 +175,7 @@ class OpenCLIPBackbone(Backbone):
         freeze: bool = True,
         config_overrides: dict[str, Any] | None = None,
         cache_dir: str | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__(precision=precision, freeze=freeze)
         known = open_clip.list_models()
@@ -180,6 +186,10 @@ class OpenCLIPBackbone(Backbone):
         self.model_name = model_name
         self.pretrained = pretrained
         self.config_overrides = dict(config_overrides or {})
+        self.input_size = self._check_image_size(image_size)
+        build = dict(self.config_overrides)
+        if image_size is not None:
+            build["vision_cfg"] = {**build.get("vision_cfg", {}), "image_size": image_size}
         root_logger = logging.getLogger()
         level = root_logger.level
         root_logger.setLevel(logging.ERROR)  # open_clip warns about random init before we load weights
@@ -189,7 +199,7 @@ class OpenCLIPBackbone(Backbone):
         self.forced_quick_gelu = self._tag_needs_quick_gelu(pretrained)
         try:
             self.model = open_clip.create_model(
-                model_name, pretrained=None, force_quick_gelu=self.forced_quick_gelu, **self._merged(config_overrides)
+                model_name, pretrained=None, force_quick_gelu=self.forced_quick_gelu, **self._merged(build)
             )
         finally:
             root_logger.setLevel(level)
@@ -212,6 +222,28 @@ class OpenCLIPBackbone(Backbone):
             k: {**base[k], **v} if isinstance(base[k], dict) and isinstance(v, dict) else v
             for k, v in overrides.items()
         }
+
+    def _check_image_size(self, image_size: int | None) -> int | None:
+        if image_size is None:
+            return None
+        vision = (open_clip.get_model_config(self.model_name) or {}).get("vision_cfg", {})
+        step = vision.get("patch_size") or 32  # a ResNet tower downsamples by 32
+        if not isinstance(image_size, int) or image_size < step or image_size % step:
+            kind = f"patch size {step}" if vision.get("patch_size") else "ResNet stride 32"
+            raise ValueError(f"image_size must be a positive multiple of {self.model_name}'s {kind}, got {image_size!r}")
+        return image_size
+
+    def _fit_positions(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Resize the image tower's positional embeddings of ``sd`` to this model's grid (only when
+        ``image_size`` asked for another size; a mismatch otherwise is the checkpoint's own)."""
+        if self.input_size is None:
+            return sd
+        own = self.model.state_dict()
+        out = dict(sd)
+        for key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
+            if key in sd and key in own and sd[key].shape != own[key].shape:
+                out[key] = resize_positions(sd[key], own[key].shape[0] - 1)
+        return out
 
     # ------------------------------------------------------------------ weights
     def _tag_needs_quick_gelu(self, pretrained: str | None) -> bool:
@@ -256,7 +288,7 @@ class OpenCLIPBackbone(Backbone):
                     f"'{self.model_name}', pretrained='{pretrained}') and save model.state_dict()), "
                     f"then pass the file: `pretrained: /path/to/weights.safetensors`{arch}."
                 ) from err
-            self.model.load_state_dict(url_model.state_dict())
+            self.model.load_state_dict(self._fit_positions(url_model.state_dict()))
             self._weights_digest = f"tag:{pretrained}"
 
     def _load_file(self, path: Path) -> None:
@@ -264,6 +296,7 @@ class OpenCLIPBackbone(Backbone):
         scale = sd.get("logit_scale")
         if scale is not None and scale.numel() == 1:  # CLIPPretrain's Lightning checkpoints hold it as a vector
             sd["logit_scale"] = scale.reshape(self.model.logit_scale.shape)
+        sd = self._fit_positions(sd)
         check_state_dict(self.model, sd, str(path))
         self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         self._weights_digest = file_digest(path)
@@ -274,6 +307,8 @@ class OpenCLIPBackbone(Backbone):
             parts["activation"] = "quick_gelu"
         if self.config_overrides:
             parts["config"] = json.dumps(self.config_overrides, sort_keys=True)
+        if self.input_size is not None:
+            parts["image_size"] = str(self.input_size)
         return parts
 
     # ------------------------------------------------------------------ properties
@@ -380,3 +415,17 @@ class OpenCLIPBackbone(Backbone):
             pos = pos.reshape(-1, h * w).T
         dense = pool.c_proj(pool.v_proj(tokens + pos))
         return pooled, dense
+
+
+def resize_positions(pos: Tensor, n_grid: int) -> Tensor:
+    """Positional embeddings ``[1 + g*g, D]`` (class position first) resized to ``[1 + n_grid, D]``:
+    the square grid interpolated bicubically, the class position kept."""
+    side, new_side = int(round((pos.shape[0] - 1) ** 0.5)), int(round(n_grid**0.5))
+    if side * side != pos.shape[0] - 1 or new_side * new_side != n_grid:
+        raise CheckpointMismatchError(
+            f"positional embeddings of {pos.shape[0] - 1} (+1 class) positions cannot be resized to "
+            f"{n_grid}: only square grids are"
+        )
+    grid = pos[1:].float().T.reshape(1, -1, side, side)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1].float(), grid.reshape(pos.shape[1], -1).T]).to(pos.dtype)
