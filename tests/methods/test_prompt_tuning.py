@@ -360,3 +360,33 @@ def test_trainer_max_epochs_is_named_as_unused(tmp_path):
     with pytest.warns(UserWarning, match=r"trainer.max_epochs=5 is not used: PromptTuning trains 3 round\(s\) of epochs_per_round=1"):
         run = _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'r'}", "--trainer.max_epochs=5")
     assert run.trainer.current_epoch == 3
+
+
+def test_warm_start_rounds_continue_the_previous_prompt_and_resume_alike(tmp_path):
+    model = dict(TINY_MODEL, warm_start=True)
+    recipe = _recipe(tmp_path, model, TINY_DATA)
+    starts, ends = {}, {}
+
+    class _Watch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # after the rounds callback's start_round
+            r = _rounds_of(trainer).round
+            starts.setdefault(r, pl_module.text_prompt.ctx.detach().clone())
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            ends[_rounds_of(trainer).round] = pl_module.text_prompt.ctx.detach().clone()
+
+    full = _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'full'}", callbacks=[_Watch()])
+    assert sorted(starts) == [0, 1, 2]
+    for r in (1, 2):  # each later round starts where the one before ended
+        assert torch.equal(starts[r], ends[r - 1])
+    assert full.model.round_hyperparameters()["warm_start"] is True
+    cold = _fit(_recipe(tmp_path, TINY_MODEL, TINY_DATA, "cold.yaml"), f"--model.init_args.rounds_dir={tmp_path / 'cold'}")
+    assert not torch.allclose(cold.model.text_prompt.ctx, full.model.text_prompt.ctx)
+
+    # interrupted in round 2 and resumed: the same final prompt as the uninterrupted run
+    rounds_dir = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}", callbacks=[_InterruptAtRound(2)])
+    resumed = _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}")
+    assert _rounds(resumed).rounds_trained == [2]
+    assert torch.allclose(resumed.model.text_prompt.ctx, full.model.text_prompt.ctx, atol=1e-6)

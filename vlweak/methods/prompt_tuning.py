@@ -86,6 +86,9 @@ class PromptTuning(VLMethod):
             hash of the run's identity (labeled set, source, schedule, hyper-parameters), so rerunning
             the same configuration resumes and any other configuration starts afresh.
         resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
+        warm_start: IFPL / GRIP rounds after the first start from the previous round's prompt
+            instead of a fresh initialisation (the learning-rate schedule and the optimizer state
+            still restart each round).
         seed: seed of each round's prompt initialisation and data order (round ``r`` uses
             ``seed + r``), so a resumed run repeats what an uninterrupted one does.
         artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
@@ -115,6 +118,7 @@ class PromptTuning(VLMethod):
         cache_features: bool = True,
         rounds_dir: str | None = None,
         resume: bool = True,
+        warm_start: bool = False,
         seed: int = 0,
         artifact_path: str | None = None,
     ) -> None:
@@ -149,6 +153,7 @@ class PromptTuning(VLMethod):
         self.epochs_per_round, self.lr, self.momentum, self.weight_decay = epochs_per_round, lr, momentum, weight_decay
         self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.cache_features, self.rounds_dir, self.resume, self.seed = cache_features, rounds_dir, resume, seed
+        self.warm_start = warm_start
         names = self.require_classnames()
         self.text_prompt = (
             TextPromptLearner(backbone, names, n_ctx, ctx_init, class_specific) if prompt != "visual" else None
@@ -187,9 +192,12 @@ class PromptTuning(VLMethod):
     def round_hyperparameters(self) -> dict[str, Any]:
         """What a round's training depends on beyond the data: the backbone and every training
         hyper-parameter (part of a run's identity; a resumed run must match it)."""
-        skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels")
+        skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels",
+                "warm_start")
         out = {k: v for k, v in self.hparams.items() if k not in skip}
         out["backbone"] = self.backbone.fingerprint()
+        if self.warm_start:  # named only when set, so runs from before the option keep their identity
+            out["warm_start"] = True
         if self._augment is not None:
             out["augment"] = self._augment
         return out
@@ -357,9 +365,11 @@ class PromptTuning(VLMethod):
 
     # ---------------------------------------------------------------- rounds
     def start_round(self, r: int) -> None:
-        """Round ``r`` trains from scratch: fresh prompts (drawn from ``seed + r``) and fresh optimizer
-        state; :class:`~vlweak.callbacks.PseudolabelRounds` draws the round's data order."""
-        self.reset_prompts(torch.Generator().manual_seed(self.seed + r))
+        """Round ``r`` trains from scratch: fresh prompts (drawn from ``seed + r``; with ``warm_start``
+        rounds after the first keep the previous round's prompt) and fresh optimizer state;
+        :class:`~vlweak.callbacks.PseudolabelRounds` draws the round's data order."""
+        if r == 0 or not self.warm_start:
+            self.reset_prompts(torch.Generator().manual_seed(self.seed + r))
         for opt in self.trainer.optimizers:
             opt.state.clear()
 
