@@ -88,7 +88,8 @@ class PromptTuning(VLMethod):
         resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
         warm_start: IFPL / GRIP rounds after the first start from the previous round's prompt
             instead of a fresh initialisation (the learning-rate schedule and the optimizer state
-            still restart each round).
+            still restart each round). On the built-in world it does worse than the paper's fresh
+            start (README).
         seed: seed of each round's prompt initialisation and data order (round ``r`` uses
             ``seed + r``), so a resumed run repeats what an uninterrupted one does.
         artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
