@@ -186,7 +186,9 @@ def test_image_size_runs_pretrained_weights_at_another_resolution(tmp_path, name
     assert big.image_size == 2 * native and big.transform(torch.zeros(3, 10, 10, dtype=torch.uint8)).shape[-1] == 2 * native
     pooled, dense = big.dense_features(torch.randn(2, 3, 2 * native, 2 * native))
     assert pooled.shape == (2, big.embed_dim) and dense.shape == (2, (2 * g) ** 2, big.embed_dim)
-    assert big.fingerprint() != OpenCLIPBackbone(name, pretrained=str(path)).fingerprint()
+    native_fp = OpenCLIPBackbone(name, pretrained=str(path)).fingerprint()
+    assert big.fingerprint() != native_fp
+    assert OpenCLIPBackbone(name, pretrained=str(path), image_size=native).fingerprint() == native_fp
     # without image_size the resized weights are another architecture's, named as such
     resized = tmp_path / "big.safetensors"
     save_file(big.model.state_dict(), str(resized))

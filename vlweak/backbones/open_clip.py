@@ -231,7 +231,9 @@ class OpenCLIPBackbone(Backbone):
         if not isinstance(image_size, int) or image_size < step or image_size % step:
             kind = f"patch size {step}" if vision.get("patch_size") else "ResNet stride 32"
             raise ValueError(f"image_size must be a positive multiple of {self.model_name}'s {kind}, got {image_size!r}")
-        return image_size
+        native = vision.get("image_size")
+        native = native[0] if isinstance(native, (tuple, list)) else native
+        return None if image_size == native else image_size  # the architecture's own size changes nothing
 
     def _fit_positions(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resize the image tower's positional embeddings of ``sd`` to this model's grid (only when
