@@ -61,6 +61,7 @@ def test_crop_flip_varies_scale_and_multilabel_keeps_the_whole_image_square():
 
 
 def test_unknown_preset_and_cached_features_are_refused():
+    assert ShapesWorldDataModule(augment="none", embeddings=True).augment is None  # a sweep's "off"
     with pytest.raises(ValueError, match=r"augment must be one of flip, crop_flip, multilabel.*'rotate'"):
         ShapesWorldDataModule(augment="rotate")
     with pytest.raises(ValueError, match="augment: flip needs images, but embeddings: true"):

@@ -22,16 +22,20 @@ from typing import Literal
 import torch
 from torchvision.transforms import v2
 
-Augment = Literal["flip", "crop_flip", "multilabel"]
+Augment = Literal["none", "flip", "crop_flip", "multilabel"]
 AUGMENTATIONS: tuple[str, ...] = ("flip", "crop_flip", "multilabel")
 
 _BICUBIC = v2.InterpolationMode.BICUBIC
 
 
-def check_augment(augment: str | None) -> None:
-    """An unknown preset is an error naming the presets."""
-    if augment is not None and augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} (or null for none), got {augment!r}")
+def check_augment(augment: str | None) -> str | None:
+    """The preset ``augment`` names (``None`` for ``none``, which a sweep can list beside the
+    presets); an unknown preset is an error naming the presets."""
+    if augment is None or augment == "none":
+        return None
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} (or none), got {augment!r}")
+    return augment
 
 
 def train_transform(
@@ -39,7 +43,8 @@ def train_transform(
 ) -> v2.Compose:
     """The training transform of preset ``augment`` for a model taking ``image_size`` pixel squares
     normalized by ``mean`` / ``std``. Works on PIL images and uint8 ``[C, H, W]`` tensors alike."""
-    check_augment(augment)
+    if check_augment(augment) is None:
+        raise ValueError(f"train_transform needs a preset ({', '.join(AUGMENTATIONS)}), got {augment!r}")
     if augment == "flip":
         geometry = [
             v2.Resize(image_size, interpolation=_BICUBIC, antialias=True),

@@ -118,8 +118,9 @@ class VLDataModule(L.LightningDataModule):
         transform: override the backbone's preprocessing (default: the model's ``backbone.transform``).
         augment: training augmentation of the train split: ``flip``, ``crop_flip`` (single-label, as
             CoOp) or ``multilabel`` (square resize, flip, RandAugment, cutout, as DualCoOp); see
-            :mod:`vlweak.data.augment`. Scans that score or pseudolabel the train split, and every
-            other split, keep the evaluation transform. Needs images (``embeddings: false``).
+            :mod:`vlweak.data.augment`; ``none`` or ``null``: no augmentation. Scans that score or
+            pseudolabel the train split, and every other split, keep the evaluation transform.
+            Needs images (``embeddings: false``).
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class VLDataModule(L.LightningDataModule):
         augment: Augment | None = None,
     ) -> None:
         super().__init__()
-        check_augment(augment)
+        augment = check_augment(augment)
         if augment is not None and embeddings:
             raise ValueError(
                 f"augment: {augment} needs images, but embeddings: true serves cached features of unaugmented "
