@@ -98,13 +98,14 @@ def test_cdul_ddp_matches_one_process(tmp_path, tiny_ckpt):
 
 
 def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_ckpt):
-    # batch 64 holds every round's whole training set (2 then 4 per class: 24, then all 48 images):
-    # full-batch steps. Unsupervised, so every round's size is even: an odd one would make the
-    # distributed sampler repeat a sample on one rank, and the two runs would see different batches
+    # batch 64 holds every round's whole training set (2 then 4 per class: 24, then all 48 images,
+    # a quarter held out to choose the prompt): full-batch steps. Unsupervised, and a quarter held
+    # out, so every round trains on an even number (18, 36): an odd one would make the distributed
+    # sampler repeat a sample on one rank, and the two runs would see different batches
     a, b = _both("fit", "prompt_tuning/shapes_unsupervised.yaml", tmp_path, tiny_ckpt, 64,
                  "--data.init_args.n_train=48", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--model.init_args.rounds=2", "--model.init_args.epochs_per_round=1",
-                 "--model.init_args.warmup_epochs=0", "--model.init_args.n_ctx=2")
+                 "--model.init_args.warmup_epochs=0", "--model.init_args.n_ctx=2", "--model.init_args.holdout=0.25")
     one, two = (load_file(next(d.parent.rglob("round-final.safetensors"))) for d in (a, b))
     _assert_same_params({k: v for k, v in one.items() if k.startswith("prompt.")},
                         {k: v for k, v in two.items() if k.startswith("prompt.")})

@@ -390,3 +390,54 @@ def test_warm_start_rounds_continue_the_previous_prompt_and_resume_alike(tmp_pat
     resumed = _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}")
     assert _rounds(resumed).rounds_trained == [2]
     assert torch.allclose(resumed.model.text_prompt.ctx, full.model.text_prompt.ctx, atol=1e-6)
+
+
+def test_holdout_chooses_each_rounds_prompt_by_its_best_epoch(tmp_path, monkeypatch):
+    from vlweak.callbacks.pseudolabel_rounds import RoundState
+    from vlweak.methods.prompt_tuning import PromptTuning
+
+    model = dict(TINY_MODEL, rounds=2, epochs_per_round=3, holdout=0.25)
+    prompts: list[torch.Tensor] = []
+
+    class _Watch(L.Callback):  # runs before the rounds callback: the prompt each epoch ended with
+        def on_train_epoch_end(self, trainer, pl_module):
+            prompts.append(pl_module.text_prompt.ctx.detach().cpu().clone())
+
+    served = {}
+    original_use = PromptTuning.use_training_set
+
+    def use(self, index, label, r=0):
+        original_use(self, index, label, r)
+        served[r] = (index.clone(), self._held, [int(i) for i in self._datamodule.datasets["train"].indices])
+
+    monkeypatch.setattr(PromptTuning, "use_training_set", use)
+    scripted = iter([0.5, 0.9, 0.1, 0.2, 0.3, 0.4])  # round 0 peaks at its 2nd epoch, round 1 at its last
+    real = PromptTuning.held_out_accuracy
+    measured = []
+    monkeypatch.setattr(PromptTuning, "held_out_accuracy", lambda self: measured.append(real(self)) or next(scripted))
+    cli = _fit(_recipe(tmp_path, model, TINY_DATA), f"--model.init_args.rounds_dir={tmp_path / 'h'}", callbacks=[_Watch()])
+    assert len(prompts) == 6 and all(0.0 <= a <= 1.0 for a in measured)
+    # a quarter of each round's training set is held out, and only the rest is trained on
+    for r, (index, (held_index, held_label), trained) in served.items():
+        assert len(held_index) == int(len(index) * 0.25) > 0
+        assert set(trained).isdisjoint(held_index.tolist()) and len(trained) + len(held_index) == len(index)
+    # round 1's pseudolabels came from round 0's best epoch (the 2nd), not its last
+    r1 = RoundState.load(tmp_path / "h" / "round-001.safetensors")
+    assert torch.allclose(r1.prompt["text.ctx"], prompts[1]) and not torch.allclose(prompts[1], prompts[2])
+    assert torch.allclose(cli.model.text_prompt.ctx.cpu(), prompts[5])  # round 1's best was its last
+    assert cli.model.round_hyperparameters()["holdout"] == 0.25
+    with pytest.raises(ValueError, match="holdout .* in \\[0, 1\\); got 1.0"):
+        _fit(_recipe(tmp_path, dict(model, holdout=1.0), TINY_DATA, "bad.yaml"))
+
+
+def test_holdout_with_visual_prompts_scores_held_out_images(tmp_path, monkeypatch):
+    from vlweak.methods.prompt_tuning import PromptTuning
+
+    real, measured = PromptTuning.held_out_accuracy, []
+    monkeypatch.setattr(PromptTuning, "held_out_accuracy", lambda self: measured.append(real(self)) or measured[-1])
+    model = dict(TINY_MODEL, prompt="visual", n_visual_tokens=2, rounds=1, strategy="fpl", k=3, epochs_per_round=2,
+                 holdout=0.3)
+    cli = _fit(_recipe(tmp_path, model, dict(TINY_DATA, embeddings=False)), f"--model.init_args.rounds_dir={tmp_path / 'v'}")
+    assert len(measured) == 2 and all(0.0 <= a <= 1.0 for a in measured)  # one accuracy per epoch
+    # held out: 30% of 1 labelled shot and 3 pseudolabels for each of the 12 classes
+    assert cli.model._held is not None and len(cli.model._held[0]) == int((1 + 3) * 12 * 0.3)

@@ -22,9 +22,11 @@ run reads them on every rank, so ``dirpath`` must be on a shared file system).
 The module drives the work; it provides (see :class:`vlweak.methods.PromptTuning`): ``strategy``,
 ``k``, ``rounds``, ``epochs_per_round``, ``pseudolabel_classes``, ``setup_pool(trainer)``,
 ``pool_index`` / ``pool_label`` (``-1`` = unlabeled), ``score_unlabeled(source)``,
-``unlabeled_sample_ids()``, ``use_training_set(index, label)``, ``release_pool()``,
+``unlabeled_sample_ids()``, ``use_training_set(index, label, r)``, ``release_pool()``,
 ``seed`` (round ``r``'s data order is drawn from ``seed + r`` and the epoch in the round), ``start_round(r)``,
-``set_round_epoch(e)``, ``prompt_state()`` / ``load_prompt_state(state)``.
+``set_round_epoch(e)``, ``prompt_state()`` / ``load_prompt_state(state)``, and optionally
+``track_best_prompt()`` (after each epoch) / ``restore_best_prompt()`` (at a round's end), which
+choose a round's prompt on held-out labels.
 """
 
 from __future__ import annotations
@@ -272,7 +274,7 @@ class PseudolabelRounds(L.Callback):
         trainer.fit_loop.max_epochs = -1 if resuming_ckpt else trainer.current_epoch + self.remaining * m.epochs_per_round
         trainer.reload_dataloaders_every_n_epochs = m.epochs_per_round
         if self.remaining:
-            m.use_training_set(state.train_index, state.train_label)
+            m.use_training_set(state.train_index, state.train_label, state.round)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # rounds restart from their first epoch whatever epoch a restored checkpoint was at
@@ -294,16 +296,21 @@ class PseudolabelRounds(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = pl_module
+        held = m.track_best_prompt() if hasattr(m, "track_best_prompt") else None
+        if held is not None and trainer.logger is not None and trainer.global_rank == 0:
+            trainer.logger.log_metrics({"rounds/held_out_acc": held}, step=trainer.global_step)
         self.epoch_in_round += 1
         if self.epoch_in_round < m.epochs_per_round:
             return
+        if hasattr(m, "restore_best_prompt"):
+            m.restore_best_prompt()  # the round's prompt: its best epoch on the held-out labels
         self.round, self.epoch_in_round = self.round + 1, 0
         if self.round < len(self.schedule):
             # the trained prompt is kept before the (long) scoring of the pool, so a crash there
             # resumes by scoring again rather than by training the round again
             self._save(trainer, m, self._prompt_only(m, self.round, scored=False), None, self.round)
             state = self._pseudolabel(trainer, m, self.round)
-            m.use_training_set(state.train_index, state.train_label)
+            m.use_training_set(state.train_index, state.train_label, state.round)
         else:
             self._save(trainer, m, self._prompt_only(m, self.round, done=True), None, "final")
 

@@ -86,6 +86,10 @@ class PromptTuning(VLMethod):
             hash of the run's identity (labeled set, source, schedule, hyper-parameters), so rerunning
             the same configuration resumes and any other configuration starts afresh.
         resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
+        holdout: fraction of each round's training set (labels and pseudolabels alike) held out to
+            choose the round's prompt: the epoch with the best accuracy on the held-out labels (the
+            paper's code holds out 20% and picks its prompt there); ``0``: train on all of it and
+            keep each round's last epoch.
         warm_start: IFPL / GRIP rounds after the first start from the previous round's prompt
             instead of a fresh initialisation (the learning-rate schedule and the optimizer state
             still restart each round). On the built-in world it does worse than the paper's fresh
@@ -119,6 +123,7 @@ class PromptTuning(VLMethod):
         cache_features: bool = True,
         rounds_dir: str | None = None,
         resume: bool = True,
+        holdout: float = 0.2,
         warm_start: bool = False,
         seed: int = 0,
         artifact_path: str | None = None,
@@ -141,6 +146,8 @@ class PromptTuning(VLMethod):
                 "every epoch of a round would train at warmup_lr"
             )
         check_options(templates=templates, n_ctx=(n_ctx, 1, None), momentum=(momentum, 0.0, 1.0))
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"holdout is the fraction of a round's training set held out, in [0, 1); got {holdout}")
         if pseudolabels != "zeroshot":
             # an artifact present now is checked now (vocabulary, damage), not after the pool is read; a
             # missing .safetensors may be written before fit (test / predict never read it)
@@ -154,7 +161,9 @@ class PromptTuning(VLMethod):
         self.epochs_per_round, self.lr, self.momentum, self.weight_decay = epochs_per_round, lr, momentum, weight_decay
         self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.cache_features, self.rounds_dir, self.resume, self.seed = cache_features, rounds_dir, resume, seed
-        self.warm_start = warm_start
+        self.warm_start, self.holdout = warm_start, holdout
+        self._held: tuple[Tensor, Tensor] | None = None  # (indices, labels) held out this round
+        self._best: tuple[float, dict[str, Tensor]] | None = None  # best held-out accuracy, its prompt
         names = self.require_classnames()
         self.text_prompt = (
             TextPromptLearner(backbone, names, n_ctx, ctx_init, class_specific) if prompt != "visual" else None
@@ -194,11 +203,14 @@ class PromptTuning(VLMethod):
         """What a round's training depends on beyond the data: the backbone and every training
         hyper-parameter (part of a run's identity; a resumed run must match it)."""
         skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels",
-                "warm_start")
+                "warm_start", "holdout")
         out = {k: v for k, v in self.hparams.items() if k not in skip}
         out["backbone"] = self.backbone.fingerprint()
-        if self.warm_start:  # named only when set, so runs from before the option keep their identity
+        # named only when set, so runs from before these options keep their identity
+        if self.warm_start:
             out["warm_start"] = True
+        if self.holdout:
+            out["holdout"] = self.holdout
         if self._augment is not None:
             out["augment"] = self._augment
         return out
@@ -351,12 +363,52 @@ class PromptTuning(VLMethod):
             raise RuntimeError("unreadable images changed between scans of the train split")
         return self._restrict(scores)
 
-    def use_training_set(self, index: Tensor, label: Tensor) -> None:
-        """Serve only ``index`` (labeled + pseudolabeled) as the train split, with ``label``."""
+    def use_training_set(self, index: Tensor, label: Tensor, r: int = 0) -> None:
+        """Serve only ``index`` (labeled + pseudolabeled) as the train split, with ``label`` (round
+        ``r``; with ``holdout``, a fraction drawn from ``seed + r`` is held out to choose the prompt)."""
+        self._held = None
+        n_held = int(len(index) * self.holdout)
+        if n_held and len(index) - n_held >= 1:
+            perm = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + r))
+            held, kept = perm[:n_held].sort().values, perm[n_held:].sort().values
+            self._held = (index[held], label[held])
+            index, label = index[kept], label[kept]
         target = torch.full((int(self.pool_index.max()) + 1,), -1, dtype=torch.long)
         target[index] = label
         self._train_target = target
         self._datamodule.datasets["train"] = Subset(self._pool_dataset, self._positions(index).tolist())
+
+    @torch.no_grad()
+    def held_out_accuracy(self) -> float | None:
+        """Accuracy of the current prompt on the round's held-out labels (``None`` without)."""
+        if self._held is None:
+            return None
+        index, label = self._held
+        classes = self.class_features()
+        if self.visual_prompt is None:
+            feats = self._pool_features[self._feature_row[index]].to(self.device)
+            pred = self.logits(feats, classes).argmax(-1).cpu()
+        else:  # images (skipped unreadable ones drop out of both sides)
+            preds, seen = [], []
+            for batch in self._loader(Subset(self._scan_dataset, self._positions(index).tolist()), self._datamodule):
+                if batch:
+                    preds.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).argmax(-1).cpu())
+                    seen.append(batch["index"].cpu())
+            pred, label = torch.cat(preds), label[torch.isin(index, torch.cat(seen))]
+        return float((pred == label).float().mean())
+
+    def track_best_prompt(self) -> float | None:
+        """After an epoch: keep the prompt if it is the round's best on the held-out labels so far."""
+        acc = self.held_out_accuracy()
+        if acc is not None and (self._best is None or acc > self._best[0]):
+            self._best = (acc, self.prompt_state())
+        return acc
+
+    def restore_best_prompt(self) -> None:
+        """At the end of a round: go back to its best prompt on the held-out labels (if any)."""
+        if self._best is not None:
+            self.load_prompt_state(self._best[1])
+        self._best = None
 
     def release_pool(self) -> None:
         """Give the data module its whole train split back and drop the pool features."""
@@ -371,6 +423,7 @@ class PromptTuning(VLMethod):
         :class:`~vlweak.callbacks.PseudolabelRounds` draws the round's data order."""
         if r == 0 or not self.warm_start:
             self.reset_prompts(torch.Generator().manual_seed(self.seed + r))
+        self._best = None
         for opt in self.trainer.optimizers:
             opt.state.clear()
 
