@@ -87,9 +87,9 @@ class PromptTuning(VLMethod):
             the same configuration resumes and any other configuration starts afresh.
         resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
         holdout: fraction of each round's training set (labels and pseudolabels alike) held out to
-            choose the round's prompt: the epoch with the best accuracy on the held-out labels (the
-            paper's code holds out 20% and picks its prompt there); ``0``: train on all of it and
-            keep each round's last epoch.
+            choose the round's prompt: the epoch with the best accuracy on the held-out labels, the
+            latest of equals (the paper's code holds out 20% and picks its prompt there); ``0``:
+            train on all of it and keep each round's last epoch.
         warm_start: IFPL / GRIP rounds after the first start from the previous round's prompt
             instead of a fresh initialisation (the learning-rate schedule and the optimizer state
             still restart each round). On the built-in world it does worse than the paper's fresh
@@ -398,9 +398,11 @@ class PromptTuning(VLMethod):
         return float((pred == label).float().mean())
 
     def track_best_prompt(self) -> float | None:
-        """After an epoch: keep the prompt if it is the round's best on the held-out labels so far."""
+        """After an epoch: keep the prompt if it is the round's best on the held-out labels so far.
+        A tie goes to the later epoch: held-out pseudolabels are often all right from the first
+        epoch on, and the first epochs' prompt (warm-up) has barely left its initialisation."""
         acc = self.held_out_accuracy()
-        if acc is not None and (self._best is None or acc > self._best[0]):
+        if acc is not None and (self._best is None or acc >= self._best[0]):
             self._best = (acc, self.prompt_state())
         return acc
 
