@@ -32,6 +32,7 @@ import time
 import torch
 
 from vlweak.backbones import OpenCLIPBackbone
+from vlweak.data.augment import AUGMENTATIONS
 from vlweak.losses import asymmetric_loss
 from vlweak.methods.dualcoop import DualCoOp, region_aggregate
 
@@ -136,7 +137,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--reduction", choices=["sum", "mean"], default="mean")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--augment", choices=["flip", "crop_flip", "multilabel"], default=None,
+    p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="--accuracy: training augmentation of the train split (default none)")
     args = p.parse_args()
     if args.accuracy:

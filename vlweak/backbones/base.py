@@ -180,6 +180,17 @@ class Backbone(nn.Module, abc.ABC):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_input_size(image_size: int | None, step: int, native: int, what: str) -> int | None:
+    """An ``image_size`` asked of a backbone: ``None`` when unset or the tower's own ``native`` size
+    (nothing changes), else the size, which must be a positive multiple of ``step`` (``what`` names
+    the step in the error, e.g. ``"ViT-B-32's patch size 32"``)."""
+    if image_size is None:
+        return None
+    if not isinstance(image_size, int) or image_size < step or image_size % step:
+        raise ValueError(f"image_size must be a positive multiple of {what}, got {image_size!r}")
+    return None if image_size == native else image_size
+
+
 def state_digest(module: nn.Module) -> str:
     """sha256 of a module's current tensors (first 16 hex digits)."""
     h = hashlib.sha256()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from vlweak.backbones.base import Backbone, Precision, file_digest
+from vlweak.backbones.base import Backbone, Precision, check_input_size, file_digest
 from vlweak.backbones.errors import CheckpointMismatchError, WeightsUnavailableError
 
 try:  # transformers >= 4.53 builds attention masks through masking_utils (what CLIPTextModel itself uses)
@@ -118,10 +118,9 @@ class HFCLIPBackbone(Backbone):
         config = self._load_config(source)
         self.model = self._load_model(source, config)
         patch = int(config.vision_config.patch_size)
-        if image_size is not None and (not isinstance(image_size, int) or image_size < patch or image_size % patch):
-            raise ValueError(f"image_size must be a positive multiple of {model_id}'s patch size {patch}, got {image_size!r}")
-        native = int(config.vision_config.image_size)
-        self.input_size = image_size if image_size != native else None
+        self.input_size = check_input_size(
+            image_size, patch, int(config.vision_config.image_size), f"{model_id}'s patch size {patch}"
+        )
         self._tokenizer = self._load_tokenizer(source)
         self._processor_cfg = self._load_processor_config(source)
         if self._local_dir is not None:

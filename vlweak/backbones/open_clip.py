@@ -17,7 +17,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import Tensor
 
-from vlweak.backbones.base import Backbone, Precision, file_digest
+from vlweak.backbones.base import Backbone, Precision, check_input_size, file_digest
 from vlweak.backbones.errors import (
     CheckpointMismatchError,
     UnknownArchitectureError,
@@ -224,16 +224,12 @@ class OpenCLIPBackbone(Backbone):
         }
 
     def _check_image_size(self, image_size: int | None) -> int | None:
-        if image_size is None:
-            return None
         vision = (open_clip.get_model_config(self.model_name) or {}).get("vision_cfg", {})
         step = vision.get("patch_size") or 32  # a ResNet tower downsamples by 32
-        if not isinstance(image_size, int) or image_size < step or image_size % step:
-            kind = f"patch size {step}" if vision.get("patch_size") else "ResNet stride 32"
-            raise ValueError(f"image_size must be a positive multiple of {self.model_name}'s {kind}, got {image_size!r}")
+        kind = f"patch size {step}" if vision.get("patch_size") else "ResNet stride 32"
         native = vision.get("image_size")
         native = native[0] if isinstance(native, (tuple, list)) else native
-        return None if image_size == native else image_size  # the architecture's own size changes nothing
+        return check_input_size(image_size, step, native, f"{self.model_name}'s {kind}")
 
     def _fit_positions(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resize the image tower's positional embeddings of ``sd`` to this model's grid (only when

@@ -186,7 +186,6 @@ class PromptTuning(VLMethod):
         self._train_target = torch.empty(0, dtype=torch.long)
         self._pool_dataset: Any = None
         self._scan_dataset: Any = None
-        self._augment: str | None = None
         self._datamodule: Any = None
         self._eval_classes: Tensor | None = None
 
@@ -214,6 +213,11 @@ class PromptTuning(VLMethod):
         if self._augment is not None:
             out["augment"] = self._augment
         return out
+
+    @property
+    def _augment(self) -> str | None:
+        """The data module's training augmentation (``None``: none, or no data module yet)."""
+        return getattr(self._datamodule, "augment", None)
 
     def prompt_state(self) -> dict[str, Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.prompt_parameters()}
@@ -278,7 +282,6 @@ class PromptTuning(VLMethod):
         if self.visual_prompt is not None and isinstance(ds, FeatureDataset):
             raise ValueError(f"{self.prompt_type} prompts need images: set data.init_args.embeddings: false")
         # augmented training images, but pool scans (features, scores) read the evaluation transform
-        self._augment = getattr(dm, "augment", None)
         scan = dm.eval_dataset("train") if hasattr(dm, "eval_dataset") else ds
         self._pool_dataset, self._scan_dataset, self._datamodule = ds, scan, dm
         seen = getattr(dm, "seen_class_indices", None)
@@ -351,17 +354,21 @@ class PromptTuning(VLMethod):
             feats = self._pool_features[unl].to(self.device)
             classes = self.zero_shot_classifier() if source else self.class_features()
             return self._restrict(self.logits(feats, classes).float().cpu())
-        positions = self._positions(self.pool_index[unl])
-        classes = self.class_features()
-        out, idx = [], []
-        for batch in self._loader(Subset(self._scan_dataset, positions.tolist()), self._datamodule):
-            if batch:
-                out.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).float().cpu())
-                idx.append(batch["index"])
-        scores, idx = torch.cat(out), torch.cat(idx)
+        scores, idx = self._prompted_logits(self.pool_index[unl])
         if not torch.equal(idx, self.pool_index[unl]):
             raise RuntimeError("unreadable images changed between scans of the train split")
         return self._restrict(scores)
+
+    def _prompted_logits(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits ``[n, C]`` of the current (visual) prompt for the pool images ``index``, read with
+        the evaluation transform, and the indices actually read (unreadable images skipped)."""
+        classes = self.class_features()
+        out, idx = [], []
+        for batch in self._loader(Subset(self._scan_dataset, self._positions(index).tolist()), self._datamodule):
+            if batch:
+                out.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).float().cpu())
+                idx.append(batch["index"].cpu())
+        return torch.cat(out), torch.cat(idx)
 
     def use_training_set(self, index: Tensor, label: Tensor, r: int = 0) -> None:
         """Serve only ``index`` (labeled + pseudolabeled) as the train split, with ``label`` (round
@@ -384,17 +391,12 @@ class PromptTuning(VLMethod):
         if self._held is None:
             return None
         index, label = self._held
-        classes = self.class_features()
         if self.visual_prompt is None:
             feats = self._pool_features[self._feature_row[index]].to(self.device)
-            pred = self.logits(feats, classes).argmax(-1).cpu()
+            pred = self.logits(feats, self.class_features()).argmax(-1).cpu()
         else:  # images (skipped unreadable ones drop out of both sides)
-            preds, seen = [], []
-            for batch in self._loader(Subset(self._scan_dataset, self._positions(index).tolist()), self._datamodule):
-                if batch:
-                    preds.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).argmax(-1).cpu())
-                    seen.append(batch["index"].cpu())
-            pred, label = torch.cat(preds), label[torch.isin(index, torch.cat(seen))]
+            logits, seen = self._prompted_logits(index)
+            pred, label = logits.argmax(-1), label[torch.isin(index, seen)]
         return float((pred == label).float().mean())
 
     def track_best_prompt(self) -> float | None:
