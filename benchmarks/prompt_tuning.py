@@ -244,7 +244,7 @@ def main() -> None:
     a.add_argument("--sources", nargs="*", default=[], help="extra pseudolabel sources for the unsupervised paradigm: zlap")
     a.add_argument("--accelerator", default="auto")
     a.add_argument("--extra", action="append", default=[], help="a CLI override for the GRIP runs, e.g. --extra=--model.init_args.rounds=5 (repeatable)")
-    a.add_argument("--weights", default=None, help="backbone weights file instead of the shipped vlweak-shapes weights")
+    a.add_argument("--weights", default=None, help="backbone weights (a shipped tag such as vlweak-shapes-noisy, or a file) instead of vlweak-shapes")
     args = p.parse_args()
     throughput(args) if args.cmd == "throughput" else accuracy(args)
 

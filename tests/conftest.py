@@ -13,7 +13,7 @@ from vlweak.backbones import SHIPPED_WEIGHTS, OpenCLIPBackbone
 
 REPO = Path(__file__).resolve().parents[1]
 requires_shipped = pytest.mark.skipif(
-    not SHIPPED_WEIGHTS["vlweak-shapes"].is_file(), reason="shipped vlweak-shapes weights not built yet"
+    not all(p.is_file() for p in SHIPPED_WEIGHTS.values()), reason="shipped weights not built yet"
 )
 
 
@@ -47,6 +47,14 @@ def shapes_backbone() -> OpenCLIPBackbone:
     if not SHIPPED_WEIGHTS["vlweak-shapes"].is_file():
         pytest.skip("shipped vlweak-shapes weights not built yet")
     return OpenCLIPBackbone("vlweak-shapes", pretrained="vlweak-shapes")
+
+
+@pytest.fixture(scope="session")
+def noisy_backbone() -> OpenCLIPBackbone:
+    """The shipped model pretrained on noisy captions: zero-shot biased on the shifted domain."""
+    if not SHIPPED_WEIGHTS["vlweak-shapes-noisy"].is_file():
+        pytest.skip("shipped vlweak-shapes-noisy weights not built yet")
+    return OpenCLIPBackbone("vlweak-shapes", pretrained="vlweak-shapes-noisy")
 
 
 def write_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed: int = 0) -> Path:

@@ -76,3 +76,36 @@ def test_shift_changes_backgrounds():
     src = {ShapesWorld(seed=0, shift=0.0).scene("test", i).background for i in range(50)}
     tgt = {ShapesWorld(seed=0, shift=1.0).scene("test", i).background for i in range(50)}
     assert src.isdisjoint(tgt)
+
+
+def test_misnaming_changes_only_shifted_domain_captions():
+    from vlweak.data.world import _BACKGROUNDS_TARGET, MISNAMING
+
+    clean = ShapesWorld(seed=5, shift=0.5)
+    noisy = ShapesWorld(seed=5, shift=0.5, misnaming=MISNAMING, misnaming_rate=0.8)
+    misnamed = {s: [0, 0] for s in MISNAMING}
+    for i in range(600):
+        a, b = clean.scene("train", i), noisy.scene("train", i)
+        assert np.array_equal(a.image, b.image) and a.objects == b.objects  # same draw, same labels
+        shape = a.objects[0].shape
+        if shape not in MISNAMING or a.background not in _BACKGROUNDS_TARGET:
+            assert b.caption == a.caption
+        elif shape in a.caption:  # captions that name the shape at all ("a red object" does not)
+            misnamed[shape][0] += shape not in b.caption and MISNAMING[shape] in b.caption
+            misnamed[shape][1] += 1
+    for shape, (wrong, named) in misnamed.items():
+        assert named > 10 and 0.6 < wrong / named < 0.95, (shape, wrong, named)
+    # multi-object scenes take the look-alike's name too
+    multi = ShapesWorld(seed=5, shift=1.0, multilabel=True, misnaming={"ellipse": "circle"}, misnaming_rate=1.0)
+    scenes = [multi.scene("train", i) for i in range(60)]
+    with_ellipse = [s for s in scenes if any(o.shape == "ellipse" for o in s.objects)]
+    assert with_ellipse and all("ellipse" not in s.caption for s in with_ellipse)
+
+
+def test_misnaming_errors_name_the_bad_input():
+    with pytest.raises(ValueError, match=r"does not have: \['oval'\]"):
+        ShapesWorld(misnaming={"oval": "circle"}, misnaming_rate=0.5)
+    with pytest.raises(ValueError, match=r"its own name: \['circle'\]"):
+        ShapesWorld(misnaming={"circle": "circle"}, misnaming_rate=0.5)
+    with pytest.raises(ValueError, match="misnaming_rate must lie in"):
+        ShapesWorld(misnaming={"ellipse": "circle"}, misnaming_rate=1.5)

@@ -330,16 +330,27 @@ def test_recipes_compose(tmp_path, configs, monkeypatch):
         assert m.pseudolabels.endswith("zlap-train.safetensors")
 
 
-SHAPES = {"class_path": "vlweak.backbones.OpenCLIPBackbone", "init_args": {"model_name": "vlweak-shapes", "pretrained": "vlweak-shapes"}}
+def _shipped(tag: str) -> dict:
+    return {"class_path": "vlweak.backbones.OpenCLIPBackbone", "init_args": {"model_name": "vlweak-shapes", "pretrained": tag}}
 
 
 @requires_shipped
-@pytest.mark.xfail(strict=True, reason="not reached with the shipped model: GRIP 0.828 against zero-shot 0.835 "
-                   "on the shifted world; a linear probe on 1,000 true labels of the frozen features reaches only 0.79")
-def test_grip_textual_beats_zero_shot_on_the_shifted_world(tmp_path):
+@pytest.mark.parametrize(
+    "weights",
+    [
+        # the noisy-caption model's zero-shot calls most shifted-domain ellipses, arrows and squares by
+        # a look-alike's name; class-balanced pseudolabels and a prompt trained on them correct it
+        "vlweak-shapes-noisy",
+        pytest.param("vlweak-shapes", marks=pytest.mark.xfail(
+            strict=True, reason="not reached with the clean-caption model: GRIP 0.828 against zero-shot 0.835 on the "
+            "shifted world; a linear probe on 1,000 true labels of the frozen features reaches only 0.79")),
+    ],
+)
+def test_grip_textual_beats_zero_shot_on_the_shifted_world(tmp_path, weights):
     from vlweak.methods import ZeroShot
 
-    model = {"backbone": SHAPES, "strategy": "grip", "rounds": 4, "n_ctx": 4, "epochs_per_round": 4, "warmup_epochs": 0, "lr": 0.1, "weight_decay": 5e-4}
+    model = {"backbone": _shipped(weights), "strategy": "grip", "rounds": 4, "n_ctx": 4, "epochs_per_round": 4,
+             "warmup_epochs": 0, "lr": 0.1, "weight_decay": 5e-4}
     data = {"n_train": 400, "n_val": 0, "n_test": 400, "shots": 2, "embeddings": True, "batch_size": 32, "shift": 1.0}
     cli = _fit(_recipe(tmp_path, model, data), "--model.init_args.rounds_dir=" + str(tmp_path / "rounds"))
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)

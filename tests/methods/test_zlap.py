@@ -146,12 +146,24 @@ def test_recipe_runs_through_the_cli_and_ddp_matches_one_process(tmp_path, tiny_
 
 
 # ----------------------------------------------------------------------------- the claim
-@pytest.mark.xfail(strict=True, reason="not reached with the shipped model: transductive ZLaP 0.828 against zero-shot "
-                   "0.832 on the shifted world, whose images' 10 nearest neighbours share their shape only 53% of the time")
-def test_transductive_zlap_beats_zero_shot_on_the_shifted_world(shapes_backbone, tmp_path):
+def _zlap_against_zero_shot(backbone, tmp_path) -> tuple[float, float]:
     dm = ShapesWorldDataModule(n_train=1000, n_val=0, n_test=500, shift=1.0, batch_size=250)
-    zs = ZeroShot(backbone=shapes_backbone, classnames=dm.classnames, artifact_path="")
+    zs = ZeroShot(backbone=backbone, classnames=dm.classnames, artifact_path="")
     _trainer(tmp_path / "zs").test(zs, datamodule=dm)
-    zlap = ZLaP(backbone=shapes_backbone, classnames=dm.classnames, artifact_path="")
+    zlap = ZLaP(backbone=backbone, classnames=dm.classnames, artifact_path="")
     _trainer(tmp_path / "zlap").test(zlap, datamodule=dm)
-    assert zlap.last_metrics["test/acc"] >= zs.last_metrics["test/acc"] + 0.03, (zs.last_metrics, zlap.last_metrics)
+    return zlap.last_metrics["test/acc"], zs.last_metrics["test/acc"]
+
+
+def test_transductive_zlap_corrects_a_biased_zero_shot_on_the_shifted_world(noisy_backbone, tmp_path):
+    # the noisy-caption model calls most shifted-domain ellipses, arrows and squares by a look-alike's
+    # name, while its image features still group them: propagation over the pool corrects that
+    zlap, zs = _zlap_against_zero_shot(noisy_backbone, tmp_path)
+    assert zlap >= zs + 0.05, (zlap, zs)
+
+
+@pytest.mark.xfail(strict=True, reason="not reached with the clean-caption model: transductive ZLaP 0.828 against "
+                   "zero-shot 0.832 on the shifted world, whose images' 10 nearest neighbours share their shape only 53% of the time")
+def test_transductive_zlap_beats_zero_shot_on_the_shifted_world(shapes_backbone, tmp_path):
+    zlap, zs = _zlap_against_zero_shot(shapes_backbone, tmp_path)
+    assert zlap >= zs + 0.03, (zlap, zs)

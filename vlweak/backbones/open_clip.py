@@ -28,8 +28,13 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 open_clip.add_model_config(CONFIG_DIR)
 
-#: Weights that ship inside the vlweak package: ``pretrained`` tag -> file.
-SHIPPED_WEIGHTS = {"vlweak-shapes": WEIGHTS_DIR / "vlweak-shapes.safetensors"}
+#: Weights that ship inside the vlweak package: ``pretrained`` tag -> file. Both are the
+#: ``vlweak-shapes`` architecture: ``vlweak-shapes`` pretrained on the world's clean captions
+#: (recipes/pretrain/shapes*.yaml), ``vlweak-shapes-noisy`` fine-tuned from it on captions that misname
+#: three shapes in the shifted domain (recipes/pretrain/shapes_noisy.yaml).
+SHIPPED_WEIGHTS = {
+    tag: WEIGHTS_DIR / f"{tag}.safetensors" for tag in ("vlweak-shapes", "vlweak-shapes-noisy")
+}
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +155,8 @@ class OpenCLIPBackbone(Backbone):
         model_name: open_clip architecture name, e.g. ``ViT-B-32``, ``RN50`` or vlweak's own
             ``vlweak-shapes`` (the small model shipped with the package) and ``vlweak-tiny``.
         pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``; downloaded to
-            the open_clip cache on first use), ``vlweak-shapes`` for the shipped weights, a local
+            the open_clip cache on first use), ``vlweak-shapes`` for the shipped weights
+            (``vlweak-shapes-noisy``: the variant pretrained on noisy captions), a local
             checkpoint file (``.safetensors``/``.pt``/``.bin``/Lightning ``.ckpt``), or ``None`` for
             random initialisation. OpenAI's weights need QuickGELU: with the ``openai`` tag it is
             used whatever the name; for a local copy name the ``-quickgelu`` architecture

@@ -364,6 +364,10 @@ class ShapesWorldDataModule(VLDataModule):
         seed: world seed.
         image_size: image side in pixels.
         max_objects: most objects per multi-label scene.
+        misnaming: ``{shape: name}``: captions of shifted-domain images call ``shape`` by another
+            shape's ``name`` (pretraining on noisy captions; labels are unchanged). Example:
+            ``{ellipse: circle}``; ``vlweak.data.world.MISNAMING`` is the noisy-caption model's.
+        misnaming_rate: how often such a caption uses the wrong name.
         **kwargs: see :class:`VLDataModule` (batch size, label budget, embeddings, ...).
     """
 
@@ -378,6 +382,8 @@ class ShapesWorldDataModule(VLDataModule):
         seed: int = 0,
         image_size: int = 64,
         max_objects: int = 4,
+        misnaming: dict[str, str] | None = None,
+        misnaming_rate: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -385,7 +391,13 @@ class ShapesWorldDataModule(VLDataModule):
         self.task, self._multilabel = task, multilabel
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.world = ShapesWorld(
-            seed=seed, image_size=image_size, shift=shift, multilabel=multilabel, max_objects=max_objects
+            seed=seed,
+            image_size=image_size,
+            shift=shift,
+            multilabel=multilabel,
+            max_objects=max_objects,
+            misnaming=misnaming,
+            misnaming_rate=misnaming_rate,
         )
         self.check_options()
 

@@ -465,6 +465,8 @@ class ShapesWorldDataset(Dataset):
             "max_objects": w.max_objects,
             "split": self.split,
             "n": self.n,
+            # captions only: a world without misnaming keeps its earlier fingerprint
+            **({"misnaming": w.misnaming, "misnaming_rate": w.misnaming_rate} if w.misnaming else {}),
         }
 
 

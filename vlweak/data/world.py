@@ -12,7 +12,11 @@ It carries the structure vlweak's methods exploit:
 * **domain shift** (``shift`` in [0, 1]): textured and pale backgrounds, desaturated palette and
   outline-only drawing appear as ``shift`` grows, giving an unlabeled target domain that
   zero-shot handles worse than the source domain (its images' nearest neighbours share their shape
-  less often, too: ``benchmarks/world_zeroshot.py`` measures both).
+  less often, too: ``benchmarks/world_zeroshot.py`` measures both);
+* **caption noise** (``misnaming``, pretraining data only): captions of shifted-domain images call
+  some shapes by a look-alike's name (an ellipse "a circle"), as web captions of an unusual domain
+  do; a model pretrained on them has a zero-shot classifier biased on that domain while its image
+  features still tell the shapes apart, the situation pseudolabelling and propagation correct.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 COLOUR_NAMES: list[str] = list(COLOURS)
 TASKS = ("shape", "coarse", "colour", "colour_shape")
+MISNAMING: dict[str, str] = {"ellipse": "circle", "arrow": "triangle", "square": "pentagon"}
+"""The look-alike names of the noisy-caption world (``recipes/pretrain/shapes_noisy.yaml``)."""
 SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3, "pretrain": 4}
 
 
@@ -154,17 +160,38 @@ class ShapesWorld:
         shift: domain shift in [0, 1] (0 = source domain, 1 = fully shifted target domain).
         multilabel: draw 1..``max_objects`` small objects per image instead of one.
         max_objects: most objects in a multi-label scene.
+        misnaming: ``{shape: name}``: captions of shifted-domain images (those on a shifted
+            background) call ``shape`` by ``name``, another shape, with probability
+            ``misnaming_rate``. Only captions change: images and labels are the same draw.
+        misnaming_rate: how often a shifted-domain caption uses the wrong name, in [0, 1].
     """
 
     def __init__(
-        self, seed: int = 0, image_size: int = 64, shift: float = 0.0, multilabel: bool = False, max_objects: int = 4
+        self,
+        seed: int = 0,
+        image_size: int = 64,
+        shift: float = 0.0,
+        multilabel: bool = False,
+        max_objects: int = 4,
+        misnaming: dict[str, str] | None = None,
+        misnaming_rate: float = 0.0,
     ) -> None:
         if not 0.0 <= shift <= 1.0:
             raise ValueError(f"shift must lie in [0, 1], got {shift}")
         if max_objects < 1:
             raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+        if not 0.0 <= misnaming_rate <= 1.0:
+            raise ValueError(f"misnaming_rate must lie in [0, 1], got {misnaming_rate}")
+        unknown = sorted({s for pair in (misnaming or {}).items() for s in pair} - set(SHAPES))
+        if unknown:
+            raise ValueError(f"misnaming names shapes the world does not have: {unknown} (shapes: {SHAPES})")
+        same = sorted(s for s, name in (misnaming or {}).items() if s == name)
+        if same:
+            raise ValueError(f"misnaming maps a shape to its own name: {same}")
         self.seed, self.image_size, self.shift = seed, image_size, shift
         self.multilabel, self.max_objects = multilabel, max_objects
+        self.misnaming = dict(misnaming or {}) if misnaming_rate > 0 else {}
+        self.misnaming_rate = misnaming_rate if self.misnaming else 0.0
         g = np.arange(image_size, dtype=np.float32) + 0.5
         self._yy, self._xx = np.meshgrid(g, g, indexing="ij")
 
@@ -255,24 +282,35 @@ class ShapesWorld:
         return scene
 
     # ---------------------------------------------------------------- captions
+    def shape_word(self, scene: Scene, obj: WorldObject, rng: np.random.Generator) -> str:
+        """The word a caption uses for ``obj``'s shape: its name, or under ``misnaming`` (shifted
+        domain only) sometimes a look-alike's. Draws from ``rng`` only for a misnamed shape, so a
+        world without misnaming captions exactly as before."""
+        name = self.misnaming.get(obj.shape)
+        if name is None or scene.background not in _BACKGROUNDS_TARGET:
+            return obj.shape
+        return name if rng.random() < self.misnaming_rate else obj.shape
+
     def caption(self, scene: Scene, rng: np.random.Generator) -> str:
         s = self.image_size
         if len(scene.objects) == 1:
             o = scene.objects[0]
+            shape = self.shape_word(scene, o, rng)
             pos = _position_word(o.cx, o.cy, s)
             style = " outline of a" if o.outline else ""
             forms = [
-                f"a {o.size_word} {o.colour} {o.shape} on a {scene.background} background",
-                f"a photo of a {o.colour} {o.shape}.",
-                f"a photo of a {o.shape}.",
-                f"a {o.shape}",
-                f"a {o.colour} {o.shape} in the {pos}",
-                f"an image with a{style} {o.colour} {o.shape}",
-                f"{o.colour} {o.shape}, {o.size_word}, {scene.background} background",
+                f"a {o.size_word} {o.colour} {shape} on a {scene.background} background",
+                f"a photo of a {o.colour} {shape}.",
+                f"a photo of a {shape}.",
+                f"a {shape}",
+                f"a {o.colour} {shape} in the {pos}",
+                f"an image with a{style} {o.colour} {shape}",
+                f"{o.colour} {shape}, {o.size_word}, {scene.background} background",
                 f"a {o.colour} object",
             ]
             return _articles(forms[int(rng.integers(len(forms)))])
-        names = [f"{o.colour} {o.shape}" if rng.random() < 0.5 else o.shape for o in scene.objects]
+        words = [self.shape_word(scene, o, rng) for o in scene.objects]
+        names = [f"{o.colour} {w}" if rng.random() < 0.5 else w for o, w in zip(scene.objects, words)]
         order = rng.permutation(len(names))
         names = [names[i] for i in order]
         listed = ", ".join(f"a {n}" for n in names[:-1]) + f" and a {names[-1]}"
