@@ -9,11 +9,11 @@ features served by the data module, no images loaded), images loaded but feature
 run's in-memory pool cache (``cache_features: true``), and images loaded and re-encoded every step
 (``cache_features: false``). Runs on the GPU when there is one (``--accelerator cpu`` forces CPU).
 
-Accuracy (zero-shot vs GRIP with textual prompts, three paradigms, several seeds):
+Accuracy (zero-shot vs GRIP, or IFPL / FPL with --strategy, textual prompts, three paradigms, several seeds):
 
-    python benchmarks/prompt_tuning.py accuracy --seeds 0 1 2
+    python benchmarks/prompt_tuning.py accuracy --seeds 0 1 2 [--strategy fpl|ifpl]
 
-fits ``recipes/prompt_tuning/shapes_{semisupervised,transductive,unsupervised}.yaml`` (GRIP) and tests
+fits ``recipes/prompt_tuning/shapes_{semisupervised,transductive,unsupervised}.yaml`` (GRIP, or the strategy overlay) and tests
 zero-shot CLIP on the same split, printing a markdown table (mean ± std over seeds). ``--sources zlap``
 adds GRIP from ZLaP's pseudolabels of the train split (written by ``vlweak predict``) in the
 unsupervised paradigm; the last column is the accuracy of the first round's selected pseudolabels.
@@ -197,6 +197,8 @@ def accuracy(args: argparse.Namespace) -> None:
                     extra = []
                     if source != "zeroshot":
                         extra.append(f"--model.init_args.pseudolabels={_source_artifact(source, seed, tmp, args.accelerator, args.weights)}")
+                    if args.strategy != "grip":  # the strategy overlay recipe, as a user stacks it
+                        extra += ["--config", str(REPO / "recipes" / "prompt_tuning" / f"strategy_{args.strategy}.yaml")]
                     cli = _cli(recipe, _common(tmp, args.accelerator, args.weights) + seeds + extra + args.extra, False, tmp)
                     t = time.perf_counter()
                     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -206,7 +208,7 @@ def accuracy(args: argparse.Namespace) -> None:
                     if "pseudolabel_acc" in first:
                         m["test/round0_pseudolabel_acc"] = first["pseudolabel_acc"]
                     m["fit_seconds"] = time.perf_counter() - t
-                    runs["GRIP (textual)" + ("" if source == "zeroshot" else f" from {source}")] = m
+                    runs[f"{args.strategy.upper()} (textual)" + ("" if source == "zeroshot" else f" from {source}")] = m
                 for name, m in runs.items():
                     slot = results.setdefault(f"{paradigm} | {name}", {})
                     for k, v in m.items():
@@ -220,7 +222,8 @@ def accuracy(args: argparse.Namespace) -> None:
         sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         return f"{100 * mean:.1f} ± {100 * sd:.1f}"
 
-    print(f"\nshapes world, shift 1.0, seeds {args.seeds}, weights {args.weights or 'vlweak-shapes'} (mean ± std, %)")
+    weights = args.weights or "the recipes' (vlweak-shapes-noisy)"
+    print(f"\nshapes world, shift 1.0, seeds {args.seeds}, weights {weights}, {args.strategy} (mean ± std, %)")
     print("| paradigm | method | acc | mean class acc | per-class acc std | per-class acc min | seen | unseen | H | round-0 pseudolabel acc |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, m in results.items():
@@ -243,8 +246,9 @@ def main() -> None:
     a.add_argument("--paradigms", nargs="*", default=[], help="semi-supervised, transductive, unsupervised (default: all)")
     a.add_argument("--sources", nargs="*", default=[], help="extra pseudolabel sources for the unsupervised paradigm: zlap")
     a.add_argument("--accelerator", default="auto")
+    a.add_argument("--strategy", choices=["grip", "ifpl", "fpl"], default="grip", help="the recipes' strategy, or an overlay's: recipes/prompt_tuning/strategy_<name>.yaml")
     a.add_argument("--extra", action="append", default=[], help="a CLI override for the GRIP runs, e.g. --extra=--model.init_args.rounds=5 (repeatable)")
-    a.add_argument("--weights", default=None, help="backbone weights (a shipped tag such as vlweak-shapes-noisy, or a file) instead of vlweak-shapes")
+    a.add_argument("--weights", default=None, help="backbone weights (a shipped tag such as vlweak-shapes, or a file) instead of the recipes' vlweak-shapes-noisy")
     args = p.parse_args()
     throughput(args) if args.cmd == "throughput" else accuracy(args)
 

@@ -101,3 +101,28 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckp
     resumed = load_file(tmp_path / "cut" / "version_1" / "backbone.safetensors")
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], msg=k)
+
+
+def test_noisy_caption_recipe_trains_on_misnamed_shifted_domain_captions():
+    # recipes/pretrain/shapes_noisy.yaml is how the shipped vlweak-shapes-noisy was made: its data
+    # module must hand CLIPPretrain the misnamed captions, and only for shifted-domain images
+    from tests.conftest import REPO
+    from vlweak.cli import build_cli
+    from vlweak.data.world import _BACKGROUNDS_TARGET, MISNAMING, ShapesWorld
+
+    cli = build_cli(["--config", str(REPO / "recipes/pretrain/shapes_noisy.yaml"), "--data.init_args.n_train=400",
+                     "--data.init_args.n_val=0", "--trainer.accelerator=cpu"], run=False)
+    world = cli.datamodule.world
+    assert world.misnaming == MISNAMING and world.misnaming_rate == 0.8 and world.shift == 0.5
+    ds = cli.datamodule.raw("train")  # the items CLIPPretrain's batches are made of, before transforms
+    clean = ShapesWorld(seed=world.seed, shift=world.shift)
+    wrong = right = 0
+    for i in range(len(ds)):
+        scene, caption = clean.scene("train", i), ds[i]["caption"]
+        shape = scene.objects[0].shape
+        if shape not in MISNAMING or scene.background not in _BACKGROUNDS_TARGET:
+            assert caption == scene.caption  # source-domain images and other shapes keep their captions
+        elif "object" not in caption:  # "a red object" names no shape
+            wrong += MISNAMING[shape] in caption and shape not in caption
+            right += shape in caption
+    assert wrong > 2 * right > 0, (wrong, right)
