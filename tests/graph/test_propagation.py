@@ -90,3 +90,31 @@ def test_bfloat16_features_propagate_like_float32(clustered_data):
     half = ZLaPPropagator().fit(images.bfloat16(), text.bfloat16()).transductive()
     assert half.dtype == torch.float32
     assert (half.argmax(1) == full.argmax(1)).float().mean() > 0.95
+
+
+def test_degree_query_norm_joins_a_new_image_like_the_graphs_own_edges(clustered_data):
+    from vlweak.graph import query_edges
+
+    images, text, _ = clustered_data(n=300, d=16, c=5)
+    base, queries = images[:250].double(), images[250:].double()
+    prop = ZLaPPropagator(tol=1e-9, maxiter=200, query_norm="degree").fit(base, text.double())
+    # the graph's degrees are those of W + Wᵀ, the matrix its adjacency normalises
+    nodes, weights = query_edges(base, None, text.double(), prop.k, prop.gamma)
+    c, n = text.shape[0], base.shape[0]
+    w = torch.zeros(c + n, c + n, dtype=torch.float64)
+    w[(torch.arange(n) + c).unsqueeze(1).expand_as(nodes), nodes] = weights
+    w = w + w.T
+    degree = w.sum(1)
+    torch.testing.assert_close(prop.graph.degree, degree)
+    torch.testing.assert_close(prop.graph.adjacency.to_dense(), w / degree.sqrt()[:, None] / degree.sqrt()[None, :])
+    # a query's edge to node j is scaled by 1/sqrt(d_j): its score is the propagation to it as a node
+    q_nodes, q_weights = query_edges(queries, base, text.double(), prop.k, prop.gamma)
+    expected = (prop.solution()[q_nodes] * (q_weights / degree[q_nodes].sqrt()).unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(prop.inductive(queries), expected, atol=1e-6, rtol=0)
+    prop.sparse_topk = 5
+    torch.testing.assert_close(prop.sparse_inductive(queries), expected, atol=1e-6, rtol=0)
+    # the transductive scores do not depend on it
+    plain = ZLaPPropagator(tol=1e-9, maxiter=200).fit(base, text.double())
+    torch.testing.assert_close(prop.transductive(), plain.transductive())
+    with pytest.raises(ValueError, match="query_norm must be one of .*'sqrt'"):
+        ZLaPPropagator(query_norm="sqrt")

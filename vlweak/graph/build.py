@@ -37,6 +37,8 @@ class ZLaPGraph:
         num_images: ``N``.
         k: image–image neighbours per image used to build it.
         gamma: power applied to image–text similarities.
+        degree: ``[C + N]`` node degrees of ``W + Wᵀ`` before normalisation (an isolated node
+            counts 1), for joining new images to the graph the way its own edges were normalised.
     """
 
     adjacency: Tensor
@@ -44,6 +46,7 @@ class ZLaPGraph:
     num_images: int
     k: int
     gamma: float
+    degree: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -156,4 +159,4 @@ def build_zlap_graph(
         adjacency = torch.sparse_coo_tensor(
             index, vals, (size, size), is_coalesced=True, check_invariants=False
         ).to_sparse_csr()
-    return ZLaPGraph(adjacency=adjacency, num_classes=c, num_images=n, k=k, gamma=gamma)
+    return ZLaPGraph(adjacency=adjacency, num_classes=c, num_images=n, k=k, gamma=gamma, degree=degree)

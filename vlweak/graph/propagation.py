@@ -12,6 +12,13 @@ Eq. 2) by conjugate gradient, for all right-hand sides at once.
   ``sum_j y_q[j] X[j, :]`` with ``X`` the transductive solution including the text rows.
 * Sparse-inductive: keep only the largest ``topk`` entries of each row of that full solution
   ``X [C + N, C]``, and score ``q`` by the sparse product ``y_q · X_sparse`` — no solve at test time.
+
+The paper (and its code) puts ``q``'s similarities into ``y_q`` as they are. ``query_norm="degree"``
+divides each by the square root of the neighbour's degree instead, so ``q`` joins the graph the way
+the symmetric normalisation ``D^-1/2 W D^-1/2`` treats the graph's own edges: ``q``'s score is then
+the first-order propagation to ``q`` as a node (up to a factor per query, which leaves its ranking of
+the classes alone). A hub, which gathers propagated mass from many nodes, no longer outvotes the
+query's other neighbours.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import warnings
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -27,6 +35,9 @@ from torch import Tensor
 from vlweak.graph.build import ZLaPGraph, build_zlap_graph, query_edges
 from vlweak.graph.cg import CGResult, conjugate_gradient
 from vlweak.graph.knn import Engine
+
+QueryNorm = Literal["none", "degree"]
+QUERY_NORMS = ("none", "degree")
 
 __all__ = [
     "SparseSolution",
@@ -195,6 +206,9 @@ class ZLaPPropagator:
         sparse_topk: entries per row kept for sparse-inductive inference (paper: 1).
         knn_engine: ``"auto"``, ``"faiss"`` or ``"torch"``.
         batch_size: queries per dual solve (see :func:`dual_inductive_scores`).
+        query_norm: how a new image's edges enter the inductive scores: ``"none"`` (its
+            similarities, the paper's) or ``"degree"`` (each divided by the square root of the
+            neighbour's degree, as the graph's own edges are normalised; see the module notes).
     """
 
     def __init__(
@@ -207,7 +221,10 @@ class ZLaPPropagator:
         sparse_topk: int = 1,
         knn_engine: Engine = "auto",
         batch_size: int | None = None,
+        query_norm: QueryNorm = "none",
     ) -> None:
+        if query_norm not in QUERY_NORMS:
+            raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {query_norm!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if gamma <= 0:
@@ -223,6 +240,7 @@ class ZLaPPropagator:
         self.sparse_topk = sparse_topk
         self.knn_engine: Engine = knn_engine
         self.batch_size = batch_size
+        self.query_norm: QueryNorm = query_norm
         self.images: Tensor | None = None
         self.text: Tensor | None = None
         self.graph: ZLaPGraph | None = None
@@ -255,9 +273,12 @@ class ZLaPPropagator:
         return self.solution()[self._need_graph().num_classes :]
 
     def edges(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """ZLaP-weighted edges from new images into the graph."""
-        self._need_graph()
-        return query_edges(queries, self.images, self.text, self.k, self.gamma, engine=self.knn_engine)
+        """ZLaP-weighted edges from new images into the graph (scaled by ``query_norm``)."""
+        graph = self._need_graph()
+        nodes, weights = query_edges(queries, self.images, self.text, self.k, self.gamma, engine=self.knn_engine)
+        if self.query_norm == "degree":
+            weights = weights * graph.degree.to(weights.dtype)[nodes].rsqrt()
+        return nodes, weights
 
     def inductive(self, queries: Tensor) -> Tensor:
         """Dual-solution scores ``[M, C]`` for new images (one solve per image, batched)."""

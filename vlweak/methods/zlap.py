@@ -15,6 +15,9 @@
    * ``sparse-inductive``: the pool's full solution with only its top ``sparse_topk`` entries per
      row kept; an evaluated image is scored by a sparse product, no solve.
 
+   ``query_norm: degree`` (beyond the paper) scales an evaluated image's edges in both inductive
+   modes by its neighbours' inverse root degrees, as the graph's own edges are scaled.
+
 Under DDP every rank collects its batches' features; at the epoch's end the features are gathered
 from all ranks (de-duplicated by sample index), rank 0 solves once, the scores are broadcast, and
 rank 0 writes the pseudolabel artifact. Scores are normalised to sum to one per image (single-label)
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone
 from vlweak.graph import ZLaPPropagator
+from vlweak.graph.propagation import QueryNorm
 from vlweak.graph.knn import Engine
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.prompts import text_classifier
@@ -63,6 +67,13 @@ class ZLaP(VLMethod):
         tol: conjugate-gradient relative tolerance per class.
         maxiter: conjugate-gradient iteration cap.
         sparse_topk: entries kept per row of the solution for ``sparse-inductive`` (paper: 1).
+        query_norm: inductive modes: ``none`` puts an evaluated image's similarities to its
+            neighbours into the dual right-hand side as they are (the paper's); ``degree`` divides
+            each by the square root of the neighbour's degree, so the image joins the graph the way
+            the graph's own edges are normalised. Measure before choosing: on the shifted world with
+            ``vlweak-shapes-noisy`` it takes inductive from 0.700 to 0.822 and sparse-inductive from
+            0.740 to 0.834 (transductive 0.818); with ``vlweak-shapes`` it changes nothing; on
+            Gaussian clusters it costs about 2 points.
         templates: prompt templates of the text classifier (see :class:`~vlweak.methods.ZeroShot`).
         pool_split: the data module's split of unlabeled images the graph is built on; ``null``
             (transductive only) builds it on the evaluated images alone.
@@ -83,6 +94,7 @@ class ZLaP(VLMethod):
         tol: float = 1e-6,
         maxiter: int = 50,
         sparse_topk: int = 1,
+        query_norm: QueryNorm = "none",
         templates: str | list[str] = "simple",
         pool_split: str | None = "train",
         knn_engine: Engine = "auto",
@@ -100,7 +112,8 @@ class ZLaP(VLMethod):
         self.pool_split = pool_split
         self.threshold = threshold
         self.propagator = ZLaPPropagator(
-            k=k, gamma=gamma, alpha=alpha, tol=tol, maxiter=maxiter, sparse_topk=sparse_topk, knn_engine=knn_engine
+            k=k, gamma=gamma, alpha=alpha, tol=tol, maxiter=maxiter, sparse_topk=sparse_topk, knn_engine=knn_engine,
+            query_norm=query_norm,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self._pool: Tensor | None = None
