@@ -208,7 +208,8 @@ def accuracy(args: argparse.Namespace) -> None:
                     if "pseudolabel_acc" in first:
                         m["test/round0_pseudolabel_acc"] = first["pseudolabel_acc"]
                     m["fit_seconds"] = time.perf_counter() - t
-                    runs[f"{args.strategy.upper()} (textual)" + ("" if source == "zeroshot" else f" from {source}")] = m
+                    kind = cli.model.hparams.get("prompt", "textual")  # an --extra overlay may change it
+                    runs[f"{args.strategy.upper()} ({kind})" + ("" if source == "zeroshot" else f" from {source}")] = m
                 for name, m in runs.items():
                     slot = results.setdefault(f"{paradigm} | {name}", {})
                     for k, v in m.items():
