@@ -16,6 +16,24 @@ def test_unknown_architecture_lists_close_names():
         OpenCLIPBackbone("ViT-B-23", pretrained=None)
 
 
+def test_shipped_tags_load_into_their_architecture_only():
+    from safetensors.torch import load_file
+
+    from vlweak.backbones import SHIPPED_WEIGHTS
+
+    # a weights tag given as the architecture: the error says how to write it
+    with pytest.raises(UnknownArchitectureError, match="model_name: vlweak-shapes, pretrained: vlweak-shapes-noisy"):
+        OpenCLIPBackbone("vlweak-shapes-noisy", pretrained="vlweak-shapes-noisy")
+    with pytest.raises(CheckpointMismatchError, match="'vlweak-shapes-noisy' are for the vlweak-shapes architecture, not vlweak-tiny"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained="vlweak-shapes-noisy")
+    # each tag loads its own file
+    noisy = OpenCLIPBackbone("vlweak-shapes", pretrained="vlweak-shapes-noisy").model.state_dict()
+    clean = OpenCLIPBackbone("vlweak-shapes", pretrained="vlweak-shapes").model.state_dict()
+    stored = load_file(str(SHIPPED_WEIGHTS["vlweak-shapes-noisy"]))
+    assert all(torch.equal(noisy[k], stored[k].to(noisy[k].dtype)) for k in stored)
+    assert any(not torch.equal(noisy[k], clean[k]) for k in stored)
+
+
 def test_local_checkpoint_round_trip(tmp_path):
     torch.manual_seed(1)
     src = OpenCLIPBackbone("vlweak-tiny", pretrained=None)

@@ -35,6 +35,8 @@ open_clip.add_model_config(CONFIG_DIR)
 SHIPPED_WEIGHTS = {
     tag: WEIGHTS_DIR / f"{tag}.safetensors" for tag in ("vlweak-shapes", "vlweak-shapes-noisy")
 }
+#: The architecture each shipped tag was trained as.
+SHIPPED_ARCHITECTURE = {tag: "vlweak-shapes" for tag in SHIPPED_WEIGHTS}
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,9 @@ class OpenCLIPBackbone(Backbone):
         if model_name not in known:
             close = difflib.get_close_matches(model_name, known, n=5, cutoff=0.5)
             hint = f" Close names: {', '.join(close)}." if close else ""
+            if model_name in SHIPPED_ARCHITECTURE:  # a weights tag given as the architecture
+                hint = (f" {model_name!r} names shipped weights: model_name: {SHIPPED_ARCHITECTURE[model_name]}, "
+                        f"pretrained: {model_name}.")
             raise UnknownArchitectureError(f"unknown open_clip architecture {model_name!r}.{hint}")
         self.model_name = model_name
         self.pretrained = pretrained
@@ -263,6 +268,12 @@ class OpenCLIPBackbone(Backbone):
     def _load_weights(self, pretrained: str, cache_dir: str | None) -> None:
         if pretrained in SHIPPED_WEIGHTS:
             path = SHIPPED_WEIGHTS[pretrained]
+            arch = SHIPPED_ARCHITECTURE[pretrained]
+            if self.model_name != arch:
+                raise CheckpointMismatchError(
+                    f"the shipped weights {pretrained!r} are for the {arch} architecture, not {self.model_name}: "
+                    f"use model_name: {arch}"
+                )
             if not path.is_file():
                 raise WeightsUnavailableError(
                     f"the shipped weights {pretrained!r} are missing from the installation ({path}); "
