@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from vlweak.callbacks import PseudolabelRounds  # noqa: E402
 from vlweak.cli import build_cli  # noqa: E402
+from vlweak.labels.selection import STRATEGIES  # noqa: E402
 
 PARADIGMS = {
     "semi-supervised": "shapes_semisupervised.yaml",
@@ -208,8 +209,8 @@ def accuracy(args: argparse.Namespace) -> None:
                     if "pseudolabel_acc" in first:
                         m["test/round0_pseudolabel_acc"] = first["pseudolabel_acc"]
                     m["fit_seconds"] = time.perf_counter() - t
-                    kind = cli.model.hparams.get("prompt", "textual")  # an --extra overlay may change it
-                    runs[f"{args.strategy.upper()} ({kind})" + ("" if source == "zeroshot" else f" from {source}")] = m
+                    m_ = cli.model  # named from the fitted model: an --extra overlay may change either
+                    runs[f"{m_.strategy.upper()} ({m_.hparams.get('prompt', 'textual')})" + ("" if source == "zeroshot" else f" from {source}")] = m
                 for name, m in runs.items():
                     slot = results.setdefault(f"{paradigm} | {name}", {})
                     for k, v in m.items():
@@ -247,7 +248,7 @@ def main() -> None:
     a.add_argument("--paradigms", nargs="*", default=[], help="semi-supervised, transductive, unsupervised (default: all)")
     a.add_argument("--sources", nargs="*", default=[], help="extra pseudolabel sources for the unsupervised paradigm: zlap")
     a.add_argument("--accelerator", default="auto")
-    a.add_argument("--strategy", choices=["grip", "ifpl", "fpl"], default="grip", help="the recipes' strategy, or an overlay's: recipes/prompt_tuning/strategy_<name>.yaml")
+    a.add_argument("--strategy", choices=STRATEGIES, default="grip", help="the recipes' strategy, or an overlay's: recipes/prompt_tuning/strategy_<name>.yaml")
     a.add_argument("--extra", action="append", default=[], help="a CLI override for the GRIP runs, e.g. --extra=--model.init_args.rounds=5 (repeatable)")
     a.add_argument("--weights", default=None, help="backbone weights (a shipped tag such as vlweak-shapes, or a file) instead of the recipes' vlweak-shapes-noisy")
     args = p.parse_args()

@@ -46,7 +46,7 @@ class ZLaPGraph:
     num_images: int
     k: int
     gamma: float
-    degree: Tensor | None = None
+    degree: Tensor
 
     @property
     def num_nodes(self) -> int:

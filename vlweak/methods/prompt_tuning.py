@@ -41,6 +41,7 @@ from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
 from vlweak.data.datamodule import FeatureDataset
 from vlweak.data.datasets import collate
 from vlweak.labels.artifact import PseudoLabels
+from vlweak.labels.selection import STRATEGIES
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multiclass_report
 from vlweak.prompts import TextPromptLearner, VisualPromptLearner, text_classifier
@@ -134,7 +135,7 @@ class PromptTuning(VLMethod):
         if prompt not in PROMPT_TYPES:
             raise ValueError(f"prompt must be one of {PROMPT_TYPES}, got {prompt!r}")
         strategy = strategy.lower()
-        if strategy not in ("fpl", "ifpl", "grip"):
+        if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be fpl, ifpl or grip, got {strategy!r}")
         if epochs_per_round < 1:
             raise ValueError(f"epochs_per_round must be >= 1, got {epochs_per_round}")

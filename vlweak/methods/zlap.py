@@ -33,8 +33,8 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone
 from vlweak.graph import ZLaPPropagator
-from vlweak.graph.propagation import QueryNorm
 from vlweak.graph.knn import Engine
+from vlweak.graph.propagation import QueryNorm
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.prompts import text_classifier
 
