@@ -146,16 +146,17 @@ def test_unseen_split_and_errors(tiny_rn):
         m.region_features({"features": torch.zeros(2, 32)})
 
 
-def _cli(subcommand: str, recipe: str, tmp_path: Path, weights: str, *extra: str):
+def _cli(subcommand: str, recipe: str, tmp_path: Path, weights: str, *extra: str, run: bool = True):
     return build_cli(
         [
-            subcommand, "--config", str(REPO / "recipes" / "dualcoop" / recipe),
+            *([subcommand] if run else []), "--config", str(REPO / "recipes" / "dualcoop" / recipe),
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
             "--model.init_args.backbone.init_args.model_name=vlweak-tiny", f"--model.init_args.backbone.init_args.pretrained={weights}",
             "--model.init_args.n_ctx=4", "--data.init_args.image_size=32", "--data.init_args.n_train=32",
             "--data.init_args.n_val=16", "--data.init_args.n_test=16", "--data.init_args.batch_size=16", *extra,
-        ]
+        ],
+        run=run,
     )
 
 
@@ -193,3 +194,28 @@ def test_partial_labels_beat_zero_shot_multilabel(shapes_backbone, tmp_path):
     L.Trainer(**quiet).test(model, data(), verbose=False)
     zs, ours = zero_shot.last_metrics["test/mAP"], model.last_metrics["test/mAP"]
     assert ours > zs + MARGIN, f"DualCoOp mAP {ours:.3f} vs zero-shot {zs:.3f}"
+
+
+class _PowerCut(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 4:
+            raise KeyboardInterrupt("power cut")
+
+
+def test_a_fit_cut_mid_epoch_continues_to_the_uninterrupted_prompts(tmp_path, tiny_ckpt):
+    # the recipe's checkpoint, written every 2 steps of 3-batch epochs: a cut as step 4 starts leaves
+    # step 4's, after batch 1 of epoch 1; the cosine schedule sizes itself from the loader
+    extra = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=1.0", "--trainer.limit_val_batches=0",
+             "--data.init_args.n_train=48", "--data.init_args.num_workers=1",
+             "--trainer.callbacks.init_args.every_n_train_steps=2", "--trainer.callbacks.init_args.save_on_train_epoch_end=false"]
+    whole = _cli("fit", "shapes_partial.yaml", tmp_path / "whole", tiny_ckpt, *extra)
+    cut = _cli("fit", "shapes_partial.yaml", tmp_path / "cut", tiny_ckpt, *extra, run=False)
+    cut.trainer.callbacks.append(_PowerCut())
+    with pytest.raises(SystemExit):  # Lightning turns the interrupt into an exit after its teardown
+        cut.trainer.fit(cut.model, cut.datamodule)
+    ckpt = torch.load(next((tmp_path / "cut").rglob("last.ckpt")), weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["ShapesWorldDataModule"]["train_position"] == [1, 1]
+    resumed = _cli("fit", "shapes_partial.yaml", tmp_path / "cut", tiny_ckpt, *extra, "--ckpt_path=last")
+    assert resumed.trainer.global_step == whole.trainer.global_step == 6
+    for (name, a), (_, b) in zip(whole.model.prompts.named_parameters(), resumed.model.prompts.named_parameters()):
+        torch.testing.assert_close(b, a, msg=name)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,10 @@ class PseudolabelRounds(L.Callback):
         resuming_ckpt = getattr(trainer, "ckpt_path", None) is not None
         trainer.fit_loop.max_epochs = -1 if resuming_ckpt else trainer.current_epoch + self.remaining * m.epochs_per_round
         trainer.reload_dataloaders_every_n_epochs = m.epochs_per_round
+        # the data order follows (seed, round, epoch in round), not Lightning's epoch count, which a
+        # resumed run restarts; the loader draws it whenever an epoch's iterator is made (Lightning
+        # makes the first one before any epoch hook runs)
+        m._datamodule.train_order = self.order(m)
         if self.remaining:
             m.use_training_set(state.train_index, state.train_label, state.round)
 
@@ -285,14 +290,6 @@ class PseudolabelRounds(L.Callback):
             pl_module.start_round(self.round)
             self.rounds_trained.append(self.round)
         pl_module.set_round_epoch(self.epoch_in_round)
-        # the data order follows (seed, round, epoch in round), not Lightning's epoch count, which a
-        # resumed run restarts; Lightning set the sampler's epoch just before this hook
-        loader = trainer.train_dataloader
-        for sampler in {id(s): s for s in (getattr(loader, "sampler", None),
-                                           getattr(getattr(loader, "batch_sampler", None), "sampler", None))}.values():
-            if hasattr(sampler, "set_epoch") and hasattr(sampler, "seed"):
-                sampler.seed = pl_module.seed + self.round
-                sampler.set_epoch(self.epoch_in_round)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = pl_module
@@ -322,6 +319,11 @@ class PseudolabelRounds(L.Callback):
         self._save(trainer, m, state, scores, r)
         self._record(trainer, state)
         return state
+
+    def order(self, m: Any) -> Callable[[], tuple[int, int]]:
+        """``() -> (seed, epoch)`` of the next pass: the method's seed plus the round, and the epoch
+        within the round."""
+        return lambda: (m.seed + self.round, self.epoch_in_round)
 
     def _prompt_only(self, m: Any, r: int, **meta: Any) -> RoundState:
         """A round checkpoint holding the trained prompt and no training set."""

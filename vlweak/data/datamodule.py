@@ -10,13 +10,14 @@ encode each image once across runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from vlweak.data.budget import Budgeted, LabelBudget
 from vlweak.data.augment import Augment, check_augment, train_transform
@@ -32,6 +33,7 @@ from vlweak.data.datasets import (
     list_class_folders,
     validate_classnames,
 )
+from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
 from vlweak.data.world import ShapesWorld, classnames_for
 
 SPLITS = ("train", "val", "test", "predict")
@@ -68,28 +70,6 @@ class FeatureDataset(Dataset):
         if name in ("source", "features", "index", "targets_", "masks_", "multilabel"):
             raise AttributeError(name)
         return getattr(self.source, name)
-
-
-class EpochShuffle(RandomSampler):
-    """The training order of an epoch, drawn from the run's seed and the epoch number alone.
-
-    Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint sees the
-    same order as one never stopped (a plain shuffle draws from the global random state, which a
-    restart does not restore). Under DDP Lightning puts its seeded ``DistributedSampler`` in place,
-    as for any ``RandomSampler``.
-    """
-
-    def __init__(self, data_source: Dataset, seed: int | None = None) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
 
 
 class VLDataModule(L.LightningDataModule):
@@ -165,6 +145,10 @@ class VLDataModule(L.LightningDataModule):
         self.transform, self.augment = transform, augment
         self.datasets: dict[str, Dataset] = {}
         self._raw: dict[str, Dataset] = {}
+        #: ``() -> (seed, epoch)`` set by a method that draws each pass's order itself (pseudolabel
+        #: rounds); ``None``: the run's seed and Lightning's epoch
+        self.train_order: Callable[[], tuple[int, int]] | None = None
+        self._resume_at: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- for subclasses
     @property
@@ -324,17 +308,47 @@ class VLDataModule(L.LightningDataModule):
                 raise RuntimeError(f"the {split!r} split of {type(self).__name__} is not set up (call setup first)")
             raise self.missing_split_error(split)
         ds = self.datasets[split]
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(ds) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
+                      persistent_workers=self.num_workers > 0)
+        if not shuffle:
+            return DataLoader(ds, **common)
+        loader = ResumableLoader(ds, sampler=EpochShuffle(ds), plan=self.next_pass, **common)
+        if self._resume_at is not None:  # refused here, before Lightning holds a loader it cannot iterate
+            check_resumable(self._resume_at[1], len(loader))
+        return loader
 
     def train_dataloader(self) -> DataLoader:
+        """The train split in an order drawn from the run's seed and the epoch, resumable mid-epoch
+        (:class:`~vlweak.data.order.ResumableLoader`)."""
         return self._loader("train", shuffle=True)
+
+    def next_pass(self) -> tuple[int | None, int, int]:
+        """``(seed, epoch, batches to skip)`` of the train loader's next pass: a method's own order
+        (``train_order``), else the epoch of the fit's progress, and, once, where a checkpoint
+        stopped (seed ``None``: the run's)."""
+        if self.train_order is not None:
+            seed, epoch = self.train_order()
+            return seed, epoch, 0
+        if self._resume_at is not None:
+            (epoch, skip), self._resume_at = self._resume_at, None
+            return None, epoch, skip
+        trainer = getattr(self, "trainer", None)
+        return None, trained_position(trainer)[0] if trainer is not None else 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Written into every Lightning checkpoint: where the fit stands in its training order."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.train_order is not None or trainer.state.fn != "fit":
+            return {}
+        return {"train_position": list(trained_position(trainer))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restored from a checkpoint before the fit makes any loader: its first pass starts there."""
+        if "train_position" in state:
+            self._resume_at = tuple(int(v) for v in state["train_position"])
+
+    def teardown(self, stage: str) -> None:
+        self._resume_at = None  # a position not reached (the fit ended first) is not the next fit's
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

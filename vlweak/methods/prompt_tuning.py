@@ -416,9 +416,11 @@ class PromptTuning(VLMethod):
         self._best = None
 
     def release_pool(self) -> None:
-        """Give the data module its whole train split back and drop the pool features."""
+        """Give the data module its whole train split and its own training order back and drop the
+        pool features."""
         if self._pool_dataset is not None:
             self._datamodule.datasets["train"] = self._pool_dataset
+            self._datamodule.train_order = None
         self._pool_dataset, self._scan_dataset, self._pool_features = None, None, None
 
     # ---------------------------------------------------------------- rounds

@@ -1,0 +1,122 @@
+"""The training order: a fit stopped at any step and continued from its checkpoint trains on the
+batches an uninterrupted fit trains on, in the same order (mid-epoch, at an epoch's end, with worker
+processes, twice in one epoch, and when the schedule is sized from the loader before the restore)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import Dataset
+
+from vlweak.data import VLDataModule
+from vlweak.data.order import ResumableLoader
+
+N, BATCH, EPOCHS = 12, 3, 3  # four batches an epoch
+
+
+class _Numbers(Dataset):
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": i}
+
+
+class _Data(VLDataModule):
+    def __init__(self, workers: int = 0, batch_size: int = BATCH) -> None:
+        super().__init__(batch_size=batch_size, num_workers=workers)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.datasets["train"] = _Numbers()
+
+
+class _Recorder(L.LightningModule):
+    """Records the samples of every batch it trains on."""
+
+    def __init__(self, sized_schedule: bool = False) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+        self.sized_schedule = sized_schedule
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["x"].tolist())
+        return self.w * batch["x"].float().sum()
+
+    def configure_optimizers(self):
+        if self.sized_schedule:  # as DualCoOp's cosine schedule: makes the loader before the restore
+            assert self.trainer.estimated_stepping_batches == N // BATCH * EPOCHS
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class _Cut(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("power cut")
+
+
+def _fit(folder, every: int | None, workers: int, cut: int | None = None, ckpt=None, sized: bool = False, **data):
+    model = _Recorder(sized)
+    checkpoint = (ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_last=True, save_top_k=0) if every
+                  else ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=-1))  # at each epoch's end
+    trainer = L.Trainer(max_epochs=EPOCHS, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=[checkpoint] + ([_Cut(cut)] if cut is not None else []))
+    try:
+        trainer.fit(model, _Data(workers, **data), ckpt_path=ckpt)
+    except RuntimeError as err:
+        if "power cut" not in str(err):
+            raise
+    return model.seen
+
+
+@pytest.mark.parametrize(
+    ("every", "workers", "cuts", "sized"),
+    [
+        (2, 0, [3], False),      # mid-epoch: batch 2 of epoch 0
+        (1, 1, [5, 7], False),   # cut twice in epoch 1, with a worker process
+        (None, 1, [6], False),   # an epoch-end checkpoint, a worker drawing batches before the epoch is set
+        (1, 0, [5], True),       # the loader made (for the schedule) before the checkpoint's progress is restored
+    ],
+)
+def test_a_resumed_fit_trains_the_batches_of_an_uninterrupted_one(tmp_path, every, workers, cuts, sized):
+    whole = _fit(tmp_path / "whole", every, workers, sized=sized)
+    assert len(whole) == EPOCHS * N // BATCH
+    trained, ckpt = [], None
+    for cut in cuts:
+        seen = _fit(tmp_path / "cut", every, workers, cut=cut, ckpt=ckpt, sized=sized)
+        saved = cut // (every or N // BATCH) * (every or N // BATCH)  # the step of the last checkpoint
+        trained += seen[: saved - len(trained)]
+        ckpt = tmp_path / "cut" / "last.ckpt"
+        position = torch.load(ckpt, weights_only=False)["_Data"]["train_position"]
+        assert position == [saved // (N // BATCH), saved % (N // BATCH)]
+    trained += _fit(tmp_path / "rest", every, workers, ckpt=ckpt, sized=sized)
+    assert trained == whole
+
+
+def test_a_checkpoint_of_another_epoch_length_is_refused_naming_both(tmp_path):
+    _fit(tmp_path / "cut", 2, 0, cut=3)
+    with pytest.raises(ValueError, match=r"stopped after batch 2 of an epoch, but this run has 2 training batches"):
+        _fit(tmp_path / "rest", 2, 0, ckpt=tmp_path / "cut" / "last.ckpt", batch_size=6)
+
+
+def test_a_method_drawing_its_own_order_sets_seed_and_epoch_of_every_pass():
+    data = _Data()
+    data.setup()
+    passes = iter([(7, 0), (7, 1), (8, 0)])
+    data.train_order = lambda: next(passes)
+    loader = data.train_dataloader()
+    assert isinstance(loader, ResumableLoader)
+    orders = [[int(i) for b in loader for i in b["x"]] for _ in range(3)]
+    sampler = loader.sampler
+
+    def drawn(seed: int, epoch: int) -> list[int]:
+        return torch.randperm(N, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    assert orders == [drawn(7, 0), drawn(7, 1), drawn(8, 0)]
+    assert (sampler.seed, sampler.epoch) == (8, 0)
+    assert data.state_dict() == {}  # such a method resumes at its own boundaries
