@@ -120,3 +120,29 @@ def test_a_method_drawing_its_own_order_sets_seed_and_epoch_of_every_pass():
     assert orders == [drawn(7, 0), drawn(7, 1), drawn(8, 0)]
     assert (sampler.seed, sampler.epoch) == (8, 0)
     assert data.state_dict() == {}  # such a method resumes at its own boundaries
+
+
+def test_a_resumed_ddp_fit_trains_each_rank_on_its_uninterrupted_batches(tmp_path):
+    # two processes, each with a worker; the distributed sampler splits the epoch (two batches a
+    # rank); the cut is a clean stop after step 3, in the middle of epoch 1
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def fit(out, *args):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        proc = subprocess.run([sys.executable, "-m", "tests.data.ddp_order", str(out), *map(str, args)],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    whole = fit(tmp_path / "whole")
+    cut = fit(tmp_path / "cut", 3)
+    rest = fit(tmp_path / "rest", -1, tmp_path / "cut" / "last.ckpt")
+    assert [len(w) for w in whole] == [EPOCHS * N // BATCH // 2] * 2
+    assert sorted(i for w in whole for b in w[:2] for i in b) == list(range(N))  # the ranks split epoch 0
+    for r in (0, 1):
+        assert cut[r] + rest[r] == whole[r], r
