@@ -28,7 +28,11 @@ def _eval_loss(model, batch):
         return clip_loss(b.encode_image(batch["image"]), b.encode_text(list(batch["caption"])), b.logit_scale).item()
 
 
-def test_short_pretraining_lowers_loss_and_exports(tmp_path):
+def short_pretraining(tmp_path, **trainer_kw) -> tuple[float, float, float]:
+    """40 steps of pretraining a random ``vlweak-tiny`` on ``trainer_kw``'s device and precision
+    (the GPU checks reuse it): the contrastive loss on a validation batch before and after, and the
+    largest difference between the features of the exported weights, loaded through the ordinary
+    backbone path on the CPU, and of the trained model."""
     torch.manual_seed(0)
     backbone = OpenCLIPBackbone("vlweak-tiny", pretrained=None, freeze=False)
     out = tmp_path / "w.safetensors"
@@ -37,17 +41,23 @@ def test_short_pretraining_lowers_loss_and_exports(tmp_path):
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     before = _eval_loss(model, batch)
-    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        **{"accelerator": "cpu", **trainer_kw})
     trainer.fit(model, dm)
+    model.cpu()
     after = _eval_loss(model, batch)
-    assert after < before - 0.3, (before, after)
-    # the exported weights load through the ordinary backbone path and give the same features
     loaded = OpenCLIPBackbone("vlweak-tiny", pretrained=str(out))
     model.backbone.eval()
     x = batch["image"][:4]
-    assert torch.allclose(loaded.encode_image(x), model.backbone.encode_image(x), atol=1e-5)
+    return before, after, (loaded.encode_image(x) - model.backbone.encode_image(x)).abs().max().item()
+
+
+def test_short_pretraining_lowers_loss_and_exports(tmp_path):
+    before, after, export_diff = short_pretraining(tmp_path)
+    assert after < before - 0.3, (before, after)
+    # the exported weights load through the ordinary backbone path and give the same features
+    assert export_diff <= 1e-5
 
 
 def test_frozen_backbone_is_rejected():

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU checks and the GPU benchmark tables of vlweak in one command, for a CUDA machine.
+#
+#   bash benchmarks/device_check.sh [OUT]    # logs and tables into OUT (default: runs/device_check)
+#   bash benchmarks/device_check.sh --wheels # where PyPI is reachable: fetch the wheels of the
+#                                            # dependencies a bare CUDA image lacks into .whl/
+#
+# A CUDA machine without internet whose Python already holds torch, torchvision, lightning,
+# transformers, torchmetrics, safetensors, scipy and matplotlib gets the rest (open_clip and its
+# text cleaner, jsonargparse with its signature readers, faiss-cpu) from .whl/, installed into a
+# private folder; with vlweak installed normally (`pip install -e ".[dev]"`) nothing is installed.
+#
+# Stages, each under its own time limit so that one slow stage leaves the others their time, each
+# log in OUT and a summary of exit codes at the end:
+#   1. python -m pytest tests/gpu      CUDA correctness (recipes GPU vs CPU, fp32 and bf16; ZLaP's
+#                                      GPU solve; GPU JPEG decoding; DualCoOp, GRIP, pretraining
+#                                      under bf16 on the GPU reaching their CPU tests' targets)
+#   2. benchmarks/run.py --device cuda the benchmark table at full sizes (issue targets)
+#   3. benchmarks/zlap.py              ZLaP at N = 1,000,000, C = 1,000 (time, peak memory) and
+#                                      how time grows with N
+# STAGES="gpu_tests benchmarks" runs some of them (default: all four, about 15 minutes at most);
+# a stage's limit is an environment variable (GPU_TESTS_S, BENCHMARKS_S, ZLAP_1M_S, ZLAP_GROWTH_S).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+WHEELS=(open_clip_torch ftfy wcwidth jsonargparse docstring_parser typeshed_client faiss-cpu)
+
+if [[ "${1:-}" == "--wheels" ]]; then
+    # the versions this environment runs (the ones the test suite passed with), else the newest
+    specs=()
+    for w in "${WHEELS[@]}"; do
+        v=$("$PYTHON" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$w" 2>/dev/null)
+        specs+=("$w${v:+==$v}")
+    done
+    mkdir -p .whl
+    "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${specs[@]}"
+    exit $?
+fi
+
+OUT=${1:-${OUT:-runs/device_check}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+
+if ! "$PYTHON" -c "import open_clip, jsonargparse, faiss" 2>/dev/null; then
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "open_clip, jsonargparse or faiss missing and no .whl/ (see --wheels)"; exit 2; }
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/vlweak-site .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/vlweak-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+"$PYTHON" -c "import torch, lightning, open_clip; print('torch', torch.__version__, 'lightning', lightning.__version__, 'open_clip', open_clip.__version__)" | tee -a "$OUT/device.txt"
+
+STAGES=${STAGES:-gpu_tests benchmarks zlap_1m zlap_growth}
+declare -A codes
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
+    echo "=== $name (limit ${limit}s) ==="
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    codes[$name]="exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+stage gpu_tests "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu -rs
+stage benchmarks "${BENCHMARKS_S:-360}" "$PYTHON" benchmarks/run.py --device cuda
+stage zlap_1m "${ZLAP_1M_S:-180}" "$PYTHON" benchmarks/zlap.py --device cuda --n 1000000 --classes 1000 --skip-reference
+stage zlap_growth "${ZLAP_GROWTH_S:-120}" bash -c "for n in 100000 300000; do $PYTHON benchmarks/zlap.py --device cuda --n \$n --classes 100 1000 --skip-reference; done"
+
+echo "=== summary ==="
+for name in $STAGES; do
+    echo "$name: ${codes[$name]:-not run}"
+done | tee "$OUT/summary.txt"
