@@ -72,7 +72,8 @@ class _Crash(L.Callback):
 
 
 def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckpt):
-    # the recipe's path: last.ckpt every N steps, then `vlweak fit ... --ckpt_path last`
+    # the recipe's path: last.ckpt every N steps, then `vlweak fit ... --ckpt_path last`; three
+    # batches an epoch and a checkpoint every two steps, so the fit is resumed in the middle of an epoch
     from tests.conftest import REPO
     from vlweak.cli import build_cli
 
@@ -81,7 +82,7 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckp
                 "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
                 f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--model.init_args.warmup_steps=2",
                 "--model.init_args.export_path=null", "--model.init_args.export_dtype=fp32",
-                "--data.init_args.image_size=32", "--data.init_args.n_train=16", "--data.init_args.n_val=0",
+                "--data.init_args.image_size=32", "--data.init_args.n_train=24", "--data.init_args.n_val=0",
                 "--data.init_args.n_test=0", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
                 "--trainer.max_steps=6", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
                 "--trainer.enable_progress_bar=false", "--trainer.callbacks.init_args.every_n_train_steps=2",
