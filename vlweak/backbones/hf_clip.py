@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -17,8 +18,12 @@ from vlweak.backbones.errors import CheckpointMismatchError, WeightsUnavailableE
 
 try:  # transformers >= 4.53 builds attention masks through masking_utils (what CLIPTextModel itself uses)
     from transformers.masking_utils import create_causal_mask
+
+    # its cache argument was renamed (``past_key_values`` -> ``cache``; the old name goes in 5.40)
+    _NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 except ImportError:  # pragma: no cover - older transformers
     create_causal_mask = None
+    _NO_CACHE = {}
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +310,7 @@ class HFCLIPBackbone(Backbone):
             )
         x = tm.embeddings(inputs_embeds=embeddings)  # + position embeddings
         if create_causal_mask is not None:
-            mask = create_causal_mask(config=tm.config, inputs_embeds=x, attention_mask=None, past_key_values=None)
+            mask = create_causal_mask(config=tm.config, inputs_embeds=x, attention_mask=None, **_NO_CACHE)
         else:  # pragma: no cover - older transformers: additive 4D mask
             L = x.shape[1]
             mask = torch.full((L, L), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype).triu(1)
