@@ -88,3 +88,25 @@ def test_ivf_engine_falls_back_to_exact_for_rows_it_cannot_fill():
     ref_s, ref_i = _brute(x, x, 90, False)
     assert (idx >= 0).all()
     torch.testing.assert_close(sims, ref_s, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["faiss", "torch", "faiss-ivf"])
+@pytest.mark.parametrize("self_search", [True, False])
+def test_a_search_with_a_progress_bar_finds_the_same_neighbours(engine, self_search, monkeypatch, capsys):
+    import importlib
+
+    knn_module = importlib.import_module("vlweak.graph.knn")  # the package exports the function by that name
+    # small thresholds, so that this small search is "large" and faiss searches in several chunks
+    monkeypatch.setattr(knn_module, "PROGRESS_MIN_ENTRIES", 1000)
+    monkeypatch.setattr(knn_module, "PROGRESS_CHUNK", 64)
+    g = torch.Generator().manual_seed(3)
+    x = normalize(torch.randn(2000, 16, generator=g), dim=1)
+    base = None if self_search else normalize(torch.randn(500, 16, generator=g), dim=1)
+    quiet = knn(x, base, 5, engine=engine, block_size=128)
+    capsys.readouterr()
+    shown = knn(x, base, 5, engine=engine, block_size=128, progress=True)
+    assert "kNN graph" in capsys.readouterr().err
+    assert torch.equal(shown[1], quiet[1]) and torch.equal(shown[0], quiet[0])
+    monkeypatch.setattr(knn_module, "PROGRESS_MIN_ENTRIES", 10**12)  # a small search shows no bar
+    knn(x, base, 5, engine=engine, block_size=128, progress=True)
+    assert "kNN graph" not in capsys.readouterr().err

@@ -84,6 +84,7 @@ def query_edges(
     gamma: float,
     *,
     engine: Engine = "auto",
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Edges from query images to the graph's nodes, ZLaP-weighted.
 
@@ -95,6 +96,7 @@ def query_edges(
         k: neighbours among images and among text nodes (each clipped to what exists).
         gamma: power on image–text similarities.
         engine: kNN engine (see :func:`vlweak.graph.knn.knn`).
+        progress: a progress bar over a large image search.
 
     Returns:
         ``(nodes [M, k_img + k_txt], weights [M, k_img + k_txt])`` in the graph's node numbering.
@@ -104,7 +106,7 @@ def query_edges(
     if images is not None:
         _check_inputs(images, text)
     num_classes = text.shape[0]
-    img_sims, img_idx = knn(queries, images, k, engine=engine)
+    img_sims, img_idx = knn(queries, images, k, engine=engine, progress=progress)
     txt_sims, txt_idx = knn(queries, text, k, engine="torch")
     img_w = img_sims.clamp_min(0)
     txt_w = txt_sims.clamp_min(0).pow(gamma)
@@ -120,6 +122,7 @@ def build_zlap_graph(
     *,
     engine: Engine = "auto",
     edges: tuple[Tensor, Tensor] | None = None,
+    progress: bool = False,
 ) -> ZLaPGraph:
     """Build the normalised ZLaP graph over ``images`` and the class ``text`` nodes.
 
@@ -130,6 +133,7 @@ def build_zlap_graph(
         gamma: power on image–text similarities.
         engine: kNN engine.
         edges: precomputed ``query_edges(images, None, text, k, gamma)`` to reuse.
+        progress: a progress bar over a large kNN search.
 
     Returns:
         :class:`ZLaPGraph` on the features' device.
@@ -139,7 +143,9 @@ def build_zlap_graph(
     if images.shape[0] < 2:
         raise ValueError("the graph needs at least two images")
     n, c = images.shape[0], text.shape[0]
-    nodes, weights = edges if edges is not None else query_edges(images, None, text, k, gamma, engine=engine)
+    if edges is None:
+        edges = query_edges(images, None, text, k, gamma, engine=engine, progress=progress)
+    nodes, weights = edges
     size = n + c
     rows = (torch.arange(n, device=images.device) + c).unsqueeze(1).expand_as(nodes).reshape(-1)
     cols = nodes.reshape(-1)

@@ -19,12 +19,18 @@ And one approximate engine for large CPU graphs, where the exact search is most 
   candidates per query). A row that finds fewer than ``k`` candidates falls back to the exact
   search. Measure its agreement before trusting it (``benchmarks/zlap.py --engine faiss-ivf``
   prints prediction agreement with the exact reference).
+
+With ``progress=True`` a search of at least :data:`PROGRESS_MIN_ENTRIES` similarities (about a
+second of CPU work) shows a progress bar over its queries; faiss then searches them in chunks
+(measured 4% slower than one call at N = 50,000 in chunks of 8,192).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,6 +39,34 @@ Engine = Literal["auto", "faiss", "torch", "faiss-ivf"]
 ENGINES = ("auto", "faiss", "torch", "faiss-ivf")
 
 __all__ = ["ENGINES", "Engine", "knn", "self_knn"]
+
+#: a search of at least this many query-base similarities shows a progress bar when asked to
+PROGRESS_MIN_ENTRIES = 1 << 30
+#: queries per faiss call when a progress bar is shown (at least; at most ~50 updates in all)
+PROGRESS_CHUNK = 8192
+
+
+@contextmanager
+def _bar(queries: int, candidates: int, progress: bool) -> Iterator[Any]:
+    """A tqdm bar over ``queries`` rows when ``progress`` and the search is large, else ``None``."""
+    if not progress or queries * candidates < PROGRESS_MIN_ENTRIES:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=queries, desc="kNN graph", unit="img", leave=False, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _chunks(m: int, bar: Any) -> list[slice]:
+    """Query chunks of a faiss search: one call without a bar, else chunks the bar can count."""
+    if bar is None:
+        return [slice(0, m)]
+    step = max(PROGRESS_CHUNK, math.ceil(m / 50))
+    return [slice(a, a + step) for a in range(0, m, step)]
 
 
 def _check(features: Tensor, name: str) -> None:
@@ -59,7 +93,7 @@ def _tile_budget(device: torch.device) -> int:
     return 1 << 28 if device.type == "cuda" else 1 << 25
 
 
-def _torch_cross(queries: Tensor, base: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+def _torch_cross(queries: Tensor, base: Tensor, k: int, block: int, bar: Any = None) -> tuple[Tensor, Tensor]:
     m, n = queries.shape[0], base.shape[0]
     sims = torch.full((m, k), float("-inf"), dtype=queries.dtype, device=queries.device)
     idx = torch.full((m, k), -1, dtype=torch.long, device=queries.device)
@@ -70,10 +104,12 @@ def _torch_cross(queries: Tensor, base: Tensor, k: int, block: int) -> tuple[Ten
             tile = queries[rows] @ base[b : b + width].T
             v, i = tile.topk(min(k, tile.shape[1]), dim=1)
             sims[rows], idx[rows] = _merge(sims[rows], idx[rows], v, i + b, k)
+        if bar is not None:
+            bar.update(min(block, m - a))
     return sims, idx
 
 
-def _torch_self(features: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
+def _torch_self(features: Tensor, k: int, block: int, bar: Any = None) -> tuple[Tensor, Tensor]:
     """Symmetric self-search: each row block ``[a, a+B)`` is multiplied only with columns ``>= a``.
 
     A tile feeds the top-k of its rows and, for columns past the row block, the top-k of its columns
@@ -100,20 +136,36 @@ def _torch_self(features: Tensor, k: int, block: int) -> tuple[Tensor, Tensor]:
                 v, i = cols.topk(min(k, ra), dim=1)
                 c0, c1 = b + off, b + tile.shape[1]
                 sims[c0:c1], idx[c0:c1] = _merge(sims[c0:c1], idx[c0:c1], v, i + a, k)
+        if bar is not None:
+            bar.update(ra)
     return sims, idx
 
 
-def _faiss_search(queries: Tensor, base: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _search_in_chunks(index: Any, queries: Tensor, k: int, bar: Any) -> tuple[Tensor, Tensor]:
+    q_np = queries.detach().float().contiguous().numpy()
+    dist, ids = [], []
+    for rows in _chunks(len(q_np), bar):
+        d, i = index.search(q_np[rows], k)
+        dist.append(torch.from_numpy(d))
+        ids.append(torch.from_numpy(i).long())
+        if bar is not None:
+            bar.update(len(d))
+    return torch.cat(dist), torch.cat(ids)
+
+
+def _faiss_search(queries: Tensor, base: Tensor, k: int, bar: Any = None) -> tuple[Tensor, Tensor]:
     import faiss  # imported lazily: optional at import time, required for this engine
 
     base_np = base.detach().float().contiguous().numpy()
     index = faiss.IndexFlatIP(base_np.shape[1])
     index.add(base_np)
-    d, i = index.search(queries.detach().float().contiguous().numpy(), k)
-    return torch.from_numpy(d).to(queries.dtype), torch.from_numpy(i).long()
+    d, i = _search_in_chunks(index, queries, k, bar)
+    return d.to(queries.dtype), i
 
 
-def _faiss_ivf_search(queries: Tensor, base: Tensor, k: int, nprobe: int | None = None) -> tuple[Tensor, Tensor]:
+def _faiss_ivf_search(
+    queries: Tensor, base: Tensor, k: int, nprobe: int | None = None, bar: Any = None
+) -> tuple[Tensor, Tensor]:
     import faiss
 
     base_np = base.detach().float().contiguous().numpy()
@@ -128,9 +180,7 @@ def _faiss_ivf_search(queries: Tensor, base: Tensor, k: int, nprobe: int | None 
     index.add(base_np)
     # scan a fiftieth of the lists, and at least ~1,000 candidates per query (small sets stay near exact)
     index.nprobe = min(nlist, nprobe or max(4, nlist // 50, math.ceil(1000 * nlist / n)))
-    q_np = queries.detach().float().contiguous().numpy()
-    dist, ids = index.search(q_np, k)
-    sims, idx = torch.from_numpy(dist), torch.from_numpy(ids).long()
+    sims, idx = _search_in_chunks(index, queries, k, bar)
     short = (idx < 0).any(dim=1).nonzero().squeeze(1)
     if len(short):  # a query whose probed lists hold fewer than k points: search it exactly
         s, i = _faiss_search(queries[short], base, k)
@@ -155,6 +205,7 @@ def knn(
     *,
     engine: Engine = "auto",
     block_size: int | None = None,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """k nearest neighbours of ``queries`` in ``base`` by inner product.
 
@@ -169,6 +220,7 @@ def knn(
         engine: ``"auto"``, ``"faiss"`` (CPU tensors only), ``"torch"``, or the approximate
             ``"faiss-ivf"`` (CPU tensors only).
         block_size: rows (and columns) per tile of the torch engine.
+        progress: show a progress bar over the queries when the search is large (see the module notes).
 
     Returns:
         ``(sims [M, k'], idx [M, k'])``, each row sorted by decreasing similarity.
@@ -199,19 +251,18 @@ def knn(
         engine = "faiss" if on_cpu else "torch"
     block = block_size or _default_block(queries.device)
 
-    with torch.no_grad():
+    with torch.no_grad(), _bar(queries.shape[0], candidates + 1, progress) as bar:
         if engine == "faiss-ivf":
             if base is None:
-                return _drop_self(*_faiss_ivf_search(queries, queries, k + 1), k)
-            return _faiss_ivf_search(queries, base, k)
+                return _drop_self(*_faiss_ivf_search(queries, queries, k + 1, bar=bar), k)
+            return _faiss_ivf_search(queries, base, k, bar=bar)
         if engine == "faiss":
             if base is None:
-                sims, idx = _faiss_search(queries, queries, k + 1)
-                return _drop_self(sims, idx, k)
-            return _faiss_search(queries, base, k)
+                return _drop_self(*_faiss_search(queries, queries, k + 1, bar), k)
+            return _faiss_search(queries, base, k, bar)
         if base is None:
-            return _torch_self(queries, k, block)
-        return _torch_cross(queries, base, k, block)
+            return _torch_self(queries, k, block, bar)
+        return _torch_cross(queries, base, k, block, bar)
 
 
 def self_knn(features: Tensor, k: int = 10, **kwargs) -> tuple[Tensor, Tensor]:

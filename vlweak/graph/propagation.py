@@ -209,6 +209,7 @@ class ZLaPPropagator:
         query_norm: how a new image's edges enter the inductive scores: ``"none"`` (its
             similarities, the paper's) or ``"degree"`` (each divided by the square root of the
             neighbour's degree, as the graph's own edges are normalised; see the module notes).
+        progress: progress bars over large kNN searches.
     """
 
     def __init__(
@@ -222,6 +223,7 @@ class ZLaPPropagator:
         knn_engine: Engine = "auto",
         batch_size: int | None = None,
         query_norm: QueryNorm = "none",
+        progress: bool = False,
     ) -> None:
         if query_norm not in QUERY_NORMS:
             raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {query_norm!r}")
@@ -241,6 +243,7 @@ class ZLaPPropagator:
         self.knn_engine: Engine = knn_engine
         self.batch_size = batch_size
         self.query_norm: QueryNorm = query_norm
+        self.progress = progress
         self.images: Tensor | None = None
         self.text: Tensor | None = None
         self.graph: ZLaPGraph | None = None
@@ -250,7 +253,7 @@ class ZLaPPropagator:
     def fit(self, images: Tensor, text: Tensor) -> ZLaPPropagator:
         """Build the graph over ``images [N, d]`` and class ``text [C, d]`` (both L2-normalised)."""
         self.images, self.text = images, text
-        self.graph = build_zlap_graph(images, text, self.k, self.gamma, engine=self.knn_engine)
+        self.graph = build_zlap_graph(images, text, self.k, self.gamma, engine=self.knn_engine, progress=self.progress)
         self._solution = self._sparse = None
         return self
 
@@ -275,7 +278,8 @@ class ZLaPPropagator:
     def edges(self, queries: Tensor) -> tuple[Tensor, Tensor]:
         """ZLaP-weighted edges from new images into the graph (scaled by ``query_norm``)."""
         graph = self._need_graph()
-        nodes, weights = query_edges(queries, self.images, self.text, self.k, self.gamma, engine=self.knn_engine)
+        nodes, weights = query_edges(queries, self.images, self.text, self.k, self.gamma, engine=self.knn_engine,
+                                     progress=self.progress)
         if self.query_norm == "degree":
             weights = weights * graph.degree.to(weights.dtype)[nodes].rsqrt()
         return nodes, weights

@@ -179,6 +179,7 @@ class ZLaP(VLMethod):
         feats = features.to(self.device).float()
         pool = None if self.pool_split is None else self.pool_features().to(self.device)
         prop = self.propagator
+        prop.progress = self._trainer is not None and self.trainer.progress_bar_callback is not None
         if pool is None:  # the evaluated images are the graph
             return prop.fit(feats, text).transductive()
         if split == self.pool_split:
