@@ -7,7 +7,7 @@
 #
 # A CUDA machine without internet whose Python already holds torch, torchvision, lightning,
 # transformers, torchmetrics, safetensors, scipy and matplotlib gets the rest (open_clip and its
-# text cleaner, jsonargparse with its signature readers, faiss-cpu) from .whl/, installed into a
+# text cleaner, jsonargparse with its signature readers, faiss-cpu, TorchCodec) from .whl/, installed into a
 # private folder; with vlweak installed normally (`pip install -e ".[dev]"`) nothing is installed.
 #
 # Stages, each under its own time limit so that one slow stage leaves the others their time, each
@@ -24,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-WHEELS=(open_clip_torch ftfy wcwidth jsonargparse docstring_parser typeshed_client faiss-cpu)
+WHEELS=(open_clip_torch ftfy wcwidth jsonargparse docstring_parser typeshed_client faiss-cpu torchcodec)
 
 if [[ "${1:-}" == "--wheels" ]]; then
     # the versions this environment runs (the ones the test suite passed with), else the newest

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from vlweak.backbones import OpenCLIPBackbone  # noqa: E402
 from vlweak.data.datasets import ImageFolderReader  # noqa: E402
-from vlweak.data.extract import auto_workers, extract_embeddings  # noqa: E402
+from vlweak.data.extract import auto_workers, extract_embeddings, jpeg_decoder  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -180,7 +180,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plain = plain_loop(fast, root, batch, workers)
         row("end to end, open_clip preprocess + PIL + DataLoader", plain, plain, "plain PIL loop")
         ours = vlweak_extraction(fast, root, batch, workers, root / "out.safetensors")
-        row(f"end to end, vlweak extraction{' (GPU JPEG decode)' if gpu else ''}", ours, plain, "plain PIL loop")
+        decoder = jpeg_decoder()[0]
+        row(f"end to end, vlweak extraction{f' (GPU JPEG decode, {decoder})' if gpu else ''}", ours, plain, "plain PIL loop")
+        if gpu and decoder != "torchvision":  # the deprecated decoder it replaces, measured beside it
+            saved = sys.modules.get("torchcodec.decoders")
+            sys.modules["torchcodec.decoders"] = None  # type: ignore[assignment]
+            try:
+                other = vlweak_extraction(fast, root, batch, workers, root / "out-torchvision.safetensors")
+            finally:
+                if saved is None:
+                    sys.modules.pop("torchcodec.decoders")
+                else:
+                    sys.modules["torchcodec.decoders"] = saved
+            row("end to end, vlweak extraction (GPU JPEG decode, torchvision)", other, plain, "plain PIL loop")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

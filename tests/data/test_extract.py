@@ -130,16 +130,14 @@ def test_the_gpu_decoder_path_reproduces_the_standard_preprocessing(tmp_path, ti
     crop) run on the CPU device: the same pixels, within JPEG and resampling rounding, as the
     backbones' transform on PIL images, for landscape, portrait, square and smaller-than-crop
     images in one batch."""
-    from torchvision.io import read_file
-
     from vlweak.data.datasets import load_image
-    from vlweak.data.extract import _gpu_decode, gpu_geometry
+    from vlweak.data.extract import _gpu_decode, gpu_geometry, read_bytes
 
     sizes = [(120, 80), (80, 120), (96, 96), (120, 80), (20, 14), (301, 47)]
     paths = _jpegs(tmp_path, sizes)
     prefix, _ = split_transform(tiny_backbone.transform)
     size, crop = gpu_geometry(prefix)
-    ours = _gpu_decode([read_file(p) for p in paths], paths, size, crop, torch.device("cpu"))
+    ours = _gpu_decode([read_bytes(p) for p in paths], paths, size, crop, torch.device("cpu"))
     assert ours.shape == (len(paths), 3, crop, crop) and ours.dtype == torch.uint8
     for k, p in enumerate(paths):
         ref = prefix(load_image(p))
@@ -148,3 +146,28 @@ def test_the_gpu_decoder_path_reproduces_the_standard_preprocessing(tmp_path, ti
         # a crop one pixel off differs far more on these scenes' sharp edges (measured 3 to 13)
         shifted = (ours[k, :, 1:, :].float() - ref[:, :-1, :].float()).abs().mean()
         assert shifted > 2.0, sizes[k]
+
+
+def test_torchcodec_and_torchvision_decode_the_same_pixels(tmp_path, monkeypatch):
+    """The GPU path decodes with TorchCodec when it imports and falls back to torchvision's
+    deprecated decoder otherwise; on the CPU both give the same pixels, batch or single image, and
+    the fallback's deprecation warning is not passed on to the user."""
+    import sys
+    import warnings
+
+    from vlweak.data.extract import jpeg_decoder, read_bytes
+
+    pytest.importorskip("torchcodec.decoders")
+    data = [read_bytes(p) for p in _jpegs(tmp_path, [(120, 80), (80, 120), (33, 17)])]
+    name, codec = jpeg_decoder()
+    assert name == "torchcodec"
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if not installed
+    name, vision = jpeg_decoder()
+    assert name == "torchvision"
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        ours = vision(data, cpu)
+    for a, b in zip(codec(data, cpu), ours):
+        assert a.shape[0] == 3 and torch.equal(a, b)
+    assert torch.equal(codec(data[2], cpu), vision(data[2], cpu))

@@ -151,7 +151,8 @@ def image_embeddings(
     if not (stream and cache.enabled):
         return cache.get_or_compute(cache_key(**parts), compute, backbone=backbone.fingerprint(), n=len(dataset))
     if extract.use_gpu_decode(dataset, transform, backbone.device):
-        parts["decoder"] = "cuda-jpeg"  # GPU-decoded pixels differ slightly from PIL's
+        name, _ = extract.jpeg_decoder()  # GPU-decoded pixels differ slightly from PIL's
+        parts["decoder"] = "cuda-jpeg" if name == "torchvision" else f"cuda-jpeg-{name}"
     key = cache_key(**parts)
     found = cache.load(key)
     if found is not None:

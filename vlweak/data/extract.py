@@ -12,9 +12,11 @@ The hot path, from files to features:
   less inter-process traffic than ``float32`` —, the batch moves to the backbone's device
   (pinned memory on CUDA) and is scaled and normalized there in one batched op;
 * the image tower runs under the backbone's precision (``bf16`` on a GPU recipe) with large batches;
-* on CUDA, JPEG files can be decoded on the GPU (``torchvision.io.decode_jpeg(device="cuda")``,
-  nvjpeg) and resized in batches of equal-sized images (``gpu_decode``); the workers then only read
-  file bytes. GPU-decoded pixels differ slightly from PIL's, so the cache key records the decoder.
+* on CUDA, JPEG files can be decoded on the GPU (nvJPEG, through TorchCodec's ``decode_jpeg`` when
+  it is installed — ``pip install vlweak[decode]`` — else torchvision's, deprecated since
+  torchvision 0.29) and resized in batches of equal-sized images (``gpu_decode``); the workers then
+  only read file bytes. GPU-decoded pixels differ slightly from PIL's, so the cache key records the
+  decoder.
 
 The CPU path computes exactly what :func:`vlweak.data.cache.encode_images` computes (the backbone's
 transform split into the per-image part and the batched scale/normalize part).
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +126,40 @@ class _FileBytes(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        from torchvision.io import read_file
-
         try:
-            return {"data": read_file(str(self.paths[i])), "index": i}
-        except (OSError, RuntimeError):
+            return {"data": read_bytes(self.paths[i]), "index": i}
+        except OSError:
             if self.skip_bad:
                 return None
             from vlweak.data.datasets import ImageLoadError
 
             raise ImageLoadError(f"image not found or unreadable: {self.paths[i]}") from None
+
+
+def read_bytes(path: str | os.PathLike) -> Tensor:
+    """A file's bytes as a 1-D ``uint8`` tensor (what the JPEG decoders take)."""
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
+def jpeg_decoder() -> tuple[str, Callable[[list[Tensor] | Tensor, torch.device], Any]]:
+    """The JPEG decoder of the GPU path, as ``(name, decode(data, device))``: TorchCodec's when it
+    imports (torchvision's image decoders are deprecated since torchvision 0.29), else
+    torchvision's. Both decode with nvJPEG on CUDA and take a list of byte tensors as one batch."""
+    try:
+        from torchcodec.decoders import decode_jpeg as codec_decode
+    except (ImportError, OSError, RuntimeError):  # absent, or built for another torch
+        import warnings
+
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as vision_decode
+
+        def decode(data: list[Tensor] | Tensor, device: torch.device) -> Any:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return vision_decode(data, mode=ImageReadMode.RGB, device=device)
+
+        return "torchvision", decode
+    return "torchcodec", lambda data, device: codec_decode(data, mode="RGB", device=device)
 
 
 def _collate_bytes(items: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -146,15 +172,14 @@ def _collate_bytes(items: list[dict[str, Any] | None]) -> dict[str, Any]:
 def _gpu_decode(data: list[Tensor], paths: list[str], size: int, crop: int, device: torch.device) -> Tensor:
     """Decode JPEG bytes on the GPU and resize (bicubic, antialiased; shortest side to ``size``) +
     centre-crop to ``uint8 [B, 3, crop, crop]``, one interpolation per group of equal-sized images."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    _, decode = jpeg_decoder()
     try:
-        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        images = decode(data, device)
     except RuntimeError:  # e.g. a progressive or CMYK file nvjpeg refuses: decode this batch one by one
         images = []
         for d, p in zip(data, paths):
             try:
-                images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                images.append(decode(d, device))
             except RuntimeError:
                 from vlweak.data.datasets import load_image
                 from torchvision.transforms.v2.functional import pil_to_tensor
