@@ -14,12 +14,14 @@ import re
 import sys
 import traceback
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import yaml
 from jsonargparse import DefaultHelpFormatter
+from packaging.version import Version
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -78,6 +80,10 @@ class ArgumentParser(LightningArgumentParser):
         return re.sub(rf"(?<![\w.-])--{re.escape(relative)}\.", f"--{typed[0]}.", text)
 
 
+#: keep unset (None) entries in a saved config: ``skip_unset`` since jsonargparse 4.49, ``skip_none`` before
+_KEEP_UNSET = {"skip_unset" if Version(version("jsonargparse")) >= Version("4.49") else "skip_none": False}
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Lightning's ``config.yaml`` of the run, written into the run's own folder
     (:func:`vlweak.runs.run_folder`) instead of ``trainer.log_dir``, which for a W&B logger is the
@@ -88,8 +94,8 @@ class SaveRunConfig(SaveConfigCallback):
             folder = run_folder(trainer)  # a collective under DDP
             if trainer.is_global_zero:
                 folder.mkdir(parents=True, exist_ok=True)
-                self.parser.save(self.config, str(folder / self.config_filename), skip_none=False,
-                                 overwrite=self.overwrite, multifile=self.multifile)
+                self.parser.save(self.config, str(folder / self.config_filename), overwrite=self.overwrite,
+                                 multifile=self.multifile, **_KEEP_UNSET)
         to_log_dir, self.save_to_log_dir = self.save_to_log_dir, False
         try:
             super().setup(trainer, pl_module, stage)  # the save_config hook, and already_saved in sync
@@ -254,6 +260,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # frozen encoders stay in eval mode on purpose (no dropout / batch-norm updates in what is not trained)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # predict_step returns nothing on purpose: methods write the pseudolabel artifact at the epoch's end
+    warnings.filterwarnings("ignore", message=r"predict returned None if it was on purpose")
     # Lightning (2.6) with torch >= 2.10: a deprecation inside Lightning itself, nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

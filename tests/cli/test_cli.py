@@ -203,6 +203,22 @@ def test_wandb_runs_keep_their_files_apart(tmp_path, tiny_ckpt, monkeypatch):
     assert newest_last_checkpoint(trainer) == str(ckpt)
 
 
+def test_predict_and_test_warn_of_nothing_vlweak_does_on_purpose(tmp_path, tiny_ckpt):
+    """A plain `vlweak predict` / `test` passes on no warning about what vlweak does by design
+    (predict_step returning nothing, frozen encoders in eval mode) nor a deprecation of its own
+    calls (writing the run's config)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _run(["predict"], tmp_path / "p", tiny_ckpt)
+        _run(["test"], tmp_path / "t", tiny_ckpt)
+    messages = [f"{w.filename}: {w.message}" for w in seen]
+    by_design = ("predict returned None", "in eval mode")
+    assert not [m for m in messages if any(b in m for b in by_design)], messages
+    assert not [m for m in messages if "/vlweak/" in m.split(":")[0]], messages  # e.g. skip_none when saving the config
+
+
 def test_ddp_two_processes_gather_and_dedup(tmp_path, tiny_ckpt):
     """2-process CPU DDP: 13 test images split over 2 ranks (the sampler repeats one); the artifact
     has each image once and equals the single-process run."""
