@@ -171,3 +171,42 @@ def test_torchcodec_and_torchvision_decode_the_same_pixels(tmp_path, monkeypatch
     for a, b in zip(codec(data, cpu), ours):
         assert a.shape[0] == 3 and torch.equal(a, b)
     assert torch.equal(codec(data[2], cpu), vision(data[2], cpu))
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_exif_rotated_jpegs_keep_their_stored_pixels_on_the_gpu_path(tmp_path, tiny_backbone, monkeypatch, decoder):
+    """A photo with an EXIF orientation tag (a phone's portrait shot) reaches the model as the PIL
+    path gives it, pixels as stored (as the reference CLIP pipelines do), whichever JPEG decoder
+    the GPU path uses, though TorchCodec by itself would turn it upright."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from vlweak.data.datasets import load_image
+    from vlweak.data.extract import _FileBytes, _collate_bytes, _gpu_decode, exif_orientation, gpu_geometry, jpeg_decoder
+
+    if decoder == "torchcodec":
+        pytest.importorskip("torchcodec.decoders")
+    else:
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    assert jpeg_decoder()[0] == decoder
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, orientation in enumerate([6, 1, 3]):
+        image = Image.fromarray(np.kron(rng.integers(0, 256, (10, 15, 3)), np.ones((8, 8, 1))).astype(np.uint8))
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        paths.append(str(tmp_path / f"{k}.jpg"))
+        image.save(paths[-1], exif=exif, quality=95)
+    source = _FileBytes(paths)
+    assert [exif_orientation(source[k]["data"]) for k in range(3)] == [6, 1, 3]
+    batch = _collate_bytes([source[k] for k in range(3)])
+    assert batch["oriented"] == [True, False, True]
+    prefix, _ = split_transform(tiny_backbone.transform)
+    size, crop = gpu_geometry(prefix)
+    for oriented in (batch["oriented"], None):  # told by the loader, or read from the bytes
+        ours = _gpu_decode(batch["data"], paths, size, crop, torch.device("cpu"), oriented)
+        for k, p in enumerate(paths):
+            ref = prefix(load_image(p))
+            assert (ours[k].float() - ref.float()).abs().mean() < 0.5, (p, oriented)

@@ -127,7 +127,8 @@ class _FileBytes(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         try:
-            return {"data": read_bytes(self.paths[i]), "index": i}
+            data = read_bytes(self.paths[i])
+            return {"data": data, "index": i, "oriented": exif_orientation(data) != 1}
         except OSError:
             if self.skip_bad:
                 return None
@@ -139,6 +140,19 @@ class _FileBytes(Dataset):
 def read_bytes(path: str | os.PathLike) -> Tensor:
     """A file's bytes as a 1-D ``uint8`` tensor (what the JPEG decoders take)."""
     return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
+def exif_orientation(data: Tensor) -> int:
+    """The EXIF orientation tag of an encoded image (1, upright as stored, when absent or unreadable)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:  # reads the header only
+            return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a corrupt file is the decoder's to report
+        return 1
 
 
 def jpeg_decoder() -> tuple[str, Callable[[list[Tensor] | Tensor, torch.device], Any]]:
@@ -166,25 +180,41 @@ def _collate_bytes(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     kept = [it for it in items if it is not None]
     if not kept:
         return {}
-    return {"data": [it["data"] for it in kept], "index": torch.tensor([it["index"] for it in kept])}
+    return {"data": [it["data"] for it in kept], "index": torch.tensor([it["index"] for it in kept]),
+            "oriented": [it["oriented"] for it in kept]}
 
 
-def _gpu_decode(data: list[Tensor], paths: list[str], size: int, crop: int, device: torch.device) -> Tensor:
+def _gpu_decode(
+    data: list[Tensor], paths: list[str], size: int, crop: int, device: torch.device, oriented: list[bool] | None = None
+) -> Tensor:
     """Decode JPEG bytes on the GPU and resize (bicubic, antialiased; shortest side to ``size``) +
-    centre-crop to ``uint8 [B, 3, crop, crop]``, one interpolation per group of equal-sized images."""
-    _, decode = jpeg_decoder()
-    try:
-        images = decode(data, device)
-    except RuntimeError:  # e.g. a progressive or CMYK file nvjpeg refuses: decode this batch one by one
-        images = []
-        for d, p in zip(data, paths):
-            try:
-                images.append(decode(d, device))
-            except RuntimeError:
-                from vlweak.data.datasets import load_image
-                from torchvision.transforms.v2.functional import pil_to_tensor
+    centre-crop to ``uint8 [B, 3, crop, crop]``, one interpolation per group of equal-sized images.
 
-                images.append(pil_to_tensor(load_image(p)).to(device))
+    ``oriented`` marks files with an EXIF orientation other than upright. The PIL path (and the
+    reference CLIP pipelines) keep the pixels as stored, but TorchCodec turns them upright, so with
+    TorchCodec those files are decoded with PIL instead, and every path feeds the model the same pixels."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from vlweak.data.datasets import load_image
+
+    name, decode = jpeg_decoder()
+    if oriented is None:
+        oriented = [name == "torchcodec" and exif_orientation(d) != 1 for d in data]
+    by_pil = [bool(o) and name == "torchcodec" for o in oriented]
+    batch = [k for k, pil in enumerate(by_pil) if not pil]
+    images: list[Tensor] = [torch.empty(0)] * len(data)
+    try:
+        for k, im in zip(batch, decode([data[k] for k in batch], device) if batch else []):
+            images[k] = im
+    except RuntimeError:  # e.g. a progressive or CMYK file nvjpeg refuses: decode this batch one by one
+        for k in batch:
+            try:
+                images[k] = decode(data[k], device)
+            except RuntimeError:
+                by_pil[k] = True
+    for k, pil in enumerate(by_pil):
+        if pil:
+            images[k] = pil_to_tensor(load_image(paths[k])).to(device)
     out = torch.empty((len(images), 3, crop, crop), dtype=torch.uint8, device=device)
     groups: dict[tuple[int, int], list[int]] = {}
     for k, im in enumerate(images):
@@ -415,7 +445,7 @@ def _encode_shards(
         if batch:
             if on_gpu:
                 paths = [dataset.paths[int(i)] for i in batch["index"]]
-                images = _gpu_decode(batch["data"], paths, size, crop, device)  # bytes stay on the host
+                images = _gpu_decode(batch["data"], paths, size, crop, device, batch["oriented"])  # bytes stay on the host
             else:
                 images = batch["image"].to(device, non_blocking=True)
             if split is not None:
