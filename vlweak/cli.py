@@ -138,7 +138,7 @@ class VLWeakCLI(LightningCLI):
             return
         try:
             theirs = yaml.safe_load(saved.read_text()) or {}
-            ours = yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], skip_none=False)) or {}
+            ours = yaml.safe_load(self._parser(subcommand).dump(self.config[subcommand], **_KEEP_UNSET)) or {}
         except Exception:  # a config that cannot be read or dumped is no reason to stop the run
             return
         diff = [
@@ -290,9 +290,44 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
     )
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from vlweak.backbones.errors import BackboneError
+    from vlweak.data.datasets import ImageLoadError, VocabularyError
+    from vlweak.data.multilabel import AnnotationError
+    from vlweak.labels.artifact import ArtifactError
+    from vlweak.labels.hierarchy_errors import HierarchyError
+    from vlweak.labels.hierarchy_generate import GenerationError
+
+    return BackboneError, ImageLoadError, VocabularyError, AnnotationError, ArtifactError, HierarchyError, GenerationError
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is vlweak refusing an input (a bad option value, a missing image or weights
+    file, a hierarchy naming unknown classes ...), whose message says all, rather than a failure
+    whose traceback matters: one of vlweak's error classes, or an exception raised by a ``raise``
+    statement of vlweak's own code (not one a library call or an operation in it raised)."""
+    if isinstance(err, _user_errors()):
+        return True
+    if isinstance(err, (AssertionError, NotImplementedError)):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    package = str(Path(__file__).resolve().parent) + os.sep
+    last = frames[-1]
+    return str(Path(last.filename).resolve()).startswith(package) and (last.line or "").lstrip().startswith("raise ")
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``vlweak`` console script."""
-    build_cli(args)
+    """Entry point of the ``vlweak`` console script. An input vlweak refuses ends the run with its
+    message on one line and exit status 2 (``VLWEAK_TRACEBACK=1`` shows the traceback instead)."""
+    try:
+        build_cli(args)
+    except Exception as err:
+        if os.environ.get("VLWEAK_TRACEBACK", "") not in ("", "0") or not is_user_error(err):
+            raise
+        print(f"vlweak: error: {type(err).__name__}: {err}\n(VLWEAK_TRACEBACK=1 shows where)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import csv
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -217,6 +218,52 @@ def test_predict_and_test_warn_of_nothing_vlweak_does_on_purpose(tmp_path, tiny_
     by_design = ("predict returned None", "in eval mode")
     assert not [m for m in messages if any(b in m for b in by_design)], messages
     assert not [m for m in messages if "/vlweak/" in m.split(":")[0]], messages  # e.g. skip_none when saving the config
+
+
+def _main_args(tmp_path, ckpt, *extra):
+    return ["test", "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--model.init_args.backbone.init_args.pretrained={ckpt}", *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model.init_args.templates=nonexistent"], "ValueError: unknown template set 'nonexistent'"),
+    (["--model.init_args.backbone.init_args.pretrained=/no/such/weights.safetensors"],
+     "FileNotFoundError: checkpoint file not found: /no/such/weights.safetensors"),
+    (["--data.init_args.n_test=0"], "RuntimeError: ShapesWorldDataModule has no 'test' split (n_test: 0)"),
+])
+def test_a_refused_input_ends_the_run_with_its_message_alone(tmp_path, tiny_ckpt, capsys, monkeypatch, extra, message):
+    """The console script ends a run whose input vlweak refuses with the message on stderr and exit
+    status 2, no traceback; VLWEAK_TRACEBACK=1 raises it as it is."""
+    from vlweak.cli import main
+
+    monkeypatch.delenv("VLWEAK_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_main_args(tmp_path, tiny_ckpt, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"vlweak: error: {message}" in err and "Traceback" not in err
+    monkeypatch.setenv("VLWEAK_TRACEBACK", "1")
+    with pytest.raises(Exception, match=re.escape(message.split(": ", 1)[1])):
+        main(_main_args(tmp_path, tiny_ckpt, *extra))
+
+
+def test_a_failure_inside_a_library_keeps_its_traceback(tmp_path):
+    """What a library or an operation raised inside vlweak's code is not taken for a refused input:
+    its traceback is what a bug report needs."""
+    from vlweak.cli import is_user_error
+    from vlweak.data.extract import read_bytes
+
+    with pytest.raises(OSError) as from_pathlib:
+        read_bytes(tmp_path)  # a folder: pathlib raises
+    assert not is_user_error(from_pathlib.value)
+    with pytest.raises(ValueError) as from_here:
+        raise ValueError("raised by a test, not by vlweak")
+    assert not is_user_error(from_here.value)
+    from vlweak.prompts.templates import resolve_templates
+
+    with pytest.raises(ValueError) as refused:
+        resolve_templates("nonexistent")
+    assert is_user_error(refused.value)
 
 
 def test_ddp_two_processes_gather_and_dedup(tmp_path, tiny_ckpt):
