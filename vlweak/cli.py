@@ -326,7 +326,11 @@ def main(args: list[str] | None = None) -> None:
     except Exception as err:
         if os.environ.get("VLWEAK_TRACEBACK", "") not in ("", "0") or not is_user_error(err):
             raise
-        print(f"vlweak: error: {type(err).__name__}: {err}\n(VLWEAK_TRACEBACK=1 shows where)", file=sys.stderr)
+        message = str(err)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: its last line is the error
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[-1]
+        print(f"vlweak: error: {type(err).__name__}: {message}\n(VLWEAK_TRACEBACK=1 shows where)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

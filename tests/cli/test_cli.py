@@ -247,6 +247,27 @@ def test_a_refused_input_ends_the_run_with_its_message_alone(tmp_path, tiny_ckpt
         main(_main_args(tmp_path, tiny_ckpt, *extra))
 
 
+def test_a_bad_image_met_by_a_loader_worker_is_named_on_one_line(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """A corrupt image met in a DataLoader worker process: the worker's error comes back wrapped in
+    its traceback text; the run still ends with one line naming the file."""
+    from tests.conftest import write_image_folder
+    from vlweak.cli import main
+
+    root = write_image_folder(tmp_path / "images", {"circle": 2, "square": 2})
+    (root / "square" / "broken.png").write_bytes(b"not an image")
+    config = yaml.safe_load(open(CONF))
+    config["data"] = {"class_path": "vlweak.data.ImageFolderDataModule",
+                      "init_args": {"root": str(root), "batch_size": 8, "num_workers": 1}}
+    (tmp_path / "folder.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.delenv("VLWEAK_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(tmp_path / "folder.yaml"), f"--trainer.default_root_dir={tmp_path}",
+              f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vlweak: error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"vlweak: error: ImageLoadError: cannot decode image {root / 'square' / 'broken.png'}")
+
+
 def test_a_failure_inside_a_library_keeps_its_traceback(tmp_path):
     """What a library or an operation raised inside vlweak's code is not taken for a refused input:
     its traceback is what a bug report needs."""
