@@ -120,6 +120,15 @@ class VLWeakCLI(LightningCLI):
                 raise
             raise cause from None  # its own traceback ends in the constructor that refused the value
 
+    def before_fit(self) -> None:
+        """A fit that keeps checkpoints also gets one where it stops (:class:`CheckpointOnInterrupt`),
+        first in line, before any callback's own clean-up on the exception."""
+        from vlweak.callbacks import CheckpointOnInterrupt
+
+        callbacks = self.trainer.callbacks
+        if self.trainer.checkpoint_callbacks and not any(isinstance(cb, CheckpointOnInterrupt) for cb in callbacks):
+            callbacks.insert(0, CheckpointOnInterrupt())
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
