@@ -119,8 +119,9 @@ class _Prepared(Dataset):
 class _FileBytes(Dataset):
     """Raw file bytes of a file-backed dataset, for decoding on the GPU."""
 
-    def __init__(self, paths: Sequence[str], skip_bad: bool = False) -> None:
-        self.paths, self.skip_bad = paths, skip_bad
+    def __init__(self, paths: Sequence[str], skip_bad: bool = False, orientation: bool = True) -> None:
+        # orientation: read each file's EXIF orientation tag (only a decoder that applies it needs it)
+        self.paths, self.skip_bad, self.orientation = paths, skip_bad, orientation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -128,7 +129,7 @@ class _FileBytes(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         try:
             data = read_bytes(self.paths[i])
-            return {"data": data, "index": i, "oriented": exif_orientation(data) != 1}
+            return {"data": data, "index": i, "oriented": self.orientation and exif_orientation(data) != 1}
         except OSError:
             if self.skip_bad:
                 return None
@@ -198,9 +199,11 @@ def _gpu_decode(
     from vlweak.data.datasets import load_image
 
     name, decode = jpeg_decoder()
-    if oriented is None:
-        oriented = [name == "torchcodec" and exif_orientation(d) != 1 for d in data]
-    by_pil = [bool(o) and name == "torchcodec" for o in oriented]
+    if name != "torchcodec":  # torchvision's decoder keeps the stored orientation, as PIL does
+        oriented = [False] * len(data)
+    elif oriented is None:
+        oriented = [exif_orientation(d) != 1 for d in data]
+    by_pil = list(oriented)
     batch = [k for k, pil in enumerate(by_pil) if not pil]
     images: list[Tensor] = [torch.empty(0)] * len(data)
     try:
@@ -418,7 +421,8 @@ def _encode_shards(
     if on_gpu:
         assert split is not None
         size, crop = gpu_geometry(split[0])  # type: ignore[misc]
-        source: Dataset = _FileBytes(dataset.paths, getattr(dataset, "skip_bad", False))
+        source: Dataset = _FileBytes(dataset.paths, getattr(dataset, "skip_bad", False),
+                                     orientation=jpeg_decoder()[0] == "torchcodec")
         collate_fn = _collate_bytes
     else:
         source = _Prepared(dataset, split[0] if split is not None else transform)
