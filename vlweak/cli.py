@@ -21,9 +21,9 @@ from typing import Any
 import lightning as L
 import yaml
 from jsonargparse import DefaultHelpFormatter
-from packaging.version import Version
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from packaging.version import Version
 
 import vlweak.data  # noqa: F401  (registers the data modules for class-path resolution)
 import vlweak.methods  # noqa: F401

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
+
 log = logging.getLogger(__name__)
 
 
@@ -32,12 +34,11 @@ class CheckpointOnInterrupt(L.Callback):
         if not filename.startswith("last"):
             raise ValueError(f"filename must start with 'last' (what --ckpt_path last looks for), got {filename!r}")
         self.filename = filename
-        self.saved: Path | None = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.world_size > 1 or trainer.global_step == 0 or trainer.sanity_checking:
             return
-        if any(type(cb).__name__ == "PseudolabelRounds" for cb in trainer.callbacks):
+        if any(isinstance(cb, PseudolabelRounds) for cb in trainer.callbacks):
             log.warning("the fit stopped (%s): run the same `vlweak fit` again (no --ckpt_path) to resume at the "
                         "round it was in", type(exception).__name__)
             return
@@ -50,7 +51,6 @@ class CheckpointOnInterrupt(L.Callback):
         except Exception as err:  # noqa: BLE001 - the exception that stopped the fit is the one to raise
             log.warning("the fit stopped (%s) and its checkpoint could not be written to %s: %s", type(exception).__name__, path, err)
             return
-        self.saved = path
         log.warning(
             "the fit stopped at step %d (%s); saved %s: `vlweak fit` with the same recipe and --ckpt_path last continues from it",
             trainer.global_step, type(exception).__name__, path,
