@@ -48,14 +48,18 @@ from vlweak.methods.dualcoop import region_aggregate
 from vlweak.prompts import text_classifier
 
 
-def linear_probe(train: Tensor, labels: Tensor, init: Tensor, steps: int = 1000, scale: float = 30.0) -> Tensor:
-    """Weights ``[C, D]`` and bias of a linear classifier fit by full-batch Adam from ``init``."""
+def linear_probe(
+    train: Tensor, labels: Tensor, init: Tensor, steps: int = 1000, scale: float = 30.0, loss=F.cross_entropy
+) -> Tensor:
+    """Weights ``[C, D]`` and bias of a linear classifier fit by full-batch Adam from ``init``
+    (``loss``: cross-entropy on class indices, or ``binary_cross_entropy_with_logits`` on multi-hot
+    targets)."""
     weight = torch.nn.Parameter(init.clone())
     bias = torch.nn.Parameter(torch.zeros(len(init)))
     opt = torch.optim.Adam([weight, bias], lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
-        F.cross_entropy(scale * train @ weight.T + bias, labels).backward()
+        loss(scale * train @ weight.T + bias, labels).backward()
         opt.step()
     return torch.cat([scale * weight.detach(), bias.detach()[:, None]], 1)
 
@@ -145,14 +149,8 @@ def multilabel_headroom(backbone: OpenCLIPBackbone, shift: float, n_pool: int, n
     pos, neg = free_region_classifier(dp, yp, text, tau, scale)
     z = region_aggregate(dt, pos, neg, tau)
     out[f"free positive/negative vectors on all labels of {n_pool} scenes (DualCoOp's ceiling)"] = ap(z[..., 0] - z[..., 1])
-    weight = torch.nn.Parameter(text.clone())
-    bias = torch.nn.Parameter(torch.zeros(len(SHAPES)))
-    opt = torch.optim.Adam([weight, bias], lr=1e-2)
-    for _ in range(1000):
-        opt.zero_grad()
-        F.binary_cross_entropy_with_logits(30.0 * gp @ weight.T + bias, yp).backward()
-        opt.step()
-    out[f"linear probe on the global feature, all labels of {n_pool} scenes"] = ap(gt @ weight.detach().T + bias.detach())
+    w = linear_probe(gp, yp, text, loss=F.binary_cross_entropy_with_logits)
+    out[f"linear probe on the global feature, all labels of {n_pool} scenes"] = ap(gt @ w[:, :-1].T + w[:, -1])
     return out
 
 
