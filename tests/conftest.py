@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -65,3 +66,15 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed
         for k in range(n):
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{k}.png")
     return root
+
+
+class PowerCut(L.Callback):
+    """Stops a fit as training step ``at_step`` starts: ``KeyboardInterrupt`` (Ctrl-C, a power cut),
+    or with ``error`` a ``RuntimeError``."""
+
+    def __init__(self, at_step: int = 4, error: bool = False) -> None:
+        self.at_step, self.error = at_step, error
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("disk full") if self.error else KeyboardInterrupt("power cut")

@@ -3,43 +3,25 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import PowerCut
+from tests.methods.test_dualcoop import _cli
 from vlweak.callbacks import CheckpointOnInterrupt
-from vlweak.cli import build_cli
-
-
-class PowerCut(L.Callback):
-    """Raises ``KeyboardInterrupt`` (or a ``RuntimeError``) as training step ``at_step`` starts."""
-
-    def __init__(self, at_step: int = 4, error: bool = False) -> None:
-        self.at_step, self.error = at_step, error
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("disk full") if self.error else KeyboardInterrupt("power cut")
 
 
 def _fit(tmp_path, weights, *extra):
     # DualCoOp's recipe, tiny: 48 scenes in batches of 16, 3 steps an epoch, 2 epochs, the recipe's
     # checkpoint at each epoch's end only
-    return build_cli([
-        "fit", "--config", str(REPO / "recipes" / "dualcoop" / "shapes_partial.yaml"),
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_epochs=2", "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false", "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
-        f"--model.init_args.backbone.init_args.pretrained={weights}", "--model.init_args.n_ctx=4",
-        "--data.init_args.image_size=32", "--data.init_args.n_train=48", "--data.init_args.n_val=16",
-        "--data.init_args.n_test=16", "--data.init_args.batch_size=16", *extra,
-    ])
+    return _cli("fit", "shapes_partial.yaml", tmp_path, weights, "--trainer.max_epochs=2", "--trainer.limit_train_batches=1.0",
+                "--trainer.limit_val_batches=0", "--data.init_args.n_train=48", *extra)
 
 
 @pytest.mark.parametrize("error", [False, True], ids=["ctrl-c", "error"])
 def test_a_fit_stopped_mid_epoch_continues_from_the_step_it_stopped_at(tmp_path, tiny_ckpt, error):
     whole = _fit(tmp_path / "whole", tiny_ckpt)
-    cut = f"--trainer.callbacks+={{'class_path': 'tests.callbacks.test_interrupt.PowerCut', 'init_args': {{'error': {error}}}}}"
+    cut = f"--trainer.callbacks+={{'class_path': 'tests.conftest.PowerCut', 'init_args': {{'error': {error}}}}}"
     with pytest.raises(SystemExit if not error else RuntimeError, match=None if not error else "disk full"):
         _fit(tmp_path / "cut", tiny_ckpt, cut)
     saved = list((tmp_path / "cut").rglob("last-interrupted.ckpt"))
@@ -54,7 +36,7 @@ def test_a_fit_stopped_mid_epoch_continues_from_the_step_it_stopped_at(tmp_path,
 
 
 def test_nothing_is_written_before_the_first_step_or_for_a_bad_name(tmp_path, tiny_ckpt):
-    cut = "--trainer.callbacks+={'class_path': 'tests.callbacks.test_interrupt.PowerCut', 'init_args': {'at_step': 0, 'error': true}}"
+    cut = "--trainer.callbacks+={'class_path': 'tests.conftest.PowerCut', 'init_args': {'at_step': 0, 'error': true}}"
     with pytest.raises(RuntimeError, match="disk full"):
         _fit(tmp_path, tiny_ckpt, cut)
     assert not list(tmp_path.rglob("last-interrupted.ckpt"))

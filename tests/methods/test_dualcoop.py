@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import REPO, requires_shipped
+from tests.conftest import REPO, PowerCut, requires_shipped
 from vlweak.backbones import OpenCLIPBackbone
 from vlweak.cli import build_cli
 from vlweak.data import ShapesWorldDataModule
@@ -202,12 +202,6 @@ def test_partial_labels_beat_zero_shot_multilabel(shapes_backbone, tmp_path):
     assert ours > zs + MARGIN, f"DualCoOp mAP {ours:.3f} vs zero-shot {zs:.3f}"
 
 
-class _PowerCut(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 4:
-            raise KeyboardInterrupt("power cut")
-
-
 def test_a_fit_cut_mid_epoch_continues_to_the_uninterrupted_prompts(tmp_path, tiny_ckpt):
     # the recipe's checkpoint, written every 2 steps of 3-batch epochs: a cut as step 4 starts leaves
     # step 4's, after batch 1 of epoch 1; the cosine schedule sizes itself from the loader
@@ -216,7 +210,7 @@ def test_a_fit_cut_mid_epoch_continues_to_the_uninterrupted_prompts(tmp_path, ti
              "--trainer.callbacks.init_args.every_n_train_steps=2", "--trainer.callbacks.init_args.save_on_train_epoch_end=false"]
     whole = _cli("fit", "shapes_partial.yaml", tmp_path / "whole", tiny_ckpt, *extra)
     cut = _cli("fit", "shapes_partial.yaml", tmp_path / "cut", tiny_ckpt, *extra, run=False)
-    cut.trainer.callbacks.append(_PowerCut())
+    cut.trainer.callbacks.append(PowerCut(at_step=4))
     with pytest.raises(SystemExit):  # Lightning turns the interrupt into an exit after its teardown
         cut.trainer.fit(cut.model, cut.datamodule)
     ckpt = torch.load(next((tmp_path / "cut").rglob("last.ckpt")), weights_only=False)

@@ -65,16 +65,10 @@ def test_frozen_backbone_is_rejected():
         CLIPPretrain(OpenCLIPBackbone("vlweak-tiny", pretrained=None))
 
 
-class _Crash(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 3:
-            raise KeyboardInterrupt("power cut")
-
-
 def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckpt):
     # the recipe's path: last.ckpt every N steps, then `vlweak fit ... --ckpt_path last`; three
     # batches an epoch and a checkpoint every two steps, so the fit is resumed in the middle of an epoch
-    from tests.conftest import REPO
+    from tests.conftest import REPO, PowerCut
     from vlweak.cli import build_cli
 
     def args(name):
@@ -91,7 +85,7 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckp
 
     build_cli(["fit", *args("whole")])
     cli = build_cli(args("cut"), run=False)
-    cli.trainer.callbacks.append(_Crash())
+    cli.trainer.callbacks.append(PowerCut(at_step=3))
     with pytest.raises(SystemExit):  # Lightning turns the interrupt into an exit after its teardown
         cli.trainer.fit(cli.model, cli.datamodule)
     run = tmp_path / "cut" / "version_0"
