@@ -67,15 +67,24 @@ def check_resumable(skip: int, batches: int) -> None:
 
 
 class _SkipFirst:
-    """A loader's batch sampler that leaves out the loader's pending ``_skip`` first batches (their
-    indices are drawn, nothing is loaded). It reads the count whenever an iterator starts an epoch,
-    so a worker-keeping iterator skips only in the epoch it resumes."""
+    """A loader's batch sampler that draws the order its loader planned when the iterator was made,
+    and leaves out the plan's first batches (their indices are drawn, nothing is loaded).
+
+    The samplers are set to the plan's seed and epoch again as the first batch is drawn: the
+    drawing starts only then, and Lightning sets the sampler's epoch (its own count, which a method
+    ordering by round and epoch in round does not follow) in between. A worker-keeping iterator asks
+    for a new pass at each epoch, so the skip applies only to the epoch it resumes."""
 
     def __init__(self, batches: Any, loader: ResumableLoader) -> None:
         self.batches, self.loader = batches, loader
 
     def __iter__(self) -> Iterator[Any]:
-        return islice(iter(self.batches), self.loader._skip, None)
+        return self._draw(self.loader._order, self.loader._skip)
+
+    def _draw(self, order: tuple[int | None, int] | None, skip: int) -> Iterator[Any]:
+        if order is not None:
+            self.loader.set_order(*order)
+        yield from islice(iter(self.batches), skip, None)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -103,6 +112,7 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args: Any, plan: Callable[[], tuple[int | None, int, int]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.plan = plan
+        self._order: tuple[int | None, int] | None = None
         self._skip = 0
 
     def samplers(self) -> list[Any]:
@@ -114,21 +124,26 @@ class ResumableLoader(DataLoader):
     def _index_sampler(self) -> Any:  # what the iterator draws indices from
         return _SkipFirst(super()._index_sampler, self)
 
+    def set_order(self, seed: int | None, epoch: int) -> None:
+        """Draw the next pass from ``seed`` (``None``: the sampler's) and ``epoch``."""
+        for s in self.samplers():
+            if seed is not None and hasattr(s, "seed"):
+                s.seed = seed
+            if hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
+
     def __iter__(self) -> Any:
-        skip = 0
+        order, skip = None, 0
         if self.plan is not None:
             seed, epoch, skip = self.plan()
             check_resumable(skip, len(self))
-            for s in self.samplers():
-                if seed is not None and hasattr(s, "seed"):
-                    s.seed = seed
-                if hasattr(s, "set_epoch"):
-                    s.set_epoch(epoch)
-        self._skip = skip
+            order = (seed, epoch)
+            self.set_order(seed, epoch)
+        self._order, self._skip = order, skip
         try:
             return super().__iter__()
         finally:
-            self._skip = 0
+            self._order, self._skip = None, 0
 
     # Lightning's protocol for resumable loaders (without it Lightning warns that a mid-epoch resume
     # is unreliable). The position is not kept here: it travels in the data module's own entry of
