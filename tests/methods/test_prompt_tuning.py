@@ -174,14 +174,38 @@ def test_a_fresh_start_removes_the_rounds_of_an_earlier_run(tmp_path):
     assert _rounds(resumed).rounds_trained == [1, 2]  # not the earlier run's final prompt
 
 
-def test_resuming_from_a_lightning_checkpoint_still_trains_the_remaining_rounds(tmp_path):
-    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
-    folder, ckpt = tmp_path / "rounds", tmp_path / "last.ckpt"
-    with pytest.raises(RuntimeError, match="interrupted"):
-        _fit(recipe, f"--model.init_args.rounds_dir={folder}", callbacks=[_InterruptAtRound(1, save=ckpt)])
-    resumed = _fit(recipe, f"--model.init_args.rounds_dir={folder}", ckpt_path=str(ckpt))
-    assert _rounds(resumed).rounds_trained == [1, 2]
-    assert (folder / "round-final.safetensors").is_file()
+def test_a_lightning_checkpoint_continues_the_rounds_exactly_where_it_was_written(tmp_path, monkeypatch):
+    """Two epochs a round, 3 then 4 then 5 batches an epoch as the pseudolabels grow; each round's
+    prompt is its first epoch's (held out as the best). Resumed from the middle of an epoch, from
+    the checkpoint after a round's last batch (its pseudolabels still to choose, the next round's set
+    longer) and from an epoch's end inside a round, every fit ends with the uninterrupted prompt."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from vlweak.methods.prompt_tuning import PromptTuning
+
+    monkeypatch.setattr(PromptTuning, "held_out_accuracy", lambda self: 0.5 + 0.5 * (_rounds_of(self.trainer).epoch_in_round == 0))
+
+    recipe = _recipe(tmp_path, dict(TINY_MODEL, epochs_per_round=2), dict(TINY_DATA, batch_size=16))
+    ckpts = tmp_path / "ckpts"
+    full = _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'full'}", "--trainer.enable_checkpointing=true",
+                callbacks=[ModelCheckpoint(ckpts, "{step}", every_n_train_steps=1, save_top_k=-1),
+                           ModelCheckpoint(ckpts, "{epoch}", save_on_train_epoch_end=True, save_top_k=-1)])
+    assert full.trainer.global_step == 24 and _rounds(full).rounds_trained == [0, 1, 2]
+    for name, started in [("step=5", [1, 2]), ("step=6", [1, 2]), ("epoch=2", [2])]:
+        state = torch.load(ckpts / f"{name}.ckpt", weights_only=False)["callbacks"]["PseudolabelRounds"]
+        folder = tmp_path / name  # the rounds folder as it was when the checkpoint was written
+        folder.mkdir()
+        for r in range(state["round"] + 1):
+            for f in (f"round-{r:03d}.safetensors", f"pseudolabels-round-{r:03d}.safetensors"):
+                (folder / f).write_bytes((tmp_path / "full" / f).read_bytes())
+        resumed = _fit(recipe, f"--model.init_args.rounds_dir={folder}", ckpt_path=str(ckpts / f"{name}.ckpt"))
+        assert resumed.trainer.global_step == 24, name
+        assert _rounds(resumed).rounds_trained == started, name
+        for (n, a), (_, b) in zip(full.model.prompt_parameters(), resumed.model.prompt_parameters()):
+            torch.testing.assert_close(b, a, msg=f"{name}: {n}")
+    assert state["epoch_in_round"] == 1 and not state["end_pending"]
+    # a checkpoint whose round has no training set in the rounds folder is refused, naming the file
+    with pytest.raises(ValueError, match=r"round 2 of 3, whose training set .*round-001.safetensors is missing"):
+        _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'empty'}", ckpt_path=str(ckpts / "epoch=2.ckpt"))
 
 
 def test_transductive_zero_shot_and_artifact_source(tmp_path):

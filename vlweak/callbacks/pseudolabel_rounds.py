@@ -15,6 +15,13 @@ from scratch anyway). The trained prompt is also written as soon as a round's tr
 the pool is scored, so a crash while scoring resumes by scoring again, not by training again.
 ``round-final.safetensors`` marks a finished run (a rerun only restores its prompt).
 
+A Lightning checkpoint of the fit (``--ckpt_path``) continues exactly where it was written: every
+checkpoint records the round, the epoch in it and whether that epoch's end (the pseudolabels, at a
+round's end) is still to do; the data module records the batches of the epoch already trained. The
+round's training set is read back from the rounds folder, the prompt, the optimizer and the round's
+best held-out prompt from the checkpoint, so a run resumed from any step ends with the prompt an
+uninterrupted run ends with.
+
 Under DDP every rank scans and scores the pool itself (the same deterministic result on each), the
 distributed sampler splits the round's training set, and rank 0 writes the round files (a resumed
 run reads them on every rank, so ``dirpath`` must be on a shared file system).
@@ -46,6 +53,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from vlweak.data.cache import atomic_save_tensors
+from vlweak.data.order import trained_position
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import k_schedule, top_k_per_class
 
@@ -130,8 +138,13 @@ class PseudolabelRounds(L.Callback):
         self.pool_digest = ""  # of the pool's sample ids, set when the pool is (each fit)
         self.schedule: list[int] = []
         self.rounds_trained: list[int] = []
-        self.remaining = 0
         self.history: list[dict[str, float]] = []
+        self.pseudolabeling = False  # an epoch's end is choosing the next round's pseudolabels
+        self._started: tuple[int, int] | None = None  # (round, epoch in it) whose start has been done
+        self._open = False  # a batch of the current epoch is trained and the epoch's end not done
+        self._restored: dict[str, Any] | None = None  # the state a Lightning checkpoint gave back
+        self._trainer: L.Trainer | None = None
+        self._ended_restored_epoch = False
 
     # ---------------------------------------------------------------- files
     def folder(self, trainer: L.Trainer, identity: dict[str, Any] | None = None) -> Path:
@@ -236,6 +249,29 @@ class PseudolabelRounds(L.Callback):
             trainer.logger.log_metrics({f"rounds/{k}": v for k, v in info.items()}, step=trainer.global_step)
 
     # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the rounds stand, written into every Lightning checkpoint of the fit."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit" or not self.schedule:
+            return {}
+        done = trained_position(trainer)[1]
+        return {
+            "round": self.round,
+            "epoch_in_round": self.epoch_in_round,
+            "started": list(self._started) if self._started is not None else None,
+            # the last batch of an epoch is trained and the epoch's end not done yet (a checkpoint
+            # written after that batch): the resumed fit does it, Lightning will not
+            "end_pending": done == 0 and self._open,
+            "pseudolabeling": self.pseudolabeling,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = dict(state)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = pl_module
         m.setup_pool(trainer)
@@ -243,25 +279,19 @@ class PseudolabelRounds(L.Callback):
         n_unlabeled = int((m.pool_label < 0).sum())
         self.schedule = k_schedule(m.strategy, n_unlabeled, len(m.pseudolabel_classes), m.k, m.rounds)
         folder = self.folder(trainer, self.identity(m))
-        state = self.latest(folder) if self.resume and folder.is_dir() else None
-        if state is not None:
-            self.check_identity(state, m, folder)
-            total = len(self.schedule)
-            rank_zero_info(
-                f"all {total} rounds of this run are done in {folder}: nothing to train (resume: false starts over)"
-                if state.round >= total else
-                f"resuming round {state.round + 1} of {total} from {folder} (rounds done: {state.round})"
-            )
-            if state.prompt:
-                m.load_prompt_state(state.prompt)
-            if state.meta.get("scored") is False:  # trained, interrupted while scoring: score again
-                state = self._pseudolabel(trainer, m, state.round)
+        restored, self._restored = self._restored, None
+        self._started, self._open, self.pseudolabeling = None, False, False
+        resuming_ckpt = getattr(trainer, "ckpt_path", None) is not None
+        if resuming_ckpt and restored:
+            state = self._from_checkpoint(trainer, m, folder, restored)
         else:
-            if trainer.global_rank == 0 and folder.is_dir():
-                self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
-            state = self._pseudolabel(trainer, m, 0)
-        self.round, self.epoch_in_round = state.round, 0
-        self.remaining = max(0, len(self.schedule) - self.round)
+            if resuming_ckpt:
+                rank_zero_warn(
+                    "the checkpoint holds no pseudolabel round position (written by an older vlweak, or restored "
+                    "after this callback starts under this strategy): the round it was in restarts from its first epoch"
+                )
+            state = self._from_folder(trainer, m, folder)
+            self.round, self.epoch_in_round = state.round, 0
         asked = trainer.fit_loop.max_epochs
         if asked not in (None, -1, 1000):  # 1000: Lightning's value when unset
             rank_zero_warn(
@@ -271,45 +301,129 @@ class PseudolabelRounds(L.Callback):
         # The epochs the remaining rounds need. A Lightning checkpoint given as ``ckpt_path`` restores
         # ``current_epoch`` only after this hook, so the budget is set again in ``on_train_start``;
         # until then it must not look spent (the fit loop would skip training altogether).
-        resuming_ckpt = getattr(trainer, "ckpt_path", None) is not None
-        trainer.fit_loop.max_epochs = -1 if resuming_ckpt else trainer.current_epoch + self.remaining * m.epochs_per_round
+        trainer.fit_loop.max_epochs = -1 if resuming_ckpt else trainer.current_epoch + self._epochs_left(m)
         trainer.reload_dataloaders_every_n_epochs = m.epochs_per_round
         # the data order follows (seed, round, epoch in round), not Lightning's epoch count, which a
         # resumed run restarts; the loader draws it whenever an epoch's iterator is made (Lightning
         # makes the first one before any epoch hook runs)
         m._datamodule.train_order = self.order(m)
-        if self.remaining:
+        if self.round < len(self.schedule):
             m.use_training_set(state.train_index, state.train_label, state.round)
+            if restored and restored.get("end_pending"):
+                self._end_epoch(trainer, m)
+                self._ended_restored_epoch = True
+
+    def _from_folder(self, trainer: L.Trainer, m: Any, folder: Path) -> RoundState:
+        """The round to train next: the rounds folder's latest (with ``resume``), else round 0."""
+        state = self.latest(folder) if self.resume and folder.is_dir() else None
+        if state is None:
+            if trainer.global_rank == 0 and folder.is_dir():
+                self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
+            return self._pseudolabel(trainer, m, 0)
+        self.check_identity(state, m, folder)
+        total = len(self.schedule)
+        rank_zero_info(
+            f"all {total} rounds of this run are done in {folder}: nothing to train (resume: false starts over)"
+            if state.round >= total else
+            f"resuming round {state.round + 1} of {total} from {folder} (rounds done: {state.round})"
+        )
+        if state.prompt:
+            m.load_prompt_state(state.prompt)
+        if state.meta.get("scored") is False:  # trained, interrupted while scoring: score again
+            state = self._pseudolabel(trainer, m, state.round)
+        return state
+
+    def _from_checkpoint(self, trainer: L.Trainer, m: Any, folder: Path, restored: dict[str, Any]) -> RoundState:
+        """The round a Lightning checkpoint stopped in, continued where it stopped: its training set
+        from the rounds folder; the prompt, optimizer and data position are the checkpoint's."""
+        if restored.get("pseudolabeling"):
+            raise ValueError(
+                "this checkpoint was written while a round's pseudolabels were being chosen; run the same "
+                f"`vlweak fit` without --ckpt_path: it resumes at that round from {folder}"
+            )
+        r, total = int(restored["round"]), len(self.schedule)
+        self.round, self.epoch_in_round = r, int(restored["epoch_in_round"])
+        self._started = tuple(restored["started"]) if restored.get("started") is not None else None
+        self._open = bool(restored.get("end_pending"))
+        self.history = list(restored.get("history", []))
+        empty = torch.empty(0, dtype=torch.long)
+        if r >= total:
+            rank_zero_info(f"the checkpoint is of a finished run: all {total} rounds are trained")
+            return RoundState(r, empty, empty, empty.bool())
+        path = self.round_path(folder, r)
+        state = RoundState.load(path) if path.is_file() else None
+        if state is None or state.meta.get("scored") is False:
+            raise ValueError(
+                f"the checkpoint stopped in round {r + 1} of {total}, whose training set {path} is "
+                f"{'missing' if state is None else 'not chosen yet'}: give the rounds_dir the fit used, or run "
+                "`vlweak fit` without --ckpt_path to resume from the rounds folder"
+            )
+        self.check_identity(state, m, folder)
+        rank_zero_info(f"continuing round {r + 1} of {total} at its epoch {self.epoch_in_round + 1} from the checkpoint")
+        return state
+
+    def _epochs_left(self, m: Any) -> int:
+        """Epochs still to train, counting the current one when it has started."""
+        return max(0, (len(self.schedule) - self.round) * m.epochs_per_round - self.epoch_in_round)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # rounds restart from their first epoch whatever epoch a restored checkpoint was at
-        trainer.fit_loop.max_epochs = trainer.current_epoch + self.remaining * pl_module.epochs_per_round
+        m = pl_module
+        trainer.fit_loop.max_epochs = trainer.current_epoch + self._epochs_left(m)
+        # the train set changes at each round's end: Lightning reloads the loader every
+        # epochs_per_round epochs counted from its first load, which a fit resumed in the middle of
+        # a round made at another epoch than the round's first
+        fit_loop = trainer.fit_loop
+        if hasattr(fit_loop, "_last_train_dl_reload_epoch"):
+            fit_loop._last_train_dl_reload_epoch = trainer.current_epoch - self.epoch_in_round
+        elif self.epoch_in_round:
+            trainer.reload_dataloaders_every_n_epochs = 1
+        if self._ended_restored_epoch:
+            self._ended_restored_epoch = False
+            _lightning_epoch_over(trainer)
+        # Lightning does not start an epoch it resumes (nor the one after an epoch whose last batch
+        # a checkpoint followed): start it here when it is not started yet
+        self._start_epoch(m)
+
+    def _start_epoch(self, m: Any) -> None:
+        key = (self.round, self.epoch_in_round)
+        if self._started == key or self.round >= len(self.schedule):
+            return
+        if self.epoch_in_round == 0:
+            m.start_round(self.round)
+            self.rounds_trained.append(self.round)
+        m.set_round_epoch(self.epoch_in_round)
+        self._started = key
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.epoch_in_round == 0:
-            pl_module.start_round(self.round)
-            self.rounds_trained.append(self.round)
-        pl_module.set_round_epoch(self.epoch_in_round)
+        self._start_epoch(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._open = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        m = pl_module
+        self._end_epoch(trainer, pl_module)
+
+    def _end_epoch(self, trainer: L.Trainer, m: Any) -> None:
+        """An epoch is trained: keep the round's best prompt so far; at the round's end choose the
+        next round's pseudolabels (or finish)."""
+        self.pseudolabeling = True
         held = m.track_best_prompt() if hasattr(m, "track_best_prompt") else None
         if held is not None and trainer.logger is not None and trainer.global_rank == 0:
             trainer.logger.log_metrics({"rounds/held_out_acc": held}, step=trainer.global_step)
         self.epoch_in_round += 1
-        if self.epoch_in_round < m.epochs_per_round:
-            return
-        if hasattr(m, "restore_best_prompt"):
-            m.restore_best_prompt()  # the round's prompt: its best epoch on the held-out labels
-        self.round, self.epoch_in_round = self.round + 1, 0
-        if self.round < len(self.schedule):
-            # the trained prompt is kept before the (long) scoring of the pool, so a crash there
-            # resumes by scoring again rather than by training the round again
-            self._save(trainer, m, self._prompt_only(m, self.round, scored=False), None, self.round)
-            state = self._pseudolabel(trainer, m, self.round)
-            m.use_training_set(state.train_index, state.train_label, state.round)
-        else:
-            self._save(trainer, m, self._prompt_only(m, self.round, done=True), None, "final")
+        if self.epoch_in_round >= m.epochs_per_round:
+            if hasattr(m, "restore_best_prompt"):
+                m.restore_best_prompt()  # the round's prompt: its best epoch on the held-out labels
+            self.round, self.epoch_in_round = self.round + 1, 0
+            if self.round < len(self.schedule):
+                # the trained prompt is kept before the (long) scoring of the pool, so a crash there
+                # resumes by scoring again rather than by training the round again
+                self._save(trainer, m, self._prompt_only(m, self.round, scored=False), None, self.round)
+                state = self._pseudolabel(trainer, m, self.round)
+                m.use_training_set(state.train_index, state.train_label, state.round)
+            else:
+                self._save(trainer, m, self._prompt_only(m, self.round, done=True), None, "final")
+        self._open = self.pseudolabeling = False
 
     def _pseudolabel(self, trainer: L.Trainer, m: Any, r: int) -> RoundState:
         """Score the pool (round 0: with the pseudolabel source, later: with the current prompt),
@@ -336,3 +450,19 @@ class PseudolabelRounds(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if hasattr(pl_module, "release_pool"):
             pl_module.release_pool()
+
+
+def _lightning_epoch_over(trainer: L.Trainer) -> None:
+    """A checkpoint written after an epoch's last batch: Lightning counts that epoch as over only
+    when the batches it trained reach the train loader's length, and the resumed loader serves the
+    next round's training set, which may be longer. Give Lightning the count it looks for."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        current, batches = loop.batch_progress.current, trainer.num_training_batches
+        if loop.restarted_on_train_batch_end and current.completed + 1 < batches:
+            current.completed = int(batches) - 1  # Lightning adds the batch it restarts after
+    except AttributeError as err:  # another Lightning: refuse rather than train a wrong epoch
+        raise RuntimeError(
+            "this Lightning version cannot resume pseudolabel rounds from a checkpoint written after an "
+            "epoch's last batch; resume from an epoch-end checkpoint, or without --ckpt_path"
+        ) from err

@@ -326,19 +326,19 @@ class VLDataModule(L.LightningDataModule):
         """``(seed, epoch, batches to skip)`` of the train loader's next pass: a method's own order
         (``train_order``), else the epoch of the fit's progress, and, once, where a checkpoint
         stopped (seed ``None``: the run's)."""
+        resume, self._resume_at = self._resume_at, None
         if self.train_order is not None:
-            seed, epoch = self.train_order()
-            return seed, epoch, 0
-        if self._resume_at is not None:
-            (epoch, skip), self._resume_at = self._resume_at, None
-            return None, epoch, skip
+            seed, epoch = self.train_order()  # the method's epoch; the batches trained are the fit's
+            return seed, epoch, resume[1] if resume is not None else 0
+        if resume is not None:
+            return None, resume[0], resume[1]
         trainer = getattr(self, "trainer", None)
         return None, trained_position(trainer)[0] if trainer is not None else 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         """Written into every Lightning checkpoint: where the fit stands in its training order."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or self.train_order is not None or trainer.state.fn != "fit":
+        if trainer is None or trainer.state.fn != "fit":
             return {}
         return {"train_position": list(trained_position(trainer))}
 

@@ -85,7 +85,9 @@ class PromptTuning(VLMethod):
         rounds_dir: folder of the per-round checkpoints; a run started with the same folder resumes
             at the round it was in. Default: ``<logger save_dir>/<logger name>/rounds/<hash>``, the
             hash of the run's identity (labeled set, source, schedule, hyper-parameters), so rerunning
-            the same configuration resumes and any other configuration starts afresh.
+            the same configuration resumes and any other configuration starts afresh. A fit given
+            a Lightning checkpoint (``--ckpt_path``) continues at the step it was written and reads
+            its round's training set from here.
         resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
         holdout: fraction of each round's training set (labels and pseudolabels alike) held out to
             choose the round's prompt: the epoch with the best accuracy on the held-out labels, the
@@ -414,6 +416,16 @@ class PromptTuning(VLMethod):
         if self._best is not None:
             self.load_prompt_state(self._best[1])
         self._best = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the round's best prompt so far on the held-out labels: a fit resumed mid-round chooses
+        # the round's prompt as an uninterrupted one does
+        if self._best is not None:
+            checkpoint["prompt_tuning_best"] = {"accuracy": self._best[0], "prompt": self._best[1]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        best = checkpoint.get("prompt_tuning_best")
+        self._best = (float(best["accuracy"]), dict(best["prompt"])) if best is not None else None
 
     def release_pool(self) -> None:
         """Give the data module its whole train split and its own training order back and drop the
