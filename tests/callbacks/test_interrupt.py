@@ -44,14 +44,34 @@ def test_nothing_is_written_before_the_first_step_or_for_a_bad_name(tmp_path, ti
         CheckpointOnInterrupt("interrupted")
 
 
-def test_a_fit_in_pseudolabel_rounds_is_left_to_resume_by_its_rounds(tmp_path):
-    """Prompt tuning resumes at the round it was in from its rounds folder; no Lightning checkpoint
-    is written for it mid-round."""
+def test_a_fit_in_pseudolabel_rounds_continues_from_the_step_it_stopped_at(tmp_path, monkeypatch):
+    """Prompt tuning stopped in the middle of a round continues from that step to the uninterrupted
+    prompt; stopped while choosing a round's pseudolabels, it writes nothing (its rounds folder
+    resumes that round)."""
     from tests.methods.test_prompt_tuning import TINY_DATA, TINY_MODEL, _fit as fit_rounds, _recipe
+    from vlweak.methods.prompt_tuning import PromptTuning
 
-    recipe = _recipe(tmp_path, TINY_MODEL, TINY_DATA)
+    # 2 epochs a round, 3 batches an epoch in round 0: step 4 is the second batch of its second epoch
+    recipe = _recipe(tmp_path, dict(TINY_MODEL, epochs_per_round=2), dict(TINY_DATA, batch_size=16))
+    whole = fit_rounds(recipe, f"--model.init_args.rounds_dir={tmp_path / 'whole'}")
+    with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C
+        fit_rounds(recipe, f"--model.init_args.rounds_dir={tmp_path / 'cut'}", "--trainer.enable_checkpointing=true",
+                   callbacks=[CheckpointOnInterrupt(), PowerCut(at_step=4)])
+    saved = list(tmp_path.rglob("last-interrupted.ckpt"))
+    assert len(saved) == 1
+    rounds = torch.load(saved[0], weights_only=False)["callbacks"]["PseudolabelRounds"]
+    assert (rounds["round"], rounds["epoch_in_round"]) == (0, 1)
+    resumed = fit_rounds(recipe, f"--model.init_args.rounds_dir={tmp_path / 'cut'}", ckpt_path=str(saved[0]))
+    assert resumed.trainer.global_step == whole.trainer.global_step
+    for (n, a), (_, b) in zip(whole.model.prompt_parameters(), resumed.model.prompt_parameters()):
+        torch.testing.assert_close(b, a, msg=n)
+
+    saved[0].unlink()
+    original = PromptTuning.score_unlabeled
+    monkeypatch.setattr(PromptTuning, "score_unlabeled",
+                        lambda self, source: original(self, source) if source else (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError, match="disk full"):
-        fit_rounds(recipe, f"--model.init_args.rounds_dir={tmp_path / 'rounds'}", "--trainer.enable_checkpointing=true",
-                   callbacks=[CheckpointOnInterrupt(), PowerCut(at_step=2, error=True)])
+        fit_rounds(recipe, f"--model.init_args.rounds_dir={tmp_path / 'scoring'}", "--trainer.enable_checkpointing=true",
+                   callbacks=[CheckpointOnInterrupt()])
     assert not list(tmp_path.rglob("last-interrupted.ckpt"))
-    assert list((tmp_path / "rounds").glob("round-*.safetensors"))
+    assert (tmp_path / "scoring" / "round-001.safetensors").is_file()  # round 0's prompt, kept before scoring

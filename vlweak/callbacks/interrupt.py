@@ -22,9 +22,9 @@ class CheckpointOnInterrupt(L.Callback):
 
     The vlweak CLI adds it to every ``fit`` whose trainer has a ``ModelCheckpoint``. Under several
     processes it writes nothing: saving is a collective, and a rank stopped on its own error cannot
-    join it (the periodic checkpoints are what such a run continues from). Nor does it for a fit run
-    in pseudolabel rounds (:class:`~vlweak.callbacks.PseudolabelRounds`), which resumes by itself at
-    the round it was in when the same fit is run again.
+    join it (the periodic checkpoints are what such a run continues from). Nor does it while a fit in
+    pseudolabel rounds (:class:`~vlweak.callbacks.PseudolabelRounds`) is choosing a round's
+    pseudolabels: the rounds folder resumes that (run the same fit again without ``--ckpt_path``).
 
     Args:
         filename: file name without ``.ckpt``; keep the ``last`` prefix for ``--ckpt_path last``.
@@ -38,9 +38,9 @@ class CheckpointOnInterrupt(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.world_size > 1 or trainer.global_step == 0 or trainer.sanity_checking:
             return
-        if any(isinstance(cb, PseudolabelRounds) for cb in trainer.callbacks):
-            log.warning("the fit stopped (%s): run the same `vlweak fit` again (no --ckpt_path) to resume at the "
-                        "round it was in", type(exception).__name__)
+        if any(isinstance(cb, PseudolabelRounds) and cb.pseudolabeling for cb in trainer.callbacks):
+            log.warning("the fit stopped (%s) while choosing a round's pseudolabels: run the same `vlweak fit` again, "
+                        "without --ckpt_path, to resume at that round", type(exception).__name__)
             return
         folder = next((cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
         if folder is None:
