@@ -47,7 +47,7 @@ class CheckpointOnInterrupt(L.Callback):
             return
         path = Path(folder) / f"{self.filename}.ckpt"
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the whole fit: optimizer, loops, callbacks
         except Exception as err:  # noqa: BLE001 - the exception that stopped the fit is the one to raise
             log.warning("the fit stopped (%s) and its checkpoint could not be written to %s: %s", type(exception).__name__, path, err)
             return
