@@ -16,8 +16,9 @@
 #                                      GPU solve; GPU JPEG decoding; DualCoOp, GRIP, pretraining
 #                                      under bf16 on the GPU reaching their CPU tests' targets)
 #   2. benchmarks/run.py --device cuda the benchmark table at full sizes (issue targets)
-#   3. benchmarks/zlap.py              ZLaP at N = 1,000,000, C = 1,000 (time, peak memory) and
-#                                      how time grows with N
+#   3. benchmarks/zlap.py              ZLaP at N = 1,000,000, C = 1,000 (time, peak memory), how
+#                                      time grows with N, and the bfloat16-screened exact kNN
+#                                      (--engine torch-bf16) against the fp32 one at N = 300,000
 # STAGES="gpu_tests benchmarks" runs some of them (default: all four, about 15 minutes at most);
 # a stage's limit is an environment variable (GPU_TESTS_S, BENCHMARKS_S, ZLAP_1M_S, ZLAP_GROWTH_S).
 set -uo pipefail
@@ -70,7 +71,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 stage gpu_tests "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu -rs
 stage benchmarks "${BENCHMARKS_S:-360}" "$PYTHON" benchmarks/run.py --device cuda
 stage zlap_1m "${ZLAP_1M_S:-180}" "$PYTHON" benchmarks/zlap.py --device cuda --n 1000000 --classes 1000 --skip-reference
-stage zlap_growth "${ZLAP_GROWTH_S:-120}" bash -c "for n in 100000 300000; do $PYTHON benchmarks/zlap.py --device cuda --n \$n --classes 100 1000 --skip-reference; done"
+stage zlap_growth "${ZLAP_GROWTH_S:-150}" bash -c "for n in 100000 300000; do $PYTHON benchmarks/zlap.py --device cuda --n \$n --classes 100 1000 --skip-reference; done; $PYTHON benchmarks/zlap.py --device cuda --n 300000 --classes 1000 --skip-reference --engine torch-bf16"
 
 echo "=== summary ==="
 for name in $STAGES; do

@@ -1,6 +1,7 @@
 """Time ZLaP's transductive solve against the reference (per-class) formulation.
 
-vlweak's path: exact kNN (faiss on CPU, symmetric blockwise torch on GPU), one sparse graph, one
+vlweak's path: exact kNN (the `auto` engine: faiss, or bfloat16 screening verified in fp32 on CPUs
+with fast bfloat16; symmetric blockwise torch on GPU), one sparse graph, one
 multi-right-hand-side CG for all classes. The reference formulation: exact kNN with faiss
 (``IndexFlatIP``, self-search), a SciPy sparse graph, and one CG solve per class — SciPy's ``cg`` on
 CPU, a single-column torch CG per class on GPU. Both solve to the same relative tolerance (1e-6,

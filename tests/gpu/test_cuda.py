@@ -34,7 +34,23 @@ def _test_run(recipe: str, out: Path, accelerator: str, *extra: str):
     return metrics, artifact
 
 
-@requires_shipped
+@pytest.mark.parametrize("self_search", [True, False])
+def test_bf16_screened_knn_on_the_gpu_is_the_exact_search(self_search):
+    """bfloat16 candidates on the GPU, re-ranked and verified in fp32: faiss's exact answer."""
+    from torch.nn.functional import normalize
+
+    from vlweak.graph import knn
+
+    g = torch.Generator().manual_seed(0)
+    centres = normalize(torch.randn(50, 256, generator=g), dim=1)
+    x = normalize(centres[torch.randint(50, (20000,), generator=g)] + 0.05 * torch.randn(20000, 256, generator=g), dim=1)
+    base = None if self_search else x[:5000]
+    ref_s, ref_i = knn(x, base, 10, engine="faiss")
+    s, i = knn(x.cuda(), None if base is None else base.cuda(), 10, engine="torch-bf16")
+    torch.testing.assert_close(s.cpu(), ref_s, atol=1e-5, rtol=0)
+    assert (i.cpu() == ref_i).all(dim=1).float().mean() >= 0.999
+
+
 @pytest.mark.parametrize(
     "recipe, extra, agreement, tolerance",
     [

@@ -12,7 +12,7 @@ def _brute(q, b, k, exclude_self):
     return s.topk(k, dim=1)
 
 
-@pytest.mark.parametrize("engine", ["faiss", "torch"])
+@pytest.mark.parametrize("engine", ["faiss", "torch", "torch-bf16"])
 def test_cross_search_matches_brute_force(engine):
     g = torch.Generator().manual_seed(0)
     base = normalize(torch.randn(300, 16, generator=g), dim=1)
@@ -23,7 +23,7 @@ def test_cross_search_matches_brute_force(engine):
     torch.testing.assert_close(sims, ref_s, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("engine", ["faiss", "torch"])
+@pytest.mark.parametrize("engine", ["faiss", "torch", "torch-bf16"])
 @pytest.mark.parametrize("block", [32, 64, 1000])
 def test_self_search_matches_brute_force_and_excludes_self(engine, block):
     g = torch.Generator().manual_seed(1)
@@ -39,7 +39,7 @@ def test_self_excluded_by_index_even_with_duplicates():
     g = torch.Generator().manual_seed(2)
     x = normalize(torch.randn(50, 8, generator=g), dim=1)
     x = torch.cat([x, x])  # every point has an exact twin
-    for engine in ("faiss", "torch"):
+    for engine in ("faiss", "torch", "torch-bf16"):
         sims, idx = self_knn(x, 3, engine=engine, block_size=16)
         rows = torch.arange(100)
         assert not (idx == rows.unsqueeze(1)).any()
@@ -90,7 +90,7 @@ def test_ivf_engine_falls_back_to_exact_for_rows_it_cannot_fill():
     torch.testing.assert_close(sims, ref_s, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("engine", ["faiss", "torch", "faiss-ivf"])
+@pytest.mark.parametrize("engine", ["faiss", "torch", "torch-bf16", "faiss-ivf"])
 @pytest.mark.parametrize("self_search", [True, False])
 def test_a_search_with_a_progress_bar_finds_the_same_neighbours(engine, self_search, monkeypatch, capsys):
     import importlib
@@ -110,3 +110,62 @@ def test_a_search_with_a_progress_bar_finds_the_same_neighbours(engine, self_sea
     monkeypatch.setattr(knn_module, "PROGRESS_MIN_ENTRIES", 10**12)  # a small search shows no bar
     knn(x, base, 5, engine=engine, block_size=128, progress=True)
     assert "kNN graph" not in capsys.readouterr().err
+
+
+def test_bf16_error_bound_holds_for_bf16_products():
+    from vlweak.graph.knn import bf16_error_bound
+
+    g = torch.Generator().manual_seed(4)
+    for d in (16, 512):
+        x = normalize(torch.randn(500, d, generator=g), dim=1)
+        y = torch.cat([x[:50] + 0.01 * torch.randn(50, d, generator=g), torch.randn(450, d, generator=g)])
+        y = normalize(y, dim=1)  # near-duplicates (similarities near 1) and unrelated points
+        err = ((x.bfloat16() @ y.bfloat16().T).float() - x.double().matmul(y.double().T).float()).abs().max()
+        assert 0 < err <= bf16_error_bound(d)
+
+
+@pytest.mark.parametrize("self_search", [True, False])
+def test_bf16_screening_is_exact_where_bfloat16_cannot_rank(self_search):
+    """Points whose similarities differ by less than bfloat16 resolves: the screened candidates
+    alone rank them wrongly, the verification sends those rows to the exact search."""
+    from vlweak.graph.knn import _torch_cross
+
+    g = torch.Generator().manual_seed(5)
+    centre = normalize(torch.randn(1, 64, generator=g), dim=1)
+    x = normalize(centre + 2e-2 * torch.randn(3000, 64, generator=g), dim=1)  # similarities ~0.987 +- 1e-3
+    base = None if self_search else x[:1000]
+    sims, idx = knn(x[:300] if base is not None else x, base, 5, engine="torch-bf16", block_size=256)
+    q = x[:300] if base is not None else x
+    exact = q.double() @ (x if base is None else base).double().T
+    if base is None:
+        exact.fill_diagonal_(float("-inf"))
+    ref_s, ref_i = exact.topk(5, dim=1)
+    # the exact answer up to fp32 ties: the similarities, and each neighbour's true similarity
+    torch.testing.assert_close(sims.double(), ref_s, atol=1e-6, rtol=0)
+    assert (exact.gather(1, idx) >= ref_s[:, -1:] - 1e-6).all()
+    assert (idx == ref_i).all(dim=1).float().mean() > 0.99
+    b16 = q.bfloat16()
+    rough = _torch_cross(b16, b16 if base is None else base.bfloat16(), 6 if base is None else 5, 256)[1]
+    if base is None:
+        rough = rough[:, 1:]  # what bfloat16 alone would answer (self first among equals, or not)
+    assert (rough != ref_i).any(dim=1).float().mean() > 0.5
+
+
+def test_auto_picks_bf16_screening_on_a_cpu_where_it_is_fast(monkeypatch):
+    import importlib
+
+    knn_module = importlib.import_module("vlweak.graph.knn")
+    picked = []
+    original = knn_module._bf16_search
+    monkeypatch.setattr(knn_module, "_bf16_search", lambda *a, **kw: picked.append(1) or original(*a, **kw))
+    monkeypatch.setattr(knn_module, "BF16_MIN_ENTRIES", 1000)
+    x = normalize(torch.randn(200, 8), dim=1)
+    monkeypatch.setitem(knn_module._BF16_PROBE, "cpu", 1.2)  # bfloat16 no faster than fp32: faiss
+    slow = knn(x, None, 4)
+    assert picked == []
+    monkeypatch.setitem(knn_module._BF16_PROBE, "cpu", 6.0)
+    fast = knn(x, None, 4)
+    assert picked == [1] and torch.equal(fast[1], slow[1])
+    monkeypatch.setattr(knn_module, "BF16_MIN_ENTRIES", 10**9)  # a small search keeps faiss
+    knn(x, None, 4)
+    assert picked == [1]

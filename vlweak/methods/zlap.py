@@ -77,7 +77,9 @@ class ZLaP(VLMethod):
         templates: prompt templates of the text classifier (see :class:`~vlweak.methods.ZeroShot`).
         pool_split: the data module's split of unlabeled images the graph is built on; ``null``
             (transductive only) builds it on the evaluated images alone.
-        knn_engine: ``auto``, ``faiss`` (CPU), ``torch``, or the approximate ``faiss-ivf`` (CPU; large pools).
+        knn_engine: ``auto``, ``faiss`` (CPU), ``torch``, ``torch-bf16`` (bfloat16 screening, verified
+            exact; ``auto`` takes it on CPUs with fast bfloat16 for large pools), or the approximate
+            ``faiss-ivf`` (CPU; large pools).
         threshold: multi-label only: a class is a hard pseudolabel when its confidence reaches this.
         artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
     """
