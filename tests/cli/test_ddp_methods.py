@@ -47,8 +47,15 @@ def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int
            *extra, "--trainer.devices=2", *strategy]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc.stderr)
     return single / "run" / "version_0", ddp / "run" / "version_0"
+
+
+def _failure(stderr: str) -> str:
+    """The first traceback of a failed multi-process run (the rank that failed first) and the end."""
+    first = stderr.find("Traceback")
+    head = stderr[first : first + 4000] if first >= 0 else ""
+    return f"{head}\n...\n{stderr[-2000:]}"
 
 
 def _prompt_params(ckpt: Path) -> dict[str, torch.Tensor]:
