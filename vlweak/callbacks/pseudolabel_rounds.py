@@ -280,7 +280,7 @@ class PseudolabelRounds(L.Callback):
         self.schedule = k_schedule(m.strategy, n_unlabeled, len(m.pseudolabel_classes), m.k, m.rounds)
         folder = self.folder(trainer, self.identity(m))
         restored, self._restored = self._restored, None
-        self._started, self._open, self.pseudolabeling = None, False, False
+        self._started, self._open, self.pseudolabeling, self._ended_restored_epoch = None, False, False, False
         resuming_ckpt = getattr(trainer, "ckpt_path", None) is not None
         if resuming_ckpt and restored:
             state = self._from_checkpoint(trainer, m, folder, restored)

@@ -137,8 +137,7 @@ class ResumableLoader(DataLoader):
         if self.plan is not None:
             seed, epoch, skip = self.plan()
             check_resumable(skip, len(self))
-            order = (seed, epoch)
-            self.set_order(seed, epoch)
+            order = (seed, epoch)  # applied as the pass's first batch is drawn (_SkipFirst)
         self._order, self._skip = order, skip
         try:
             return super().__iter__()
