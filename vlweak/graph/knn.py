@@ -218,8 +218,8 @@ def _drop_self(sims: Tensor, idx: Tensor, k: int, rows: Tensor | None = None) ->
 
 
 def bf16_error_bound(d: int, scale: float = 1.0) -> float:
-    """How far an inner product of two vectors of norm at most ``sqrt(scale)`` in ``d`` dimensions
-    can move when both are rounded to bfloat16, multiplied with fp32 accumulation and the result
+    """How far an inner product of two ``d``-dimensional vectors whose norms multiply to at most
+    ``scale`` can move when both are rounded to bfloat16, multiplied with fp32 accumulation and the result
     rounded to bfloat16 (unit roundoff ``u = 2^-8``): ``2u + u^2`` from the inputs, ``u`` from the
     output, ``d * 2^-23`` for the accumulation, all relative to ``sum |x_i| |y_i| <= |x| |y|``."""
     u = 2.0**-8
