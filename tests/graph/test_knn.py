@@ -120,8 +120,11 @@ def test_bf16_error_bound_holds_for_bf16_products():
         x = normalize(torch.randn(500, d, generator=g), dim=1)
         y = torch.cat([x[:50] + 0.01 * torch.randn(50, d, generator=g), torch.randn(450, d, generator=g)])
         y = normalize(y, dim=1)  # near-duplicates (similarities near 1) and unrelated points
-        err = ((x.bfloat16() @ y.bfloat16().T).float() - x.double().matmul(y.double().T).float()).abs().max()
-        assert 0 < err <= bf16_error_bound(d)
+        stored = (x.bfloat16() @ y.bfloat16().T).double()
+        err = (stored - x.double() @ y.double().T).abs()
+        assert 0 < err.max() <= bf16_error_bound(d)
+        assert (err <= bf16_error_bound(d, 1.0, stored)).all()  # the bound for each stored value
+        assert (bf16_error_bound(d, 1.0, stored)[stored.abs() < 0.5] < bf16_error_bound(d)).all()  # tighter when small
 
 
 @pytest.mark.parametrize("self_search", [True, False])
@@ -149,6 +152,30 @@ def test_bf16_screening_is_exact_where_bfloat16_cannot_rank(self_search):
     if base is None:
         rough = rough[:, 1:]  # what bfloat16 alone would answer (self first among equals, or not)
     assert (rough != ref_i).any(dim=1).float().mean() > 0.5
+
+
+def test_bf16_screening_re_ranks_every_candidate_the_inputs_rounding_could_promote():
+    """Neighbours almost orthogonal to the query: their inner products cancel, so rounding the inputs
+    moves them by many times their size, and bfloat16 misranks them. Every candidate within the
+    inputs' error of the k-th must be re-ranked; the points far below them must not trigger the
+    fallback search, so only the re-ranking can get these rows right."""
+    g = torch.Generator().manual_seed(7)
+    misranked = 0
+    for trial in range(5):
+        d = 64
+        q = normalize(torch.randn(1, d, generator=g), dim=1)
+        r = torch.randn(2020, d, generator=g)
+        r = normalize(r - (r @ q.T) * q, dim=1)  # orthogonal to the query
+        near = normalize(r[:20] + 2e-3 * torch.rand(20, 1, generator=g) * q, dim=1)  # similarity 0 .. 0.002
+        far = normalize(r[20:] - 0.1 * q, dim=1)  # similarity about -0.1
+        base = torch.cat([far[:1000], near, far[1000:]])
+        sims, idx = knn(q, base, 5, engine="torch-bf16")
+        exact = (q.double() @ base.double().T).flatten()
+        assert idx.flatten().tolist() == exact.topk(5).indices.tolist(), trial
+        torch.testing.assert_close(sims.flatten().double(), exact.topk(5).values, atol=1e-7, rtol=0)
+        rough = (q.bfloat16() @ base.bfloat16().T).float().flatten()
+        misranked += set(rough.topk(5).indices.tolist()) != set(idx.flatten().tolist())
+    assert misranked >= 3  # bfloat16 alone picks other neighbours
 
 
 def test_auto_picks_bf16_screening_on_a_cpu_where_it_is_fast(monkeypatch):
