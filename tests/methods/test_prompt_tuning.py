@@ -61,6 +61,16 @@ class _InterruptAtRound(L.Callback):
             raise RuntimeError("interrupted")
 
 
+def _round_metrics(cli) -> set[tuple[int, str, float]]:
+    """(step, name, value) of every ``rounds/*`` metric the fit's CSV logger wrote."""
+    import csv
+
+    cli.trainer.logger.save()
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        return {(int(row["step"]), k, round(float(v), 6)) for row in csv.DictReader(f)
+                for k, v in row.items() if k.startswith("rounds/") and v not in ("", None)}
+
+
 def _rounds_of(trainer) -> PseudolabelRounds:
     return next(c for c in trainer.callbacks if isinstance(c, PseudolabelRounds))
 
@@ -191,7 +201,8 @@ def test_a_lightning_checkpoint_continues_the_rounds_exactly_where_it_was_writte
                            ModelCheckpoint(ckpts, "{epoch}", save_on_train_epoch_end=True, save_top_k=-1)])
     assert full.trainer.global_step == 24 and _rounds(full).rounds_trained == [0, 1, 2]
     for name, started in [("step=5", [1, 2]), ("step=6", [1, 2]), ("epoch=2", [2])]:
-        state = torch.load(ckpts / f"{name}.ckpt", weights_only=False)["callbacks"]["PseudolabelRounds"]
+        ckpt = torch.load(ckpts / f"{name}.ckpt", weights_only=False)
+        state = ckpt["callbacks"]["PseudolabelRounds"]
         folder = tmp_path / name  # the rounds folder as it was when the checkpoint was written
         folder.mkdir()
         for r in range(state["round"] + 1):
@@ -202,6 +213,10 @@ def test_a_lightning_checkpoint_continues_the_rounds_exactly_where_it_was_writte
         assert _rounds(resumed).rounds_trained == started, name
         for (n, a), (_, b) in zip(full.model.prompt_parameters(), resumed.model.prompt_parameters()):
             torch.testing.assert_close(b, a, msg=f"{name}: {n}")
+        # the round metrics the resumed fit logs are the uninterrupted fit's, at the same steps
+        logged = _round_metrics(resumed)
+        assert logged and logged <= _round_metrics(full), name
+        assert min(step for step, _, _ in logged) >= ckpt["global_step"], name
     assert state["epoch_in_round"] == 1 and not state["end_pending"]
     # a checkpoint whose round has no training set in the rounds folder is refused, naming the file
     with pytest.raises(ValueError, match=r"round 2 of 3, whose training set .*round-001.safetensors is missing"):

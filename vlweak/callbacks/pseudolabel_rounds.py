@@ -145,6 +145,7 @@ class PseudolabelRounds(L.Callback):
         self._restored: dict[str, Any] | None = None  # the state a Lightning checkpoint gave back
         self._trainer: L.Trainer | None = None
         self._ended_restored_epoch = False
+        self._log_step: int | None = None  # the step to log at instead of Lightning's (see _log)
 
     # ---------------------------------------------------------------- files
     def folder(self, trainer: L.Trainer, identity: dict[str, Any] | None = None) -> Path:
@@ -245,8 +246,14 @@ class PseudolabelRounds(L.Callback):
         if "pseudolabel_acc" in state.meta:
             info["pseudolabel_acc"] = state.meta["pseudolabel_acc"]
         self.history.append(info)
+        self._log(trainer, {f"rounds/{k}": v for k, v in info.items()})
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        """Log at the trained step: Lightning's, or while a resumed fit does the epoch end its checkpoint
+        left pending (before Lightning restores its step), the checkpoint's."""
         if trainer.logger is not None and trainer.global_rank == 0:
-            trainer.logger.log_metrics({f"rounds/{k}": v for k, v in info.items()}, step=trainer.global_step)
+            step = trainer.global_step if self._log_step is None else self._log_step
+            trainer.logger.log_metrics(metrics, step=step)
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -267,6 +274,7 @@ class PseudolabelRounds(L.Callback):
             "end_pending": done == 0 and self._open,
             "pseudolabeling": self.pseudolabeling,
             "history": list(self.history),
+            "step": trainer.global_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -310,7 +318,11 @@ class PseudolabelRounds(L.Callback):
         if self.round < len(self.schedule):
             m.use_training_set(state.train_index, state.train_label, state.round)
             if restored and restored.get("end_pending"):
-                self._end_epoch(trainer, m)
+                self._log_step = restored.get("step")
+                try:
+                    self._end_epoch(trainer, m)
+                finally:
+                    self._log_step = None
                 self._ended_restored_epoch = True
 
     def _from_folder(self, trainer: L.Trainer, m: Any, folder: Path) -> RoundState:
@@ -408,8 +420,8 @@ class PseudolabelRounds(L.Callback):
         next round's pseudolabels (or finish)."""
         self.pseudolabeling = True
         held = m.track_best_prompt() if hasattr(m, "track_best_prompt") else None
-        if held is not None and trainer.logger is not None and trainer.global_rank == 0:
-            trainer.logger.log_metrics({"rounds/held_out_acc": held}, step=trainer.global_step)
+        if held is not None:
+            self._log(trainer, {"rounds/held_out_acc": held})
         self.epoch_in_round += 1
         if self.epoch_in_round >= m.epochs_per_round:
             if hasattr(m, "restore_best_prompt"):
