@@ -11,7 +11,8 @@ Two exact engines, one answer (up to ties):
 And a third exact engine, for CPUs with fast bfloat16 arithmetic (AVX512-BF16, AMX):
 
 * ``"torch-bf16"``: screens candidates in bfloat16 (the top ``max(32, 2k)`` of each query, a plain
-  blockwise search), re-ranks them with fp32 inner products and *verifies* each row. Rounding to
+  blockwise search), re-ranks them with fp32 inner products (one sampled sparse product over the
+  query-candidate pairs, no gathered copies) and *verifies* each row. Rounding to
   bfloat16 moves an inner product by at most :func:`bf16_error_bound` (the inputs' share, relative to
   the norms, plus the output's, relative to the stored value), so only the candidates that could
   still reach the k-th are re-ranked (13 of 32 on average in ``benchmarks/zlap.py``), and when the best
@@ -42,6 +43,7 @@ second of CPU work) shows a progress bar over its queries; faiss then searches t
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -105,23 +107,32 @@ def _merge(vals: Tensor, idx: Tensor, cand_vals: Tensor, cand_idx: Tensor, k: in
 
 
 def _default_block(device: torch.device, engine: str = "torch") -> int:
-    """Query rows per tile. On CPU the bfloat16 screen runs fastest with short, wide tiles (256 rows
-    against up to :func:`_tile_budget` columns: 1.3x faster than 1,024 rows at N = 50,000)."""
+    """Query rows per tile. On CPU the bfloat16 screen runs fastest with short, wide tiles (256 rows:
+    1.3x faster than 1,024 at N = 50,000)."""
     if device.type == "cuda":
         return 4096
     return 256 if engine == "torch-bf16" else 1024
 
 
-def _tile_budget(device: torch.device) -> int:
-    """Similarity entries per tile: 2^28 (1 GiB in fp32) on an accelerator, 2^25 on CPU."""
-    return 1 << 28 if device.type == "cuda" else 1 << 25
+def _tile_budget(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """Similarity entries per tile: 2^28 (1 GiB in fp32) on an accelerator; on CPU 2^25, or 2^24 for
+    bfloat16 (32 MiB: on 2 cores a 256 x 50,000 tile ran 1.5x faster than a 256 x 100,000 one)."""
+    if device.type == "cuda":
+        return 1 << 28
+    return 1 << 24 if dtype == torch.bfloat16 else 1 << 25
+
+
+def _tile_width(block: int, n: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Columns per tile: as many as the budget allows, in equal parts of ``n`` (no narrow last tile)."""
+    width = max(block, _tile_budget(device, dtype) // block)
+    return max(1, math.ceil(n / math.ceil(n / width)))
 
 
 def _torch_cross(queries: Tensor, base: Tensor, k: int, block: int, bar: Any = None) -> tuple[Tensor, Tensor]:
     m, n = queries.shape[0], base.shape[0]
     sims = torch.full((m, k), float("-inf"), dtype=queries.dtype, device=queries.device)
     idx = torch.full((m, k), -1, dtype=torch.long, device=queries.device)
-    width = max(block, _tile_budget(queries.device) // block)
+    width = _tile_width(block, n, queries.device, queries.dtype)
     for a in range(0, m, block):
         rows = slice(a, a + block)
         for b in range(0, n, width):
@@ -143,7 +154,7 @@ def _torch_self(features: Tensor, k: int, block: int, bar: Any = None) -> tuple[
     n = features.shape[0]
     sims = torch.full((n, k), float("-inf"), dtype=features.dtype, device=features.device)
     idx = torch.full((n, k), -1, dtype=torch.long, device=features.device)
-    width = max(block, _tile_budget(features.device) // block)
+    width = _tile_width(block, n, features.device, features.dtype)
     for a in range(0, n, block):
         rows = features[a : a + block]
         ra = rows.shape[0]
@@ -280,6 +291,25 @@ def _fp32_reductions(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
 
+def _exact_at(queries: Tensor, base: Tensor, cand: Tensor, need: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top ``k`` by exact fp32 inner product among the first ``need[i]`` candidates ``cand[i]`` of
+    each query: one sampled product (``torch.sparse.sampled_addmm``) over those pairs only."""
+    m, width = cand.shape
+    keep = torch.arange(width, device=cand.device) < need.unsqueeze(1)
+    cols, _ = torch.where(keep, cand, base.shape[0]).sort(dim=1)  # CSR order; dropped ones last
+    keep = cols < base.shape[0]
+    crow = torch.zeros(m + 1, dtype=torch.long, device=cand.device)
+    crow[1:] = keep.sum(dim=1).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        pattern = torch.sparse_csr_tensor(crow, cols[keep], torch.zeros(int(crow[-1]), device=cand.device),
+                                          (m, base.shape[0]), check_invariants=False)
+    exact = torch.full(cand.shape, float("-inf"), dtype=torch.float32, device=cand.device)
+    exact[keep] = torch.sparse.sampled_addmm(pattern, queries, base.T, beta=0.0).values()
+    sims, pos = exact.topk(k, dim=1)
+    return sims, cols.gather(1, pos)
+
+
 def _bf16_search(queries: Tensor, base: Tensor | None, k: int, block: int, bar: Any = None) -> tuple[Tensor, Tensor]:
     """``torch-bf16``: bfloat16 candidates, exact fp32 re-ranking, verified (module notes)."""
     full = queries if base is None else base
@@ -300,15 +330,7 @@ def _bf16_search(queries: Tensor, base: Tensor | None, k: int, block: int, bar: 
     # the k-th exact similarity is at least low[k-1] - inputs; candidates that cannot reach it are
     # never re-ranked (a prefix of each row, which is sorted by its bfloat16 score)
     need = (high >= low[:, k - 1 : k] - 2 * inputs).sum(dim=1).clamp_min(k)
-    exact = torch.full(cand_i.shape, float("-inf"), dtype=torch.float32, device=queries.device)
-    order = need.argsort()
-    step = max(1, (1 << 25) // max(1, width * d))
-    for a in range(0, len(order), step):  # rows of similar need together: [rows, w, d] @ [rows, d, 1]
-        rows = order[a : a + step]
-        w = int(need[rows].max())
-        exact[rows, :w] = torch.bmm(b32[cand_i[rows, :w]], q32[rows, :, None]).squeeze(-1)
-    sims, pos = exact.topk(k, dim=1)
-    idx = cand_i.gather(1, pos)
+    sims, idx = _exact_at(q32, b32, cand_i, need, k)
     if width < n:  # a point outside the candidates could still be a neighbour: search those rows again
         redo = (high[:, -1] + inputs >= sims[:, -1]).nonzero().flatten()
         if len(redo):
