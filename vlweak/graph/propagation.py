@@ -204,7 +204,7 @@ class ZLaPPropagator:
         tol: CG relative residual tolerance per class.
         maxiter: CG iteration cap.
         sparse_topk: entries per row kept for sparse-inductive inference (paper: 1).
-        knn_engine: ``"auto"``, ``"faiss"`` or ``"torch"``.
+        knn_engine: one of :data:`vlweak.graph.knn.ENGINES` (see :func:`vlweak.graph.knn.knn`).
         batch_size: queries per dual solve (see :func:`dual_inductive_scores`).
         query_norm: how a new image's edges enter the inductive scores: ``"none"`` (its
             similarities, the paper's) or ``"degree"`` (each divided by the square root of the
