@@ -298,11 +298,13 @@ def _exact_at(queries: Tensor, base: Tensor, cand: Tensor, need: Tensor, k: int)
     keep = torch.arange(width, device=cand.device) < need.unsqueeze(1)
     cols, _ = torch.where(keep, cand, base.shape[0]).sort(dim=1)  # CSR order; dropped ones last
     keep = cols < base.shape[0]
-    crow = torch.zeros(m + 1, dtype=torch.long, device=cand.device)
+    # 32-bit indices where they fit: every sparse backend takes them (cuSPARSE's SDDMM among them)
+    index = torch.int32 if max(m * width, base.shape[0]) < 2**31 else torch.long
+    crow = torch.zeros(m + 1, dtype=index, device=cand.device)
     crow[1:] = keep.sum(dim=1).cumsum(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-        pattern = torch.sparse_csr_tensor(crow, cols[keep], torch.zeros(int(crow[-1]), device=cand.device),
+        pattern = torch.sparse_csr_tensor(crow, cols[keep].to(index), torch.zeros(int(crow[-1]), device=cand.device),
                                           (m, base.shape[0]), check_invariants=False)
     exact = torch.full(cand.shape, float("-inf"), dtype=torch.float32, device=cand.device)
     exact[keep] = torch.sparse.sampled_addmm(pattern, queries, base.T, beta=0.0).values()
