@@ -12,6 +12,7 @@ Pretraining, which trains whole encoders, also runs fully sharded (FSDP on CPU p
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,23 @@ def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int
     build_cli([subcommand, *_common(recipe, single, weights), f"--data.init_args.batch_size={batch}", *extra])
     cmd = [sys.executable, "-m", "vlweak.cli", subcommand, *_common(recipe, ddp, weights), f"--data.init_args.batch_size={batch // 2}",
            *extra, "--trainer.devices=2", *strategy]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # faulthandler: a rank killed by a signal still leaves its Python stack in stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    if proc.returncode != 0 and _lost_peer(proc.stderr):
+        # One rank saw its peer's socket close with no error of the peer's own (seen about once in ten
+        # full runs on 2 shared cores, never alone): run the DDP side once more from scratch; a
+        # failure that repeats fails the test.
+        shutil.rmtree(ddp, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, _failure(proc.stderr)
     return single / "run" / "version_0", ddp / "run" / "version_0"
+
+
+def _lost_peer(stderr: str) -> bool:
+    """A gloo transport error ("connection reset/closed by peer") and only one rank's traceback."""
+    lost = "Connection reset by peer" in stderr or "Connection closed by peer" in stderr
+    return lost and "[rank1]" not in stderr and "Fatal Python error" not in stderr
 
 
 def _failure(stderr: str) -> str:
