@@ -170,9 +170,9 @@ def test_bf16_screening_re_ranks_every_candidate_the_inputs_rounding_could_promo
         far = normalize(r[20:] - 0.1 * q, dim=1)  # similarity about -0.1
         base = torch.cat([far[:1000], near, far[1000:]])
         sims, idx = knn(q, base, 5, engine="torch-bf16")
-        exact = (q.double() @ base.double().T).flatten()
-        assert idx.flatten().tolist() == exact.topk(5).indices.tolist(), trial
-        torch.testing.assert_close(sims.flatten().double(), exact.topk(5).values, atol=1e-7, rtol=0)
+        exact = (q.double() @ base.double().T).flatten().topk(5)
+        assert idx.flatten().tolist() == exact.indices.tolist(), trial
+        torch.testing.assert_close(sims.flatten().double(), exact.values, atol=1e-7, rtol=0)
         rough = (q.bfloat16() @ base.bfloat16().T).float().flatten()
         misranked += set(rough.topk(5).indices.tolist()) != set(idx.flatten().tolist())
     assert misranked >= 3  # bfloat16 alone picks other neighbours

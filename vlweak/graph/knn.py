@@ -23,7 +23,7 @@ And a third exact engine, for CPUs with fast bfloat16 arithmetic (AVX512-BF16, A
 ``engine="auto"`` picks torch on an accelerator. On CPU it picks faiss, or for a search of at least
 :data:`BF16_MIN_ENTRIES` similarities ``torch-bf16`` when a one-off probe finds this CPU's bfloat16
 products at least :data:`BF16_MIN_SPEEDUP` times as fast as fp32 ones (on 2 AVX512-BF16 cores:
-1.9x faster than faiss at N = 50,000; ``benchmarks/zlap.py --engine``). (On 2 CPU cores the
+2.4x faster than faiss at N = 50,000; ``benchmarks/zlap.py --engine``). (On 2 CPU cores the
 symmetric torch search measured slower than faiss despite half the products — faiss fuses the top-k
 into its GEMM loop — so it is the GPU path and a CPU fallback.) Memory stays O(M·k) plus one tile.
 
@@ -244,17 +244,9 @@ def bf16_error_bound(d: int, scale: float = 1.0, value: Tensor | float | None = 
     ``sum |x_i| |y_i| <= |x| |y|``), plus ``u |v| / (1 - u)`` from rounding the output ``v``: ``value``
     (a stored bfloat16 result, or a tensor of them) when given, else its largest possible size ``scale``.
     """
+    u = 2.0**-8
     size = scale if value is None else abs(value)
-    return _bf16_input_error(d, scale) + _BF16_OUT * size
-
-
-_BF16_U = 2.0**-8  # bfloat16's unit roundoff
-_BF16_OUT = _BF16_U / (1 - _BF16_U)  # rounding a result to bfloat16 moves it by at most this times its stored size
-
-
-def _bf16_input_error(d: int, scale: float) -> float:
-    """The inputs' rounding and the fp32 accumulation's share of :func:`bf16_error_bound`."""
-    return (2 * _BF16_U + 2 * _BF16_U**2 + d * 2.0**-23) * scale
+    return (2 * u + 2 * u * u + d * 2.0**-23) * scale + u / (1 - u) * size
 
 
 def _bf16_is_fast() -> bool:
@@ -325,17 +317,16 @@ def _bf16_search(queries: Tensor, base: Tensor | None, k: int, block: int, bar: 
         else:
             cand_s, cand_i = _torch_cross(q16, base.to(torch.bfloat16), width, block, bar)
     q32, b32 = queries.float(), full.float()
-    d = queries.shape[1]
-    inputs = _bf16_input_error(d, float(q32.norm(dim=1).max() * b32.norm(dim=1).max()))
-    # each candidate's exact similarity lies within ``inputs`` of ``low`` .. ``high``
     cand = cand_s.float()
-    high, low = cand + _BF16_OUT * cand.abs(), cand - _BF16_OUT * cand.abs()
-    # the k-th exact similarity is at least low[k-1] - inputs; candidates that cannot reach it are
-    # never re-ranked (a prefix of each row, which is sorted by its bfloat16 score)
-    need = (high >= low[:, k - 1 : k] - 2 * inputs).sum(dim=1).clamp_min(k)
+    # each candidate's exact similarity lies in [low, high]
+    err = bf16_error_bound(queries.shape[1], float(q32.norm(dim=1).max() * b32.norm(dim=1).max()), cand)
+    high, low = cand + err, cand - err
+    # the k-th exact similarity is at least low[k-1]; candidates that cannot reach it are never
+    # re-ranked (a prefix of each row, which is sorted by its bfloat16 score)
+    need = (high >= low[:, k - 1 : k]).sum(dim=1).clamp_min(k)
     sims, idx = _exact_at(q32, b32, cand_i, need, k)
     if width < n:  # a point outside the candidates could still be a neighbour: search those rows again
-        redo = (high[:, -1] + inputs >= sims[:, -1]).nonzero().flatten()
+        redo = (high[:, -1] >= sims[:, -1]).nonzero().flatten()
         if len(redo):
             if base is None:
                 s, i = _torch_cross(q32[redo], b32, k + 1, block)
