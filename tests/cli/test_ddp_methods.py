@@ -12,7 +12,6 @@ Pretraining, which trains whole encoders, also runs fully sharded (FSDP on CPU p
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,27 +48,17 @@ def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int
     # faulthandler: a rank killed by a signal still leaves its Python stack in stderr
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    if proc.returncode != 0 and _lost_peer(proc.stderr):
-        # One rank saw its peer's socket close with no error of the peer's own (seen about once in ten
-        # full runs on 2 shared cores, never alone): run the DDP side once more from scratch; a
-        # failure that repeats fails the test.
-        shutil.rmtree(ddp, ignore_errors=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, _failure(proc.stderr)
     return single / "run" / "version_0", ddp / "run" / "version_0"
 
 
-def _lost_peer(stderr: str) -> bool:
-    """A gloo transport error ("connection reset/closed by peer") and only one rank's traceback."""
-    lost = "Connection reset by peer" in stderr or "Connection closed by peer" in stderr
-    return lost and "[rank1]" not in stderr and "Fatal Python error" not in stderr
-
-
 def _failure(stderr: str) -> str:
-    """The first traceback of a failed multi-process run (the rank that failed first) and the end."""
+    """The first traceback of a failed multi-process run (the rank that failed first), any rank's
+    native abort (which leaves no Python traceback), and the end."""
     first = stderr.find("Traceback")
     head = stderr[first : first + 4000] if first >= 0 else ""
-    return f"{head}\n...\n{stderr[-2000:]}"
+    aborts = [line for line in stderr.splitlines() if "what():" in line or "Fatal Python error" in line]
+    return "\n".join([head, *aborts, "...", stderr[-2000:]])
 
 
 def _prompt_params(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -126,7 +115,11 @@ def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_ckpt):
     a, b = _both("fit", "prompt_tuning/shapes_unsupervised.yaml", tmp_path, tiny_ckpt, 64,
                  "--data.init_args.n_train=48", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--model.init_args.rounds=2", "--model.init_args.epochs_per_round=1",
-                 "--model.init_args.warmup_epochs=0", "--model.init_args.n_ctx=2", "--model.init_args.holdout=0.25")
+                 "--model.init_args.warmup_epochs=0", "--model.init_args.n_ctx=2", "--model.init_args.holdout=0.25",
+                 # rank 1 reaches the rounds folder after rank 0 has written round 0 there: it must not
+                 # resume from it (skipping round 0's scoring left its module without the zero-shot
+                 # classifier buffer, and the ranks' DDP buffer broadcasts did not match)
+                 "--trainer.callbacks+=tests.cli.slow_rank.SlowRank")
     one, two = (load_file(next(d.parent.rglob("round-final.safetensors"))) for d in (a, b))
     _assert_same_params({k: v for k, v in one.items() if k.startswith("prompt.")},
                         {k: v for k, v in two.items() if k.startswith("prompt.")})

@@ -326,11 +326,24 @@ class PseudolabelRounds(L.Callback):
                 self._ended_restored_epoch = True
 
     def _from_folder(self, trainer: L.Trainer, m: Any, folder: Path) -> RoundState:
-        """The round to train next: the rounds folder's latest (with ``resume``), else round 0."""
-        state = self.latest(folder) if self.resume and folder.is_dir() else None
+        """The round to train next: the rounds folder's latest (with ``resume``), else round 0.
+
+        Rank 0 reads the folder and every rank takes its answer (a collective under DDP): a rank that
+        looked later would find the round 0 that rank 0 has just written and skip choosing it, and the
+        ranks' modules would differ (the zero-shot classifier is built while choosing it)."""
+        found: RoundState | ValueError | None = None
+        if trainer.global_rank == 0:
+            try:
+                found = self.latest(folder) if self.resume and folder.is_dir() else None
+                if found is None and folder.is_dir():
+                    self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
+            except ValueError as err:  # not a round checkpoint: every rank stops with it
+                found = err
+        found = trainer.strategy.broadcast(found, src=0)
+        if isinstance(found, ValueError):
+            raise found
+        state = found
         if state is None:
-            if trainer.global_rank == 0 and folder.is_dir():
-                self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
             return self._pseudolabel(trainer, m, 0)
         self.check_identity(state, m, folder)
         total = len(self.schedule)
