@@ -51,6 +51,22 @@ def test_bf16_screened_knn_on_the_gpu_is_the_exact_search(self_search):
     assert (i.cpu() == ref_i).all(dim=1).float().mean() >= 0.999
 
 
+def test_faiss_engines_take_gpu_tensors_and_answer_on_the_gpu():
+    """faiss-cpu searches a host copy of GPU features (a recipe's engine works on any machine)."""
+    from torch.nn.functional import normalize
+
+    from vlweak.graph import knn
+
+    x = normalize(torch.randn(3000, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    ref_s, ref_i = knn(x, None, 10, engine="faiss")
+    for engine in ("faiss", "faiss-ivf"):
+        s, i = knn(x.cuda(), None, 10, engine=engine)
+        assert s.is_cuda and i.is_cuda
+        if engine == "faiss":
+            assert torch.equal(i.cpu(), ref_i)
+            torch.testing.assert_close(s.cpu(), ref_s)
+
+
 @pytest.mark.parametrize(
     "recipe, extra, agreement, tolerance",
     [

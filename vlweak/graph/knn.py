@@ -2,7 +2,7 @@
 
 Two exact engines, one answer (up to ties):
 
-* ``"faiss"``: an exact ``faiss.IndexFlatIP`` (CPU tensors only);
+* ``"faiss"``: an exact ``faiss.IndexFlatIP`` (on the CPU: accelerator tensors are searched as a host copy);
 * ``"torch"``: blockwise ``matmul`` + ``topk`` on whatever device the tensors are on. When the
   queries *are* the base set (a self-search), the Gram matrix is symmetric, so only the tiles on and
   above the diagonal are multiplied and each tile feeds the top-k of its rows and of its columns:
@@ -356,8 +356,9 @@ def knn(
         queries: ``[M, d]``.
         base: ``[N, d]`` or ``None`` for a self-search.
         k: neighbours per query; clipped to the number of candidates (``N``, or ``M - 1``).
-        engine: ``"auto"``, ``"faiss"`` (CPU tensors only), ``"torch"``, ``"torch-bf16"``
-            (bfloat16 screening, verified exact), or the approximate ``"faiss-ivf"`` (CPU tensors only).
+        engine: ``"auto"``, ``"faiss"``, ``"torch"``, ``"torch-bf16"`` (bfloat16 screening,
+            verified exact), or the approximate ``"faiss-ivf"``. The faiss engines search on the CPU
+            (accelerator tensors are copied to the host and the answer returned on their device).
         block_size: rows (and columns) per tile of the torch engine.
         progress: show a progress bar over the queries when the search is large (see the module notes).
 
@@ -366,7 +367,6 @@ def knn(
 
     Raises:
         ValueError: on a bad shape, ``k < 1``, too few candidates or an unknown engine.
-        RuntimeError: ``engine="faiss"`` with tensors on an accelerator.
     """
     _check(queries, "queries")
     if base is not None:
@@ -384,8 +384,10 @@ def knn(
     if engine not in ENGINES:
         raise ValueError(f"unknown kNN engine {engine!r}; use one of {', '.join(ENGINES)}")
     on_cpu = queries.device.type == "cpu"
-    if engine.startswith("faiss") and not on_cpu:
-        raise RuntimeError(f"the {engine} engine searches CPU tensors; use engine='torch' on an accelerator")
+    if engine.startswith("faiss") and not on_cpu:  # faiss-cpu: search a host copy, answer on the device
+        device = queries.device
+        sims, idx = knn(queries.cpu(), None if base is None else base.cpu(), k, engine=engine, progress=progress)
+        return sims.to(device), idx.to(device)
     if engine == "auto":
         engine = "faiss" if on_cpu else "torch"
         if on_cpu and queries.shape[0] * (candidates + 1) >= BF16_MIN_ENTRIES and _bf16_is_fast():
