@@ -154,3 +154,16 @@ def test_pretraining_distributed_matches_one_process_and_exports_once(tmp_path, 
     noise = [k for k in one if k.endswith("in_proj_bias")]
     assert len(noise) < len(one) // 4
     _assert_same_params({k: v for k, v in one.items() if k not in noise}, {k: v for k, v in two.items() if k not in noise})
+
+
+def test_an_error_of_the_rank_that_encodes_stops_every_rank_with_its_message(tmp_path, tiny_ckpt):
+    # CDUL encodes its train split on rank 0 while the others wait; here there is none to encode.
+    # Every rank must stop with rank 0's one-line error, not wait for it at a barrier.
+    cmd = [sys.executable, "-m", "vlweak.cli", "fit", *_common("cdul/shapes.yaml", tmp_path, tiny_ckpt),
+           "--data.init_args.n_train=0", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
+           "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, _failure(proc.stderr)
+    message = "vlweak: error: RuntimeError: the data module has no 'train' split to pseudolabel"
+    assert proc.stderr.count(message) == 2, _failure(proc.stderr)

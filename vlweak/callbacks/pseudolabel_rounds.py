@@ -42,7 +42,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from torch import Tensor
 
 from vlweak.data.cache import atomic_save_tensors
 from vlweak.data.order import trained_position
+from vlweak.distributed import rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import k_schedule, top_k_per_class
 
@@ -331,18 +332,13 @@ class PseudolabelRounds(L.Callback):
         Rank 0 reads the folder and every rank takes its answer (a collective under DDP): a rank that
         looked later would find the round 0 that rank 0 has just written and skip choosing it, and the
         ranks' modules would differ (the zero-shot classifier is built while choosing it)."""
-        found: RoundState | ValueError | None = None
-        if trainer.global_rank == 0:
-            try:
-                found = self.latest(folder) if self.resume and folder.is_dir() else None
-                if found is None and folder.is_dir():
-                    self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
-            except ValueError as err:  # not a round checkpoint: every rank stops with it
-                found = err
-        found = trainer.strategy.broadcast(found, src=0)
-        if isinstance(found, ValueError):
-            raise found
-        state = found
+        def look() -> RoundState | None:
+            found = self.latest(folder) if self.resume and folder.is_dir() else None
+            if found is None and folder.is_dir():
+                self.clear(folder)  # resume: false, or nothing to resume: no stale round may be read later
+            return found
+
+        state = rank_zero_first(trainer.strategy, look, share=True)
         if state is None:
             return self._pseudolabel(trainer, m, 0)
         self.check_identity(state, m, folder)
@@ -453,8 +449,11 @@ class PseudolabelRounds(L.Callback):
     def _pseudolabel(self, trainer: L.Trainer, m: Any, r: int) -> RoundState:
         """Score the pool (round 0: with the pseudolabel source, later: with the current prompt),
         select round ``r``'s training set, checkpoint and record it."""
-        scores = m.score_unlabeled(source=r == 0)
+        scores = m.score_unlabeled(source=r == 0)  # on every rank: it builds what the scoring needs
         state = self.select(m, scores, r)
+        if trainer.world_size > 1:  # every rank trains on rank 0's choice, even where scores differ in the last bit
+            index, label, pseudo = trainer.strategy.broadcast((state.train_index, state.train_label, state.pseudo), src=0)
+            state = replace(state, train_index=index, train_label=label, pseudo=pseudo)
         self._save(trainer, m, state, scores, r)
         self._record(trainer, state)
         return state

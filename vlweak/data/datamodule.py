@@ -35,6 +35,7 @@ from vlweak.data.datasets import (
 )
 from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
 from vlweak.data.world import ShapesWorld, classnames_for
+from vlweak.distributed import rank_zero_first
 
 SPLITS = ("train", "val", "test", "predict")
 #: the data splits a data module may have (``predict`` reads one of them, ``predict_split``)
@@ -290,15 +291,12 @@ class VLDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         strategy = trainer.strategy if trainer is not None else None
         base = raw.dataset if isinstance(raw, Budgeted) else raw
-        # Rank 0 encodes and stores; the others wait, then read the same entry.
-        if strategy is None or strategy.global_rank == 0:
-            out = image_embeddings(
-                backbone, base, transform, self.cache, self.batch_size, self.num_workers, f"encoding {split}"
-            )
-        if strategy is not None and strategy.world_size > 1:
-            strategy.barrier("vlweak-embeddings")
-            if strategy.global_rank != 0:
-                out = image_embeddings(backbone, base, transform, self.cache, self.batch_size, 0, f"encoding {split}")
+        # Rank 0 encodes and stores; the others wait (and stop with rank 0's error), then read the entry.
+        out = rank_zero_first(strategy, lambda: image_embeddings(
+            backbone, base, transform, self.cache, self.batch_size, self.num_workers, f"encoding {split}"
+        ))
+        if out is None:
+            out = image_embeddings(backbone, base, transform, self.cache, self.batch_size, 0, f"encoding {split}")
         return FeatureDataset(out["features"], out["index"], raw)
 
     # ---------------------------------------------------------------- loaders

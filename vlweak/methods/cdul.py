@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlweak.backbones import Backbone
+from vlweak.distributed import rank_zero_first
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.methods.cdul_snippets import (
     INIT_MODES,
@@ -242,15 +243,11 @@ class CDUL(VLMethod):
         return out
 
     def _initialize_ranks(self, split: str) -> dict[str, Tensor]:
-        """:meth:`initialize` with rank 0 encoding first (filling the cache) and the others after."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1 and self.global_rank != 0:
-            self.trainer.strategy.barrier("cdul-initialize")
-            return self.initialize(split)
-        out = self.initialize(split)
-        if world > 1:
-            self.trainer.strategy.barrier("cdul-initialize")
-        return out
+        """:meth:`initialize` with rank 0 encoding first (filling the cache) and the others after
+        (or stopping with rank 0's error)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        out = rank_zero_first(strategy, lambda: self.initialize(split))
+        return self.initialize(split) if out is None else out
 
     def _snippet_table(self, split: str, init: dict[str, Tensor] | None = None) -> Tensor:
         """Snippet embeddings ``[N, G, D]`` of a split on the device, rows by dataset index (cached)."""

@@ -407,6 +407,8 @@ class PromptTuning(VLMethod):
         A tie goes to the later epoch: held-out pseudolabels are often all right from the first
         epoch on, and the first epochs' prompt (warm-up) has barely left its initialisation."""
         acc = self.held_out_accuracy()
+        if acc is not None and self._trainer is not None and self.trainer.world_size > 1:
+            acc = self.trainer.strategy.broadcast(acc, src=0)  # every rank keeps the prompt rank 0 keeps
         if acc is not None and (self._best is None or acc >= self._best[0]):
             self._best = (acc, self.prompt_state())
         return acc

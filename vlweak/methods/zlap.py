@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from vlweak.backbones import Backbone
+from vlweak.distributed import rank_zero_first
 from vlweak.graph import ZLaPPropagator
 from vlweak.graph.knn import Engine
 from vlweak.graph.propagation import QueryNorm
@@ -164,10 +165,10 @@ class ZLaP(VLMethod):
         # now, before the batches, instead of inside the end-of-epoch collective
         if self.pool_split is None:
             return
-        if self._trainer is None or self.trainer.world_size == 1 or self.global_rank == 0:
-            self.pool_features()  # checks the pool through _pool_dataset on its first call
-        else:
-            self._pool_dataset()
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and strategy.world_size > 1:
+            self._pool_dataset()  # before the collective: a missing pool stops every rank alike
+        rank_zero_first(strategy, self.pool_features)
 
     # ---------------------------------------------------------------- propagation
     @torch.no_grad()
@@ -206,12 +207,10 @@ class ZLaP(VLMethod):
 
     def finish(self, stage: str, out: dict[str, Tensor]) -> None:
         # every rank holds all ranks' samples, de-duplicated and sorted by index
-        world = self.trainer.world_size if self._trainer is not None else 1
-        raw = None
-        if world == 1 or self.global_rank == 0:
-            raw = self.propagate(out["features"], self.split_of(stage), out["index"]).cpu()
-        if world > 1:
-            raw = self.trainer.strategy.broadcast(raw, src=0)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        raw = rank_zero_first(
+            strategy, lambda: self.propagate(out["features"], self.split_of(stage), out["index"]).cpu(), share=True
+        )
         scores = normalise_scores(raw, self.multilabel)
         if "target" in out:
             # multi-label APs rank images per class: by the raw propagation scores, not by the
