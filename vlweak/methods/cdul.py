@@ -167,6 +167,9 @@ class CDUL(VLMethod):
         self.register_buffer("classifier", torch.empty(0), persistent=False)
         self.register_buffer("pseudo", torch.empty(0), persistent=False)
         self.register_buffer("fixed", torch.empty(0, dtype=torch.bool), persistent=False)
+        # the label tables ([N, C]) are kept equal on every rank by the epoch-end exchange of Y-steps:
+        # DDP need not broadcast them from rank 0 before every forward (26 MB a step at COCO's size)
+        self._ddp_params_and_buffers_to_ignore = ["pseudo", "fixed"]
         self.init_scores: dict[str, Tensor] = {}
         self.init_metrics: dict[str, float] = {}
         self._split_scores: Tensor | None = None
