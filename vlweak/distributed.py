@@ -15,11 +15,11 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 
-def _portable(err: BaseException) -> Exception:
+def _portable(err: Exception) -> Exception:
     """An exception that survives pickling and reads as ``err`` does: a built-in error of the same
     type and message, else a ``RuntimeError`` naming the type."""
     kind = type(err)
-    if getattr(builtins, kind.__name__, None) is kind and issubclass(kind, Exception):
+    if getattr(builtins, kind.__name__, None) is kind:
         try:
             return kind(str(err))
         except Exception:  # a built-in whose constructor wants other arguments
@@ -43,7 +43,7 @@ def rank_zero_first(strategy: Any, work: Callable[[], T], *, share: bool = False
     if strategy is None or getattr(strategy, "world_size", 1) == 1:
         return work()
     result: Any = None
-    error: BaseException | None = None
+    error: Exception | None = None
     if strategy.global_rank == 0:
         try:
             result = work()

@@ -22,9 +22,11 @@ round's training set is read back from the rounds folder, the prompt, the optimi
 best held-out prompt from the checkpoint, so a run resumed from any step ends with the prompt an
 uninterrupted run ends with.
 
-Under DDP every rank scans and scores the pool itself (the same deterministic result on each), the
-distributed sampler splits the round's training set, and rank 0 writes the round files (a resumed
-run reads them on every rank, so ``dirpath`` must be on a shared file system).
+Under DDP every rank scans and scores the pool itself (which builds the same module state on each),
+but every rank trains on rank 0's choice of pseudolabels; the distributed sampler splits the round's
+training set. Rank 0 alone reads the rounds folder at a fit's start and writes the round files; a fit
+resumed from a Lightning checkpoint reads its round's file on every rank, so ``dirpath`` must be on a
+shared file system.
 
 The module drives the work; it provides (see :class:`vlweak.methods.PromptTuning`): ``strategy``,
 ``k``, ``rounds``, ``epochs_per_round``, ``pseudolabel_classes``, ``setup_pool(trainer)``,

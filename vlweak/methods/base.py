@@ -21,6 +21,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import EmbeddingCache
+from vlweak.distributed import rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
@@ -183,6 +184,11 @@ class VLMethod(L.LightningModule):
         """The data module's embedding cache (its ``cache_dir``), else the default one (``$VLWEAK_CACHE``)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
         return getattr(dm, "cache", None) or EmbeddingCache()
+
+    def rank_zero_first(self, work: Any, *, share: bool = False) -> Any:
+        """:func:`vlweak.distributed.rank_zero_first` over this module's ranks (``work`` just runs
+        without a trainer). A collective under DDP: call it on every rank."""
+        return rank_zero_first(self.trainer.strategy if self._trainer is not None else None, work, share=share)
 
     def run_dir(self) -> Path:
         """The run's log folder. Under DDP this broadcasts: call it on every rank."""

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlweak.backbones import Backbone
-from vlweak.distributed import rank_zero_first
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.methods.cdul_snippets import (
     INIT_MODES,
@@ -248,8 +247,7 @@ class CDUL(VLMethod):
     def _initialize_ranks(self, split: str) -> dict[str, Tensor]:
         """:meth:`initialize` with rank 0 encoding first (filling the cache) and the others after
         (or stopping with rank 0's error)."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        out = rank_zero_first(strategy, lambda: self.initialize(split))
+        out = self.rank_zero_first(lambda: self.initialize(split))
         return self.initialize(split) if out is None else out
 
     def _snippet_table(self, split: str, init: dict[str, Tensor] | None = None) -> Tensor:

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from vlweak.backbones import Backbone
-from vlweak.distributed import rank_zero_first
 from vlweak.graph import ZLaPPropagator
 from vlweak.graph.knn import Engine
 from vlweak.graph.propagation import QueryNorm
@@ -165,10 +164,9 @@ class ZLaP(VLMethod):
         # now, before the batches, instead of inside the end-of-epoch collective
         if self.pool_split is None:
             return
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if strategy is not None and strategy.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             self._pool_dataset()  # before the collective: a missing pool stops every rank alike
-        rank_zero_first(strategy, self.pool_features)
+        self.rank_zero_first(self.pool_features)
 
     # ---------------------------------------------------------------- propagation
     @torch.no_grad()
@@ -207,9 +205,8 @@ class ZLaP(VLMethod):
 
     def finish(self, stage: str, out: dict[str, Tensor]) -> None:
         # every rank holds all ranks' samples, de-duplicated and sorted by index
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        raw = rank_zero_first(
-            strategy, lambda: self.propagate(out["features"], self.split_of(stage), out["index"]).cpu(), share=True
+        raw = self.rank_zero_first(
+            lambda: self.propagate(out["features"], self.split_of(stage), out["index"]).cpu(), share=True
         )
         scores = normalise_scores(raw, self.multilabel)
         if "target" in out:
