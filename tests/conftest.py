@@ -68,6 +68,26 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed
     return root
 
 
+def write_caption_manifest(root: Path, n: int, bad: int = 0, size: int = 32) -> Path:
+    """``root/pairs.csv`` (``path``, ``caption``) of ``n`` built-in-world scenes saved as PNG files,
+    the last ``bad`` of them unreadable (truncated bytes), as a scraped image-caption set has."""
+    from vlweak.data.world import ShapesWorld
+
+    world = ShapesWorld(seed=3, image_size=size)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["path,caption"]
+    for i in range(n):
+        scene = world.scene("train", i)
+        name = f"{i:03d}.png"
+        if i >= n - bad:
+            (root / name).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        else:
+            Image.fromarray(scene.image).save(root / name)
+        rows.append(f'{name},"{scene.caption}"')
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return root / "pairs.csv"
+
+
 class PowerCut(L.Callback):
     """Stops a fit as training step ``at_step`` starts: ``KeyboardInterrupt`` (Ctrl-C, a power cut),
     or with ``error`` a ``RuntimeError``."""

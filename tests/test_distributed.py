@@ -1,4 +1,6 @@
-"""rank_zero_first in two real gloo processes: rank 0's answer and rank 0's error reach every rank."""
+"""vlweak.distributed in two real gloo processes: rank 0's answer and rank 0's error reach every rank
+(rank_zero_first); ranks holding different numbers of rows, none included, gather them all, with
+the gradient of each rank's rows coming back to it (gather_rows, gather_ragged)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 
-from vlweak.distributed import rank_zero_first
+from vlweak.distributed import gather_ragged, gather_rows, rank_zero_first
 
 
 class _Strategy:
@@ -22,6 +26,13 @@ class _Strategy:
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def all_gather(self, tensor, sync_grads: bool = False):  # as Lightning's: stacked, [world, ...]
+        if sync_grads:
+            return torch.stack(dist_fn.all_gather(tensor))
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor)
+        return torch.stack(out)
 
 
 class _Unpicklable(Exception):
@@ -49,6 +60,19 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         except Exception as err:
             lines.append(f"{kind} {type(err).__name__}: {err} | {time.monotonic() - start < 30}")
     lines.append(f"calls {len(calls)}")
+    # ranks of 3 and 0 rows (every image of rank 1 unreadable), then of 2 and 1
+    for sizes in ((3, 0), (2, 1)):
+        n, first = sizes[rank], sum(sizes[:rank])
+        local = {"index": torch.arange(first, first + n), "scores": torch.arange(first, first + n).double()[:, None].expand(n, 2) / 10}
+        got = gather_ragged(s, local if n else {}, "cpu")
+        lines.append(f"ragged {sorted(got)} {got['index'].tolist()} {got['scores'].dtype} {got['scores'][:, 1].tolist()}")
+    # a contrastive batch of 2 + 1 rows: each rank's gradient reaches only its own rows
+    n, first = (2, 1)[rank], (0, 2)[rank]
+    x = torch.arange(first, first + n).float()[:, None].repeat(1, 3).requires_grad_()
+    y = gather_rows(s, x, sync_grads=True)
+    weight = torch.arange(9.0).reshape(3, 3)
+    (y * weight).sum().backward()
+    lines.append(f"rows {y[:, 0].tolist()} {torch.equal(x.grad, 2 * weight[first:first + n])}")
     Path(out, f"rank{rank}.txt").write_text("\n".join(lines))
     dist.destroy_process_group()
 
@@ -63,7 +87,7 @@ def outcome(tmp_path_factory) -> dict[int, list[str]]:
 def test_every_rank_gets_rank_zeros_answer_and_only_rank_zero_works(outcome):
     assert outcome[0][:2] == ["shared {'n': 7}", "unshared filled"]
     assert outcome[1][:2] == ["shared {'n': 7}", "unshared None"]
-    assert outcome[0][-1] == "calls 1" and outcome[1][-1] == "calls 0"
+    assert outcome[0][4] == "calls 1" and outcome[1][4] == "calls 0"
 
 
 def test_rank_zeros_error_stops_every_rank_with_its_message(outcome):
@@ -79,3 +103,12 @@ def test_one_process_just_runs_the_work():
     assert rank_zero_first(_Strategy(0, 1), lambda: 4) == 4
     with pytest.raises(FileNotFoundError, match="/data/train"):
         rank_zero_first(None, lambda: _fail("missing"))
+
+
+def test_ranks_with_different_numbers_of_rows_none_included_gather_them_all(outcome):
+    for r in (0, 1):
+        # the rank with no rows took the tensors' dtype and shape from the other
+        assert outcome[r][5] == "ragged ['index', 'scores'] [0, 1, 2] torch.float64 [0.0, 0.1, 0.2]"
+        assert outcome[r][6] == "ragged ['index', 'scores'] [0, 1, 2] torch.float64 [0.0, 0.1, 0.2]"
+        # the loss summed over the global batch on each rank: DDP then averages the ranks' gradients
+        assert outcome[r][7] == "rows [0.0, 1.0, 2.0] True"

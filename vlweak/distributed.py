@@ -1,16 +1,27 @@
-"""Work that one rank does for all of them, with its answer and its failure shared.
+"""Collectives that tolerate what real runs bring: rank 0's failure, and ranks holding different amounts.
+
+Work that one rank does for all of them, with its answer and its failure shared.
 
 A transductive method encodes a split once into the embedding cache, or solves one graph, on rank 0
 while the other ranks wait. If they waited at a plain barrier and rank 0 failed (a missing split, an
 unreadable folder, out of memory), they would wait there until the process group times out (half an
 hour by default). :func:`rank_zero_first` waits in a broadcast instead, which carries rank 0's error
 as well as its answer, so every rank stops with rank 0's message at once.
+
+Ranks holding different numbers of rows. A rank that skipped unreadable images (``skip_bad: true``)
+holds a shorter batch than the others, or none; a plain all-gather needs the same shape everywhere
+and fails or hangs. :func:`gather_rows` (one tensor, gradients optional) and :func:`gather_ragged`
+(a dict of per-sample tensors, e.g. an epoch's outputs) pad every rank to the longest and cut the
+padding off again; a rank with nothing learns the tensors' dtypes and shapes from one that has some.
 """
 
 from __future__ import annotations
 
 import builtins
 from typing import Any, Callable, TypeVar
+
+import torch
+from torch import Tensor
 
 T = TypeVar("T")
 
@@ -57,3 +68,42 @@ def rank_zero_first(strategy: Any, work: Callable[[], T], *, share: bool = False
     if failure is not None:
         raise failure
     return result if strategy.global_rank == 0 else answer
+
+
+def _sizes(strategy: Any, n: int, device: Any) -> list[int]:
+    return strategy.all_gather(torch.tensor([n], device=device)).flatten().tolist()
+
+
+def _padded(x: Tensor, m: int) -> Tensor:
+    return torch.cat([x, x.new_zeros((m - len(x), *x.shape[1:]))]) if m > len(x) else x
+
+
+def gather_rows(strategy: Any, x: Tensor, *, sync_grads: bool = False) -> Tensor:
+    """Every rank's rows of ``x`` (``[n_rank, ...]``, ``n_rank`` may differ, zero included), in
+    rank order: ``[sum of n_rank, ...]``. With ``sync_grads`` the gradient of each rank's own rows
+    flows back to it (a contrastive loss over the global batch). A collective: call it on every
+    rank, with the same trailing shape and dtype."""
+    sizes = _sizes(strategy, len(x), x.device)
+    m = max(sizes)
+    g = strategy.all_gather(_padded(x, m), sync_grads=sync_grads)
+    return torch.cat([g[r, :n] for r, n in enumerate(sizes)])
+
+
+def gather_ragged(strategy: Any, local: dict[str, Tensor], device: Any) -> dict[str, Tensor]:
+    """Every rank's per-sample tensors, concatenated in rank order (``{}`` when no rank has a row).
+
+    ``local`` holds tensors with one row per sample and an ``index`` entry; ranks may hold
+    different numbers of rows, and a rank with none may pass ``{}``. A collective: call it on every
+    rank."""
+    sizes = _sizes(strategy, len(local.get("index", ())), device)
+    m = max(sizes)
+    if m == 0:
+        return {}
+    if min(sizes) == 0:  # a rank with nothing cannot shape its padding: one that has rows tells it
+        src = next(r for r, n in enumerate(sizes) if n)
+        schema = {k: (v.dtype, tuple(v.shape[1:])) for k, v in local.items()} if strategy.global_rank == src else None
+        schema = strategy.broadcast(schema, src=src)
+        if not local:
+            local = {k: torch.empty((0, *shape), dtype=dtype) for k, (dtype, shape) in schema.items()}
+    g = {k: strategy.all_gather(_padded(v.to(device), m)) for k, v in sorted(local.items())}
+    return {k: torch.cat([v[r, :n] for r, n in enumerate(sizes)]) for k, v in g.items()}

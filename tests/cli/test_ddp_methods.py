@@ -12,6 +12,7 @@ Pretraining, which trains whole encoders, also runs fully sharded (FSDP on CPU p
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,15 @@ from vlweak.cli import build_cli
 from vlweak.labels import PseudoLabels
 
 
-def _common(recipe: str, out: Path, weights: str) -> list[str]:
+def _common(recipe: str, out: Path, weights: str, world: bool = True) -> list[str]:
+    """The recipe with the tiny model on the CPU, logging to ``out``; ``world``: the built-in world
+    at the tiny model's size (else the data module is given on files)."""
+    world = ["--data.init_args.image_size=32"] if world else []
     return [
         "--config", str(REPO / "recipes" / recipe),
         "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
         f"--model.init_args.backbone.init_args.pretrained={weights}",
-        "--data.init_args.image_size=32",
+        *world,
         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.init_args.save_dir={out}", "--trainer.logger.init_args.name=run",
@@ -39,11 +43,11 @@ def _common(recipe: str, out: Path, weights: str) -> list[str]:
 
 
 def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int, *extra: str,
-          strategy: tuple[str, ...] = ("--trainer.strategy=ddp",)) -> tuple[Path, Path]:
+          strategy: tuple[str, ...] = ("--trainer.strategy=ddp",), world: bool = True) -> tuple[Path, Path]:
     """Run single-process (batch ``batch``) and 2-process ``strategy`` (``batch // 2`` per rank); return both log dirs."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    build_cli([subcommand, *_common(recipe, single, weights), f"--data.init_args.batch_size={batch}", *extra])
-    cmd = [sys.executable, "-m", "vlweak.cli", subcommand, *_common(recipe, ddp, weights), f"--data.init_args.batch_size={batch // 2}",
+    build_cli([subcommand, *_common(recipe, single, weights, world), f"--data.init_args.batch_size={batch}", *extra])
+    cmd = [sys.executable, "-m", "vlweak.cli", subcommand, *_common(recipe, ddp, weights, world), f"--data.init_args.batch_size={batch // 2}",
            *extra, "--trainer.devices=2", *strategy]
     # faulthandler: a rank killed by a signal still leaves its Python stack in stderr
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
@@ -167,3 +171,75 @@ def test_an_error_of_the_rank_that_encodes_stops_every_rank_with_its_message(tmp
     assert proc.returncode == 2, _failure(proc.stderr)
     message = "vlweak: error: RuntimeError: the data module has no 'train' split to pseudolabel"
     assert proc.stderr.count(message) == 2, _failure(proc.stderr)
+
+
+def test_pretraining_with_unreadable_images_on_one_rank_matches_one_process(tmp_path, tiny_ckpt):
+    # 16 caption pairs, 3 unreadable and skipped (skip_bad: true): the ranks' batches hold different
+    # numbers of pairs (an odd number is missing), which their gathers must pad and cut. The global
+    # batch is the one process's batch, and InfoNCE does not depend on the order of its pairs.
+    from tests.conftest import write_caption_manifest
+
+    manifest = write_caption_manifest(tmp_path / "pairs", 16, bad=3)
+    a, b = _both("fit", "pretrain/manifest.yaml", tmp_path, tiny_ckpt, 16, f"--data.init_args.train={manifest}",
+                 "--data.init_args.val=null", "--data.init_args.num_workers=0", "--trainer.precision=32",
+                 "--trainer.max_epochs=null", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+                 "--model.init_args.lr=0.003", "--model.init_args.warmup_steps=1", "--model.init_args.export_path=null",
+                 world=False)
+    one, two = (load_file(d / "backbone.safetensors") for d in (a, b))
+    start = load_file(tiny_ckpt)
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # it trained
+    noise = [k for k in one if k.endswith("in_proj_bias")]  # as in the pretraining test above
+    _assert_same_params({k: v for k, v in one.items() if k not in noise}, {k: v for k, v in two.items() if k not in noise})
+
+
+def _multilabel_manifest(root: Path, n: int, bad: int) -> Path:
+    """``root/train.jsonl``: ``n`` random images with random labels among three classes, the last
+    ``bad`` unreadable."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        path = root / f"{i}.png"
+        if i >= n - bad:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        labels = [c for c in ("circle", "square", "star") if rng.random() < 0.5] or ["circle"]
+        rows.append(json.dumps({"path": path.name, "labels": labels}))
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "train.jsonl"
+
+
+@pytest.mark.parametrize("method", ["dualcoop", "pretrain"])
+def test_a_rank_whose_whole_batch_is_unreadable_takes_part_in_the_step(tmp_path, tiny_ckpt, method):
+    # one image per rank and step, 3 of 6 unreadable (skip_bad: true): the ranks hold 3 each, so at
+    # some step one rank has an empty batch while the other trains. That rank must still join the
+    # step's collectives (DDP's gradient all-reduce, DualCoOp's count of observed labels, the
+    # pretraining gathers) and the epoch's exchange, or the other rank waits for it forever.
+    if method == "dualcoop":
+        manifest = _multilabel_manifest(tmp_path / "data", 6, bad=3)
+        recipe, extra = "dualcoop/shapes_partial.yaml", [
+            f'--data={{"class_path": "vlweak.data.ManifestDataModule", "init_args": {{"train": "{manifest}", '
+            '"skip_bad": true, "batch_size": 1, "label_fraction": 0.5}}', "--model.init_args.n_ctx=2"]
+    else:
+        from tests.conftest import write_caption_manifest
+
+        manifest = write_caption_manifest(tmp_path / "data", 6, bad=3)
+        recipe, extra = "pretrain/manifest.yaml", [
+            f"--data.init_args.train={manifest}", "--data.init_args.val=null", "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=1", "--trainer.precision=32", "--trainer.max_epochs=null",
+            "--model.init_args.warmup_steps=1", "--model.init_args.export_path=null"]
+    cmd = [sys.executable, "-m", "vlweak.cli", "fit", *_common(recipe, tmp_path / "ddp", tiny_ckpt, world=False), *extra,
+           "--trainer.max_epochs=2", "--trainer.limit_val_batches=0", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, _failure(proc.stderr)
+    skipped = set(re.findall(r"skipping unreadable image (\S+)", proc.stderr))
+    assert len(skipped) == 3, _failure(proc.stderr)
+    ckpt = torch.load(next((tmp_path / "ddp").rglob("last.ckpt")), weights_only=False)
+    assert ckpt["global_step"] == 6  # every step of both epochs taken

@@ -211,3 +211,23 @@ def test_sample_ids_are_absolute_whatever_the_spelling(tmp_path, monkeypatch):
     os.symlink(root, tmp_path / "link")
     linked = ImageFolderReader.read(tmp_path / "link").sample_ids
     assert linked[0] == str(tmp_path / "link" / "cat" / "0.png")
+
+
+def test_caption_manifest_serves_pairs_without_classes_and_names_bad_rows(tmp_path):
+    from tests.conftest import write_caption_manifest
+
+    manifest = write_caption_manifest(tmp_path, 4)
+    dm = ManifestDataModule(train=str(manifest), captions="caption", batch_size=4)
+    assert dm.classnames == [] and not dm.multilabel
+    item = dm.build_split("train")[1]
+    assert item["caption"] == manifest.read_text().splitlines()[2].split(",", 1)[1].strip('"') and item["index"] == 1
+    with pytest.raises(ValueError, match=r"no caption column 'text'; found \['caption', 'path'\]"):
+        ManifestDataModule(train=str(manifest), captions="text")
+    rows = manifest.read_text().splitlines()
+    rows[3] = "002.png,"
+    manifest.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"row 4 \(002.png\): no caption in column 'caption'"):
+        ManifestDataModule(train=str(manifest), captions="caption")
+    # without captions the same file is a labelling manifest, which needs classes
+    with pytest.raises(VocabularyError, match="is empty"):
+        ManifestDataModule(train=str(manifest))

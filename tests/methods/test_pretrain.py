@@ -131,3 +131,38 @@ def test_noisy_caption_recipe_trains_on_misnamed_shifted_domain_captions():
             wrong += MISNAMING[shape] in caption and shape not in caption
             right += shape in caption
     assert wrong > 2 * right > 0, (wrong, right)
+
+
+def _pair_loss(backbone: OpenCLIPBackbone, manifest) -> float:
+    """The contrastive loss of ``backbone`` over the readable pairs of a caption manifest."""
+    from torch.utils.data import DataLoader
+
+    from vlweak.data.datasets import ManifestReader, Transformed, collate
+
+    pairs = ManifestReader.read(manifest, skip_bad=True, caption_key="caption")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        batch = next(iter(DataLoader(Transformed(pairs, backbone.transform), batch_size=len(pairs), collate_fn=collate)))
+    with torch.no_grad():
+        return clip_loss(backbone.encode_image(batch["image"]), backbone.encode_text(list(batch["caption"])),
+                         backbone.logit_scale).item()
+
+
+def test_fine_tuning_on_a_caption_manifest_through_the_recipe(tmp_path, tiny_ckpt):
+    # recipes/pretrain/manifest.yaml: the user's own image-caption pairs, three of them unreadable
+    # (skipped with a warning); the exported weights load back through the ordinary backbone path
+    from tests.conftest import REPO, write_caption_manifest
+    from vlweak.cli import build_cli
+
+    manifest = write_caption_manifest(tmp_path / "pairs", 48, bad=3)
+    out = tmp_path / "tuned.safetensors"
+    build_cli(["fit", "--config", str(REPO / "recipes/pretrain/manifest.yaml"),
+               "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
+               f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--trainer.precision=32",
+               "--trainer.accelerator=cpu", "--trainer.max_epochs=null", "--trainer.max_steps=30",
+               "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+               f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--data.init_args.train={manifest}",
+               "--data.init_args.val=null", "--data.init_args.batch_size=16", "--data.init_args.num_workers=0",
+               "--model.init_args.lr=0.003", "--model.init_args.warmup_steps=5", f"--model.init_args.export_path={out}"])
+    before = _pair_loss(OpenCLIPBackbone("vlweak-tiny", pretrained=tiny_ckpt), manifest)
+    after = _pair_loss(OpenCLIPBackbone("vlweak-tiny", pretrained=str(out)), manifest)
+    assert after < before - 0.5, (before, after)

@@ -304,7 +304,10 @@ class VLDataModule(L.LightningDataModule):
         if split not in self.datasets:
             if self._raw.get(self.predict_split if split == "predict" else split) is not None:
                 raise RuntimeError(f"the {split!r} split of {type(self).__name__} is not set up (call setup first)")
-            raise self.missing_split_error(split)
+            err = self.missing_split_error(split)
+            if split == "val":  # a fit's validation loop asked for it
+                err = type(err)(f"{err}; to fit without validation, pass --trainer.limit_val_batches=0")
+            raise err
         ds = self.datasets[split]
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                       persistent_workers=self.num_workers > 0)
@@ -564,6 +567,9 @@ class ManifestDataModule(VLDataModule):
             when the labels are class indices).
         root: folder that relative image paths resolve against (default: each manifest's folder).
         multilabel: force multi-label (default: when the manifest has a ``labels`` column).
+        captions: the manifest column holding each image's caption: image-caption pairs for
+            contrastive training (``CLIPPretrain``); the label columns are then optional. A row
+            without a caption is an error naming it.
         **kwargs: see :class:`VLDataModule`.
     """
 
@@ -575,16 +581,19 @@ class ManifestDataModule(VLDataModule):
         classnames: list[str] | None = None,
         root: str | None = None,
         multilabel: bool | None = None,
+        captions: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.captions = captions
         self.manifests = {s: m for s, m in (("train", train), ("val", val), ("test", test)) if m}
         if not self.manifests:
             raise ValueError("ManifestDataModule needs at least one of train, val, test")
         self.root = root
         first = next(iter(self.manifests.values()))
-        probe = ManifestReader.read(first, classnames, root, multilabel, self.skip_bad)
-        self._classnames = validate_classnames(probe.classnames if classnames is None else classnames)
+        probe = ManifestReader.read(first, classnames, root, multilabel, self.skip_bad, captions)
+        names = probe.classnames if classnames is None else classnames
+        self._classnames = validate_classnames(names) if names or not captions else []
         self._multilabel = probe.multilabel
         self.check_options()
 
@@ -604,7 +613,7 @@ class ManifestDataModule(VLDataModule):
         path = self.manifests.get(split)
         if path is None:
             return None
-        return ManifestReader.read(path, self._classnames, self.root, self._multilabel, self.skip_bad)
+        return ManifestReader.read(path, self._classnames, self.root, self._multilabel, self.skip_bad, self.captions)
 
 
 def cpu_workers() -> int:

@@ -338,6 +338,8 @@ class ManifestReader:
             raise ValueError(f"manifest {manifest} has no rows")
         if "path" not in rows[0]:
             raise ValueError(f"manifest {manifest} needs a 'path' column; found {sorted(rows[0])}")
+        if caption_key and caption_key not in rows[0]:
+            raise ValueError(f"manifest {manifest} has no caption column {caption_key!r}; found {sorted(rows[0])}")
         key = "labels" if "labels" in rows[0] else "label" if "label" in rows[0] else None
         if multilabel is None:
             multilabel = key == "labels"
@@ -353,13 +355,16 @@ class ManifestReader:
             names = sorted(found)
         else:
             names = list(classnames)
-        names = validate_classnames(names, f"class list of {manifest}")
+        if names or not caption_key:  # image-caption pairs may come without classes
+            names = validate_classnames(names, f"class list of {manifest}")
         index = {n: k for k, n in enumerate(names)}
         base = Path(root).expanduser() if root else manifest.parent
         paths, labels = [], []
         for n, (row, labs) in enumerate(zip(rows, raw), start=2 if manifest_format(manifest) == "csv" else 1):
             if not str(row.get("path") or "").strip():
                 raise ValueError(f"{manifest} row {n}: no image path (every row needs a non-empty 'path')")
+            if caption_key and not str(row.get(caption_key) or "").strip():
+                raise ValueError(f"{manifest} row {n} ({row['path']}): no caption in column {caption_key!r}")
             ids = []
             for lab in labs:
                 if lab in index:
@@ -378,7 +383,7 @@ class ManifestReader:
             labels.append(ids if multilabel else (ids[0] if ids else -1))
         ds = LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad)
         if caption_key:
-            ds = CaptionedImages(ds, [str(r.get(caption_key, "")) for r in rows])
+            ds = CaptionedImages(ds, [str(r[caption_key]) for r in rows])
         return ds
 
 

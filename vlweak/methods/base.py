@@ -21,7 +21,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import EmbeddingCache
-from vlweak.distributed import rank_zero_first
+from vlweak.distributed import gather_ragged, rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
@@ -133,18 +133,19 @@ class VLMethod(L.LightningModule):
         return {k: v.cpu() for k, v in dedup_by_index(local).items()}
 
     def _all_gather_ragged(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
-        n = torch.tensor([len(local.get("index", []))], device=self.device)
-        sizes = self.all_gather(n).flatten().tolist()
-        m = max(sizes)
-        if m == 0:
-            return {}
-        padded = {}
-        for k, v in local.items():
-            v = v.to(self.device)
-            pad = torch.zeros((m - len(v), *v.shape[1:]), dtype=v.dtype, device=self.device)
-            padded[k] = torch.cat([v, pad])
-        g = self.all_gather(padded)
-        return {k: torch.cat([g[k][r, : sizes[r]] for r in range(len(sizes))]) for k in g}
+        """:func:`vlweak.distributed.gather_ragged` over this module's ranks (a rank may hold no rows)."""
+        return gather_ragged(self.trainer.strategy, local, self.device)
+
+    def empty_step(self) -> Tensor | None:
+        """What ``training_step`` returns for a batch whose images were all skipped as unreadable.
+
+        One process: ``None`` (Lightning skips the step). Several: the other ranks hold real
+        batches and wait in DDP's gradient all-reduce, which this rank must join, so it returns a
+        zero loss that reaches every trainable parameter (its gradients are zero)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        params = [p for p in self.parameters() if p.requires_grad]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device)) if params else None
 
     # ---------------------------------------------------------------- evaluation and artifacts
     def evaluate(

@@ -342,7 +342,7 @@ class CDUL(VLMethod):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         if not batch:
-            return None
+            return self.empty_step()
         y = self.pseudo[batch["index"]]
         loss = soft_label_kl(y, self.classify(batch)).sum(1).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
@@ -350,7 +350,7 @@ class CDUL(VLMethod):
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         # Y-step with θ fixed (after this batch's θ-step).
-        if not batch or self.label_lr == 0 or self.current_epoch < self.label_warmup_epochs:
+        if not batch or not self._label_steps():
             return
         idx = batch["index"]
         with torch.no_grad():
@@ -360,10 +360,16 @@ class CDUL(VLMethod):
         if self.trainer.world_size > 1:
             self._label_updates.append({"index": idx.detach(), "labels": new.detach()})
 
+    def _label_steps(self) -> bool:
+        """Whether this epoch takes Y-steps (label alignment) after its θ-steps."""
+        return self.label_lr != 0 and self.current_epoch >= self.label_warmup_epochs
+
     def on_train_epoch_end(self) -> None:
-        if self._label_updates:  # share every rank's Y-steps so all ranks hold the same labels
+        if self.trainer.world_size > 1 and self._label_steps():
+            # share every rank's Y-steps so all ranks hold the same labels; every rank joins, also
+            # one whose batches were all skipped as unreadable
             parts, self._label_updates = self._label_updates, []
-            local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
             got = self._all_gather_ragged(local)
             if got:
                 self.pseudo[got["index"].long()] = got["labels"].to(self.pseudo.dtype)

@@ -263,8 +263,10 @@ class DualCoOp(VLMethod):
                 log.info("saved the train label mask to %s", root / "train_label_mask.safetensors")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        if not batch:
-            return None
+        if not batch:  # every image of it skipped as unreadable
+            if self._global_mean():  # the other ranks count their observed labels: join them
+                self.all_gather(torch.zeros((), device=self.device))
+            return self.empty_step()
         if "target" not in batch:
             raise ValueError("DualCoOp trains on multi-label batches with 'target' and 'mask'")
         seen = self.seen_index
@@ -278,7 +280,7 @@ class DualCoOp(VLMethod):
             loss = em_apl_loss(z, targets, mask, pseudo, hp.em_alpha, hp.apl_beta)
             probs = torch.softmax(z.detach(), dim=-1)[..., 0]
             self._train_outputs.append({"probs": probs, "index": batch["index"], "mask": mask})
-        elif hp.loss_reduction == "mean" and self._trainer is not None and self.trainer.world_size > 1:
+        elif self._global_mean():
             # the mean over the global batch's observed entries: ranks observe different numbers of
             # labels, so a mean of the ranks' means would weigh them wrongly (DDP averages gradients)
             total = asymmetric_loss(z, targets, mask, hp.gamma_pos, hp.gamma_neg, hp.clip, reduction="sum",
@@ -296,13 +298,20 @@ class DualCoOp(VLMethod):
             loss = loss * self.trainer.world_size
         return loss
 
+    def _global_mean(self) -> bool:
+        """The asymmetric loss averaged over the observed labels of the global batch (several ranks)."""
+        return (self.loss_name != "em_apl" and self.hparams.loss_reduction == "mean" and self._trainer is not None
+                and self.trainer.world_size > 1)
+
     def on_train_epoch_end(self) -> None:
         parts, self._train_outputs = self._train_outputs, []
-        if self.labeler is None or not parts:
+        if self.labeler is None:
             return
-        local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        if self.trainer.world_size > 1:
+        local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        if self.trainer.world_size > 1:  # every rank joins, also one whose batches were all skipped
             local = self._all_gather_ragged(local)
+        if not local:
+            return
         added = self.labeler.update(local["probs"], local["index"], local["mask"], self.current_epoch)
         self.log("train/apl_new_negatives", float(added))
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from vlweak.backbones import OpenCLIPBackbone
 from vlweak.data.cache import atomic_save_tensors
+from vlweak.distributed import gather_rows
 
 
 # prefixes that wrappers (nested FSDP units, activation checkpointing, torch.compile) put in parameter names
@@ -88,23 +89,47 @@ class CLIPPretrain(L.LightningModule):
         self.export_path, self.export_dtype = export_path, export_dtype
         self.save_hyperparameters(ignore=["backbone"])
 
-    def _loss(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        img = self.backbone.encode_image(batch["image"])
-        txt = self.backbone.encode_text(list(batch["caption"]))
-        if self.trainer.world_size > 1:
-            img = self.all_gather(img, sync_grads=True).flatten(0, 1)
-            txt = self.all_gather(txt, sync_grads=True).flatten(0, 1)
-        return clip_loss(img, txt, self.backbone.logit_scale), img, txt
+    def _features(self, batch: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Image and text features of the batch's pairs, and for a batch whose images were all
+        skipped as unreadable (``{}``), none: then one blank pair runs through both encoders and is
+        dropped, its zero-weighted sum returned as an anchor for the loss, so that every parameter
+        takes part in the step as on the other ranks (DDP's and FSDP's gradient hooks)."""
+        if batch:
+            return self.backbone.encode_image(batch["image"]), self.backbone.encode_text(list(batch["caption"])), None
+        size = self.backbone.image_size
+        img = self.backbone.encode_image(torch.zeros(1, 3, size, size, device=self.device))
+        txt = self.backbone.encode_text([""])
+        return img[:0], txt[:0], (img.sum() + txt.sum()) * 0.0
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, _, _ = self._loss(batch)
-        n = len(batch["caption"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/logit_scale", self.backbone.logit_scale.squeeze(), batch_size=n)
+    def _loss(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss over the global batch and its features. Under several processes the ranks'
+        pairs are gathered with their gradients; ranks that skipped unreadable images hold fewer
+        pairs (or none) than the others. When no rank has a pair the loss is the zero anchor (the
+        step still runs on every rank: Lightning cannot skip one under DDP)."""
+        img, txt, anchor = self._features(batch)
+        if self.trainer.world_size > 1:
+            img = gather_rows(self.trainer.strategy, img, sync_grads=True)
+            txt = gather_rows(self.trainer.strategy, txt, sync_grads=True)
+        if len(img) == 0:
+            return anchor, img, txt
+        loss = clip_loss(img, txt, self.backbone.logit_scale)
+        return (loss if anchor is None else loss + anchor), img, txt
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if not batch and self.trainer.world_size == 1:
+            return None  # every image skipped as unreadable: nothing to learn from
+        loss, img, _ = self._loss(batch)
+        if len(img):
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(img))
+            self.log("train/logit_scale", self.backbone.logit_scale.squeeze(), batch_size=len(img))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if not batch and self.trainer.world_size == 1:
+            return
         loss, img, txt = self._loss(batch)
+        if len(img) == 0:
+            return
         acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(img))
         self.log("val/i2t_acc", acc, sync_dist=True, batch_size=len(img))

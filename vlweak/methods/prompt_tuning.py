@@ -470,7 +470,7 @@ class PromptTuning(VLMethod):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         if not batch:
-            return None
+            return self.empty_step()
         target = self._train_target.to(self.device)[batch["index"].to(self.device)]
         logits = self.logits(self.batch_features(batch, train=True), self.class_features())
         loss = F.cross_entropy(logits.float(), target, ignore_index=-1)
