@@ -419,3 +419,21 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*configured otherwise")
         build_cli(["test", *args, "--ckpt_path=last"])  # the same settings: nothing to say
+
+
+def test_predict_labels_a_folder_of_unlabeled_images(tmp_path, tiny_ckpt):
+    # the plainest use: a folder of photos and a class list in, a pseudolabel per photo out
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(5):
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(photos / f"{k}.jpg")
+    cli = build_cli(["predict", "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
+                     f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}",
+                     "--data=vlweak.data.ImageFolderDataModule", f"--data.init_args.root={photos}",
+                     "--data.init_args.classnames=[circle, square, star]"])
+    pl = PseudoLabels.load(Path(cli.trainer.log_dir) / "pseudolabels-predict.safetensors")
+    assert pl.classnames == ["circle", "square", "star"]
+    assert pl.sample_ids == [str(photos / f"{k}.jpg") for k in range(5)] and pl.scores.shape == (5, 3)

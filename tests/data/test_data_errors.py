@@ -206,3 +206,37 @@ def test_budget_short_classes_only_among_seen_and_single_positive_needs_multilab
         Budgeted(Toy(), LabelBudget(shots=2, seen=(0, 2)))
     with pytest.raises(ValueError, match="single_positive.*single-label"):
         Budgeted(Toy(), LabelBudget(single_positive=True))
+
+
+def _flat_images(folder, n: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for k in range(n):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, dtype=np.uint8)).save(folder / f"img{k}.jpg")
+
+
+def test_a_folder_of_images_without_class_folders_is_unlabeled_and_needs_the_vocabulary(tmp_path):
+    _flat_images(tmp_path / "photos", 3)
+    with pytest.raises(VocabularyError, match=r"photos holds 3 images but no class sub-folders: .*give classnames"):
+        ImageFolderDataModule(root=str(tmp_path / "photos"))
+    dm = ImageFolderDataModule(root=str(tmp_path / "photos"), classnames=["cat", "dog"], transform=_identity)
+    dm.setup("predict")
+    ds = dm.datasets["predict"]
+    assert dm.classnames == ["cat", "dog"] and [ds[k]["label"] for k in range(3)] == [-1, -1, -1]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VocabularyError, match="empty has no class sub-folders and no images"):
+        ImageFolderDataModule(root=str(tmp_path / "empty"), classnames=["cat"])
+
+
+def test_an_unlabeled_train_pool_beside_a_labelled_test_split_takes_its_vocabulary(tmp_path):
+    # ZLaP's or unsupervised prompt tuning's layout: root/train/*.jpg (the pool), root/test/<class>/
+    _flat_images(tmp_path / "train", 4)
+    write_image_folder(tmp_path / "test", {"cat": 1, "dog": 2})
+    dm = ImageFolderDataModule(root=str(tmp_path), val=None, transform=_identity)
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.classnames == ["cat", "dog"]
+    assert [dm.datasets["train"][k]["label"] for k in range(4)] == [-1] * 4
+    assert [dm.datasets["test"][k]["label"] for k in range(3)] == [0, 1, 1]

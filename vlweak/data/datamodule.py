@@ -440,6 +440,11 @@ class ImageFolderDataModule(VLDataModule):
     """Image folders, one sub-folder per class: ``root/{train,val,test}/<class>/<image>``; a root
     without split folders is used as the test split (zero-shot evaluation of a whole folder).
 
+    A folder of images without class sub-folders (the root, or a split folder such as an unlabeled
+    ``train`` pool beside a labelled ``test``) holds unlabeled images, pseudolabelled with the
+    vocabulary given as ``classnames``: ``vlweak predict`` on ``root: photos/ classnames: [cat, dog]``
+    labels every image in ``photos/``.
+
     A split folder named other than its default (``test: tst``) must exist; a default one may be
     missing until a stage needs it (``vlweak test`` without ``root/test`` is an error naming the
     folder). A class folder without images is a warning (the class has no examples in that split).
@@ -483,7 +488,9 @@ class ImageFolderDataModule(VLDataModule):
         if self.predict_split != "test" and self.predict_split not in self.split_dirs:
             raise self.missing_split_error("predict")
         self.classname_map = classnames
-        split, first = next(iter(self.split_dirs.items()))
+        # the vocabulary comes from the first split with class folders (others may hold unlabeled images)
+        labelled = [(s, d) for s, d in self.split_dirs.items() if list_class_folders(d)]
+        split, first = (labelled or list(self.split_dirs.items()))[0]
         probe = ImageFolderReader.read(first, classnames, skip_bad=self.skip_bad)
         self._classnames = probe.classnames
         self._class_folders, self._first_split = list_class_folders(first), first
@@ -533,9 +540,10 @@ class ImageFolderDataModule(VLDataModule):
         if ds is None:
             # compared before reading: a classnames list given for fewer folders would fail on the count
             folders = list_class_folders(path)
-            if folders != self._class_folders:
+            # a split of unlabeled images (no class folders) takes the vocabulary as given
+            if folders != self._class_folders and folders and self._class_folders:
                 raise ValueError(self._class_mismatch(path, folders))
-            ds = ImageFolderReader.read(path, self.classname_map, skip_bad=self.skip_bad)
+            ds = ImageFolderReader.read(path, self.classname_map if folders else self._classnames, skip_bad=self.skip_bad)
         if ds.classnames != self._classnames:
             raise ValueError(f"class names of {path} ({ds.classnames}) differ from those of {self._first_split}")
         return ds

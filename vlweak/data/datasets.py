@@ -192,7 +192,10 @@ def list_class_folders(root: Path) -> list[str]:
 
 class ImageFolderReader:
     """``root/<class>/<image>``: one sub-folder per class; class names from folder names
-    (cleaned) unless ``classnames`` maps folder names to names."""
+    (cleaned) unless ``classnames`` maps folder names to names.
+
+    A folder that holds images but no class sub-folders is a folder of unlabeled images (label
+    ``-1``, to be pseudolabelled): ``classnames`` then gives the class vocabulary."""
 
     @staticmethod
     def read(
@@ -209,7 +212,7 @@ class ImageFolderReader:
             )
         folders = list_class_folders(root)
         if not folders:
-            raise VocabularyError(f"image folder {root} has no class sub-folders")
+            return ImageFolderReader._unlabeled(root, classnames, skip_bad)
         if isinstance(classnames, dict):
             unknown = [f for f in folders if f not in classnames]
             if unknown:
@@ -225,11 +228,9 @@ class ImageFolderReader:
         paths, labels, empty = [], [], []
         for k, folder in enumerate(folders):
             n = len(paths)
-            for f in sorted((root / folder).iterdir()):
-                # hidden files (macOS ``._x.png`` resource forks, ``.DS_Store``) are not images
-                if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
-                    paths.append(str(f))
-                    labels.append(k)
+            for f in image_files(root / folder):
+                paths.append(str(f))
+                labels.append(k)
             if len(paths) == n:
                 empty.append(f"{root / folder} ({names[k]!r})")
         if not paths:
@@ -245,6 +246,26 @@ class ImageFolderReader:
                 stacklevel=2,
             )
         return LabeledImages(paths, labels, names, skip_bad=skip_bad)
+
+    @staticmethod
+    def _unlabeled(root: Path, classnames: dict[str, str] | list[str] | None, skip_bad: bool) -> LabeledImages:
+        paths = [str(f) for f in image_files(root)]
+        if not paths:
+            raise VocabularyError(f"image folder {root} has no class sub-folders and no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if classnames is None:
+            raise VocabularyError(
+                f"image folder {root} holds {len(paths)} images but no class sub-folders: to pseudolabel them "
+                "as unlabeled images, give classnames (the class vocabulary, e.g. [cat, dog])"
+            )
+        names = list(classnames.values()) if isinstance(classnames, dict) else list(classnames)
+        names = validate_classnames(names, f"classnames given for the unlabeled images of {root}")
+        return LabeledImages(paths, [-1] * len(paths), names, skip_bad=skip_bad)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted; hidden files (macOS ``._x.png`` resource
+    forks, ``.DS_Store``) are not images."""
+    return [f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")]
 
 
 def manifest_format(path: Path) -> str:
