@@ -231,3 +231,35 @@ def test_caption_manifest_serves_pairs_without_classes_and_names_bad_rows(tmp_pa
     # without captions the same file is a labelling manifest, which needs classes
     with pytest.raises(VocabularyError, match="is empty"):
         ManifestDataModule(train=str(manifest))
+
+
+def test_classnames_from_a_file(tmp_path):
+    from vlweak.data.datasets import load_classnames
+    from vlweak.data.multilabel import VocDataModule
+
+    (tmp_path / "classes.txt").write_text("# CIFAR-style, one per line\ntabby cat\n\n  golden retriever \n")
+    (tmp_path / "wnids.yaml").write_text("n01: tabby cat\nn02: golden retriever\n")
+    (tmp_path / "list.json").write_text('["tabby cat", "golden retriever"]')
+    assert load_classnames(str(tmp_path / "classes.txt")) == ["tabby cat", "golden retriever"]
+    assert load_classnames(tmp_path / "list.json") == ["tabby cat", "golden retriever"]
+    assert load_classnames(["a"]) == ["a"] and load_classnames(None) is None
+    # an image folder of WordNet-id folders named through a map file
+    write_image_folder(tmp_path / "imgs", {"n01": 1, "n02": 2})
+    dm = ImageFolderDataModule(root=str(tmp_path / "imgs"), classnames=str(tmp_path / "wnids.yaml"))
+    assert dm.classnames == ["tabby cat", "golden retriever"]
+    dm = ImageFolderDataModule(root=str(tmp_path / "imgs"), classnames=str(tmp_path / "classes.txt"))
+    assert dm.classnames == ["tabby cat", "golden retriever"]
+    (tmp_path / "m.csv").write_text("path,label\nimgs/n01/0.png,0\nimgs/n02/0.png,1\n")
+    assert ManifestDataModule(test=str(tmp_path / "m.csv"), classnames=str(tmp_path / "list.json")).classnames == ["tabby cat", "golden retriever"]
+    with pytest.raises(ValueError, match="not a map"):
+        ManifestDataModule(test=str(tmp_path / "m.csv"), classnames=str(tmp_path / "wnids.yaml"))
+    with pytest.raises(FileNotFoundError, match=r"class-name file not found: .*missing\.txt"):
+        ImageFolderDataModule(root=str(tmp_path / "imgs"), classnames=str(tmp_path / "missing.txt"))
+    (tmp_path / "names.csv").write_text("a\n")
+    with pytest.raises(ValueError, match=r"names\.csv: unknown format '\.csv'"):
+        load_classnames(str(tmp_path / "names.csv"))
+    (tmp_path / "scalar.yaml").write_text("cat\n")
+    with pytest.raises(ValueError, match=r"scalar\.yaml holds a str: expected a list of names"):
+        load_classnames(str(tmp_path / "scalar.yaml"))
+    with pytest.raises(FileNotFoundError, match="class-name file not found"):  # the VOC module reads the same files
+        VocDataModule(root=str(tmp_path), classnames=str(tmp_path / "missing.txt"))

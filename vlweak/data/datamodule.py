@@ -31,6 +31,7 @@ from vlweak.data.datasets import (
     VocabularyError,
     collate,
     list_class_folders,
+    load_classnames,
     validate_classnames,
 )
 from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
@@ -452,8 +453,9 @@ class ImageFolderDataModule(VLDataModule):
     Args:
         root: dataset folder.
         classnames: class names in folder order, or a ``{folder: name}`` map (e.g. WordNet ids to
-            names); default: the folder names with underscores turned into spaces. An empty list or
-            map, or a repeated name, is an error.
+            names), or a file holding either (``.txt``, one name per line; ``.json`` / ``.yaml``);
+            default: the folder names with underscores turned into spaces. An empty list or map, or
+            a repeated name, is an error.
         train: train sub-folder name (``null`` to skip).
         val: validation sub-folder name.
         test: test sub-folder name.
@@ -463,7 +465,7 @@ class ImageFolderDataModule(VLDataModule):
     def __init__(
         self,
         root: str,
-        classnames: list[str] | dict[str, str] | None = None,
+        classnames: list[str] | dict[str, str] | str | None = None,
         train: str | None = "train",
         val: str | None = "val",
         test: str | None = "test",
@@ -487,7 +489,7 @@ class ImageFolderDataModule(VLDataModule):
         self.split_dirs = present or {"test": self.root}
         if self.predict_split != "test" and self.predict_split not in self.split_dirs:
             raise self.missing_split_error("predict")
-        self.classname_map = classnames
+        self.classname_map = classnames = load_classnames(classnames)
         # the vocabulary comes from the first split with class folders (others may hold unlabeled images)
         labelled = [(s, d) for s, d in self.split_dirs.items() if list_class_folders(d)]
         split, first = (labelled or list(self.split_dirs.items()))[0]
@@ -571,8 +573,9 @@ class ManifestDataModule(VLDataModule):
         train: manifest of the train split.
         val: manifest of the validation split.
         test: manifest of the test split.
-        classnames: the class vocabulary; default: the sorted labels of the first manifest (needed
-            when the labels are class indices).
+        classnames: the class vocabulary (a list, or a ``.txt`` / ``.json`` / ``.yaml`` file holding
+            one); default: the sorted labels of the first manifest (needed when the labels are class
+            indices).
         root: folder that relative image paths resolve against (default: each manifest's folder).
         multilabel: force multi-label (default: when the manifest has a ``labels`` column).
         captions: the manifest column holding each image's caption: image-caption pairs for
@@ -586,13 +589,16 @@ class ManifestDataModule(VLDataModule):
         train: str | None = None,
         val: str | None = None,
         test: str | None = None,
-        classnames: list[str] | None = None,
+        classnames: list[str] | str | None = None,
         root: str | None = None,
         multilabel: bool | None = None,
         captions: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        classnames = load_classnames(classnames)
+        if isinstance(classnames, dict):
+            raise ValueError("ManifestDataModule's classnames is a list of names in class order, not a map")
         self.captions = captions
         self.manifests = {s: m for s, m in (("train", train), ("val", val), ("test", test)) if m}
         if not self.manifests:

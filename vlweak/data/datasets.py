@@ -43,6 +43,34 @@ def clean_classname(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
+def load_classnames(value: list[str] | dict[str, str] | str | os.PathLike | None) -> list[str] | dict[str, str] | None:
+    """A class vocabulary given inline (a list, or a ``{folder: name}`` map) or as a file: ``.txt``
+    (one name per line; blank lines and lines starting with ``#`` skipped), ``.json`` or
+    ``.yaml`` / ``.yml`` (a list or a map). Inline values pass through."""
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"class-name file not found: {path} (classnames is a list of names, a {{folder: name}} map, "
+            "or a .txt / .json / .yaml file holding one)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"class-name file {path}: unknown format {suffix or '(no suffix)'!r} (.txt, .json, .yaml or .yml)")
+    import yaml  # a superset of JSON
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if isinstance(data, list) and all(isinstance(n, str) for n in data):
+        return data
+    if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return data
+    raise ValueError(f"class-name file {path} holds a {type(data).__name__}: expected a list of names or a {{folder: name}} map")
+
+
 def validate_classnames(classnames: Sequence[str], source: str = "class list") -> list[str]:
     """Return the class names as a list; an empty list, a blank name or duplicate names (also names
     that differ only by surrounding whitespace) is a :class:`VocabularyError` naming the entries."""

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from vlweak.data.datamodule import VLDataModule
-from vlweak.data.datasets import LabeledImages, VocabularyError, clean_classname, validate_classnames
+from vlweak.data.datasets import LabeledImages, VocabularyError, clean_classname, load_classnames, validate_classnames
 
 OnEmpty = Literal["error", "skip", "keep"]
 
@@ -328,7 +328,8 @@ class VocDataModule(VLDataModule):
         test: test image set.
         val: validation image set (default: the test set).
         classnames: XML object names in class order or ``{xml name: class name}`` (default VOC's 20,
-            with readable names such as "potted plant"); an empty list or a repeated name is an error.
+            with readable names such as "potted plant"), or a ``.txt`` / ``.json`` / ``.yaml`` file
+            holding either; an empty list or a repeated name is an error.
         difficult: classes present only as difficult objects: ``ignore`` (unknown), ``positive`` or ``negative``.
         on_empty: images without objects: ``error``, ``skip`` or ``keep``.
         **kwargs: see :class:`~vlweak.data.VLDataModule`.
@@ -340,12 +341,13 @@ class VocDataModule(VLDataModule):
         train: str | None = "trainval",
         test: str | None = "test",
         val: str | None = None,
-        classnames: dict[str, str] | list[str] | None = None,
+        classnames: dict[str, str] | list[str] | str | None = None,
         difficult: Literal["ignore", "positive", "negative"] = "ignore",
         on_empty: OnEmpty = "error",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        classnames = load_classnames(classnames)
         _check_options(on_empty, difficult)
         self.root = Path(root).expanduser()
         if not (self.root / "Annotations").is_dir():

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import EmbeddingCache
+from vlweak.data.datasets import load_classnames
 from vlweak.distributed import gather_ragged, rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
@@ -74,7 +75,8 @@ class VLMethod(L.LightningModule):
 
     Args:
         backbone: the CLIP-family model (default: the shipped ``vlweak-shapes`` model).
-        classnames: class vocabulary; set by the CLI from the data module.
+        classnames: class vocabulary (a list, or a ``.txt`` / ``.json`` / ``.yaml`` file holding
+            one); set by the CLI from the data module.
         multilabel: multi-label task; set by the CLI from the data module.
         artifact_path: where test/predict write the pseudolabel artifact; default
             ``<log dir>/pseudolabels-<stage>.safetensors``; ``""`` writes none.
@@ -83,13 +85,14 @@ class VLMethod(L.LightningModule):
     def __init__(
         self,
         backbone: Backbone = DEFAULT_BACKBONE,
-        classnames: list[str] | None = None,
+        classnames: list[str] | str | None = None,
         multilabel: bool = False,
         artifact_path: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.classnames = list(classnames) if classnames else []
+        names = load_classnames(classnames)
+        self.classnames = list(names.values() if isinstance(names, dict) else names) if names else []
         self.multilabel = multilabel
         self.artifact_path = artifact_path
         self._collected: list[dict[str, Tensor]] = []
