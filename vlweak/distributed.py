@@ -78,15 +78,18 @@ def _padded(x: Tensor, m: int) -> Tensor:
     return torch.cat([x, x.new_zeros((m - len(x), *x.shape[1:]))]) if m > len(x) else x
 
 
+def _gather_sized(strategy: Any, x: Tensor, sizes: list[int], sync_grads: bool = False) -> Tensor:
+    """The ranks' rows of ``x``, ``sizes[r]`` on rank ``r``: padded to the longest, gathered, cut."""
+    g = strategy.all_gather(_padded(x, max(sizes)), sync_grads=sync_grads)
+    return torch.cat([g[r, :n] for r, n in enumerate(sizes)])
+
+
 def gather_rows(strategy: Any, x: Tensor, *, sync_grads: bool = False) -> Tensor:
     """Every rank's rows of ``x`` (``[n_rank, ...]``, ``n_rank`` may differ, zero included), in
     rank order: ``[sum of n_rank, ...]``. With ``sync_grads`` the gradient of each rank's own rows
     flows back to it (a contrastive loss over the global batch). A collective: call it on every
     rank, with the same trailing shape and dtype."""
-    sizes = _sizes(strategy, len(x), x.device)
-    m = max(sizes)
-    g = strategy.all_gather(_padded(x, m), sync_grads=sync_grads)
-    return torch.cat([g[r, :n] for r, n in enumerate(sizes)])
+    return _gather_sized(strategy, x, _sizes(strategy, len(x), x.device), sync_grads)
 
 
 def gather_ragged(strategy: Any, local: dict[str, Tensor], device: Any) -> dict[str, Tensor]:
@@ -105,5 +108,4 @@ def gather_ragged(strategy: Any, local: dict[str, Tensor], device: Any) -> dict[
         schema = strategy.broadcast(schema, src=src)
         if not local:
             local = {k: torch.empty((0, *shape), dtype=dtype) for k, (dtype, shape) in schema.items()}
-    g = {k: strategy.all_gather(_padded(v.to(device), m)) for k, v in sorted(local.items())}
-    return {k: torch.cat([v[r, :n] for r, n in enumerate(sizes)]) for k, v in g.items()}
+    return {k: _gather_sized(strategy, v.to(device), sizes) for k, v in sorted(local.items())}

@@ -23,13 +23,13 @@ from vlweak.data.budget import Budgeted, LabelBudget
 from vlweak.data.augment import Augment, check_augment, train_transform
 from vlweak.data.cache import EmbeddingCache, image_embeddings
 from vlweak.data.datasets import (
-    IMAGE_EXTENSIONS,
     ImageFolderReader,
     ManifestReader,
     ShapesWorldDataset,
     Transformed,
     VocabularyError,
     collate,
+    image_files,
     list_class_folders,
     load_classnames,
     validate_classnames,
@@ -507,10 +507,7 @@ class ImageFolderDataModule(VLDataModule):
         split). Sub-folders that hold only folders are split folders under other names."""
         subs = [self.root / name for name in list_class_folders(self.root)]
 
-        def has_images(d: Path) -> bool:
-            return any(f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") for f in d.iterdir())
-
-        if subs and not any(has_images(d) for d in subs) and any(any(x.is_dir() for x in d.iterdir()) for d in subs):
+        if subs and not any(image_files(d) for d in subs) and any(any(x.is_dir() for x in d.iterdir()) for d in subs):
             expected = ", ".join(str(self.root / f) for f in self.folders.values()) or "none named"
             raise FileNotFoundError(
                 f"split folders ({expected}) not found (found: {self._found()}); the sub-folders of "

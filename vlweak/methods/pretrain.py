@@ -107,9 +107,9 @@ class CLIPPretrain(L.LightningModule):
         pairs (or none) than the others. When no rank has a pair the loss is the zero anchor (the
         step still runs on every rank: Lightning cannot skip one under DDP)."""
         img, txt, anchor = self._features(batch)
-        if self.trainer.world_size > 1:
-            img = gather_rows(self.trainer.strategy, img, sync_grads=True)
-            txt = gather_rows(self.trainer.strategy, txt, sync_grads=True)
+        if self.trainer.world_size > 1:  # both in one gather: one exchange of the ranks' sizes
+            pairs = gather_rows(self.trainer.strategy, torch.cat([img, txt], 1), sync_grads=True)
+            img, txt = pairs.split(img.shape[1], 1)
         if len(img) == 0:
             return anchor, img, txt
         loss = clip_loss(img, txt, self.backbone.logit_scale)
