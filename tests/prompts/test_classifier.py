@@ -46,3 +46,28 @@ def test_prompt_that_exactly_fills_the_context_is_accepted(tiny_backbone):
     with pytest.raises(ValueError, match="too long.*'sweet pepper'") as err:
         TextPromptLearner(tiny_backbone, ["cat", "sweet pepper"], n_ctx=12)
     assert "'cat'" not in str(err.value)
+
+
+@pytest.mark.parametrize("position,template", [
+    ("end", "X X X X {}."), ("middle", "X X {} X X."), ("front", "{} X X X X."),
+])
+def test_class_name_position_places_the_name_among_the_context(tiny_backbone, position, template):
+    # CoOp's class token position: the prompt's tokens are those of the same text with the context
+    # as placeholders, the context vectors sit where the placeholders are, the rest is the text's
+    names = ["cat", "sweet pepper", "dog"]
+    learner = TextPromptLearner(tiny_backbone, names, n_ctx=4, position=position)
+    with torch.no_grad():
+        learner.ctx.copy_(torch.arange(4)[:, None].float().expand_as(learner.ctx) + 100)
+    want = tiny_backbone.tokenize([template.format(n) for n in names])
+    assert torch.equal(learner.token_ids, want)
+    emb, words = learner.embeddings(), tiny_backbone.token_embedding(want).float()
+    ctx_at = want == tiny_backbone.tokenize(["X"])[0, 1]
+    assert torch.equal(emb[ctx_at], learner.ctx.detach().repeat(len(names), 1))  # in order, each row
+    assert torch.allclose(emb[~ctx_at], words[~ctx_at])
+    learner().sum().backward()  # the context still learns through the reordering
+    assert learner.ctx.grad.abs().sum() > 0
+
+
+def test_class_name_position_is_checked(tiny_backbone):
+    with pytest.raises(ValueError, match="position .*'back'"):
+        TextPromptLearner(tiny_backbone, ["cat"], position="back")

@@ -1,8 +1,9 @@
 """Learnable prompts around a frozen backbone.
 
-* :class:`TextPromptLearner` — CoOp (Zhou et al. 2022): ``M`` learnable context vectors placed
-  before each class name, ``[SOS] v_1 … v_M <class name> . [EOS]``, shared by all classes or one set
-  per class, initialised randomly (N(0, 0.02)) or from a phrase's word embeddings.
+* :class:`TextPromptLearner` — CoOp (Zhou et al. 2022): ``M`` learnable context vectors around each
+  class name, ``[SOS] v_1 … v_M <class name> . [EOS]`` (or the name first, or in the middle), shared
+  by all classes or one set per class, initialised randomly (N(0, 0.02)) or from a phrase's word
+  embeddings.
 * :class:`DualPromptLearner` — DualCoOp (Sun et al. 2022): a positive and a negative context.
 * :class:`VisualPromptLearner` — learnable tokens inserted into the image encoder's input sequence
   (visual prompt tuning as used by Menghini et al. 2023).
@@ -32,7 +33,11 @@ class TextPromptLearner(nn.Module):
         init: a phrase whose word embeddings initialise the context (e.g. ``"a photo of a"``);
             ``None`` draws N(0, 0.02).
         class_specific: one context per class (CoOp's CSC) instead of one shared context.
+        position: where the class name goes (CoOp's class token position): ``end`` (after the
+            context, CoOp's default), ``middle`` (between its two halves) or ``front`` (before it).
     """
+
+    POSITIONS = ("end", "middle", "front")
 
     def __init__(
         self,
@@ -41,8 +46,11 @@ class TextPromptLearner(nn.Module):
         n_ctx: int = 16,
         init: str | None = None,
         class_specific: bool = False,
+        position: str = "end",
     ) -> None:
         super().__init__()
+        if position not in self.POSITIONS:
+            raise ValueError(f"position (of the class name) must be one of {self.POSITIONS}, got {position!r}")
         names = [clean_classname(c) for c in validate_classnames(classnames)]
         object.__setattr__(self, "backbone", backbone)  # not a sub-module: stays frozen, not saved twice
         width = backbone.token_embedding(backbone.tokenize(["a"])).shape[-1]
@@ -59,7 +67,7 @@ class TextPromptLearner(nn.Module):
                 init_vec = torch.randn(n_ctx, width) * 0.02
         ctx = init_vec.unsqueeze(0).repeat(len(names), 1, 1) if class_specific else init_vec
         self.ctx = nn.Parameter(ctx.clone())
-        self.n_ctx, self.class_specific, self.classnames = n_ctx, class_specific, names
+        self.n_ctx, self.class_specific, self.classnames, self.position = n_ctx, class_specific, names, position
         prompts = [" ".join([_PLACEHOLDER] * n_ctx) + f" {name}." for name in names]
         ids = backbone.tokenize(prompts)
         too_long = _too_long(backbone, names, ids)
@@ -67,20 +75,40 @@ class TextPromptLearner(nn.Module):
             raise ValueError(f"class names too long for the context length with {n_ctx} context tokens: {too_long[:3]}")
         with torch.no_grad():
             emb = backbone.token_embedding(ids).float().cpu()
-        self.register_buffer("token_ids", ids, persistent=False)
+        # the sequence is built name-last, then each row is reordered to put its name where asked
+        order = None if position == "end" else _name_order(backbone, names, n_ctx, ids.shape[1], position)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("token_ids", ids if order is None else ids.gather(1, order), persistent=False)
         self.register_buffer("prefix", emb[:, :1], persistent=False)  # SOS
         self.register_buffer("suffix", emb[:, 1 + n_ctx :], persistent=False)  # class name, '.', EOS, padding
 
     def embeddings(self) -> Tensor:
         """Input word embeddings ``[C, L, width]`` with the learnable context in place."""
         ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(len(self.classnames), -1, -1)
-        return torch.cat([self.prefix.to(ctx.dtype), ctx, self.suffix.to(ctx.dtype)], dim=1)
+        out = torch.cat([self.prefix.to(ctx.dtype), ctx, self.suffix.to(ctx.dtype)], dim=1)
+        if self.order is not None:
+            out = out.gather(1, self.order.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+        return out
 
     def forward(self) -> Tensor:
         """Unit-norm class embeddings ``[C, D]`` through the frozen text tower."""
         with self.backbone.autocast():
             feats = self.backbone.encode_text_embeddings(self.embeddings(), self.token_ids)
         return F.normalize(feats.float(), dim=-1)
+
+
+def _name_order(backbone, names: list[str], n_ctx: int, length: int, position: str) -> Tensor:
+    """``[C, L]`` positions into the name-last sequence ``[SOS] ctx <name> . [EOS] …`` that put each
+    class name first (``front``) or between the context's halves (``middle``); the rest, from the
+    '.' on, keeps its place, so the end-of-text token does too."""
+    name_len = (backbone.tokenize(names).argmax(-1) - 1).tolist()  # the name's tokens between SOS and EOS
+    half = n_ctx // 2 if position == "middle" else 0
+    rows = []
+    for n in name_len:
+        ctx = list(range(1, 1 + n_ctx))
+        name = list(range(1 + n_ctx, 1 + n_ctx + n))
+        rows.append([0] + ctx[:half] + name + ctx[half:] + list(range(1 + n_ctx + n, length)))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _too_long(backbone, names: list[str], ids: Tensor) -> list[str]:
