@@ -44,7 +44,7 @@ def test_method_help_cuts_long_subclass_lists(capsys):
     with pytest.raises(SystemExit):  # short lists stay whole: every method is named
         build_cli(["fit", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for method in ("CDUL", "CHiLS", "DualCoOp", "PromptTuning", "ZeroShot", "ZLaP", "CLIPPretrain"):
+    for method in ("CDUL", "CHiLS", "CoOp", "DualCoOp", "PromptTuning", "ZeroShot", "ZLaP", "CLIPPretrain"):
         assert f"vlweak.methods.{method}" in out, method
 
 

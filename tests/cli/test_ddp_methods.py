@@ -132,6 +132,19 @@ def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_ckpt):
     assert torch.equal(r1["train_index"], r2["train_index"]) and torch.equal(r1["train_label"], r2["train_label"])
 
 
+def test_coop_ddp_matches_one_process(tmp_path, tiny_ckpt):
+    # 2 labels per class of 12: batch 24 is the whole labeled set (12 per rank), full-batch steps
+    a, b = _both("fit", "coop/shapes_few_shot.yaml", tmp_path, tiny_ckpt, 24,
+                 "--data.init_args.n_train=120", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
+                 "--data.init_args.shots=2", "--model.init_args.epochs=2", "--model.init_args.warmup_epochs=0",
+                 "--model.init_args.n_ctx=2")
+    one, two = (load_file(next(d.parent.rglob("round-final.safetensors"))) for d in (a, b))
+    _assert_same_params({k: v for k, v in one.items() if k.startswith("prompt.")},
+                        {k: v for k, v in two.items() if k.startswith("prompt.")})
+    r1, r2 = (load_file(next(d.parent.rglob("round-000.safetensors"))) for d in (a, b))
+    assert len(r1["train_index"]) == 24 and torch.equal(r1["train_index"], r2["train_index"])
+
+
 _FSDP = "--trainer.strategy.class_path=tests.cli.cpu_fsdp.CPUFSDPStrategy"
 _PER_BLOCK = "--trainer.strategy.init_args.auto_wrap_policy=[open_clip.transformer.ResidualAttentionBlock]"  # as recipes/pretrain/fsdp.yaml
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlweak.labels import PseudoLabels
-from vlweak.methods import CDUL, CHiLS, DualCoOp, PromptTuning, ZeroShot, ZLaP
+from vlweak.methods import CDUL, CHiLS, CoOp, DualCoOp, PromptTuning, ZeroShot, ZLaP
 from vlweak.prompts import resolve_templates
 
 NAMES = ["circle", "square", "star"]
@@ -36,6 +36,11 @@ CASES = [
     (PromptTuning, {}, {"epochs_per_round": 3, "warmup_epochs": 3}, r"warmup_epochs \(3\) must be below epochs_per_round \(3\)"),
     (PromptTuning, {}, {"pseudolabels": "zero-shot"}, "'zero-shot' is neither"),
     (PromptTuning, {}, {"pseudolabels": "missing/zlap.txt"}, "'missing/zlap.txt' is neither"),
+    (PromptTuning, {}, {"position": "back"}, "position .* got 'back'"),
+    (CoOp, {}, {"epochs": 1}, r"warmup_epochs \(1\) must be below epochs \(1\)"),
+    (CoOp, {}, {"epochs": 0}, "epochs must be >= 1, got 0"),
+    (CoOp, {}, {"n_ctx": 0}, "n_ctx must be >= 1"),
+    (CoOp, {}, {"momentum": -0.5}, "momentum"),
 ]
 
 

@@ -234,7 +234,7 @@ class PseudolabelRounds(L.Callback):
         if trainer.global_rank != 0:
             return
         folder = self.folder(trainer)
-        if scores is not None:
+        if scores is not None and len(scores):  # no unlabeled pool (labels only): no pseudolabels to keep
             PseudoLabels.from_scores(
                 scores,
                 list(m.classnames),
@@ -305,10 +305,11 @@ class PseudolabelRounds(L.Callback):
             self.round, self.epoch_in_round = state.round, 0
         asked = trainer.fit_loop.max_epochs
         if asked not in (None, -1, 1000):  # 1000: Lightning's value when unset
-            rank_zero_warn(
-                f"trainer.max_epochs={asked} is not used: {type(m).__name__} trains {len(self.schedule)} round(s) of "
-                f"epochs_per_round={m.epochs_per_round} epochs; set model.init_args.rounds / epochs_per_round instead"
+            trains, option = m.epochs_hint() if hasattr(m, "epochs_hint") else (
+                f"{len(self.schedule)} round(s) of epochs_per_round={m.epochs_per_round} epochs",
+                "model.init_args.rounds / epochs_per_round",
             )
+            rank_zero_warn(f"trainer.max_epochs={asked} is not used: {type(m).__name__} trains {trains}; set {option} instead")
         # The epochs the remaining rounds need. A Lightning checkpoint given as ``ckpt_path`` restores
         # ``current_epoch`` only after this hook, so the budget is set again in ``on_train_start``;
         # until then it must not look spent (the fit loop would skip training altogether).
@@ -346,7 +347,8 @@ class PseudolabelRounds(L.Callback):
         self.check_identity(state, m, folder)
         total = len(self.schedule)
         rank_zero_info(
-            f"all {total} rounds of this run are done in {folder}: nothing to train (resume: false starts over)"
+            f"{f'all {total} rounds of this run are' if total > 1 else 'this run is'} done in {folder}: nothing to "
+            "train (resume: false starts over)"
             if state.round >= total else
             f"resuming round {state.round + 1} of {total} from {folder} (rounds done: {state.round})"
         )

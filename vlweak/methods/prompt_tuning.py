@@ -70,6 +70,8 @@ class PromptTuning(VLMethod):
         n_ctx: textual context length (paper: 16).
         ctx_init: phrase initialising the textual context (``null``: N(0, 0.02), as in the paper).
         class_specific: one textual context per class instead of a shared one.
+        position: where the class name sits in the textual prompt: ``end`` (after the context, as
+            in the paper), ``middle`` or ``front`` (CoOp's class token position).
         n_visual_tokens: visual prompt tokens (paper: 16).
         epochs_per_round: training epochs of each round (paper: 150).
         lr: SGD learning rate (paper: 0.1 for textual and visual prompts, 0.01 for multimodal).
@@ -116,6 +118,7 @@ class PromptTuning(VLMethod):
         n_ctx: int = 16,
         ctx_init: str | None = None,
         class_specific: bool = False,
+        position: str = "end",
         n_visual_tokens: int = 16,
         epochs_per_round: int = 150,
         lr: float = 0.1,
@@ -169,7 +172,7 @@ class PromptTuning(VLMethod):
         self._best: tuple[float, dict[str, Tensor]] | None = None  # best held-out accuracy, its prompt
         names = self.require_classnames()
         self.text_prompt = (
-            TextPromptLearner(backbone, names, n_ctx, ctx_init, class_specific) if prompt != "visual" else None
+            TextPromptLearner(backbone, names, n_ctx, ctx_init, class_specific, position) if prompt != "visual" else None
         )
         if prompt != "textual":
             self.visual_prompt = VisualPromptLearner(backbone.visual_width, n_visual_tokens)
@@ -205,7 +208,7 @@ class PromptTuning(VLMethod):
         """What a round's training depends on beyond the data: the backbone and every training
         hyper-parameter (part of a run's identity; a resumed run must match it)."""
         skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels",
-                "warm_start", "holdout")
+                "warm_start", "holdout", "position")
         out = {k: v for k, v in self.hparams.items() if k not in skip}
         out["backbone"] = self.backbone.fingerprint()
         # named only when set, so runs from before these options keep their identity
@@ -213,6 +216,8 @@ class PromptTuning(VLMethod):
             out["warm_start"] = True
         if self.holdout:
             out["holdout"] = self.holdout
+        if self.hparams.get("position", "end") != "end":
+            out["position"] = self.hparams["position"]
         if self._augment is not None:
             out["augment"] = self._augment
         return out
@@ -297,6 +302,9 @@ class PromptTuning(VLMethod):
         restrict = seen is not None and not partial
         self.pseudolabel_classes = [i for i in range(c) if not restrict or i not in seen]
         index, label, feats = [], [], []
+        only = self.pool_positions(dm)
+        if only is not None:
+            scan = Subset(scan, only.tolist())
         with torch.no_grad():
             for batch in self._loader(scan, dm):
                 if not batch:
@@ -318,6 +326,10 @@ class PromptTuning(VLMethod):
         self.pool_truth = truth[self.pool_index] if truth is not None else None
         if self.strategy != "fpl" and int((self.pool_label < 0).sum()) == 0:
             raise ValueError("the train split has no unlabeled images to pseudolabel (set shots or seen_classes)")
+
+    def pool_positions(self, dm: Any) -> Tensor | None:
+        """Positions of the train split to scan (``None``: all of it, the unlabeled pool included)."""
+        return None
 
     def _loader(self, ds: Any, dm: Any) -> DataLoader:
         return DataLoader(ds, batch_size=getattr(dm, "batch_size", 64), num_workers=getattr(dm, "num_workers", 0), collate_fn=collate)
