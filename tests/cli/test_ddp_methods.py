@@ -124,12 +124,17 @@ def test_prompt_tuning_ddp_matches_one_process(tmp_path, tiny_ckpt):
                  # resume from it (skipping round 0's scoring left its module without the zero-shot
                  # classifier buffer, and the ranks' DDP buffer broadcasts did not match)
                  "--trainer.callbacks+=tests.cli.slow_rank.SlowRank")
+    assert len(_same_rounds(a, b, 1)["train_index"]) == 48  # GRIP's last round covers the pool
+
+
+def _same_rounds(a: Path, b: Path, r: int) -> dict[str, torch.Tensor]:
+    """Both fits ended with the same prompt and trained round ``r`` on the same set; that round's file."""
     one, two = (load_file(next(d.parent.rglob("round-final.safetensors"))) for d in (a, b))
     _assert_same_params({k: v for k, v in one.items() if k.startswith("prompt.")},
                         {k: v for k, v in two.items() if k.startswith("prompt.")})
-    r1, r2 = (load_file(next(d.parent.rglob("round-001.safetensors"))) for d in (a, b))
-    assert len(r1["train_index"]) == 48  # GRIP's last round covers the pool
+    r1, r2 = (load_file(next(d.parent.rglob(f"round-{r:03d}.safetensors"))) for d in (a, b))
     assert torch.equal(r1["train_index"], r2["train_index"]) and torch.equal(r1["train_label"], r2["train_label"])
+    return r1
 
 
 def test_coop_ddp_matches_one_process(tmp_path, tiny_ckpt):
@@ -138,11 +143,7 @@ def test_coop_ddp_matches_one_process(tmp_path, tiny_ckpt):
                  "--data.init_args.n_train=120", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--data.init_args.shots=2", "--model.init_args.epochs=2", "--model.init_args.warmup_epochs=0",
                  "--model.init_args.n_ctx=2")
-    one, two = (load_file(next(d.parent.rglob("round-final.safetensors"))) for d in (a, b))
-    _assert_same_params({k: v for k, v in one.items() if k.startswith("prompt.")},
-                        {k: v for k, v in two.items() if k.startswith("prompt.")})
-    r1, r2 = (load_file(next(d.parent.rglob("round-000.safetensors"))) for d in (a, b))
-    assert len(r1["train_index"]) == 24 and torch.equal(r1["train_index"], r2["train_index"])
+    assert len(_same_rounds(a, b, 0)["train_index"]) == 24
 
 
 _FSDP = "--trainer.strategy.class_path=tests.cli.cpu_fsdp.CPUFSDPStrategy"
