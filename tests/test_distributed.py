@@ -1,5 +1,6 @@
 """vlweak.distributed in two real gloo processes: rank 0's answer and rank 0's error reach every rank
-(rank_zero_first); ranks holding different numbers of rows, none included, gather them all, with
+(rank_zero_first); a cache on each node's disk filled once per node (fill_once_per_node); ranks
+holding different numbers of rows, none included, gather them all, with
 the gradient of each rank's rows coming back to it (gather_rows, gather_ragged)."""
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 
-from vlweak.distributed import gather_ragged, gather_rows, rank_zero_first
+from vlweak.distributed import fill_once_per_node, gather_ragged, gather_rows, rank_zero_first
 
 
 class _Strategy:
     """What rank_zero_first uses of a Lightning strategy: the ranks and an object broadcast."""
 
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, per_node: int | None = None) -> None:
         self.global_rank, self.world_size = rank, world
+        self.local_rank = rank % (per_node or world)
 
     def broadcast(self, obj, src: int = 0):
         box = [obj]
@@ -112,3 +114,44 @@ def test_ranks_with_different_numbers_of_rows_none_included_gather_them_all(outc
         assert outcome[r][6] == "ragged ['index', 'scores'] [0, 1, 2] torch.float64 [0.0, 0.1, 0.2]"
         # the loss summed over the global batch on each rank: DDP then averages the ranks' gradients
         assert outcome[r][7] == "rows [0.0, 1.0, 2.0] True"
+
+
+def _node_rank(rank: int, world: int, init: str, out: str) -> None:
+    """Two nodes of two ranks; each node's "disk" is a folder, or one folder every node sees."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    s = _Strategy(rank, world, per_node=2)
+    lines = []
+    for layout in ("local", "shared"):
+        disk = Path(out, layout, f"node{rank // 2}" if layout == "local" else "all")
+        disk.mkdir(parents=True, exist_ok=True)
+        entry = disk / "entry.txt"
+
+        def fill() -> str:
+            if not entry.is_file():  # the cache's miss: encode and store
+                entry.write_text(f"filled by rank {rank}")
+                lines.append(f"{layout} filled")
+            return entry.read_text()
+
+        lines.append(f"{layout} {fill_once_per_node(s, fill)}")
+    try:
+        fill_once_per_node(s, lambda: _fail("missing") if rank == 2 else "ok")
+    except Exception as err:
+        lines.append(f"error {type(err).__name__}: {err}")
+    Path(out, f"rank{rank}.txt").write_text("\n".join(lines))
+    dist.destroy_process_group()
+
+
+def test_a_cache_on_each_nodes_disk_is_filled_once_per_node():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_node_rank, args=(4, f"file://{d}/store", d), nprocs=4, join=True)
+        got = {r: Path(d, f"rank{r}.txt").read_text().splitlines() for r in range(4)}
+    # node-local disks: the first rank of each node fills its node's entry, the others read it
+    assert got[0][:2] == ["local filled", "local filled by rank 0"] and got[1][0] == "local filled by rank 0"
+    assert got[2][:2] == ["local filled", "local filled by rank 2"] and got[3][0] == "local filled by rank 2"
+    # one shared disk: rank 0 alone fills it, every rank reads rank 0's entry
+    assert [line for r in range(4) for line in got[r] if line == "shared filled"] == ["shared filled"]
+    assert all("shared filled by rank 0" in got[r] for r in range(4))
+    # a failure on another node's first rank stops every rank with its message
+    assert all(got[r][-1] == "error FileNotFoundError: no such split: /data/train" for r in range(4))

@@ -6,7 +6,9 @@ A transductive method encodes a split once into the embedding cache, or solves o
 while the other ranks wait. If they waited at a plain barrier and rank 0 failed (a missing split, an
 unreadable folder, out of memory), they would wait there until the process group times out (half an
 hour by default). :func:`rank_zero_first` waits in a broadcast instead, which carries rank 0's error
-as well as its answer, so every rank stops with rank 0's message at once.
+as well as its answer, so every rank stops with rank 0's message at once. A cache on each node's own
+disk is filled once per node (:func:`fill_once_per_node`): after rank 0, the first rank of every
+other node, while the node's other ranks wait.
 
 Ranks holding different numbers of rows. A rank that skipped unreadable images (``skip_bad: true``)
 holds a shorter batch than the others, or none; a plain all-gather needs the same shape everywhere
@@ -68,6 +70,48 @@ def rank_zero_first(strategy: Any, work: Callable[[], T], *, share: bool = False
     if failure is not None:
         raise failure
     return result if strategy.global_rank == 0 else answer
+
+
+def node_first(strategy: Any, work: Callable[[], T]) -> T | None:
+    """Run ``work`` on the first rank of every node (local rank 0) while the node's other ranks
+    wait; then every rank raises the first failure of any node. A collective: call it on every rank.
+
+    Returns:
+        ``work()`` on a node's first rank, ``None`` on the others.
+    """
+    if strategy is None or getattr(strategy, "world_size", 1) == 1:
+        return work()
+    result: Any = None
+    error: Exception | None = None
+    if strategy.local_rank == 0:
+        try:
+            result = work()
+        except Exception as err:
+            error = err
+    failures: list[Any] = [None] * strategy.world_size
+    torch.distributed.all_gather_object(failures, None if error is None else _portable(error))
+    if error is not None:
+        raise error
+    failure = next((f for f in failures if f is not None), None)
+    if failure is not None:
+        raise failure
+    return result
+
+
+def fill_once_per_node(strategy: Any, fill: Callable[[], T], read: Callable[[], T] | None = None) -> T:
+    """A cache every rank reads, filled once: rank 0 runs ``fill`` while the others wait (and stop
+    with its error); then the first rank of every other node runs ``fill`` too, which reads rank 0's
+    entry where the cache is on a file system every node sees, or fills the node's own cache where
+    it is on the node's disk, while that node's other ranks wait; then they ``read`` (default
+    ``fill``) their node's entry. A collective: call it on every rank.
+
+    Without the second step, every rank of a node without rank 0's entry would fill it itself."""
+    out = rank_zero_first(strategy, fill)
+    if strategy is None or getattr(strategy, "world_size", 1) == 1:
+        return out
+    done = out
+    out = node_first(strategy, (lambda: done) if done is not None else fill)
+    return out if out is not None else (read or fill)()
 
 
 def _sizes(strategy: Any, n: int, device: Any) -> list[int]:

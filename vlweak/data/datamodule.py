@@ -36,7 +36,7 @@ from vlweak.data.datasets import (
 )
 from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
 from vlweak.data.world import ShapesWorld, classnames_for
-from vlweak.distributed import rank_zero_first
+from vlweak.distributed import fill_once_per_node
 
 SPLITS = ("train", "val", "test", "predict")
 #: the data splits a data module may have (``predict`` reads one of them, ``predict_split``)
@@ -292,12 +292,12 @@ class VLDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         strategy = trainer.strategy if trainer is not None else None
         base = raw.dataset if isinstance(raw, Budgeted) else raw
-        # Rank 0 encodes and stores; the others wait (and stop with rank 0's error), then read the entry.
-        out = rank_zero_first(strategy, lambda: image_embeddings(
-            backbone, base, transform, self.cache, self.batch_size, self.num_workers, f"encoding {split}"
-        ))
-        if out is None:
-            out = image_embeddings(backbone, base, transform, self.cache, self.batch_size, 0, f"encoding {split}")
+        # Rank 0 encodes and stores; then each other node's first rank reads the entry (a shared cache) or
+        # encodes into its own disk's cache; the other ranks wait (and stop with the error), then read.
+        def encode(workers: int) -> dict[str, torch.Tensor]:
+            return image_embeddings(backbone, base, transform, self.cache, self.batch_size, workers, f"encoding {split}")
+
+        out = fill_once_per_node(strategy, lambda: encode(self.num_workers), lambda: encode(0))
         return FeatureDataset(out["features"], out["index"], raw)
 
     # ---------------------------------------------------------------- loaders

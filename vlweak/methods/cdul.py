@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlweak.backbones import Backbone
+from vlweak.distributed import fill_once_per_node
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.methods.cdul_snippets import (
     INIT_MODES,
@@ -245,10 +246,10 @@ class CDUL(VLMethod):
         return out
 
     def _initialize_ranks(self, split: str) -> dict[str, Tensor]:
-        """:meth:`initialize` with rank 0 encoding first (filling the cache) and the others after
-        (or stopping with rank 0's error)."""
-        out = self.rank_zero_first(lambda: self.initialize(split))
-        return self.initialize(split) if out is None else out
+        """:meth:`initialize` with rank 0 encoding first (filling the cache), then each other node's
+        first rank, then the others (or every rank stopping with the error)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return fill_once_per_node(strategy, lambda: self.initialize(split))
 
     def _snippet_table(self, split: str, init: dict[str, Tensor] | None = None) -> Tensor:
         """Snippet embeddings ``[N, G, D]`` of a split on the device, rows by dataset index (cached)."""
