@@ -40,6 +40,14 @@ def _portable(err: Exception) -> Exception:
     return RuntimeError(f"{kind.__name__}: {err}")
 
 
+def _attempt(work: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """``(work(), None)``, or ``(None, its error)``: a rank's failure is kept to share, not raised yet."""
+    try:
+        return work(), None
+    except Exception as err:
+        return None, err
+
+
 def rank_zero_first(strategy: Any, work: Callable[[], T], *, share: bool = False) -> T | None:
     """Run ``work`` on rank 0 while the other ranks wait; then every rank raises rank 0's error, if
     it had one. A collective: call it on every rank.
@@ -55,13 +63,7 @@ def rank_zero_first(strategy: Any, work: Callable[[], T], *, share: bool = False
     """
     if strategy is None or getattr(strategy, "world_size", 1) == 1:
         return work()
-    result: Any = None
-    error: Exception | None = None
-    if strategy.global_rank == 0:
-        try:
-            result = work()
-        except Exception as err:
-            error = err
+    result, error = _attempt(work) if strategy.global_rank == 0 else (None, None)
     answer, failure = strategy.broadcast(
         (result if share and error is None else None, None if error is None else _portable(error)), src=0
     )
@@ -81,13 +83,7 @@ def node_first(strategy: Any, work: Callable[[], T]) -> T | None:
     """
     if strategy is None or getattr(strategy, "world_size", 1) == 1:
         return work()
-    result: Any = None
-    error: Exception | None = None
-    if strategy.local_rank == 0:
-        try:
-            result = work()
-        except Exception as err:
-            error = err
+    result, error = _attempt(work) if strategy.local_rank == 0 else (None, None)
     failures: list[Any] = [None] * strategy.world_size
     torch.distributed.all_gather_object(failures, None if error is None else _portable(error))
     if error is not None:
