@@ -111,3 +111,26 @@ def test_the_image_folder_recipe_trains_on_augmented_labeled_images(tmp_path):
     assert sorted(cli.model.pool_label.tolist()) == [0, 0, 1, 1] and cli.trainer.current_epoch == 2
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert cli.model.last_artifact is not None and cli.model.last_artifact.is_file()
+
+
+def test_unlabeled_rows_of_a_split_without_a_budget_take_no_part(tmp_path):
+    from tests.conftest import write_image_folder
+    from vlweak.data import ManifestDataModule
+    from vlweak.methods import CoOp
+    from vlweak.backbones import OpenCLIPBackbone
+
+    folder = write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3}, size=32)
+    rows = ["path,label"] + [f"{folder / c / f'{k}.png'},{c if k < 2 else ''}" for c in ("cat", "dog") for k in range(3)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    dm = ManifestDataModule(train=str(tmp_path / "train.csv"), test=str(tmp_path / "train.csv"), classnames=["cat", "dog"],
+                            batch_size=4)
+    model = CoOp(OpenCLIPBackbone("vlweak-tiny", pretrained=None), dm.classnames, n_ctx=2, epochs=2,
+                 rounds_dir=str(tmp_path / "rounds"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    # the two unlabeled rows of each class are dropped from the pool, and each kept row finds its features
+    assert model.pool_index.tolist() == [0, 1, 3, 4] and model.pool_label.tolist() == [0, 0, 1, 1]
+    assert model._feature_row[model.pool_index].tolist() == [0, 1, 2, 3]
+    assert model._feature_row.tolist() == [0, 1, -1, 2, 3]  # no row for the dropped images
+    assert trainer.current_epoch == 2

@@ -113,12 +113,7 @@ class CoOp(PromptTuning):
         if not labeled.any():
             raise ValueError(_NO_LABELS)
         if not labeled.all():  # a split with unlabeled items and no budget: they take no part
-            self.pool_index, self.pool_label = self.pool_index[labeled], self.pool_label[labeled]
-            self._pool_features = self._pool_features[labeled]
-            self._feature_row.fill_(-1)
-            self._feature_row[self.pool_index] = torch.arange(len(self.pool_index))
-            if self.pool_truth is not None:
-                self.pool_truth = self.pool_truth[labeled]
+            self.set_pool(self.pool_index[labeled], self.pool_label[labeled], self._pool_features[labeled])
 
     @torch.no_grad()
     def score_unlabeled(self, source: bool) -> Tensor:

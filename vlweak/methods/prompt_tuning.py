@@ -317,15 +317,20 @@ class PromptTuning(VLMethod):
                 feats.append(F.normalize(f.float(), dim=-1).cpu())
         if not index:
             raise ValueError("the train split is empty")
-        self.pool_index, self.pool_label = torch.cat(index), torch.cat(label)
-        self._pool_features = torch.cat(feats)
-        self._feature_row = torch.full((int(self.pool_index.max()) + 1,), -1, dtype=torch.long)
-        self._feature_row[self.pool_index] = torch.arange(len(self.pool_index))
-        raw = dm.raw("train") if hasattr(dm, "raw") else None
-        truth = raw.true_targets() if raw is not None and hasattr(raw, "true_targets") else None
-        self.pool_truth = truth[self.pool_index] if truth is not None else None
+        self.set_pool(torch.cat(index), torch.cat(label), torch.cat(feats))
         if self.strategy != "fpl" and int((self.pool_label < 0).sum()) == 0:
             raise ValueError("the train split has no unlabeled images to pseudolabel (set shots or seen_classes)")
+
+    def set_pool(self, index: Tensor, label: Tensor, features: Tensor) -> None:
+        """The pool's dataset indices, budget labels and features, the row of each index, and the
+        hidden ground truth where the data module has it (to measure pseudolabels only)."""
+        self.pool_index, self.pool_label, self._pool_features = index, label, features
+        self._feature_row = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+        self._feature_row[index] = torch.arange(len(index))
+        dm = self._datamodule
+        raw = dm.raw("train") if hasattr(dm, "raw") else None
+        truth = raw.true_targets() if raw is not None and hasattr(raw, "true_targets") else None
+        self.pool_truth = truth[index] if truth is not None else None
 
     def pool_positions(self, dm: Any) -> Tensor | None:
         """Positions of the train split to scan (``None``: all of it, the unlabeled pool included)."""
