@@ -109,3 +109,37 @@ def test_misnaming_errors_name_the_bad_input():
         ShapesWorld(misnaming={"circle": "circle"}, misnaming_rate=0.5)
     with pytest.raises(ValueError, match="misnaming_rate must lie in"):
         ShapesWorld(misnaming={"ellipse": "circle"}, misnaming_rate=1.5)
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_a_dataset_draws_each_scene_once_and_returns_what_a_fresh_draw_gives(multilabel, monkeypatch):
+    import pickle
+
+    import torch
+
+    from vlweak.data.datasets import ShapesWorldDataset
+
+    world = ShapesWorld(seed=3, image_size=16, shift=0.5, multilabel=multilabel)
+    # room for 4 images of 16 px: the first 4 scenes drawn stay, later ones are drawn every time
+    ds = ShapesWorldDataset(world, "train", 10, memo_bytes=4 * 3 * 16 * 16)
+    drawn = []
+    draw = world.scene
+    monkeypatch.setattr(world, "scene", lambda split, i: drawn.append(i) or draw(split, i))
+    first = [ds[i] for i in range(10)]
+    again = [ds[i] for i in range(10)]
+    assert drawn == list(range(10)) + list(range(4, 10))
+    fresh = ShapesWorldDataset(ShapesWorld(seed=3, image_size=16, shift=0.5, multilabel=multilabel), "train", 10)
+    for a, b, c in zip(first, again, (fresh[i] for i in range(10))):
+        assert a.keys() == b.keys() == c.keys()
+        for k in a:
+            assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(c[k])) if k != "caption" else a[k] == c[k]
+            assert torch.equal(torch.as_tensor(b[k]), torch.as_tensor(c[k])) if k != "caption" else b[k] == c[k]
+    # a caller writing into an item (an in-place transform) leaves the kept scene as drawn
+    first[0]["image"].zero_()
+    if multilabel:
+        first[0]["target"].zero_()
+    assert torch.equal(ds[0]["image"], fresh[0]["image"]) and ds[0]["image"].any()
+    assert torch.equal(ds.targets(), fresh.targets())
+    # a copy sent to another process draws anew instead of carrying the kept scenes
+    assert len(ds._memo) == 4 and len(fresh._memo) == 10
+    assert len(pickle.loads(pickle.dumps(fresh))._memo) == 0

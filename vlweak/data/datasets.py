@@ -463,10 +463,23 @@ class CaptionedImages(Dataset):
 
 
 class ShapesWorldDataset(Dataset):
-    """``n`` items of one split of the built-in world (see :mod:`vlweak.data.world`)."""
+    """``n`` items of one split of the built-in world (see :mod:`vlweak.data.world`).
+
+    A scene is drawn once: its image, caption and labels are kept in memory (up to
+    ``memo_bytes`` of images, 256 MiB by default: every item of the world at 64 px up to about
+    21,000 images), so later epochs, label lookups and rescans read them instead of drawing again.
+    A loader worker keeps what it draws for its own later reads; what the main process drew before
+    the workers started (the budget's labels, for one) every worker shares.
+    """
 
     def __init__(
-        self, world: ShapesWorld, split: str, n: int, task: str = "shape", classnames: list[str] | None = None
+        self,
+        world: ShapesWorld,
+        split: str,
+        n: int,
+        task: str = "shape",
+        classnames: list[str] | None = None,
+        memo_bytes: int = 256 * 2**20,
     ) -> None:
         from vlweak.data.world import classnames_for, split_id
 
@@ -476,6 +489,8 @@ class ShapesWorldDataset(Dataset):
         if classnames is None:
             classnames = classnames_for("shape") if world.multilabel else classnames_for(task)
         self.classnames = validate_classnames(classnames, "classnames of the shapes world")
+        self.memo_items = memo_bytes // (3 * world.image_size**2)
+        self._memo: dict[int, tuple[torch.Tensor, str, Any]] = {}
 
     @property
     def sample_ids(self) -> list[str]:
@@ -487,26 +502,38 @@ class ShapesWorldDataset(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def _drawn(self, index: int) -> tuple[torch.Tensor, str, Any]:
+        """Scene ``index``'s image (``[3, H, W]`` uint8), caption and label (or multi-label target)."""
+        got = self._memo.get(index)
+        if got is None:
+            scene = self.world.scene(self.split, index)
+            label = multilabel_target(scene) if self.multilabel else label_of(scene, self.task)
+            got = (torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(), scene.caption, label)
+            if len(self._memo) < self.memo_items:
+                self._memo[index] = got
+        return got
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.n:
             raise IndexError(index)
-        scene = self.world.scene(self.split, index)
-        item: dict[str, Any] = {
-            "image": torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(),
-            "index": index,
-            "caption": scene.caption,
-        }
+        image, caption, label = self._drawn(index)
+        # copies: a transform or a collate that writes into its input must not change the memo
+        item: dict[str, Any] = {"image": image.clone(), "index": index, "caption": caption}
         if self.multilabel:
-            item["target"] = multilabel_target(scene)
+            item["target"] = label.clone()
             item["mask"] = torch.ones(len(self.classnames), dtype=torch.bool)
         else:
-            item["label"] = label_of(scene, self.task)
+            item["label"] = label
         return item
 
     def targets(self) -> torch.Tensor:
-        if self.multilabel:
-            return torch.stack([multilabel_target(self.world.scene(self.split, i)) for i in range(self.n)])
-        return torch.tensor([label_of(self.world.scene(self.split, i), self.task) for i in range(self.n)])
+        labels = [self._drawn(i)[2] for i in range(self.n)]
+        return torch.stack(labels) if self.multilabel else torch.tensor(labels)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader started by spawning, or a copy sent to another process, draws its scenes anew
+        # rather than carrying this process's memo through a pickle
+        return dict(self.__dict__, _memo={})
 
     def fingerprint_parts(self) -> dict[str, Any]:
         w = self.world
