@@ -1,7 +1,10 @@
 """Every method under 2-process CPU DDP gives the single-process result (issue: multi-GPU).
 
 Each case runs one recipe twice through the CLI: in this process on one device, and as
-``--trainer.devices=2 --trainer.strategy=ddp`` in a subprocess (Lightning starts the second rank).
+``--trainer.devices=2 --trainer.strategy=ddp`` in two processes. Most cases start both ranks with
+torchrun, the README's multi-node launch (both ranks import at once); the recipe DualCoOp case, the
+encoding-error case and the DDP tests of zero-shot and of the data order let Lightning start the
+second rank from the first, the one-node path.
 Training cases use full-batch epochs (the single run's batch is the two ranks' batches together), so
 both runs take the same optimisation steps and must end at the same parameters up to
 floating-point order. Zero-shot and ZLaP have their own DDP tests (``test_cli.py``, ``test_zlap.py``).
@@ -42,16 +45,31 @@ def _common(recipe: str, out: Path, weights: str, world: bool = True) -> list[st
     ]
 
 
+LIGHTNING, TORCHRUN = "lightning", "torchrun"
+
+
+def _two_processes(args: list[str], launcher: str = TORCHRUN, timeout: int = 600,
+                   warnings: bool = False) -> subprocess.CompletedProcess:
+    """The vlweak CLI with ``args`` (which ask for 2 devices) as two CPU processes, started by
+    torchrun (standalone: both ranks at once, on a free port) or by Lightning (rank 0 starts rank 1);
+    Python's warnings in stderr only with ``warnings``."""
+    start = {
+        LIGHTNING: [sys.executable, "-m", "vlweak.cli"],
+        TORCHRUN: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vlweak.cli"],
+    }[launcher]
+    # faulthandler: a rank killed by a signal still leaves its Python stack in stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **({} if warnings else {"PYTHONWARNINGS": "ignore"}))
+    return subprocess.run([*start, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
 def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int, *extra: str,
-          strategy: tuple[str, ...] = ("--trainer.strategy=ddp",), world: bool = True) -> tuple[Path, Path]:
+          strategy: tuple[str, ...] = ("--trainer.strategy=ddp",), world: bool = True,
+          launcher: str = TORCHRUN) -> tuple[Path, Path]:
     """Run single-process (batch ``batch``) and 2-process ``strategy`` (``batch // 2`` per rank); return both log dirs."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     build_cli([subcommand, *_common(recipe, single, weights, world), f"--data.init_args.batch_size={batch}", *extra])
-    cmd = [sys.executable, "-m", "vlweak.cli", subcommand, *_common(recipe, ddp, weights, world), f"--data.init_args.batch_size={batch // 2}",
-           *extra, "--trainer.devices=2", *strategy]
-    # faulthandler: a rank killed by a signal still leaves its Python stack in stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    proc = _two_processes([subcommand, *_common(recipe, ddp, weights, world), f"--data.init_args.batch_size={batch // 2}",
+                           *extra, "--trainer.devices=2", *strategy], launcher)
     assert proc.returncode == 0, _failure(proc.stderr)
     return single / "run" / "version_0", ddp / "run" / "version_0"
 
@@ -84,15 +102,16 @@ def test_chils_ddp_matches_one_process(tmp_path, tiny_ckpt):
     torch.testing.assert_close(two.scores, one.scores, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe,extra", [
-    ("dualcoop/shapes_partial.yaml", ["--model.init_args.loss_reduction=sum"]),
-    ("dualcoop/shapes_partial.yaml", []),  # the recipe's mean over observed labels, which ranks split unevenly
-    ("dualcoop/shapes_single_positive.yaml", ["--model.init_args.apl_warmup_epochs=1"]),
+@pytest.mark.parametrize("recipe,extra,launcher", [
+    ("dualcoop/shapes_partial.yaml", ["--model.init_args.loss_reduction=sum"], TORCHRUN),
+    # the recipe's mean over observed labels, which ranks split unevenly
+    ("dualcoop/shapes_partial.yaml", [], LIGHTNING),
+    ("dualcoop/shapes_single_positive.yaml", ["--model.init_args.apl_warmup_epochs=1"], TORCHRUN),
 ])
-def test_dualcoop_ddp_matches_one_process(tmp_path, tiny_ckpt, recipe, extra):
+def test_dualcoop_ddp_matches_one_process(tmp_path, tiny_ckpt, recipe, extra, launcher):
     a, b = _both("fit", recipe, tmp_path, tiny_ckpt, 16, "--data.init_args.n_train=16", "--data.init_args.n_val=0",
                  "--data.init_args.n_test=0", "--trainer.max_epochs=3", "--model.init_args.n_ctx=2",
-                 "--trainer.limit_val_batches=0", *extra)
+                 "--trainer.limit_val_batches=0", *extra, launcher=launcher)
     one, two = (_prompt_params(d / "checkpoints" / "last.ckpt") for d in (a, b))
     _assert_same_params(one, two)
     if "single_positive" in recipe:  # the pseudo-negatives labeled from gathered, de-duplicated predictions
@@ -177,11 +196,9 @@ def test_pretraining_distributed_matches_one_process_and_exports_once(tmp_path, 
 def test_an_error_of_the_rank_that_encodes_stops_every_rank_with_its_message(tmp_path, tiny_ckpt):
     # CDUL encodes its train split on rank 0 while the others wait; here there is none to encode.
     # Every rank must stop with rank 0's one-line error, not wait for it at a barrier.
-    cmd = [sys.executable, "-m", "vlweak.cli", "fit", *_common("cdul/shapes.yaml", tmp_path, tiny_ckpt),
-           "--data.init_args.n_train=0", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
-           "--trainer.devices=2", "--trainer.strategy=ddp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    proc = _two_processes(["fit", *_common("cdul/shapes.yaml", tmp_path, tiny_ckpt),
+                           "--data.init_args.n_train=0", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
+                           "--trainer.devices=2", "--trainer.strategy=ddp"], LIGHTNING, timeout=300)
     assert proc.returncode == 2, _failure(proc.stderr)
     message = "vlweak: error: RuntimeError: the data module has no 'train' split to pseudolabel"
     assert proc.stderr.count(message) == 2, _failure(proc.stderr)
@@ -248,10 +265,9 @@ def test_a_rank_whose_whole_batch_is_unreadable_takes_part_in_the_step(tmp_path,
             f"--data.init_args.train={manifest}", "--data.init_args.val=null", "--data.init_args.num_workers=0",
             "--data.init_args.batch_size=1", "--trainer.precision=32", "--trainer.max_epochs=null",
             "--model.init_args.warmup_steps=1", "--model.init_args.export_path=null"]
-    cmd = [sys.executable, "-m", "vlweak.cli", "fit", *_common(recipe, tmp_path / "ddp", tiny_ckpt, world=False), *extra,
-           "--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    proc = _two_processes(["fit", *_common(recipe, tmp_path / "ddp", tiny_ckpt, world=False), *extra,
+                           "--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--trainer.devices=2",
+                           "--trainer.strategy=ddp"], timeout=300, warnings=True)
     assert proc.returncode == 0, _failure(proc.stderr)
     skipped = set(re.findall(r"skipping unreadable image (\S+)", proc.stderr))
     assert len(skipped) == 3, _failure(proc.stderr)

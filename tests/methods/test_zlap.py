@@ -4,9 +4,6 @@ DDP equal to one process, errors, and transductive ZLaP beating zero-shot on the
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -126,15 +123,14 @@ def _recipe_args(tmp_path: Path, ckpt: str) -> list[str]:
 def test_recipe_runs_through_the_cli_and_ddp_matches_one_process(tmp_path, tiny_ckpt):
     """2-process CPU DDP: 13 test images over 2 ranks (the sampler repeats one); features gathered
     and de-duplicated, one solve, one artifact equal to the single-process run."""
+    from tests.cli.test_ddp_methods import _two_processes
     from vlweak.cli import build_cli
 
     single = build_cli(["test", *_recipe_args(tmp_path / "single", tiny_ckpt)])
     assert isinstance(single.model, ZLaP) and single.model.mode == "transductive"
     ref = PseudoLabels.load(single.model.last_artifact)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "vlweak.cli", "test", *_recipe_args(tmp_path / "ddp", tiny_ckpt),
-           "--trainer.devices=2", "--trainer.strategy=ddp"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    proc = _two_processes(["test", *_recipe_args(tmp_path / "ddp", tiny_ckpt), "--trainer.devices=2",
+                           "--trainer.strategy=ddp"], timeout=300)  # started by torchrun
     assert proc.returncode == 0, proc.stderr[-3000:]
     arts = list((tmp_path / "ddp").rglob("pseudolabels-test.safetensors"))
     assert len(arts) == 1
