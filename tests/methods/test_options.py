@@ -30,6 +30,7 @@ CASES = [
     (DualCoOp, {"multilabel": True}, {"apl_neg_proportion": 2.0}, "apl_neg_proportion"),
     (DualCoOp, {"multilabel": True}, {"logit_scale": -1.0}, "logit_scale"),
     (DualCoOp, {"multilabel": True}, {"loss_reduction": "avg"}, "loss_reduction"),
+    (DualCoOp, {"multilabel": True}, {"region_cache_gb": -1.0}, "region_cache_gb must be >= 0"),
     (PromptTuning, {}, {"n_ctx": -1}, "n_ctx must be >= 1"),
     (PromptTuning, {}, {"momentum": 2.0}, "momentum"),
     (PromptTuning, {}, {"templates": []}, "template list is empty"),
