@@ -1,6 +1,5 @@
 import csv
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -292,10 +291,11 @@ def test_ddp_two_processes_gather_and_dedup(tmp_path, tiny_ckpt):
     has each image once and equals the single-process run."""
     single = _run(["test"], tmp_path / "single", tiny_ckpt)
     ref = PseudoLabels.load(Path(single.trainer.log_dir) / "pseudolabels-test.safetensors")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "vlweak.cli", "test", "--config", CONF, "--trainer.devices=2", "--trainer.strategy=ddp",
-           f"--trainer.logger.init_args.save_dir={tmp_path / 'ddp'}", f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    from tests.cli.test_ddp_methods import LIGHTNING, _two_processes
+
+    proc = _two_processes(["test", "--config", CONF, "--trainer.devices=2", "--trainer.strategy=ddp",
+                           f"--trainer.logger.init_args.save_dir={tmp_path / 'ddp'}",
+                           f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"], LIGHTNING, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arts = list((tmp_path / "ddp").rglob("pseudolabels-test.safetensors"))
     assert len(arts) == 1

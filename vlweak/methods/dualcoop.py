@@ -236,15 +236,14 @@ class DualCoOp(VLMethod):
         todo = [i for i, k in enumerate(index) if k not in self._regions]
         if len(todo) == len(index):
             dense = fresh = self.region_features(batch)
-        else:  # some met before: their features in one copy to the device
+        else:  # some met before: their features in one copy to the device, the others encoded
             met = [i for i, k in enumerate(index) if k in self._regions]
             kept = torch.stack([self._regions[index[i]] for i in met]).to(self.device)
             dense = kept.new_empty((len(index), *kept.shape[1:]))
             dense[met] = kept
-            fresh = self.region_features({"image": batch["image"][todo]}) if todo else None
-            if fresh is not None:
-                dense[todo] = fresh
-        if fresh is not None:
+            if todo:
+                dense[todo] = fresh = self.region_features({"image": batch["image"][todo]})
+        if todo:
             room = int(self.hparams.region_cache_gb * 2**30) // (fresh[0].numel() * fresh.element_size())
             keep = todo[: max(0, room - len(self._regions))]
             rows = fresh[: len(keep)].to("cpu", copy=True)  # one copy off the device
