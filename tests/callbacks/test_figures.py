@@ -73,6 +73,9 @@ def test_wandb_offline_gets_images_artifact_and_config(tmp_path, tiny_ckpt, monk
     import wandb
 
     wandb.finish()
+    # the W&B service writes the offline record log on its own; shutting it down closes the log, which
+    # finish() alone does not wait for (under load the log was read with its header only)
+    wandb.teardown()
     runs = list(tmp_path.rglob("offline-run-*"))
     assert len(runs) == 1
     media = sorted(p.name.rsplit("_", 2)[0] for p in (runs[0] / "files" / "media" / "images").rglob("*.png"))
