@@ -1,7 +1,6 @@
 import csv
 import logging
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ import yaml
 
 from tests.conftest import REPO
 from vlweak.backbones.errors import CheckpointMismatchError
-from vlweak.cli import build_cli
+from vlweak.cli import build_cli, main
 from vlweak.labels import PseudoLabels
 
 CONF = str(REPO / "tests" / "conf" / "zeroshot_tiny.yaml")
@@ -26,8 +25,12 @@ def _run(args, tmp_path, ckpt):
     )
 
 
-def test_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "vlweak.cli", "--help"], capture_output=True, text=True, check=True).stdout
+def test_help_lists_subcommands(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["vlweak", "--help"])  # the console script's entry point
+    with pytest.raises(SystemExit) as exit:
+        main()
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
     for sub in ("fit", "validate", "test", "predict"):
         assert sub in out
 
@@ -233,7 +236,6 @@ def _main_args(tmp_path, ckpt, *extra):
 def test_a_refused_input_ends_the_run_with_its_message_alone(tmp_path, tiny_ckpt, capsys, monkeypatch, extra, message):
     """The console script ends a run whose input vlweak refuses with the message on stderr and exit
     status 2, no traceback; VLWEAK_TRACEBACK=1 raises it as it is."""
-    from vlweak.cli import main
 
     monkeypatch.delenv("VLWEAK_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -250,7 +252,6 @@ def test_a_bad_image_met_by_a_loader_worker_is_named_on_one_line(tmp_path, tiny_
     """A corrupt image met in a DataLoader worker process: the worker's error comes back wrapped in
     its traceback text; the run still ends with one line naming the file."""
     from tests.conftest import write_image_folder
-    from vlweak.cli import main
 
     root = write_image_folder(tmp_path / "images", {"circle": 2, "square": 2})
     (root / "square" / "broken.png").write_bytes(b"not an image")
@@ -291,11 +292,11 @@ def test_ddp_two_processes_gather_and_dedup(tmp_path, tiny_ckpt):
     has each image once and equals the single-process run."""
     single = _run(["test"], tmp_path / "single", tiny_ckpt)
     ref = PseudoLabels.load(Path(single.trainer.log_dir) / "pseudolabels-test.safetensors")
-    from tests.cli.test_ddp_methods import LIGHTNING, _two_processes
+    from tests.cli.test_ddp_methods import _two_processes
 
     proc = _two_processes(["test", "--config", CONF, "--trainer.devices=2", "--trainer.strategy=ddp",
                            f"--trainer.logger.init_args.save_dir={tmp_path / 'ddp'}",
-                           f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"], LIGHTNING, timeout=300)
+                           f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arts = list((tmp_path / "ddp").rglob("pseudolabels-test.safetensors"))
     assert len(arts) == 1

@@ -142,9 +142,10 @@ def test_a_resumed_ddp_fit_trains_each_rank_on_its_uninterrupted_batches(tmp_pat
 
     from tests.conftest import REPO
 
-    def fit(out, *args):
+    def fit(out, *args):  # both ranks started by torchrun
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        proc = subprocess.run([sys.executable, "-m", "tests.data.ddp_order", str(out), *map(str, args)],
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               "-m", "tests.data.ddp_order", str(out), *map(str, args)],
                               capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
