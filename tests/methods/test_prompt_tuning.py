@@ -467,7 +467,7 @@ def test_holdout_chooses_each_rounds_prompt_by_its_best_epoch(tmp_path, monkeypa
 
     def use(self, index, label, r=0):
         original_use(self, index, label, r)
-        served[r] = (index.clone(), self._held, [int(i) for i in self._datamodule.datasets["train"].indices])
+        served[r] = (index.clone(), self._held, [int(i) for i in self.datamodule.datasets["train"].indices])
 
     monkeypatch.setattr(PromptTuning, "use_training_set", use)
     scripted = iter([0.5, 0.9, 0.1, 0.4, 0.4, 0.4])  # round 0 peaks at its 2nd epoch; round 1 ties: the last

@@ -318,7 +318,7 @@ class PseudolabelRounds(L.Callback):
         # the data order follows (seed, round, epoch in round), not Lightning's epoch count, which a
         # resumed run restarts; the loader draws it whenever an epoch's iterator is made (Lightning
         # makes the first one before any epoch hook runs)
-        m._datamodule.train_order = self.order(m)
+        m.datamodule.train_order = self.order(m)
         if self.round < len(self.schedule):
             m.use_training_set(state.train_index, state.train_label, state.round)
             if restored and restored.get("end_pending"):

@@ -102,6 +102,23 @@ class VLMethod(L.LightningModule):
         #: ``target``, ``mask``, ``index`` as available), for callbacks such as the figures.
         self.last_outputs: dict[str, Any] = {}
 
+    # ---------------------------------------------------------------- the trainer's data
+    @property
+    def datamodule(self) -> Any:
+        """The data module of the trainer this method runs under (``None`` outside a trainer, or
+        when the trainer was given loaders instead of a data module)."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    @property
+    def trainer_strategy(self) -> Any:
+        """The trainer's strategy (``None`` outside a trainer: one process)."""
+        return self.trainer.strategy if self._trainer is not None else None
+
+    @property
+    def train_augment(self) -> str | None:
+        """The data module's training augmentation (``None``: none, or no data module)."""
+        return getattr(self.datamodule, "augment", None)
+
     # ---------------------------------------------------------------- vocabulary
     def require_classnames(self) -> list[str]:
         if not self.classnames:
@@ -186,13 +203,12 @@ class VLMethod(L.LightningModule):
 
     def embedding_cache(self) -> EmbeddingCache:
         """The data module's embedding cache (its ``cache_dir``), else the default one (``$VLWEAK_CACHE``)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        return getattr(dm, "cache", None) or EmbeddingCache()
+        return getattr(self.datamodule, "cache", None) or EmbeddingCache()
 
     def rank_zero_first(self, work: Any, *, share: bool = False) -> Any:
         """:func:`vlweak.distributed.rank_zero_first` over this module's ranks (``work`` just runs
         without a trainer). A collective under DDP: call it on every rank."""
-        return rank_zero_first(self.trainer.strategy if self._trainer is not None else None, work, share=share)
+        return rank_zero_first(self.trainer_strategy, work, share=share)
 
     def run_dir(self) -> Path:
         """The run's log folder. Under DDP this broadcasts: call it on every rank."""
@@ -227,7 +243,7 @@ class VLMethod(L.LightningModule):
         return info
 
     def sample_ids(self, split: str, indices: Tensor) -> list[str]:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.datamodule
         ids = dm.sample_ids(split) if dm is not None and hasattr(dm, "sample_ids") else None
         if not ids:
             return [str(int(i)) for i in indices]
@@ -237,8 +253,7 @@ class VLMethod(L.LightningModule):
         """The data split a loop reads: ``val`` for validation, the data module's ``predict_split``
         under ``predict`` (``test`` without one), else the stage's own name."""
         if stage == "predict":
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            return getattr(dm, "predict_split", "test")
+            return getattr(self.datamodule, "predict_split", "test")
         return {"validate": "val"}.get(stage, stage)
 
     def save_pseudolabels(

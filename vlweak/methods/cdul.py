@@ -190,8 +190,9 @@ class CDUL(VLMethod):
         if self.network is None and self.head is None:
             raise ValueError("CDUL has no classifier: give classnames (or a data module) or a network")
 
-    def _datamodule(self) -> Any:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+    def _require_datamodule(self) -> Any:
+        """The trainer's data module, which must be vlweak's (CDUL reads a split's raw images)."""
+        dm = self.datamodule
         if dm is None or not hasattr(dm, "raw"):
             raise RuntimeError("CDUL needs a vlweak data module (it reads the raw images of a split)")
         return dm
@@ -216,7 +217,7 @@ class CDUL(VLMethod):
         from vlweak.data.budget import Budgeted
         from vlweak.data.cache import image_embeddings
 
-        dm = self._datamodule()
+        dm = self._require_datamodule()
         raw = dm.raw(split)
         if raw is None:
             raise RuntimeError(f"the data module has no {split!r} split to pseudolabel")
@@ -248,8 +249,7 @@ class CDUL(VLMethod):
     def _initialize_ranks(self, split: str) -> dict[str, Tensor]:
         """:meth:`initialize` with rank 0 encoding first (filling the cache), then each other node's
         first rank, then the others (or every rank stopping with the error)."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        return fill_once_per_node(strategy, lambda: self.initialize(split))
+        return fill_once_per_node(self.trainer_strategy, lambda: self.initialize(split))
 
     def _snippet_table(self, split: str, init: dict[str, Tensor] | None = None) -> Tensor:
         """Snippet embeddings ``[N, G, D]`` of a split on the device, rows by dataset index (cached)."""
@@ -259,9 +259,9 @@ class CDUL(VLMethod):
             if init is not None:
                 feats, index = init["snippets"], init["index"]
             else:
-                raw = self._datamodule().raw(split)
+                dm = self._require_datamodule()
+                raw = dm.raw(split)
                 base = raw.dataset if isinstance(raw, Budgeted) else raw
-                dm = self._datamodule()
                 got = snippet_embeddings(
                     self.backbone, base, self.grid, self.overlap, self._cache(), self.snippet_batch_size,
                     getattr(dm, "num_workers", 0), f"snippets of {split}",

@@ -224,8 +224,7 @@ class DualCoOp(VLMethod):
         return dense
 
     def _keeps_regions(self) -> bool:
-        dm = self._datamodule()
-        return self.hparams.region_cache_gb > 0 and getattr(dm, "augment", None) is None
+        return self.hparams.region_cache_gb > 0 and self.train_augment is None
 
     def train_region_features(self, batch: dict[str, Any]) -> Tensor:
         """:meth:`region_features` of a training batch: images met in an earlier epoch are read
@@ -261,14 +260,11 @@ class DualCoOp(VLMethod):
         return torch.softmax(z, dim=-1)[..., 0]
 
     # ---------------------------------------------------------------- training
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
         self._regions = {}  # kept features belong to one fit's train split
-        dm = self._datamodule()
+        dm = self.datamodule
         budget = getattr(dm, "budget", None)
         if self.loss_name == "auto":
             self.loss_name = "em_apl" if budget is not None and budget.single_positive else "asl"
@@ -290,7 +286,7 @@ class DualCoOp(VLMethod):
         if self.hparams.save_mask:
             from vlweak.data.multilabel import save_label_mask
 
-            dm = self._datamodule()
+            dm = self.datamodule
             root = run_folder(self.trainer)  # a collective under DDP
             if self.global_rank != 0 or dm is None:
                 return

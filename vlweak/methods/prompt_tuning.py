@@ -192,7 +192,6 @@ class PromptTuning(VLMethod):
         self._train_target = torch.empty(0, dtype=torch.long)
         self._pool_dataset: Any = None
         self._scan_dataset: Any = None
-        self._datamodule: Any = None
         self._eval_classes: Tensor | None = None
 
     # ---------------------------------------------------------------- prompts
@@ -218,14 +217,9 @@ class PromptTuning(VLMethod):
             out["holdout"] = self.holdout
         if self.hparams.get("position", "end") != "end":
             out["position"] = self.hparams["position"]
-        if self._augment is not None:
-            out["augment"] = self._augment
+        if self.train_augment is not None:
+            out["augment"] = self.train_augment
         return out
-
-    @property
-    def _augment(self) -> str | None:
-        """The data module's training augmentation (``None``: none, or no data module yet)."""
-        return getattr(self._datamodule, "augment", None)
 
     def prompt_state(self) -> dict[str, Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.prompt_parameters()}
@@ -268,7 +262,7 @@ class PromptTuning(VLMethod):
         if self.visual_prompt is None:
             if "features" in batch:
                 return F.normalize(batch["features"].float(), dim=-1)
-            if train and self.cache_features and self._augment is None and self._pool_features is not None:
+            if train and self.cache_features and self.train_augment is None and self._pool_features is not None:
                 rows = self._feature_row.to(batch["index"].device)[batch["index"]]
                 return self._pool_features.to(self.device)[rows.to(self.device)]
             return self.backbone.encode_image(batch["image"])
@@ -291,7 +285,7 @@ class PromptTuning(VLMethod):
             raise ValueError(f"{self.prompt_type} prompts need images: set data.init_args.embeddings: false")
         # augmented training images, but pool scans (features, scores) read the evaluation transform
         scan = dm.eval_dataset("train") if hasattr(dm, "eval_dataset") else ds
-        self._pool_dataset, self._scan_dataset, self._datamodule = ds, scan, dm
+        self._pool_dataset, self._scan_dataset = ds, scan
         seen = getattr(dm, "seen_class_indices", None)
         self.seen_classes = list(seen) if seen is not None else None
         c = len(self.require_classnames())
@@ -327,7 +321,7 @@ class PromptTuning(VLMethod):
         self.pool_index, self.pool_label, self._pool_features = index, label, features
         self._feature_row = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
         self._feature_row[index] = torch.arange(len(index))
-        dm = self._datamodule
+        dm = self.datamodule
         raw = dm.raw("train") if hasattr(dm, "raw") else None
         truth = raw.true_targets() if raw is not None and hasattr(raw, "true_targets") else None
         self.pool_truth = truth[index] if truth is not None else None
@@ -348,7 +342,7 @@ class PromptTuning(VLMethod):
         return index
 
     def unlabeled_sample_ids(self) -> list[str]:
-        ids = self._datamodule.sample_ids("train") if hasattr(self._datamodule, "sample_ids") else []
+        ids = self.datamodule.sample_ids("train") if hasattr(self.datamodule, "sample_ids") else []
         idx = self.pool_index[self.pool_label < 0]
         return [ids[int(i)] for i in idx] if ids else [str(int(i)) for i in idx]
 
@@ -384,7 +378,7 @@ class PromptTuning(VLMethod):
         the evaluation transform, and the indices actually read (unreadable images skipped)."""
         classes = self.class_features()
         out, idx = [], []
-        for batch in self._loader(Subset(self._scan_dataset, self._positions(index).tolist()), self._datamodule):
+        for batch in self._loader(Subset(self._scan_dataset, self._positions(index).tolist()), self.datamodule):
             if batch:
                 out.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).float().cpu())
                 idx.append(batch["index"].cpu())
@@ -403,7 +397,7 @@ class PromptTuning(VLMethod):
         target = torch.full((int(self.pool_index.max()) + 1,), -1, dtype=torch.long)
         target[index] = label
         self._train_target = target
-        self._datamodule.datasets["train"] = Subset(self._pool_dataset, self._positions(index).tolist())
+        self.datamodule.datasets["train"] = Subset(self._pool_dataset, self._positions(index).tolist())
 
     @torch.no_grad()
     def held_out_accuracy(self) -> float | None:
@@ -450,8 +444,8 @@ class PromptTuning(VLMethod):
         """Give the data module its whole train split and its own training order back and drop the
         pool features."""
         if self._pool_dataset is not None:
-            self._datamodule.datasets["train"] = self._pool_dataset
-            self._datamodule.train_order = None
+            self.datamodule.datasets["train"] = self._pool_dataset
+            self.datamodule.train_order = None
         self._pool_dataset, self._scan_dataset, self._pool_features = None, None, None
 
     # ---------------------------------------------------------------- rounds
@@ -521,8 +515,7 @@ class PromptTuning(VLMethod):
     def _seen_classes(self) -> list[int] | None:
         if self.seen_classes is not None:
             return self.seen_classes
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        seen = getattr(dm, "seen_class_indices", None)
+        seen = getattr(self.datamodule, "seen_class_indices", None)
         return list(seen) if seen is not None else None
 
 

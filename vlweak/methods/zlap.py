@@ -130,7 +130,7 @@ class ZLaP(VLMethod):
         """The data module's unlabeled pool dataset (unbudgeted), or a clear error when it has none."""
         from vlweak.data.budget import Budgeted
 
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.datamodule
         if dm is None or not hasattr(dm, "raw"):
             raise RuntimeError("ZLaP needs a vlweak data module to read the unlabeled pool from")
         raw = dm.raw(self.pool_split)
