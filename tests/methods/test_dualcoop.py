@@ -13,6 +13,7 @@ from tests.conftest import REPO, PowerCut, requires_shipped
 from vlweak.backbones import OpenCLIPBackbone
 from vlweak.cli import build_cli
 from vlweak.data import ShapesWorldDataModule
+from vlweak.data.datasets import LabelsOfKept, ShapesWorldDataset
 from vlweak.data.multilabel import load_label_mask
 from vlweak.methods import DualCoOp, ZeroShot
 from vlweak.methods.dualcoop import region_aggregate, resolve_unseen
@@ -105,40 +106,86 @@ def test_unknown_labels_never_reach_the_prompts(tiny_rn):
     assert m.training_step(flipped, 0).item() == pytest.approx(a.item())
 
 
-def _fit_counting_encoded(backbone, tmp_path, augment=None, **kw) -> tuple[DualCoOp, int]:
-    """3 epochs over 16 multi-object scenes (4 batches); the trained model and the number of
-    training images its image tower encoded."""
+def _fit_counting_encoded(backbone, tmp_path, augment=None, workers=0, **kw) -> tuple[DualCoOp, int, int]:
+    """3 epochs over 16 multi-object scenes (4 batches); the trained model, the number of training
+    images its image tower encoded and the number of training images the loader read."""
     encoded = []
-    dense = backbone.dense_features
+    read = torch.zeros((), dtype=torch.long).share_memory_()  # loader workers count here too
+    dense, item = backbone.dense_features, ShapesWorldDataset.__getitem__
+
+    def counted(self, index):
+        if self.split == "train":
+            read.add_(1)
+        return item(self, index)
+
     backbone.dense_features = lambda images, **a: encoded.append(len(images)) or dense(images, **a)
+    ShapesWorldDataset.__getitem__ = counted
     try:
         torch.manual_seed(0)
         model = DualCoOp(backbone=backbone, classnames=ShapesWorldDataModule(multilabel=True).classnames, n_ctx=2,
                          save_mask=False, **kw)
         dm = ShapesWorldDataModule(multilabel=True, image_size=32, n_train=16, n_val=0, n_test=0, batch_size=4,
-                                   label_fraction=0.5, augment=augment)
+                                   label_fraction=0.5, augment=augment, num_workers=workers)
         L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(model, dm)
     finally:
         del backbone.dense_features
-    return model, sum(encoded)
+        ShapesWorldDataset.__getitem__ = item
+    assert not isinstance(dm.datasets["train"], LabelsOfKept)  # the data module's own split back
+    return model, sum(encoded), int(read)
 
 
 def test_region_features_are_encoded_once_per_image_and_train_as_if_encoded_every_step(tmp_path, tiny_rn):
-    kept, n_kept = _fit_counting_encoded(tiny_rn, tmp_path / "a")
-    every, n_every = _fit_counting_encoded(tiny_rn, tmp_path / "b", region_cache_gb=0)
-    assert (n_kept, n_every) == (16, 48)
+    kept, n_kept, read = _fit_counting_encoded(tiny_rn, tmp_path / "a")
+    every, n_every, read_every = _fit_counting_encoded(tiny_rn, tmp_path / "b", region_cache_gb=0)
+    # later epochs neither encode nor read (draw, decode, transform) the images of kept features
+    assert (n_kept, read, n_every, read_every) == (16, 16, 48, 48)
     for (name, a), (_, b) in zip(kept.prompts.named_parameters(), every.prompts.named_parameters()):
         torch.testing.assert_close(a, b, msg=name)
     assert kept._regions == {}  # released when the fit ends
-    # room for 5 images' features: 5 kept, 11 encoded each later epoch
+    # a loader worker process sees which images are kept
+    in_worker, n_worker, read_worker = _fit_counting_encoded(tiny_rn, tmp_path / "w", workers=1)
+    assert (n_worker, read_worker) == (16, 16)
+    for (name, a), (_, b) in zip(kept.prompts.named_parameters(), in_worker.prompts.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    # room for 5 images' features: 5 kept, 11 read and encoded each later epoch
     size = tiny_rn.image_size
     per_image = tiny_rn.dense_features(torch.zeros(1, 3, size, size))[1].numel() * 4
-    _, n_some = _fit_counting_encoded(tiny_rn, tmp_path / "c", region_cache_gb=5.5 * per_image / 2**30)
-    assert n_some == 16 + 2 * 11
+    some, n_some, read_some = _fit_counting_encoded(tiny_rn, tmp_path / "c", region_cache_gb=5.5 * per_image / 2**30)
+    assert n_some == read_some == 16 + 2 * 11
+    for (name, a), (_, b) in zip(kept.prompts.named_parameters(), some.prompts.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
     # augmented images differ every epoch: nothing kept
-    _, n_aug = _fit_counting_encoded(tiny_rn, tmp_path / "d", augment="flip")
-    assert n_aug == 48
+    _, n_aug, read_aug = _fit_counting_encoded(tiny_rn, tmp_path / "d", augment="flip")
+    assert n_aug == read_aug == 48
+
+
+def test_labels_of_kept_images_are_the_items_labels_and_batch_with_images(tmp_path, tiny_rn):
+    from tests.cli.test_ddp_methods import _multilabel_manifest
+    from vlweak.data import ManifestDataModule
+    from vlweak.data.datasets import collate
+
+    manifest = _multilabel_manifest(tmp_path / "files", 6, bad=0)
+    tf = tiny_rn.transform
+    modules = [ShapesWorldDataModule(multilabel=True, image_size=32, n_train=6, n_val=0, n_test=0, transform=tf, **budget)
+               for budget in ({}, {"label_fraction": 0.3}, {"single_positive": True})]
+    modules.append(ManifestDataModule(train=str(manifest), label_fraction=0.5, transform=tf))
+    for dm in modules:
+        dm.setup("fit")
+        train = dm.datasets["train"]
+        served = LabelsOfKept(train)
+        served.kept[[1, 4]] = True
+        for i in range(6):
+            item, got = train[i], served[i]
+            assert set(got) == {"index", "target", "mask"} | (set() if i in (1, 4) else {"image"}), i
+            assert got["index"] == item["index"] == i
+            for k in ("target", "mask"):
+                assert got[k].dtype == item[k].dtype and torch.equal(got[k], item[k]), (type(dm).__name__, i, k)
+        batch = collate([served[i] for i in range(6)])
+        assert batch["image_rows"].tolist() == [0, 2, 3, 5] and batch["image"].shape[0] == 4
+        assert torch.equal(batch["image"][1], train[2]["image"]) and batch["target"].shape == (6, len(dm.classnames))
+        assert "image_rows" not in collate([train[i] for i in range(3)])
+        assert "image" not in collate([served[1], served[4]])
 
 
 def test_focal_weights_carry_no_gradient_by_default(tiny_rn):

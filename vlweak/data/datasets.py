@@ -572,11 +572,53 @@ class Transformed(Dataset):
         return getattr(self.dataset, name)
 
 
+class LabelsOfKept(Dataset):
+    """A multi-label train split whose images a method keeps the features of: once the method flags
+    a sample (``kept[index] = True``), its item is its labels alone (``index``, ``target``,
+    ``mask``, from the dataset's label tables) and its image is neither read nor decoded again.
+
+    The flags live in shared memory, so loader workers, persistent ones included, see what the
+    training process flags. Items of samples not flagged are the dataset's own, cut to the same
+    keys and ``image``; :func:`collate` batches the two kinds together (``image_rows``).
+    """
+
+    KEYS = ("index", "target", "mask")
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.labels = dataset.targets()  # type: ignore[attr-defined]
+        masks = getattr(dataset, "masks", None)
+        self.masks = masks().bool() if masks is not None else torch.ones(self.labels.shape, dtype=torch.bool)
+        self.kept = torch.zeros(len(self.labels), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if self.kept[index]:
+            return {"index": index, "target": self.labels[index].clone(), "mask": self.masks[index].clone()}
+        item = self.dataset[index]
+        return None if item is None else {k: item[k] for k in (*self.KEYS, "image")}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "labels", "masks", "kept"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Default collate that drops items skipped as unreadable (``None``)."""
+    """Default collate that drops items skipped as unreadable (``None``). When only some items carry
+    an ``image`` (:class:`LabelsOfKept`), ``image`` stacks theirs and ``image_rows`` says which
+    rows of the batch they are."""
     from torch.utils.data import default_collate
 
     kept = [it for it in items if it is not None]
     if not kept:
         return {}
+    rows = [i for i, it in enumerate(kept) if "image" in it]
+    if 0 < len(rows) < len(kept):
+        batch = default_collate([{k: v for k, v in it.items() if k != "image"} for it in kept])
+        batch["image"] = default_collate([kept[i]["image"] for i in rows])
+        batch["image_rows"] = torch.tensor(rows)
+        return batch
     return default_collate(kept)

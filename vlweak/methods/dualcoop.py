@@ -125,8 +125,9 @@ class DualCoOp(VLMethod):
         region_cache_gb: the image tower is frozen, so without training augmentation an image's region
             features are the same every epoch: up to this many GiB of them (float32, on the CPU) are
             kept from the first epoch, and later epochs read them instead of encoding those images
-            again. The built-in world's 2,000 scenes take 32 MiB; COCO's 82,783 at ViT-B/32, 224 px,
-            7.7 GiB (the first half of them within the default). 0 encodes every step.
+            again; the train loader then serves those images' labels alone, without reading or
+            decoding the image. The built-in world's 2,000 scenes take 32 MiB; COCO's 82,783 at
+            ViT-B/32, 224 px, 7.7 GiB (the first half of them within the default). 0 encodes every step.
         artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
     """
 
@@ -194,6 +195,7 @@ class DualCoOp(VLMethod):
         self._train_outputs: list[dict[str, Tensor]] = []
         self.threshold = threshold
         self._regions: dict[int, Tensor] = {}  # train image index -> its region features (CPU)
+        self._kept_flags: Tensor | None = None  # the train loader's LabelsOfKept flags
 
     # ---------------------------------------------------------------- model
     def text_features(self, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -228,25 +230,35 @@ class DualCoOp(VLMethod):
 
     def train_region_features(self, batch: dict[str, Any]) -> Tensor:
         """:meth:`region_features` of a training batch: images met in an earlier epoch are read
-        from the kept features, the others encoded (and kept while ``region_cache_gb`` allows)."""
-        if not self._keeps_regions() or "image" not in batch:
+        from the kept features, the others encoded (and kept while ``region_cache_gb`` allows).
+        The batch may carry images for some rows only (``image_rows``): the others must be kept."""
+        if not self._keeps_regions():
             return self.region_features(batch)
         index = batch["index"].tolist()
-        todo = [i for i, k in enumerate(index) if k not in self._regions]
+        rows = (batch["image_rows"].tolist() if "image_rows" in batch else list(range(len(index)))) if "image" in batch else []
+        loaded = {r: i for i, r in enumerate(rows)}  # batch row -> its row of batch["image"]
+        met = [i for i, k in enumerate(index) if k in self._regions]
+        todo = [i for i in rows if index[i] not in self._regions]
+        if len(met) + len(todo) < len(index):
+            if "image" not in batch:
+                return self.region_features(batch)  # says what the batch lacks
+            lost = [k for i, k in enumerate(index) if i not in loaded and k not in self._regions]
+            raise RuntimeError(f"DualCoOp: samples {lost[:5]} came without their images, and their region features are not kept")
         if len(todo) == len(index):
             dense = fresh = self.region_features(batch)
         else:  # some met before: their features in one copy to the device, the others encoded
-            met = [i for i, k in enumerate(index) if k in self._regions]
             kept = torch.stack([self._regions[index[i]] for i in met]).to(self.device)
             dense = kept.new_empty((len(index), *kept.shape[1:]))
             dense[met] = kept
             if todo:
-                dense[todo] = fresh = self.region_features({"image": batch["image"][todo]})
+                dense[todo] = fresh = self.region_features({"image": batch["image"][[loaded[i] for i in todo]]})
         if todo:
             room = int(self.hparams.region_cache_gb * 2**30) // (fresh[0].numel() * fresh.element_size())
             keep = todo[: max(0, room - len(self._regions))]
-            rows = fresh[: len(keep)].to("cpu", copy=True)  # one copy off the device
-            self._regions.update((index[i], row) for i, row in zip(keep, rows))
+            rows_kept = fresh[: len(keep)].to("cpu", copy=True)  # one copy off the device
+            self._regions.update((index[i], row) for i, row in zip(keep, rows_kept))
+            if self._kept_flags is not None:  # the loader stops reading these images
+                self._kept_flags[[index[i] for i in keep]] = True
         return dense
 
     def logits(self, dense: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
@@ -265,6 +277,7 @@ class DualCoOp(VLMethod):
             return
         self._regions = {}  # kept features belong to one fit's train split
         dm = self.datamodule
+        self._serve_labels_of_kept(dm)
         budget = getattr(dm, "budget", None)
         if self.loss_name == "auto":
             self.loss_name = "em_apl" if budget is not None and budget.single_positive else "asl"
@@ -329,8 +342,29 @@ class DualCoOp(VLMethod):
             loss = loss * self.trainer.world_size
         return loss
 
+    def _serve_labels_of_kept(self, dm: Any) -> None:
+        """Let the train split serve the labels alone of images whose region features are kept."""
+        from vlweak.data.datamodule import FeatureDataset
+        from vlweak.data.datasets import LabelsOfKept
+
+        self._kept_flags = None
+        train = getattr(dm, "datasets", {}).get("train")
+        images = train is not None and not isinstance(train, FeatureDataset) and hasattr(train, "targets")
+        if not (self._keeps_regions() and images and getattr(train, "multilabel", False)):
+            return
+        if not isinstance(train, LabelsOfKept):
+            dm.datasets["train"] = train = LabelsOfKept(train)
+        self._kept_flags = train.kept
+        self._kept_flags.zero_()
+
     def on_fit_end(self) -> None:
         self._regions = {}
+        self._kept_flags = None
+        dm = self.datamodule
+        from vlweak.data.datasets import LabelsOfKept
+
+        if isinstance(getattr(dm, "datasets", {}).get("train"), LabelsOfKept):
+            dm.datasets["train"] = dm.datasets["train"].dataset  # the split as the data module made it
 
     def _global_mean(self) -> bool:
         """The asymmetric loss averaged over the observed labels of the global batch (several ranks)."""
