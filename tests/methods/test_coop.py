@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO, requires_shipped
@@ -32,16 +33,26 @@ def test_coop_reads_and_trains_on_the_labeled_images_only(tmp_path, monkeypatch)
     read: list[tuple[str, int]] = []
     get = ShapesWorldDataset.__getitem__
     monkeypatch.setattr(ShapesWorldDataset, "__getitem__", lambda self, i: read.append((self.split, i)) or get(self, i))
-    cli = _cli(tmp_path, {"backbone": TINY, "n_ctx": 2, "epochs": 3, "warmup_epochs": 1},
-               {"n_train": 120, "n_val": 0, "n_test": 24, "shots": 2, "image_size": 32, "batch_size": 8})
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    def fit(folder: Path, cache_features: bool):
+        read.clear()
+        folder.mkdir()
+        cli = _cli(folder, {"backbone": TINY, "n_ctx": 2, "epochs": 3, "warmup_epochs": 1, "cache_features": cache_features},
+                   {"n_train": 120, "n_val": 0, "n_test": 24, "shots": 2, "image_size": 32, "batch_size": 8})
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return cli, [i for split, i in read if split == "train"]
+
+    cli, train_reads = fit(tmp_path / "kept", True)
     labeled = set(cli.datamodule.raw("train").labeled_indices().tolist())
     assert len(labeled) == 24  # 2 per class of 12
-    train_reads = [i for split, i in read if split == "train"]
-    # the pool scan and three epochs, each over the labeled images only
-    assert set(train_reads) == labeled and len(train_reads) == 4 * len(labeled)
+    # the pool scan reads the labeled images once; the three epochs train on their kept features
+    assert sorted(train_reads) == sorted(labeled)
     assert set(cli.model.pool_index.tolist()) == labeled
     assert cli.trainer.current_epoch == 3
+    # encoding every step reads the labeled images in every epoch too, and trains the same prompt
+    again, every_reads = fit(tmp_path / "every", False)
+    assert set(every_reads) == labeled and len(every_reads) == 4 * len(labeled)
+    torch.testing.assert_close(again.model.text_prompt.ctx, cli.model.text_prompt.ctx)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert 0.0 <= cli.model.last_metrics["test/acc"] <= 1.0
 

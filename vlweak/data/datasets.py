@@ -572,6 +572,20 @@ class Transformed(Dataset):
         return getattr(self.dataset, name)
 
 
+class SampleIndices(Dataset):
+    """Items that are sample indices alone (``{"index": i}``, in the order given): the train split
+    of a method that trains on features it keeps, so that no image is read."""
+
+    def __init__(self, indices: Sequence[int] | torch.Tensor) -> None:
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return {"index": self.indices[position]}
+
+
 class LabelsOfKept(Dataset):
     """A multi-label train split whose images a method keeps the features of: once the method flags
     a sample (``kept[index] = True``), its item is its labels alone (``index``, ``target``,

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from vlweak.backbones import Backbone
 from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
 from vlweak.data.datamodule import FeatureDataset
-from vlweak.data.datasets import collate
+from vlweak.data.datasets import SampleIndices, collate
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import STRATEGIES
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
@@ -80,10 +80,9 @@ class PromptTuning(VLMethod):
         warmup_epochs: epochs at ``warmup_lr`` before the cosine decay of each round (paper: 5).
         warmup_lr: learning rate of the warm-up epochs (paper: 1e-4).
         cache_features: textual prompts only: image features never change, so the train pool is
-            encoded once per run and training steps reuse those features instead of re-encoding
-            images (``embeddings: true`` in the data module also skips loading the images). Not used
-            when the data module augments the train split (``augment``): each step then encodes its
-            augmented images.
+            encoded once per run and training steps read those features instead of loading and
+            encoding images again. Not used when the data module augments the train split
+            (``augment``): each step then encodes its augmented images.
         rounds_dir: folder of the per-round checkpoints; a run started with the same folder resumes
             at the round it was in. Default: ``<logger save_dir>/<logger name>/rounds/<hash>``, the
             hash of the run's identity (labeled set, source, schedule, hyper-parameters), so rerunning
@@ -262,7 +261,7 @@ class PromptTuning(VLMethod):
         if self.visual_prompt is None:
             if "features" in batch:
                 return F.normalize(batch["features"].float(), dim=-1)
-            if train and self.cache_features and self.train_augment is None and self._pool_features is not None:
+            if train and self._trains_on_pool_features():
                 rows = self._feature_row.to(batch["index"].device)[batch["index"]]
                 return self._pool_features.to(self.device)[rows.to(self.device)]
             return self.backbone.encode_image(batch["image"])
@@ -397,7 +396,15 @@ class PromptTuning(VLMethod):
         target = torch.full((int(self.pool_index.max()) + 1,), -1, dtype=torch.long)
         target[index] = label
         self._train_target = target
-        self.datamodule.datasets["train"] = Subset(self._pool_dataset, self._positions(index).tolist())
+        if self._trains_on_pool_features():  # the items' indices alone: no image read
+            self.datamodule.datasets["train"] = SampleIndices(index)
+        else:
+            self.datamodule.datasets["train"] = Subset(self._pool_dataset, self._positions(index).tolist())
+
+    def _trains_on_pool_features(self) -> bool:
+        """Training steps read the pool's kept features (textual prompts, ``cache_features``, no augmentation)."""
+        return (self.visual_prompt is None and self.cache_features and self.train_augment is None
+                and self._pool_features is not None)
 
     @torch.no_grad()
     def held_out_accuracy(self) -> float | None:
