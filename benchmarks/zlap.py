@@ -32,7 +32,6 @@ from torch import Tensor
 from torch.nn.functional import normalize
 
 from vlweak.graph import build_zlap_graph, class_solutions, conjugate_gradient, knn, query_edges
-from vlweak.graph.build import ZLaPGraph
 from vlweak.graph.knn import ENGINES
 from vlweak.graph.propagation import propagation_operator
 

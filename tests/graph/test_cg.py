@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch.nn.functional import normalize
 
 from vlweak.graph import build_zlap_graph, conjugate_gradient, propagation_operator
 from vlweak.graph.propagation import class_solutions
