@@ -13,6 +13,12 @@ Weights are random (no download needed): the timings depend on the architecture,
 Class count, batch and context length default to DualCoOp's COCO setting (80 classes, batch 32,
 16 context tokens).
 
+``--files`` instead times whole fits (Lightning, the data module, loader workers, JPEG decoding
+and preprocessing) over JPEG files it writes to a temporary folder: images/s of the first epoch and
+of the later ones, encoding every step (``region_cache_gb: 0``), keeping region features but still
+reading every image (the loader's labels-only items switched off), and keeping them with the loader
+serving the labels alone of the images whose features are kept (vlweak's default).
+
 ``--accuracy`` instead measures test mAP on the built-in world's multi-label scenes: zero-shot
 (ZeroShot, multilabel) against DualCoOp trained with each observed label fraction (the shipped
 ``vlweak-shapes`` weights, or ``--weights FILE``).
@@ -21,14 +27,17 @@ Examples::
 
     python benchmarks/dualcoop.py --quick                    # CPU, tiny models, seconds
     python benchmarks/dualcoop.py --archs RN50 ViT-B-32      # GPU, bf16 vs fp32
+    python benchmarks/dualcoop.py --files --quick               # fits from JPEG files, CPU
     python benchmarks/dualcoop.py --accuracy --fractions 0.1 0.3 0.5 1.0 --epochs 16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -90,6 +99,70 @@ def throughput(m: DualCoOp, step, precision: str, batch: int, steps: int, warmup
     return batch * steps / (time.perf_counter() - start)
 
 
+def write_jpegs(root: Path, n: int, size: int, classes: list[str]) -> Path:
+    """``n`` smooth random JPEGs of ``size`` px (photo-like file sizes) with 1 to 3 labels each, and
+    their multi-label JSONL manifest."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8))
+        small.resize((size, size), Image.BILINEAR).save(root / f"{i}.jpg", quality=90)
+        labels = rng.choice(classes, size=int(rng.integers(1, 4)), replace=False).tolist()
+        rows.append(json.dumps({"path": f"{i}.jpg", "labels": labels}))
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "train.jsonl"
+
+
+def from_files(args: argparse.Namespace, archs: list[str], precision: str, device: torch.device) -> None:
+    import lightning as L
+
+    from vlweak.data import ManifestDataModule
+
+    class EpochTimes(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._start)
+
+    root = Path(tempfile.mkdtemp(prefix="vlweak-bench-"))
+    names = [f"object {i}" for i in range(args.classes)]
+    manifest = write_jpegs(root, args.n_files, args.file_size, names)
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    print(f"{args.n_files} JPEGs of {args.file_size} px, {args.file_epochs} epochs, batch {args.batch}, "
+          f"{workers} loader workers, {precision}")
+    print("| arch | setting | first epoch (img/s) | later epochs (img/s) | vs encoding every step |")
+    print("| --- | --- | --- | --- | --- |")
+    settings = [("encoding every step", 0.0, True), ("kept regions, every image read", 4.0, False),
+                ("kept regions, labels alone served", 4.0, True)]
+    for arch in archs:
+        base = None
+        for setting, cache_gb, serve in settings:
+            torch.manual_seed(0)
+            backbone = OpenCLIPBackbone(arch, pretrained=None, precision=precision)
+            m = DualCoOp(backbone=backbone, classnames=names, n_ctx=args.n_ctx, save_mask=False, region_cache_gb=cache_gb)
+            if not serve:  # the ablation: features kept, the loader still reads and decodes every image
+                m._serve_labels_of_kept = lambda dm: None
+            dm = ManifestDataModule(train=str(manifest), batch_size=args.batch, num_workers=workers, label_fraction=0.5)
+            timer = EpochTimes()
+            L.Trainer(max_epochs=args.file_epochs, accelerator=device.type, devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer], default_root_dir=root).fit(m, dm)
+            first, later = args.n_files / timer.times[0], args.n_files / (sum(timer.times[1:]) / len(timer.times[1:]))
+            base = base or later
+            print(f"| {arch} | {setting} | {first:.1f} | {later:.1f} | {later / base:.2f}x |")
+
+
 def accuracy(args: argparse.Namespace) -> None:
     import lightning as L
 
@@ -137,6 +210,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="CPU-sized run: tiny models, 20 classes, batch 8, 4 context tokens")
     p.add_argument("--accuracy", action="store_true", help="test mAP per observed label fraction instead of throughput")
     p.add_argument("--weights", default="vlweak-shapes", help="--accuracy: vlweak-shapes weights (tag or file)")
+    p.add_argument("--files", action="store_true", help="time whole fits over JPEG files (first and later epochs)")
+    p.add_argument("--n-files", type=int, default=512, help="--files: number of JPEGs")
+    p.add_argument("--file-size", type=int, default=256, help="--files: JPEG side in pixels")
+    p.add_argument("--file-epochs", type=int, default=3, help="--files: epochs of each fit (at least 2)")
+    p.add_argument("--workers", type=int, default=None, help="--files: loader workers (default: the cores, at most 8)")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 0.5, 1.0])
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--n-train", type=int, default=2000)
@@ -155,6 +233,8 @@ def main() -> None:
         args.classes, args.batch, args.n_ctx, args.steps, args.warmup = 20, 8, 4, 5, 1
     archs = args.archs or (["RN50", "ViT-B-32"] if device.type == "cuda" else ["vlweak-tiny", "vlweak-tiny-rn"])
     fast = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.files:
+        return from_files(args, archs, fast, device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"{args.classes} classes, batch {args.batch}, {args.n_ctx} context tokens, {args.steps} timed steps")
     print(f"| arch | plain fp32 loop (img/s) | vlweak, fp32 (img/s) | vlweak, {fast} (img/s) | speed-up "
