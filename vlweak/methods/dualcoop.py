@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlweak.backbones import Backbone
+from vlweak.data.datamodule import FeatureDataset
+from vlweak.data.datasets import LabelsOfKept
 from vlweak.losses import AsymmetricPseudoLabeler, asymmetric_loss, em_apl_loss
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multilabel_report
@@ -235,7 +237,12 @@ class DualCoOp(VLMethod):
         if not self._keeps_regions():
             return self.region_features(batch)
         index = batch["index"].tolist()
-        rows = (batch["image_rows"].tolist() if "image_rows" in batch else list(range(len(index)))) if "image" in batch else []
+        if "image" not in batch:
+            rows = []  # no images: every sample's features must be kept
+        elif "image_rows" in batch:
+            rows = batch["image_rows"].tolist()  # images of some samples only
+        else:
+            rows = list(range(len(index)))
         loaded = {r: i for i, r in enumerate(rows)}  # batch row -> its row of batch["image"]
         met = [i for i, k in enumerate(index) if k in self._regions]
         todo = [i for i in rows if index[i] not in self._regions]
@@ -344,9 +351,6 @@ class DualCoOp(VLMethod):
 
     def _serve_labels_of_kept(self, dm: Any) -> None:
         """Let the train split serve the labels alone of images whose region features are kept."""
-        from vlweak.data.datamodule import FeatureDataset
-        from vlweak.data.datasets import LabelsOfKept
-
         self._kept_flags = None
         train = getattr(dm, "datasets", {}).get("train")
         images = train is not None and not isinstance(train, FeatureDataset) and hasattr(train, "targets")
@@ -361,8 +365,6 @@ class DualCoOp(VLMethod):
         self._regions = {}
         self._kept_flags = None
         dm = self.datamodule
-        from vlweak.data.datasets import LabelsOfKept
-
         if isinstance(getattr(dm, "datasets", {}).get("train"), LabelsOfKept):
             dm.datasets["train"] = dm.datasets["train"].dataset  # the split as the data module made it
 
