@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,18 +49,58 @@ def _common(recipe: str, out: Path, weights: str, world: bool = True) -> list[st
 LIGHTNING, TORCHRUN = "lightning", "torchrun"
 
 
-def _two_processes(args: list[str], launcher: str = TORCHRUN, timeout: int = 600,
+def _two_processes(args: list[str], launcher: str = TORCHRUN, timeout: int = 300,
                    warnings: bool = False) -> subprocess.CompletedProcess:
     """The vlweak CLI with ``args`` (which ask for 2 devices) as two CPU processes, started by
     torchrun (standalone: both ranks at once, on a free port) or by Lightning (rank 0 starts rank 1);
-    Python's warnings in stderr only with ``warnings``."""
+    Python's warnings in stderr only with ``warnings``. A run still going after ``timeout`` seconds
+    fails the test with every process's Python stacks (where it hangs)."""
     start = {
         LIGHTNING: [sys.executable, "-m", "vlweak.cli"],
         TORCHRUN: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vlweak.cli"],
     }[launcher]
     # faulthandler: a rank killed by a signal still leaves its Python stack in stderr
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **({} if warnings else {"PYTHONWARNINGS": "ignore"}))
-    return subprocess.run([*start, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    proc = subprocess.Popen([*start, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # every process of the run (the ranks, which torchrun starts in sessions of their own, and the
+        # launcher) gets SIGABRT, on which faulthandler writes its Python stacks to stderr and ends it
+        stuck = [*_descendants(proc.pid), proc.pid]
+        for pid in stuck:
+            _signal(pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in stuck:
+                _signal(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"the two processes were still running after {timeout} s; their stacks:\n{err[-12000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, deepest first (Linux's /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+
+    def below(p: int) -> list[int]:
+        return [d for c in children.get(p, []) for d in (*below(c), c)]
+
+    return below(pid)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _both(subcommand: str, recipe: str, tmp_path: Path, weights: str, batch: int, *extra: str,
@@ -178,7 +219,10 @@ def test_pretraining_distributed_matches_one_process_and_exports_once(tmp_path, 
     # the contrastive loss sees the gathered global batch: 16 pairs in one process or 8 + 8 over two.
     # A strong weight decay makes its grouping visible: under FSDP the optimizer sees flat shards, and
     # nested units rename parameters, yet norms, biases and the temperature must stay undecayed
-    a, b = _both("fit", "pretrain/shapes.yaml", tmp_path, tiny_ckpt, 16,
+    # no loader worker: under Python 3.11 a worker forked while one of gloo's threads holds the
+    # interpreter's thread-state lock hangs in its first instruction (seen once in CI, and then
+    # traced with gdb), and the other rank waits for it in FSDP's all-gather
+    a, b = _both("fit", "pretrain/shapes.yaml", tmp_path, tiny_ckpt, 16, "--data.init_args.num_workers=0",
                  "--data.init_args.n_train=16", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--model.init_args.export_path=null",
                  "--model.init_args.export_dtype=fp32", "--model.init_args.weight_decay=1.0", strategy=strategy)
