@@ -9,9 +9,12 @@ class, the ``K`` images most confidently predicted as that class (class-balanced
 2. a class's *pool* is the images whose pseudolabel it is; the ``K`` most confident images of each
    pool are kept;
 3. a class whose pool holds fewer than ``K`` images (one CLIP under-predicts) is filled up to ``K``
-   from the images no class kept, those scoring it highest first, as the paper's reference selection
-   does: every class gets ``K`` pseudolabels while enough images are left. An image wanted by several
-   classes goes to the one it scores highest.
+   from the images no class kept, those scoring it highest first: every class gets ``K``
+   pseudolabels while enough images are left. An image wanted by several classes goes to the one it
+   scores highest. The paper's reference code fills classes too, but streams the images once: an
+   image its arg-max class rejects on arrival is offered to the other classes in score order, one
+   pushed out of a full class later is lost, and an image can end up in two classes, so its result
+   depends on the image order. vlweak selects over the whole pool at once.
 
 Equal confidences are broken by the lower sample position (then the lower class), so the selection
 is deterministic.
@@ -52,7 +55,7 @@ def top_k_per_class(
         classes: the classes that may receive pseudolabels (default: all ``C``); a sample's
             pseudolabel is its arg-max among these.
         fill: fill a class whose arg-max pool holds fewer than ``k`` images from the images no
-            class kept, by its score (the paper's reference selection); ``False`` keeps only
+            class kept, by its score (step 3 of the module docstring); ``False`` keeps only
             arg-max pools.
 
     Returns:

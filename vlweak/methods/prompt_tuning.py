@@ -92,12 +92,15 @@ class PromptTuning(VLMethod):
         resume: resume from ``rounds_dir`` when it holds round checkpoints of the same run.
         holdout: fraction of each round's training set (labels and pseudolabels alike) held out to
             choose the round's prompt: the epoch with the best accuracy on the held-out labels, the
-            latest of equals (the paper's code holds out 20% and picks its prompt there); ``0``:
-            train on all of it and keep each round's last epoch.
+            latest of equals; ``0``: train on all of it and keep each round's last epoch. (The
+            paper's public code holds out 20% of the labeled images, only logs the accuracy there,
+            and keeps the last epoch.)
         warm_start: IFPL / GRIP rounds after the first start from the previous round's prompt
             instead of a fresh initialisation (the learning-rate schedule and the optimizer state
-            still restart each round). On the built-in world it does worse than the paper's fresh
-            start (README).
+            still restart each round). The paper re-initialises every round; its public code in
+            effect continues textual prompts (the new parameter shares the storage of the
+            initial context, which training overwrote). On the built-in world continuing does worse
+            than a fresh start (README).
         seed: seed of each round's prompt initialisation and data order (round ``r`` uses
             ``seed + r``), so a resumed run repeats what an uninterrupted one does.
         artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
