@@ -56,6 +56,8 @@ def test_labeler_schedule_picks_lowest_unknowns():
     assert lab.update(probs, idx, mask, epoch=3) == 0  # nothing after the last epoch
     assert int((~torch.isnan(lab.pseudo)).sum()) == 14  # round(0.8 * 9) = 7 per class, as promised
     assert torch.isnan(lab(torch.tensor([0]))).all()
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 1, got 0"):
+        AsymmetricPseudoLabeler(n, c, warmup_epochs=0)
 
 
 def test_labeler_counts_repeated_items_once():

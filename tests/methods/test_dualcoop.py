@@ -160,6 +160,50 @@ def test_region_features_are_encoded_once_per_image_and_train_as_if_encoded_ever
     assert n_aug == read_aug == 48
 
 
+def test_apl_labels_by_the_epoch_end_prompts(tmp_path, tiny_rn):
+    """Single positive labels: after an epoch, APL turns the unknown entries the epoch-end prompts
+    score lowest into soft negatives holding those scores (as the paper scores the train set again),
+    not the scores each batch got from the prompts of its training step."""
+    import copy
+
+    class Snapshot(L.Callback):  # callbacks' epoch-end hooks run before the model's, which labels
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.prompts = copy.deepcopy(pl_module.prompts.state_dict())
+
+    names = ShapesWorldDataModule(multilabel=True).classnames
+    dm = ShapesWorldDataModule(multilabel=True, image_size=32, n_train=16, n_val=0, n_test=0, batch_size=4,
+                               single_positive=True)
+    torch.manual_seed(0)
+    model = DualCoOp(backbone=tiny_rn, classnames=names, n_ctx=2, save_mask=False, apl_warmup_epochs=1, lr=0.5)
+    snap = Snapshot()
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0, callbacks=[snap], default_root_dir=tmp_path).fit(model, dm)
+    pseudo = model.labeler.pseudo
+    labeled = ~torch.isnan(pseudo)
+    assert model.loss_name == "em_apl" and 0 < int(labeled.sum()) < int((~dm.raw("train").masks()).sum())
+    model.prompts.load_state_dict(snap.prompts)
+    train = dm.datasets["train"]
+    images = torch.stack([train[i]["image"] for i in range(16)])
+    with torch.no_grad():
+        scores = model(images)
+    torch.testing.assert_close(pseudo[labeled], scores[labeled], atol=1e-5, rtol=1e-4)
+    # and they are each unknown entry's lowest scores of its class
+    unknown = ~dm.raw("train").masks()
+    for c in range(len(names)):
+        rest = unknown[:, c] & ~labeled[:, c]
+        if labeled[:, c].any() and rest.any():
+            assert scores[labeled[:, c], c].max() <= scores[rest, c].min() + 1e-6, c
+    with pytest.raises(ValueError, match="apl_warmup_epochs"):
+        DualCoOp(backbone=tiny_rn, classnames=names, apl_warmup_epochs=0)
+    dm = ShapesWorldDataModule(multilabel=True, image_size=32, n_train=8, n_val=0, n_test=0, batch_size=4,
+                               single_positive=True)
+    with pytest.warns(UserWarning, match="apl_warmup_epochs=5 leaves no epoch of a 2-epoch fit"):
+        L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(
+            DualCoOp(backbone=tiny_rn, classnames=names, n_ctx=2, save_mask=False), dm)
+
+
 def test_labels_of_kept_images_are_the_items_labels_and_batch_with_images(tmp_path, tiny_rn):
     from tests.cli.test_ddp_methods import _multilabel_manifest
     from vlweak.data import ManifestDataModule
@@ -251,7 +295,7 @@ def test_recipes_run_and_save_the_mask(tmp_path, tiny_ckpt):
     assert mask.shape == (32, 12) and meta["budget"]["fraction"] == 0.1
     assert torch.equal(mask, cli.datamodule.raw("train").masks())
     assert "val/mAP" in cli.trainer.logged_metrics
-    cli = _cli("fit", "shapes_single_positive.yaml", tmp_path / "sp", tiny_ckpt, "--model.init_args.apl_warmup_epochs=0", "--trainer.max_epochs=2")
+    cli = _cli("fit", "shapes_single_positive.yaml", tmp_path / "sp", tiny_ckpt, "--model.init_args.apl_warmup_epochs=1", "--trainer.max_epochs=2")
     assert cli.model.loss_name == "em_apl" and int((~torch.isnan(cli.model.labeler.pseudo)).sum()) > 0
     cli = _cli("fit", "shapes_zeroshot_unseen.yaml", tmp_path / "zs", tiny_ckpt)
     assert {"val/unseen_mAP", "val/seen_mAP", "val/mAP"} <= set(cli.trainer.logged_metrics)

@@ -112,6 +112,8 @@ class AsymmetricPseudoLabeler(nn.Module):
         super().__init__()
         if not 0 <= neg_proportion <= 1:
             raise ValueError(f"neg_proportion must lie in [0, 1], got {neg_proportion}")
+        if warmup_epochs < 1:  # labels come from an epoch's predictions: the first after epoch 0
+            raise ValueError(f"warmup_epochs must be >= 1, got {warmup_epochs}")
         self.neg_proportion, self.warmup_epochs, self.max_epochs = neg_proportion, warmup_epochs, max_epochs
         self.register_buffer("pseudo", torch.full((num_samples, num_classes), float("nan")))
         self.register_buffer("unknown_count", torch.full((num_classes,), -1, dtype=torch.long))
@@ -119,6 +121,10 @@ class AsymmetricPseudoLabeler(nn.Module):
     def forward(self, index: Tensor) -> Tensor:
         """Pseudo-negative targets ``[B, C]`` of the items ``index`` (``NaN`` = none)."""
         return self.pseudo[index.to(self.pseudo.device)]
+
+    def labels_after(self, epoch: int) -> bool:
+        """Whether :meth:`update` labels entries after ``epoch`` (0-based)."""
+        return self.warmup_epochs <= epoch + 1 < self.max_epochs
 
     def target(self, epoch: int) -> Tensor:
         """Per class, how many entries are pseudo-labeled once :meth:`update` has run for ``epoch``."""
@@ -143,7 +149,7 @@ class AsymmetricPseudoLabeler(nn.Module):
         index, mask, probs = index[keep], mask[keep], probs[keep]
         if (self.unknown_count < 0).all():
             self.unknown_count.copy_((~mask).sum(0))
-        if epoch + 1 < self.warmup_epochs or epoch + 1 >= self.max_epochs:
+        if not self.labels_after(epoch):
             return 0
         current = self.pseudo[index]
         free = ~mask & torch.isnan(current)

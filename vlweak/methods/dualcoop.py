@@ -22,6 +22,7 @@ evaluate on the unseen ones and on all (``unseen_classes``).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -114,7 +115,11 @@ class DualCoOp(VLMethod):
         em_alpha: EM weight ``α`` of the entropy on unknown labels.
         apl_beta: APL weight ``β`` of the soft pseudo-negatives.
         apl_neg_proportion: fraction of each class's unknown labels turned into pseudo-negatives by the end.
-        apl_warmup_epochs: epochs of EM alone before APL starts.
+        apl_warmup_epochs: epochs of EM alone before APL starts (at least 1; the paper: 5 of 10 epochs
+            on COCO and VOC). After each later epoch but the last, APL scores the train images whose
+            region features are kept with the epoch-end prompts (the paper scores the train set
+            again) and labels the lowest unknown entries; images without kept features keep the
+            scores of their training step.
         unseen_classes: zero-shot setting: class names held out of training, or a fraction of the
             classes drawn with ``split_seed``; evaluation then also logs ``<stage>/unseen_*`` and
             ``<stage>/seen_*`` metrics next to the metrics on all classes.
@@ -154,7 +159,7 @@ class DualCoOp(VLMethod):
         em_alpha: float = 0.1,
         apl_beta: float = 0.9,
         apl_neg_proportion: float = 0.9,
-        apl_warmup_epochs: int = 1,
+        apl_warmup_epochs: int = 5,
         unseen_classes: list[str] | float | None = None,
         split_seed: int = 0,
         lr: float = 0.002,
@@ -179,6 +184,7 @@ class DualCoOp(VLMethod):
         check_options(
             threshold=threshold, n_ctx=(n_ctx, 1, None), gamma_pos=(gamma_pos, 0.0, None), clip=(clip, 0.0, 1.0), gamma_neg=(gamma_neg, 0.0, None),
             em_alpha=(em_alpha, 0.0, None), apl_neg_proportion=(apl_neg_proportion, 0.0, 1.0), momentum=(momentum, 0.0, 1.0),
+            apl_beta=(apl_beta, 0.0, None), apl_warmup_epochs=(apl_warmup_epochs, 1, None),
             region_cache_gb=(region_cache_gb, 0.0, None),
         )
         names = self.require_classnames()
@@ -293,6 +299,14 @@ class DualCoOp(VLMethod):
             if train is None:
                 raise ValueError("loss em_apl needs the data module's train split (its size sets the pseudo-label table)")
             max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
+            if self.hparams.apl_warmup_epochs >= max_epochs:
+                warnings.warn(
+                    f"apl_warmup_epochs={self.hparams.apl_warmup_epochs} leaves no epoch of a {max_epochs}-epoch fit "
+                    "for asymmetric pseudo-labeling: it trains with EM alone (lower apl_warmup_epochs or raise "
+                    "max_epochs)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             labeler = AsymmetricPseudoLabeler(
                 len(train), len(self.seen), self.hparams.apl_neg_proportion, self.hparams.apl_warmup_epochs, max_epochs
             )
@@ -378,12 +392,30 @@ class DualCoOp(VLMethod):
         if self.labeler is None:
             return
         local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        if local and self.labeler.labels_after(self.current_epoch):
+            local["probs"] = self._rescore_kept(local["index"], local["probs"])
         if self.trainer.world_size > 1:  # every rank joins, also one whose batches were all skipped
             local = self._all_gather_ragged(local)
         if not local:
             return
         added = self.labeler.update(local["probs"], local["index"], local["mask"], self.current_epoch)
         self.log("train/apl_new_negatives", float(added))
+
+    @torch.no_grad()
+    def _rescore_kept(self, index: Tensor, probs: Tensor, chunk: int = 256) -> Tensor:
+        """APL ranks the unknown entries by the epoch-end prompts, as the paper scores the train set
+        again after each epoch: the samples whose region features are kept are scored anew; the
+        others (augmented training, past ``region_cache_gb``) keep their training step's scores."""
+        rows = [r for r, i in enumerate(index.tolist()) if i in self._regions]
+        if not rows:
+            return probs
+        probs = probs.clone()
+        pos, neg = self.text_features(self.seen_index if self.unseen else None)
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            dense = torch.stack([self._regions[int(index[r])] for r in part]).to(self.device)
+            probs[part] = torch.softmax(self.logits(dense, pos, neg), dim=-1)[..., 0].to(probs.dtype)
+        return probs
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
