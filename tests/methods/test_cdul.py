@@ -265,14 +265,35 @@ def test_image_network_classifier_trains_from_pseudolabels(tiny_backbone, tmp_pa
     from vlweak.data import ShapesWorldDataModule
 
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 12)
+        torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(4, 12)
     )
+    label_targets = []
     dm = ShapesWorldDataModule(multilabel=True, n_train=32, n_val=8, n_test=16, batch_size=16, cache_dir=str(tmp_path))
     model = CDUL(backbone=tiny_backbone, classnames=dm.classnames, multilabel=True, network=net, grid=2, lr=0.01)
     trainer = L.Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     before = net[-1].weight.detach().clone()
-    trainer.fit(model, datamodule=dm)
+    align = CDUL.on_train_batch_end
+
+    def recorded(self, outputs, batch, batch_idx):  # the Y-step's targets against the eval-mode network
+        if batch and self._label_steps():
+            with torch.no_grad():
+                label_targets.append((batch["index"], self.pseudo[batch["index"]].clone(), net.eval()(batch["image"])))
+            net.train()
+        align(self, outputs, batch, batch_idx)
+        if label_targets and len(label_targets[-1]) == 3:
+            idx, y, logits = label_targets[-1]
+            label_targets[-1] = (self.pseudo[idx], align_labels(y, logits, self.label_lr, self.fixed[idx]))
+
+    CDUL.on_train_batch_end = recorded
+    try:
+        trainer.fit(model, datamodule=dm)
+    finally:
+        CDUL.on_train_batch_end = align
     assert not torch.equal(before, net[-1].weight)  # the image network itself was trained
+    # label steps read the network in eval mode (no dropout), and only the θ-steps move batch norm
+    assert label_targets and all(torch.equal(got, want) for got, want in label_targets)
+    assert int(net[1].num_batches_tracked) == 2 * 2
     trainer.test(model, datamodule=dm, verbose=False)
     assert 0.0 <= model.last_metrics["test/mAP"] <= 1.0

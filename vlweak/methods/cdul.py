@@ -354,9 +354,17 @@ class CDUL(VLMethod):
         if not batch or not self._label_steps():
             return
         idx = batch["index"]
-        with torch.no_grad():
-            logits = self.classify(batch)
-            new = align_labels(self.pseudo[idx], logits, self.label_lr, self.fixed[idx])
+        # the classifier's prediction in eval mode: no dropout noise in the label targets, and a
+        # network's batch-norm statistics move once per batch (the θ-step's forward), not twice
+        classifier = self.network if self.network is not None else self.head
+        training = classifier.training
+        classifier.eval()
+        try:
+            with torch.no_grad():
+                logits = self.classify(batch)
+                new = align_labels(self.pseudo[idx], logits, self.label_lr, self.fixed[idx])
+        finally:
+            classifier.train(training)
         self.pseudo[idx] = new
         if self.trainer.world_size > 1:
             self._label_updates.append({"index": idx.detach(), "labels": new.detach()})

@@ -61,7 +61,9 @@ class ZLaP(VLMethod):
         classnames: class vocabulary; set by the CLI from the data module.
         multilabel: multi-label task; set by the CLI from the data module.
         mode: ``transductive``, ``inductive`` (dual solution) or ``sparse-inductive``.
-        k: neighbours per image among images and among text nodes (paper: 5).
+        k: neighbours per image among images and among text nodes (paper: 5), the image itself not
+            counted. The paper's public code searches ``k`` images with the image itself among them
+            and then drops it, so its pool images link to ``k - 1`` others (and ``k`` text nodes).
         gamma: power on image–text similarities (paper: 5.0).
         alpha: propagation weight (paper: 0.3).
         tol: conjugate-gradient relative tolerance per class.
