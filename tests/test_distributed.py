@@ -155,3 +155,41 @@ def test_a_cache_on_each_nodes_disk_is_filled_once_per_node():
     assert all("shared filled by rank 0" in got[r] for r in range(4))
     # a failure on another node's first rank stops every rank with its message
     assert all(got[r][-1] == "error FileNotFoundError: no such split: /data/train" for r in range(4))
+
+
+def test_loader_workers_of_a_gloo_rank_start_from_a_fork_server(tmp_path, tiny_backbone):
+    """In a gloo rank, loader workers come from a fork server (a fork can catch a gloo thread
+    holding the interpreter's lock); they serve the same batches as the main process, and the
+    kept-image flags DualCoOp sets in shared memory reach a persistent worker started before."""
+    from torch.utils.data import DataLoader
+
+    from vlweak.data import ShapesWorldDataModule
+    from vlweak.data.datasets import LabelsOfKept, collate
+    from vlweak.distributed import worker_start_method
+
+    def module(workers: int) -> ShapesWorldDataModule:
+        dm = ShapesWorldDataModule(multilabel=True, image_size=32, n_train=8, n_val=0, n_test=0, batch_size=4,
+                                   num_workers=workers, transform=tiny_backbone.transform)
+        dm.setup("fit")
+        return dm
+
+    assert worker_start_method(2) is None  # no process group: the platform's default
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert worker_start_method(0) is None and worker_start_method(2) == "forkserver"
+        loader = module(1).train_dataloader()
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+        in_workers = list(loader)
+        in_main = list(module(0).train_dataloader())
+        assert len(in_workers) == len(in_main) == 2
+        for a, b in zip(in_workers, in_main):
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+        served = LabelsOfKept(module(0).datasets["train"])
+        loader = DataLoader(served, batch_size=8, num_workers=1, collate_fn=collate, persistent_workers=True,
+                            multiprocessing_context=worker_start_method(1))
+        assert "image_rows" not in next(iter(loader))
+        served.kept[[1, 4]] = True  # after the worker started
+        assert next(iter(loader))["image_rows"].tolist() == [0, 2, 3, 5, 6, 7]
+    finally:
+        dist.destroy_process_group()

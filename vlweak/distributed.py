@@ -15,17 +15,45 @@ holds a shorter batch than the others, or none; a plain all-gather needs the sam
 and fails or hangs. :func:`gather_rows` (one tensor, gradients optional) and :func:`gather_ragged`
 (a dict of per-sample tensors, e.g. an epoch's outputs) pad every rank to the longest and cut the
 padding off again; a rank with nothing learns the tensors' dtypes and shapes from one that has some.
+
+Loader workers of a gloo rank start from a fork server (:func:`worker_start_method`).
 """
 
 from __future__ import annotations
 
 import builtins
+import multiprocessing
 from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
 
 T = TypeVar("T")
+
+
+def worker_start_method(num_workers: int) -> str | None:
+    """How data-loader workers start: ``forkserver`` in a rank of a gloo process group (CPU
+    distributed runs), else the platform's default (``None``; ``fork`` on Linux).
+
+    Forking copies whatever locks other threads hold at that moment. gloo runs threads of its own,
+    and a fork that lands while one of them holds the interpreter's thread-state lock leaves the
+    worker stuck in CPython's after-fork clean-up: its rank waits for its batches and every other
+    rank waits for that rank. A fork server is a fresh single-threaded process, so the workers it
+    forks start clean. Like ``spawn``, it imports the main module in each worker: a script launched
+    with ``torchrun`` needs the usual ``if __name__ == "__main__":`` guard (the ``vlweak`` command
+    has it)."""
+    dist = torch.distributed
+    if num_workers <= 0 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_backend() != "gloo" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    from multiprocessing import forkserver  # POSIX only, past the check above
+
+    # the server imports vlweak's data code (and so torch) once, so each worker it forks starts warm
+    preload = getattr(forkserver._forkserver, "_preload_modules", ["__main__"])
+    if "vlweak.data" not in preload:
+        forkserver.set_forkserver_preload([*preload, "vlweak.data"])
+    return "forkserver"
 
 
 def _portable(err: Exception) -> Exception:

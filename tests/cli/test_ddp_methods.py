@@ -219,9 +219,8 @@ def test_pretraining_distributed_matches_one_process_and_exports_once(tmp_path, 
     # the contrastive loss sees the gathered global batch: 16 pairs in one process or 8 + 8 over two.
     # A strong weight decay makes its grouping visible: under FSDP the optimizer sees flat shards, and
     # nested units rename parameters, yet norms, biases and the temperature must stay undecayed
-    # no loader worker: under Python 3.11 a worker forked while one of gloo's threads holds the
-    # interpreter's thread-state lock hangs in its first instruction (seen once in CI, and then
-    # traced with gdb), and the other rank waits for it in FSDP's all-gather
+    # no loader worker, for speed: under gloo a worker starts from a fork server (a few seconds;
+    # tests/data/test_order.py's DDP test runs one), since a forked one can hang (seen once here)
     a, b = _both("fit", "pretrain/shapes.yaml", tmp_path, tiny_ckpt, 16, "--data.init_args.num_workers=0",
                  "--data.init_args.n_train=16", "--data.init_args.n_val=0", "--data.init_args.n_test=0",
                  "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--model.init_args.export_path=null",

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vlweak.distributed import worker_start_method
+
 
 def default_cache_dir() -> Path:
     """``$VLWEAK_CACHE`` or ``~/.cache/vlweak``."""
@@ -105,7 +107,8 @@ def encode_images(
 
     from vlweak.data.datasets import collate
 
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        multiprocessing_context=worker_start_method(num_workers))
     feats, index = [], []
     it = loader
     if progress:

@@ -36,7 +36,7 @@ from vlweak.data.datasets import (
 )
 from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
 from vlweak.data.world import ShapesWorld, classnames_for
-from vlweak.distributed import fill_once_per_node
+from vlweak.distributed import fill_once_per_node, worker_start_method
 
 SPLITS = ("train", "val", "test", "predict")
 #: the data splits a data module may have (``predict`` reads one of them, ``predict_split``)
@@ -311,7 +311,8 @@ class VLDataModule(L.LightningDataModule):
             raise err
         ds = self.datasets[split]
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-                      persistent_workers=self.num_workers > 0)
+                      persistent_workers=self.num_workers > 0,
+                      multiprocessing_context=worker_start_method(self.num_workers))
         if not shuffle:
             return DataLoader(ds, **common)
         loader = ResumableLoader(ds, sampler=EpochShuffle(ds), plan=self.next_pass, **common)

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vlweak.data.cache import atomic_save_tensors
+from vlweak.distributed import worker_start_method
 
 #: datasets with at least this many samples go through the sharded extraction in
 #: :func:`vlweak.data.cache.image_embeddings`.
@@ -435,6 +436,7 @@ def _encode_shards(
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context=worker_start_method(workers),
     )
     bar = None
     if progress:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import v2
 
+from vlweak.distributed import worker_start_method
+
 InitMode = Literal["global", "local", "aggregated"]
 INIT_MODES = ("global", "local", "aggregated")
 
@@ -128,7 +130,8 @@ def snippet_embeddings(
 
     def compute() -> dict[str, Tensor]:
         loader = DataLoader(
-            Transformed(dataset, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
+            Transformed(dataset, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+            multiprocessing_context=worker_start_method(num_workers),
         )
         feats, index = [], []
         from tqdm.auto import tqdm

@@ -40,6 +40,7 @@ from vlweak.backbones import Backbone
 from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
 from vlweak.data.datamodule import FeatureDataset
 from vlweak.data.datasets import SampleIndices, collate
+from vlweak.distributed import worker_start_method
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import STRATEGIES
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
@@ -333,7 +334,9 @@ class PromptTuning(VLMethod):
         return None
 
     def _loader(self, ds: Any, dm: Any) -> DataLoader:
-        return DataLoader(ds, batch_size=getattr(dm, "batch_size", 64), num_workers=getattr(dm, "num_workers", 0), collate_fn=collate)
+        workers = getattr(dm, "num_workers", 0)
+        return DataLoader(ds, batch_size=getattr(dm, "batch_size", 64), num_workers=workers, collate_fn=collate,
+                          multiprocessing_context=worker_start_method(workers))
 
     def _positions(self, index: Tensor) -> Tensor:
         ds = self._pool_dataset
