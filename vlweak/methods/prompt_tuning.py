@@ -8,10 +8,10 @@ over the labeled samples and the pseudolabeled unlabeled samples,
 where ``f`` is the (optionally visually prompted) image encoder, ``g`` the (optionally textually
 prompted) text encoder over the class names, and ``X̃_U`` the class-balanced top-K pseudolabels
 (:mod:`vlweak.labels.selection`), every sample weighing the same (a batch's mean). The paper's
-public code for textual prompts weighs the means of a batch's labeled and pseudolabeled samples by
-the two sets' sizes: for IFPL and GRIP in the semi-supervised setting that is the same per-sample weighting, up to a
-factor near 1; for FPL there, and for every strategy in the transductive setting, it weighs a
-labeled sample ``(|X̃_U| / |X_L|)²`` times a pseudolabeled one.
+public code for textual prompts weighs the means of a batch's labeled and pseudolabeled samples
+by the two sets' sizes: for IFPL and GRIP in the semi-supervised setting that is the same
+per-sample weighting, up to a factor near 1; for FPL there, and for every strategy in the
+transductive setting, it weighs a labeled sample ``(|X̃_U| / |X_L|)²`` times a pseudolabeled one.
 
 The paradigms are data settings of the data module:
 
