@@ -22,6 +22,7 @@ evaluate on the unseen ones and on all (``unseen_classes``).
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any, Literal
 
@@ -125,6 +126,8 @@ class DualCoOp(VLMethod):
             ``<stage>/seen_*`` metrics next to the metrics on all classes.
         split_seed: seed of a fractional seen/unseen split.
         lr: SGD learning rate (0.002).
+        warmup_epochs: epochs at ``warmup_lr`` before the cosine decay (the paper's code: 1).
+        warmup_lr: learning rate of the warm-up epochs (the paper's code: 1e-5).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         threshold: probability threshold for F1 and hard pseudolabels.
@@ -163,6 +166,8 @@ class DualCoOp(VLMethod):
         unseen_classes: list[str] | float | None = None,
         split_seed: int = 0,
         lr: float = 0.002,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 1e-5,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         threshold: float = 0.5,
@@ -185,6 +190,7 @@ class DualCoOp(VLMethod):
             threshold=threshold, n_ctx=(n_ctx, 1, None), gamma_pos=(gamma_pos, 0.0, None), clip=(clip, 0.0, 1.0), gamma_neg=(gamma_neg, 0.0, None),
             em_alpha=(em_alpha, 0.0, None), apl_neg_proportion=(apl_neg_proportion, 0.0, 1.0), momentum=(momentum, 0.0, 1.0),
             apl_beta=(apl_beta, 0.0, None), apl_warmup_epochs=(apl_warmup_epochs, 1, None),
+            warmup_epochs=(warmup_epochs, 0, None), warmup_lr=(warmup_lr, 0.0, None),
             region_cache_gb=(region_cache_gb, 0.0, None),
         )
         names = self.require_classnames()
@@ -420,8 +426,21 @@ class DualCoOp(VLMethod):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         opt = torch.optim.SGD(self.prompts.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        steps = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        steps, per_epoch = 1, 1
+        if self._trainer is not None:
+            steps = max(1, int(self.trainer.estimated_stepping_batches))
+            batches = self.trainer.num_training_batches
+            if math.isfinite(batches):
+                per_epoch = max(1, int(batches) // max(1, self.trainer.accumulate_grad_batches))
+        warm = min(hp.warmup_epochs * per_epoch, steps - 1)  # at least the last step decays
+        span = steps - warm
+
+        def factor(step: int) -> float:  # of lr: warm-up constant, then a cosine over the other steps
+            if step < warm:
+                return hp.warmup_lr / hp.lr if hp.lr > 0 else 0.0
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / span))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
