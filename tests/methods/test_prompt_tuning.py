@@ -2,6 +2,7 @@
 weights) GRIP beating zero-shot on the shifted world."""
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -324,6 +325,25 @@ def test_bad_arguments_are_named():
         PromptTuning(bb, ["a", "b"], strategy="grp")
     with pytest.raises(ValueError, match="single-label"):
         PromptTuning(bb, ["a", "b"], multilabel=True)
+    with pytest.raises(ValueError, match="warmup must be 'constant' or 'linear', got 'ramp'"):
+        PromptTuning(bb, ["a", "b"], warmup="ramp")
+
+
+def test_warm_up_is_constant_or_the_paper_codes_linear_ramp():
+    from vlweak.backbones import OpenCLIPBackbone
+    from vlweak.methods import PromptTuning
+
+    bb = OpenCLIPBackbone("vlweak-tiny", pretrained=None)
+    kw = dict(lr=0.1, warmup_epochs=5, epochs_per_round=15, n_ctx=2)
+    constant = PromptTuning(bb, ["a", "b"], **kw)
+    linear = PromptTuning(bb, ["a", "b"], warmup="linear", **kw)
+    assert [constant.lr_at(e) for e in range(5)] == pytest.approx([1e-4] * 5)
+    assert [linear.lr_at(e) for e in range(5)] == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08])
+    cosine = [0.05 * (1 + math.cos(math.pi * e / 10)) for e in range(10)]
+    assert [linear.lr_at(e) for e in range(5, 15)] == pytest.approx(cosine)
+    assert [constant.lr_at(e) for e in range(5, 15)] == pytest.approx(cosine)
+    # a run's identity names the ramp only when it is not the default
+    assert "warmup" not in constant.round_hyperparameters() and linear.round_hyperparameters()["warmup"] == "linear"
 
 
 TINY_OVERLAY = "model:\n  init_args:\n    n_ctx: 4\n    backbone:\n      class_path: vlweak.backbones.OpenCLIPBackbone\n      init_args:\n        model_name: vlweak-tiny\n        pretrained: null\n"

@@ -84,8 +84,11 @@ class PromptTuning(VLMethod):
         lr: SGD learning rate (paper: 0.1 for textual and visual prompts, 0.01 for multimodal).
         momentum: SGD momentum (paper: 0.9).
         weight_decay: SGD weight decay (paper: 0.1).
-        warmup_epochs: epochs at ``warmup_lr`` before the cosine decay of each round (paper: 5).
-        warmup_lr: learning rate of the warm-up epochs (paper: 1e-4).
+        warmup_epochs: warm-up epochs before the cosine decay of each round (paper: 5).
+        warmup_lr: learning rate of constant warm-up epochs (the paper's configuration: 1e-4).
+        warmup: ``constant`` (``warmup_lr`` in every warm-up epoch) or ``linear`` (``lr · e /
+            warmup_epochs`` in warm-up epoch ``e``, from 0 up: what the paper's public code runs,
+            its cosine schedule leaving the configured 1e-4 unused).
         cache_features: textual prompts only: image features never change, so the train pool is
             encoded once per run and training steps read those features instead of loading and
             encoding images again. Not used when the data module augments the train split
@@ -135,6 +138,7 @@ class PromptTuning(VLMethod):
         weight_decay: float = 0.1,
         warmup_epochs: int = 5,
         warmup_lr: float = 1e-4,
+        warmup: str = "constant",
         cache_features: bool = True,
         rounds_dir: str | None = None,
         resume: bool = True,
@@ -161,6 +165,8 @@ class PromptTuning(VLMethod):
                 "every epoch of a round would train at warmup_lr"
             )
         check_options(templates=templates, n_ctx=(n_ctx, 1, None), momentum=(momentum, 0.0, 1.0))
+        if warmup not in ("constant", "linear"):
+            raise ValueError(f"warmup must be 'constant' or 'linear', got {warmup!r}")
         if not 0.0 <= holdout < 1.0:
             raise ValueError(f"holdout is the fraction of a round's training set held out, in [0, 1); got {holdout}")
         if pseudolabels != "zeroshot":
@@ -174,7 +180,7 @@ class PromptTuning(VLMethod):
         self.prompt_type, self.strategy, self.k, self.rounds = prompt, strategy, k, rounds
         self.pseudolabels, self.templates = pseudolabels, templates
         self.epochs_per_round, self.lr, self.momentum, self.weight_decay = epochs_per_round, lr, momentum, weight_decay
-        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
+        self.warmup_epochs, self.warmup_lr, self.warmup = warmup_epochs, warmup_lr, warmup
         self.cache_features, self.rounds_dir, self.resume, self.seed = cache_features, rounds_dir, resume, seed
         self.warm_start, self.holdout = warm_start, holdout
         self._held: tuple[Tensor, Tensor] | None = None  # (indices, labels) held out this round
@@ -216,7 +222,7 @@ class PromptTuning(VLMethod):
         """What a round's training depends on beyond the data: the backbone and every training
         hyper-parameter (part of a run's identity; a resumed run must match it)."""
         skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels",
-                "warm_start", "holdout", "position")
+                "warm_start", "holdout", "position", "warmup")
         out = {k: v for k, v in self.hparams.items() if k not in skip}
         out["backbone"] = self.backbone.fingerprint()
         # named only when set, so runs from before these options keep their identity
@@ -226,6 +232,8 @@ class PromptTuning(VLMethod):
             out["holdout"] = self.holdout
         if self.hparams.get("position", "end") != "end":
             out["position"] = self.hparams["position"]
+        if self.hparams.get("warmup", "constant") != "constant":
+            out["warmup"] = self.hparams["warmup"]
         if self.train_augment is not None:
             out["augment"] = self.train_augment
         return out
@@ -479,9 +487,9 @@ class PromptTuning(VLMethod):
             opt.state.clear()
 
     def lr_at(self, epoch: int) -> float:
-        """Constant warm-up, then cosine decay over the round's remaining epochs."""
+        """Constant or linear warm-up, then cosine decay over the round's remaining epochs."""
         if epoch < self.warmup_epochs:
-            return self.warmup_lr
+            return self.lr * epoch / self.warmup_epochs if self.warmup == "linear" else self.warmup_lr
         span = max(1, self.epochs_per_round - self.warmup_epochs)
         return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
 
