@@ -94,7 +94,9 @@ class DualCoOp(VLMethod):
         backbone: the frozen CLIP-family model (ResNet or ViT image tower).
         classnames: class vocabulary; set by the CLI from the data module.
         multilabel: must be true (set by the CLI from the data module).
-        n_ctx: context tokens of each prompt (16, as CoOp/DualCoOp).
+        n_ctx: context tokens of each prompt (16, as CoOp/DualCoOp with partial labels; the paper's
+            code takes 64 for unseen classes, which fits CLIP's 77-token context but not the
+            built-in models' 32).
         init_pos: phrase initialising the positive context (``None``: N(0, 0.02), the paper's).
         init_neg: phrase initialising the negative context.
         class_specific: class-specific contexts (``None``: yes for partial labels, the paper's choice;
