@@ -256,6 +256,44 @@ def test_labels_of_kept_images_are_the_items_labels_and_batch_with_images(tmp_pa
         assert "image" not in collate([served[1], served[4]])
 
 
+def test_train_classes_draws_the_classes_each_step_trains(tiny_rn):
+    """train_classes (the paper's code's num_train_cls): a step encodes the prompts of the classes
+    it draws and no other, and only their labels reach the loss; the draw is the step's."""
+    m = DualCoOp(backbone=tiny_rn, classnames=NAMES + ["hexagon", "cross"], n_ctx=2, unseen_classes=["cross"],
+                 train_classes=2)
+    m.loss_name = "asl"
+    draws = [m.step_classes(step).tolist() for step in range(20)]
+    assert all(len(d) == 2 and d == sorted(d) and 5 not in d for d in draws)  # never the unseen class
+    assert len({tuple(d) for d in draws}) > 1 and draws == [m.step_classes(step).tolist() for step in range(20)]
+    encoded = []
+    encode = tiny_rn.encode_text_embeddings
+    tiny_rn.encode_text_embeddings = lambda emb, ids: encoded.append(len(emb)) or encode(emb, ids)
+    try:
+        g = torch.Generator().manual_seed(0)
+        batch = {"image": torch.randn(3, 3, 64, 64, generator=g), "target": (torch.rand(3, 6, generator=g) < 0.5).float(),
+                 "mask": torch.ones(3, 6, dtype=torch.bool), "index": torch.arange(3)}
+        loss = m.training_step(batch, 0)
+    finally:
+        del tiny_rn.encode_text_embeddings
+    assert encoded == [4]  # positive and negative prompts of the 2 drawn classes
+    drawn = draws[0]
+    others = [c for c in range(6) if c not in drawn]
+    flipped = batch["target"].clone()
+    flipped[:, others] = 1 - flipped[:, others]
+    assert m.training_step(dict(batch, target=flipped), 0).item() == pytest.approx(loss.item())
+    flipped[:, drawn[0]] = 1 - flipped[:, drawn[0]]
+    assert m.training_step(dict(batch, target=flipped), 0).item() != pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="train_classes must be >= 1"):
+        DualCoOp(backbone=tiny_rn, classnames=NAMES, train_classes=0)
+    with pytest.raises(ValueError, match="leave train_classes unset"):
+        DualCoOp(backbone=tiny_rn, classnames=NAMES, loss="em_apl", train_classes=2)
+    single = ShapesWorldDataModule(multilabel=True, image_size=32, n_train=8, n_val=0, n_test=0, single_positive=True)
+    auto = DualCoOp(backbone=tiny_rn, classnames=single.classnames, n_ctx=2, train_classes=2, save_mask=False)
+    with pytest.raises(ValueError, match="leave train_classes unset"):  # loss: auto picks EM + APL here
+        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(auto, single)
+
+
 def test_focal_weights_carry_no_gradient_by_default(tiny_rn):
     # ASL's focusing weights only rescale each entry's log-likelihood gradient (as in ASL's and
     # DualCoOp's training code); the loss value is the same either way

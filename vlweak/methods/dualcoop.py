@@ -87,6 +87,13 @@ def resolve_unseen(classnames: list[str], unseen: list[str] | float | None, seed
     return idx
 
 
+def check_train_classes(loss: str, train_classes: int | None) -> None:
+    """``train_classes`` samples the asymmetric loss's classes; EM + APL needs every seen class."""
+    if loss == "em_apl" and train_classes is not None:
+        raise ValueError("train_classes samples the classes of the asymmetric loss; EM + APL (single positive) "
+                         "labels every seen class each epoch: leave train_classes unset")
+
+
 class DualCoOp(VLMethod):
     """DualCoOp: positive/negative prompt tuning with class-specific region aggregation.
 
@@ -127,6 +134,11 @@ class DualCoOp(VLMethod):
             classes drawn with ``split_seed``; evaluation then also logs ``<stage>/unseen_*`` and
             ``<stage>/seen_*`` metrics next to the metrics on all classes.
         split_seed: seed of a fractional seen/unseen split.
+        train_classes: seen classes per training step (the paper's code's ``num_train_cls``, for
+            large vocabularies such as NUS-WIDE's 925 seen classes): each step draws this many, the
+            text tower encodes only their prompts and the loss covers only their labels; ``None``:
+            all. The draw depends on ``split_seed`` and the step alone, so every rank draws the same
+            classes and a resumed fit the ones an uninterrupted fit would. Asymmetric loss only.
         lr: SGD learning rate (0.002).
         warmup_epochs: epochs at ``warmup_lr`` before the cosine decay (the paper's code: 1).
         warmup_lr: learning rate of the warm-up epochs (the paper's code: 1e-5).
@@ -167,6 +179,7 @@ class DualCoOp(VLMethod):
         apl_warmup_epochs: int = 5,
         unseen_classes: list[str] | float | None = None,
         split_seed: int = 0,
+        train_classes: int | None = None,
         lr: float = 0.002,
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
@@ -182,6 +195,7 @@ class DualCoOp(VLMethod):
             raise ValueError("DualCoOp is a multi-label method: use a data module with multilabel: true")
         if loss not in ("auto", "asl", "em_apl"):
             raise ValueError(f"loss must be 'auto', 'asl' or 'em_apl', got {loss!r}")
+        check_train_classes(loss, train_classes)
         if spatial_temperature <= 0:
             raise ValueError(f"spatial_temperature must be > 0, got {spatial_temperature}")
         if loss_reduction not in ("sum", "mean"):
@@ -193,6 +207,7 @@ class DualCoOp(VLMethod):
             em_alpha=(em_alpha, 0.0, None), apl_neg_proportion=(apl_neg_proportion, 0.0, 1.0), momentum=(momentum, 0.0, 1.0),
             apl_beta=(apl_beta, 0.0, None), apl_warmup_epochs=(apl_warmup_epochs, 1, None),
             warmup_epochs=(warmup_epochs, 0, None), warmup_lr=(warmup_lr, 0.0, None),
+            **({"train_classes": (train_classes, 1, None)} if train_classes is not None else {}),
             region_cache_gb=(region_cache_gb, 0.0, None),
         )
         names = self.require_classnames()
@@ -240,6 +255,16 @@ class DualCoOp(VLMethod):
         with torch.no_grad():
             _, dense = self.backbone.dense_features(batch["image"])
         return dense
+
+    def step_classes(self, step: int) -> Tensor:
+        """The classes a training step trains: the seen ones, or ``train_classes`` of them drawn
+        for ``step`` (sorted)."""
+        n = self.hparams.train_classes
+        if n is None or n >= len(self.seen):
+            return self.seen_index
+        generator = torch.Generator().manual_seed(self.hparams.split_seed * 1_000_003 + step)
+        pick = torch.randperm(len(self.seen), generator=generator)[:n].sort().values
+        return self.seen_index[pick.to(self.seen_index.device)]
 
     def _keeps_regions(self) -> bool:
         return self.hparams.region_cache_gb > 0 and self.train_augment is None
@@ -302,6 +327,7 @@ class DualCoOp(VLMethod):
         budget = getattr(dm, "budget", None)
         if self.loss_name == "auto":
             self.loss_name = "em_apl" if budget is not None and budget.single_positive else "asl"
+        check_train_classes(self.loss_name, self.hparams.train_classes)
         if self.loss_name == "em_apl":
             train = dm.raw("train") if dm is not None else None
             if train is None:
@@ -342,9 +368,9 @@ class DualCoOp(VLMethod):
             return self.empty_step()
         if "target" not in batch:
             raise ValueError("DualCoOp trains on multi-label batches with 'target' and 'mask'")
-        seen = self.seen_index
+        seen = self.step_classes(self.global_step)
         dense = self.train_region_features(batch)
-        pos, neg = self.text_features(seen if self.unseen else None)
+        pos, neg = self.text_features(seen if len(seen) < len(self.prompts.positive.classnames) else None)
         z = self.logits(dense, pos, neg)
         targets, mask = batch["target"][:, seen], batch["mask"][:, seen].bool()
         hp = self.hparams
