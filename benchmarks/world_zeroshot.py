@@ -52,7 +52,8 @@ def world_numbers(backbone: OpenCLIPBackbone, n: int = 2000, seed: int = 0) -> d
     out["10-NN same shape, shifted domain"] = neighbour_agreement(fs, ys)
     fm, tm = feats(ShapesWorld(seed=seed, multilabel=True))
     out["multi-label mAP"] = multilabel_report(fm @ w_fine.T, tm)["mAP"].item()
-    freq = tm.mean(0, keepdim=True).expand_as(tm) + 1e-6 * torch.rand_like(tm)
+    ties = torch.rand(tm.shape, generator=torch.Generator().manual_seed(seed))  # seeded: the same row every run
+    freq = tm.mean(0, keepdim=True).expand_as(tm) + 1e-6 * ties
     out["multi-label mAP, label-frequency baseline"] = multilabel_report(freq, tm)["mAP"].item()
     return out
 
