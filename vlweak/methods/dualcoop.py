@@ -125,11 +125,11 @@ class DualCoOp(VLMethod):
         em_alpha: EM weight ``α`` of the entropy on unknown labels.
         apl_beta: APL weight ``β`` of the soft pseudo-negatives.
         apl_neg_proportion: fraction of each class's unknown labels turned into pseudo-negatives by the end.
-        apl_warmup_epochs: epochs of EM alone before APL starts (at least 1; the paper: 5 of 10 epochs
-            on COCO and VOC). After each later epoch but the last, APL scores the train images whose
-            region features are kept with the epoch-end prompts (the paper scores the train set
-            again) and labels the lowest unknown entries; images without kept features keep the
-            scores of their training step.
+        apl_warmup_epochs: epochs of EM alone before APL starts (at least 1; Zhou et al.: 5 of 10
+            epochs on COCO and VOC). After each later epoch but the last, APL scores the train
+            images whose region features are kept with the epoch-end prompts (Zhou et al. score the
+            train set again) and labels the lowest unknown entries; images without kept features
+            (augmented training, past ``region_cache_gb``) keep the scores of their training step.
         unseen_classes: zero-shot setting: class names held out of training, or a fraction of the
             classes drawn with ``split_seed``; evaluation then also logs ``<stage>/unseen_*`` and
             ``<stage>/seen_*`` metrics next to the metrics on all classes.
