@@ -161,10 +161,12 @@ def test_region_features_are_encoded_once_per_image_and_train_as_if_encoded_ever
     assert n_aug == read_aug == 48
 
 
-def test_apl_labels_by_the_epoch_end_prompts(tmp_path, tiny_rn):
+@pytest.mark.parametrize("augment", [None, "flip"])
+def test_apl_labels_by_the_epoch_end_prompts(tmp_path, tiny_rn, augment):
     """Single positive labels: after an epoch, APL turns the unknown entries the epoch-end prompts
     score lowest into soft negatives holding those scores (as the paper scores the train set again),
-    not the scores each batch got from the prompts of its training step."""
+    not the scores each batch got from the prompts of its training step; under augmentation (no
+    kept region features) the images are read again, unaugmented."""
     import copy
 
     class Snapshot(L.Callback):  # callbacks' epoch-end hooks run before the model's, which labels
@@ -174,7 +176,7 @@ def test_apl_labels_by_the_epoch_end_prompts(tmp_path, tiny_rn):
 
     names = ShapesWorldDataModule(multilabel=True).classnames
     dm = ShapesWorldDataModule(multilabel=True, image_size=32, n_train=16, n_val=0, n_test=0, batch_size=4,
-                               single_positive=True)
+                               single_positive=True, augment=augment)
     torch.manual_seed(0)
     model = DualCoOp(backbone=tiny_rn, classnames=names, n_ctx=2, save_mask=False, apl_warmup_epochs=1, lr=0.5)
     snap = Snapshot()
@@ -184,7 +186,7 @@ def test_apl_labels_by_the_epoch_end_prompts(tmp_path, tiny_rn):
     labeled = ~torch.isnan(pseudo)
     assert model.loss_name == "em_apl" and 0 < int(labeled.sum()) < int((~dm.raw("train").masks()).sum())
     model.prompts.load_state_dict(snap.prompts)
-    train = dm.datasets["train"]
+    train = dm.eval_dataset("train")  # unaugmented
     images = torch.stack([train[i]["image"] for i in range(16)])
     with torch.no_grad():
         scores = model(images)

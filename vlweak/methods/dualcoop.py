@@ -29,10 +29,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 
 from vlweak.backbones import Backbone
 from vlweak.data.datamodule import FeatureDataset
-from vlweak.data.datasets import LabelsOfKept
+from vlweak.data.datasets import LabelsOfKept, collate
+from vlweak.distributed import worker_start_method
 from vlweak.losses import AsymmetricPseudoLabeler, asymmetric_loss, em_apl_loss
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multilabel_report
@@ -129,7 +131,8 @@ class DualCoOp(VLMethod):
             epochs on COCO and VOC). After each later epoch but the last, APL scores the train
             images whose region features are kept with the epoch-end prompts (Zhou et al. score the
             train set again) and labels the lowest unknown entries; images without kept features
-            (augmented training, past ``region_cache_gb``) keep the scores of their training step.
+            (augmented training, past ``region_cache_gb``) are read and encoded again for it, without
+            augmentation.
         unseen_classes: zero-shot setting: class names held out of training, or a fraction of the
             classes drawn with ``split_seed``; evaluation then also logs ``<stage>/unseen_*`` and
             ``<stage>/seen_*`` metrics next to the metrics on all classes.
@@ -427,7 +430,7 @@ class DualCoOp(VLMethod):
             return
         local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
         if local and self.labeler.labels_after(self.current_epoch):
-            local["probs"] = self._rescore_kept(local["index"], local["probs"])
+            local["probs"] = self._epoch_end_scores(local["index"], local["probs"])
         if self.trainer.world_size > 1:  # every rank joins, also one whose batches were all skipped
             local = self._all_gather_ragged(local)
         if not local:
@@ -436,19 +439,37 @@ class DualCoOp(VLMethod):
         self.log("train/apl_new_negatives", float(added))
 
     @torch.no_grad()
-    def _rescore_kept(self, index: Tensor, probs: Tensor, chunk: int = 256) -> Tensor:
-        """APL ranks the unknown entries by the epoch-end prompts, as the paper scores the train set
-        again after each epoch: the samples whose region features are kept are scored anew; the
-        others (augmented training, past ``region_cache_gb``) keep their training step's scores."""
-        rows = [r for r, i in enumerate(index.tolist()) if i in self._regions]
-        if not rows:
-            return probs
+    def _epoch_end_scores(self, index: Tensor, probs: Tensor, chunk: int = 256) -> Tensor:
+        """The epoch-end prompts' scores of this rank's trained samples ``index`` (rows of ``probs``,
+        which hold their training steps' scores), as Zhou et al. score the train set again before
+        APL labels: from the kept region features where there are some, else from the images
+        under the evaluation transform (no augmentation); an image now unreadable keeps its row."""
         probs = probs.clone()
         pos, neg = self.text_features(self.seen_index if self.unseen else None)
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            dense = torch.stack([self._regions[int(index[r])] for r in part]).to(self.device)
-            probs[part] = torch.softmax(self.logits(dense, pos, neg), dim=-1)[..., 0].to(probs.dtype)
+
+        def score(dense: Tensor) -> Tensor:
+            return torch.softmax(self.logits(dense, pos, neg), dim=-1)[..., 0].to(probs.dtype)
+
+        rows: dict[int, list[int]] = {}  # sample -> its rows (a distributed sampler may repeat one)
+        for r, i in enumerate(index.tolist()):
+            rows.setdefault(i, []).append(r)
+        kept = [i for i in rows if i in self._regions]
+        for start in range(0, len(kept), chunk):
+            part = kept[start : start + chunk]
+            scores = score(torch.stack([self._regions[i] for i in part]).to(self.device))
+            for i, row in zip(part, scores):
+                probs[rows[i]] = row
+        rest = sorted(set(rows) - set(kept))
+        dm = self.datamodule
+        if rest and dm is not None and hasattr(dm, "eval_dataset"):
+            workers = getattr(dm, "num_workers", 0)
+            loader = DataLoader(Subset(dm.eval_dataset("train"), rest), batch_size=getattr(dm, "batch_size", 64),
+                                num_workers=workers, collate_fn=collate, multiprocessing_context=worker_start_method(workers))
+            for batch in loader:
+                if not batch or "image" not in batch:
+                    continue
+                for i, row in zip(batch["index"].tolist(), score(self.region_features(batch))):
+                    probs[rows[i]] = row
         return probs
 
     def configure_optimizers(self) -> Any:
