@@ -161,10 +161,8 @@ def test_loader_workers_of_a_gloo_rank_start_from_a_fork_server(tmp_path, tiny_b
     """In a gloo rank, loader workers come from a fork server (a fork can catch a gloo thread
     holding the interpreter's lock); they serve the same batches as the main process, and the
     kept-image flags DualCoOp sets in shared memory reach a persistent worker started before."""
-    from torch.utils.data import DataLoader
-
     from vlweak.data import ShapesWorldDataModule
-    from vlweak.data.datasets import LabelsOfKept, collate
+    from vlweak.data.datasets import LabelsOfKept, data_loader
     from vlweak.distributed import worker_start_method
 
     def module(workers: int) -> ShapesWorldDataModule:
@@ -186,8 +184,8 @@ def test_loader_workers_of_a_gloo_rank_start_from_a_fork_server(tmp_path, tiny_b
             assert a.keys() == b.keys()
             assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
         served = LabelsOfKept(module(0).datasets["train"])
-        loader = DataLoader(served, batch_size=8, num_workers=1, collate_fn=collate, persistent_workers=True,
-                            multiprocessing_context=worker_start_method(1))
+        loader = data_loader(served, 1, batch_size=8, persistent_workers=True)
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
         assert "image_rows" not in next(iter(loader))
         served.kept[[1, 4]] = True  # after the worker started
         assert next(iter(loader))["image_rows"].tolist() == [0, 2, 3, 5, 6, 7]

@@ -21,8 +21,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from vlweak.distributed import worker_start_method
-
 
 def default_cache_dir() -> Path:
     """``$VLWEAK_CACHE`` or ``~/.cache/vlweak``."""
@@ -103,12 +101,9 @@ def encode_images(
 ) -> dict[str, Tensor]:
     """Encode every image of an (already transformed) dataset: ``{"features": [N, D], "index": [N]}``
     (L2-normalized features; unreadable images skipped when the dataset allows it)."""
-    from torch.utils.data import DataLoader
+    from vlweak.data.datasets import data_loader
 
-    from vlweak.data.datasets import collate
-
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                        multiprocessing_context=worker_start_method(num_workers))
+    loader = data_loader(dataset, num_workers, batch_size=batch_size)
     feats, index = [], []
     it = loader
     if progress:

@@ -28,7 +28,7 @@ from vlweak.data.datasets import (
     ShapesWorldDataset,
     Transformed,
     VocabularyError,
-    collate,
+    data_loader,
     image_files,
     list_class_folders,
     load_classnames,
@@ -36,7 +36,7 @@ from vlweak.data.datasets import (
 )
 from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
 from vlweak.data.world import ShapesWorld, classnames_for
-from vlweak.distributed import fill_once_per_node, worker_start_method
+from vlweak.distributed import fill_once_per_node
 
 SPLITS = ("train", "val", "test", "predict")
 #: the data splits a data module may have (``predict`` reads one of them, ``predict_split``)
@@ -310,12 +310,11 @@ class VLDataModule(L.LightningDataModule):
                 err = type(err)(f"{err}; to fit without validation, pass --trainer.limit_val_batches=0")
             raise err
         ds = self.datasets[split]
-        common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-                      persistent_workers=self.num_workers > 0,
-                      multiprocessing_context=worker_start_method(self.num_workers))
+        common = dict(batch_size=self.batch_size, persistent_workers=self.num_workers > 0)
         if not shuffle:
-            return DataLoader(ds, **common)
-        loader = ResumableLoader(ds, sampler=EpochShuffle(ds), plan=self.next_pass, **common)
+            return data_loader(ds, self.num_workers, **common)
+        loader = data_loader(ds, self.num_workers, loader=ResumableLoader, sampler=EpochShuffle(ds),
+                             plan=self.next_pass, **common)
         if self._resume_at is not None:  # refused here, before Lightning holds a loader it cannot iterate
             check_resumable(self._resume_at[1], len(loader))
         return loader

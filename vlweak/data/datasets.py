@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from vlweak.data.world import ShapesWorld, label_of, multilabel_target
+from vlweak.distributed import worker_start_method
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 #: manifest file suffixes (compared case-insensitively) and their formats
@@ -618,6 +619,14 @@ class LabelsOfKept(Dataset):
         if name in ("dataset", "labels", "masks", "kept"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def data_loader(dataset: Dataset, num_workers: int = 0, *, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+    """Every vlweak loader: ``loader(dataset, num_workers=..., **kwargs)`` with :func:`collate`
+    unless ``collate_fn`` is given, and workers started as
+    :func:`~vlweak.distributed.worker_start_method` says (a fork server in a gloo rank)."""
+    kwargs.setdefault("collate_fn", collate)
+    return loader(dataset, num_workers=num_workers, multiprocessing_context=worker_start_method(num_workers), **kwargs)
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:

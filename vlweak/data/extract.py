@@ -34,10 +34,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vlweak.data.cache import atomic_save_tensors
-from vlweak.distributed import worker_start_method
 
 #: datasets with at least this many samples go through the sharded extraction in
 #: :func:`vlweak.data.cache.image_embeddings`.
@@ -412,7 +411,7 @@ def _encode_shards(
 ) -> None:
     from torchvision.transforms.v2 import functional as TF
 
-    from vlweak.data.datasets import collate
+    from vlweak.data.datasets import collate, data_loader
 
     device = backbone.device
     todo = sum(len(r) for _, r in pending)
@@ -429,14 +428,13 @@ def _encode_shards(
         source = _Prepared(dataset, split[0] if split is not None else transform)
         collate_fn = collate
     sampler = _ShardBatches(pending, batch_size)
-    loader = DataLoader(
+    loader = data_loader(
         source,
+        workers,
         batch_sampler=sampler,
-        num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
-        multiprocessing_context=worker_start_method(workers),
     )
     bar = None
     if progress:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import EmbeddingCache
-from vlweak.data.datasets import load_classnames
+from vlweak.data.datasets import data_loader, load_classnames
 from vlweak.distributed import gather_ragged, rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
@@ -118,6 +118,12 @@ class VLMethod(L.LightningModule):
     def train_augment(self) -> str | None:
         """The data module's training augmentation (``None``: none, or no data module)."""
         return getattr(self.datamodule, "augment", None)
+
+    def scan_loader(self, dataset: Any) -> Any:
+        """A loader over ``dataset`` in order, with the data module's batch size and workers: what a
+        method's own pass over a split (pool scans, scoring) reads."""
+        dm = self.datamodule
+        return data_loader(dataset, getattr(dm, "num_workers", 0), batch_size=getattr(dm, "batch_size", 64))
 
     # ---------------------------------------------------------------- vocabulary
     def require_classnames(self) -> list[str]:

@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import v2
 
-from vlweak.distributed import worker_start_method
-
 InitMode = Literal["global", "local", "aggregated"]
 INIT_MODES = ("global", "local", "aggregated")
 
@@ -121,18 +119,13 @@ def snippet_embeddings(
 ) -> dict[str, Tensor]:
     """Snippet embeddings of a raw dataset: ``{"features": [N, grid², D], "index": [N]}``, through
     the embedding cache (namespace ``snippets``; the key includes grid, overlap and transform)."""
-    from torch.utils.data import DataLoader
-
     from vlweak.data.cache import cache_key
-    from vlweak.data.datasets import Transformed, collate
+    from vlweak.data.datasets import Transformed, data_loader
 
     transform = snippet_transform(backbone, grid, overlap)
 
     def compute() -> dict[str, Tensor]:
-        loader = DataLoader(
-            Transformed(dataset, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-            multiprocessing_context=worker_start_method(num_workers),
-        )
+        loader = data_loader(Transformed(dataset, transform), num_workers, batch_size=batch_size)
         feats, index = [], []
         from tqdm.auto import tqdm
 

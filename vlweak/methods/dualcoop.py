@@ -29,12 +29,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from vlweak.backbones import Backbone
 from vlweak.data.datamodule import FeatureDataset
-from vlweak.data.datasets import LabelsOfKept, collate
-from vlweak.distributed import worker_start_method
+from vlweak.data.datasets import LabelsOfKept
 from vlweak.losses import AsymmetricPseudoLabeler, asymmetric_loss, em_apl_loss
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multilabel_report
@@ -462,10 +461,7 @@ class DualCoOp(VLMethod):
         rest = sorted(set(rows) - set(kept))
         dm = self.datamodule
         if rest and dm is not None and hasattr(dm, "eval_dataset"):
-            workers = getattr(dm, "num_workers", 0)
-            loader = DataLoader(Subset(dm.eval_dataset("train"), rest), batch_size=getattr(dm, "batch_size", 64),
-                                num_workers=workers, collate_fn=collate, multiprocessing_context=worker_start_method(workers))
-            for batch in loader:
+            for batch in self.scan_loader(Subset(dm.eval_dataset("train"), rest)):
                 if not batch or "image" not in batch:
                     continue
                 for i, row in zip(batch["index"].tolist(), score(self.region_features(batch))):

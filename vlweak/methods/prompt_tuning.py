@@ -40,13 +40,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from vlweak.backbones import Backbone
 from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
 from vlweak.data.datamodule import FeatureDataset
-from vlweak.data.datasets import SampleIndices, collate
-from vlweak.distributed import worker_start_method
+from vlweak.data.datasets import SampleIndices
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import STRATEGIES
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
@@ -317,7 +316,7 @@ class PromptTuning(VLMethod):
         if only is not None:
             scan = Subset(scan, only.tolist())
         with torch.no_grad():
-            for batch in self._loader(scan, dm):
+            for batch in self.scan_loader(scan):
                 if not batch:
                     continue
                 if "label" not in batch:
@@ -346,11 +345,6 @@ class PromptTuning(VLMethod):
     def pool_positions(self, dm: Any) -> Tensor | None:
         """Positions of the train split to scan (``None``: all of it, the unlabeled pool included)."""
         return None
-
-    def _loader(self, ds: Any, dm: Any) -> DataLoader:
-        workers = getattr(dm, "num_workers", 0)
-        return DataLoader(ds, batch_size=getattr(dm, "batch_size", 64), num_workers=workers, collate_fn=collate,
-                          multiprocessing_context=worker_start_method(workers))
 
     def _positions(self, index: Tensor) -> Tensor:
         ds = self._pool_dataset
@@ -397,7 +391,7 @@ class PromptTuning(VLMethod):
         the evaluation transform, and the indices actually read (unreadable images skipped)."""
         classes = self.class_features()
         out, idx = [], []
-        for batch in self._loader(Subset(self._scan_dataset, self._positions(index).tolist()), self.datamodule):
+        for batch in self.scan_loader(Subset(self._scan_dataset, self._positions(index).tolist())):
             if batch:
                 out.append(self.logits(self.encode_images(batch["image"].to(self.device)), classes).float().cpu())
                 idx.append(batch["index"].cpu())
