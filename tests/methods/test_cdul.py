@@ -17,6 +17,7 @@ from vlweak.methods.cdul_snippets import (
     initial_scores,
     snippet_boxes,
     snippet_geometry,
+    snippet_transform,
 )
 
 # ---------------------------------------------------------------------------- snippet grid
@@ -53,6 +54,32 @@ def test_batched_snippet_encoding_equals_per_crop_loop(tiny_backbone):
     looped = encode_snippets_loop(tiny_backbone, images, grid=3, overlap=0.2)
     assert batched.shape == (3, 9, tiny_backbone.embed_dim)
     torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-4)
+
+
+def test_stretch_fit_gives_the_borders_of_a_wide_image_their_snippets(tiny_backbone):
+    from PIL import Image
+
+    # 3:1 image: white left third, black elsewhere; a 3x3 grid's left column should see the white
+    wide = torch.zeros(3, 40, 120, dtype=torch.uint8)
+    wide[:, :, :40] = 255
+    image = Image.fromarray(wide.permute(1, 2, 0).numpy())
+    mean = torch.tensor(tiny_backbone.image_mean)[:, None, None]
+    std = torch.tensor(tiny_backbone.image_std)[:, None, None]
+    crop = tiny_backbone.image_size
+
+    def left_column_brightness(fit):
+        pixels = snippet_transform(tiny_backbone, 3, fit=fit)(image) * std + mean  # back to [0, 1]
+        snippets = crop_snippets(pixels[None], crop, 3)[0]  # [9, 3, crop, crop], row-major
+        return snippets[[0, 3, 6]].mean().item(), snippets[[1, 4, 7]].mean().item()
+
+    left, middle = left_column_brightness("stretch")
+    assert left > 0.95 and middle < 0.05  # the white third is the left column, nothing lost
+    left, middle = left_column_brightness("crop")
+    assert left < 0.05 and middle < 0.05  # the centre square of a 3:1 image is all black
+    with pytest.raises(ValueError, match="'pad'"):
+        snippet_transform(tiny_backbone, 3, fit="pad")
+    with pytest.raises(ValueError, match="snippet_fit"):
+        CDUL(backbone=tiny_backbone, classnames=["a", "b"], snippet_fit="pad")
 
 
 @pytest.mark.parametrize("kwargs,match", [({"grid": 0}, "grid"), ({"grid": 2, "overlap": 1.0}, "overlap")])

@@ -40,6 +40,7 @@ from vlweak.distributed import fill_once_per_node
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.methods.cdul_snippets import (
     INIT_MODES,
+    SNIPPET_FITS,
     aggregate_snippets,
     class_similarities,
     initial_scores,
@@ -84,6 +85,9 @@ class CDUL(VLMethod):
         templates: prompt templates (``simple``, ``imagenet80`` or a list with one ``{}``).
         grid: snippets per side; the image is split into ``grid × grid`` crops (paper: 3×3).
         overlap: fraction shared by neighbouring snippets, in [0, 1) (paper: 0, a plain grid).
+        snippet_fit: what the grid tiles: ``stretch`` (the whole image resized to a square, as the
+            paper splits the image: objects at the borders of a non-square image get snippets
+            too) or ``crop`` (the centre square, the part CLIP's preprocessing keeps).
         snippet_threshold: ζ of the aggregator: a class takes its max snippet score when that
             reaches ζ, else its min snippet score (paper: 0.5).
         init: initial pseudolabels: ``aggregated`` (paper: mean of global and aggregated local),
@@ -118,6 +122,7 @@ class CDUL(VLMethod):
         templates: str | list[str] = "simple",
         grid: int = 3,
         overlap: float = 0.0,
+        snippet_fit: str = "stretch",
         snippet_threshold: float = 0.5,
         init: str = "aggregated",
         temperature: float | None = None,
@@ -148,11 +153,14 @@ class CDUL(VLMethod):
             raise ValueError(f"grid must be a positive integer, got {grid!r}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap!r}")
+        if snippet_fit not in SNIPPET_FITS:
+            raise ValueError(f"snippet_fit must be one of {SNIPPET_FITS}, got {snippet_fit!r}")
         check_options(
             templates=templates, temperature=temperature, threshold=threshold, label_lr=(label_lr, 0, None),
             snippet_threshold=(snippet_threshold, 0.0, 1.0), hidden_dim=(hidden_dim, 1, None),
         )
         self.templates, self.grid, self.overlap = templates, int(grid), float(overlap)
+        self.snippet_fit = snippet_fit
         self.snippet_threshold, self.init, self.temperature = snippet_threshold, init, temperature
         self.lr, self.weight_decay = lr, weight_decay
         self.label_lr, self.label_warmup_epochs = label_lr, label_warmup_epochs
@@ -226,7 +234,8 @@ class CDUL(VLMethod):
         workers = getattr(dm, "num_workers", 0)
         glob = image_embeddings(self.backbone, base, self.backbone.transform, cache, 256, workers, f"encoding {split}")
         snip = snippet_embeddings(
-            self.backbone, base, self.grid, self.overlap, cache, self.snippet_batch_size, workers, f"snippets of {split}"
+            self.backbone, base, self.grid, self.overlap, cache, self.snippet_batch_size, workers, f"snippets of {split}",
+            self.snippet_fit,
         )
         if not torch.equal(glob["index"], snip["index"]):
             raise RuntimeError(f"global and snippet embeddings of {split!r} cover different images")
@@ -264,7 +273,7 @@ class CDUL(VLMethod):
                 base = raw.dataset if isinstance(raw, Budgeted) else raw
                 got = snippet_embeddings(
                     self.backbone, base, self.grid, self.overlap, self._cache(), self.snippet_batch_size,
-                    getattr(dm, "num_workers", 0), f"snippets of {split}",
+                    getattr(dm, "num_workers", 0), f"snippets of {split}", self.snippet_fit,
                 )
                 feats, index = got["features"], got["index"]
             table = torch.zeros(int(index.max()) + 1, *feats.shape[1:])

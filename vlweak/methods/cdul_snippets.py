@@ -4,7 +4,10 @@ CLIP similarities and the global–local aggregation that gives the initial mult
 * **Snippets.** An image is split into a ``grid × grid`` lattice of square crops (optionally
   overlapping). All crops of a batch are cut with one ``unfold`` on the device and encoded as one
   batch — never a Python loop per crop. The source image is resized (one batched op) to the size at
-  which every crop has exactly the model's input resolution.
+  which every crop has exactly the model's input resolution. By default the whole image is tiled
+  (resized to that square whatever its aspect, so objects at its borders get snippets too, as the
+  paper splits the image); ``fit="crop"`` tiles the centre square only, as CLIP's preprocessing
+  sees the image.
 * **Similarities.** ``s_global = softmax(τ · f(x) · Wᵀ)`` for the whole image and
   ``s_j = softmax(τ · f(r_j) · Wᵀ)`` for every snippet ``r_j`` (``W``: the class text embeddings).
 * **Aggregation** (per class ``c``): ``α_c = max_j s_j,c`` and ``β_c = min_j s_j,c``; the local score
@@ -26,6 +29,7 @@ from torchvision.transforms import v2
 
 InitMode = Literal["global", "local", "aggregated"]
 INIT_MODES = ("global", "local", "aggregated")
+SNIPPET_FITS = ("stretch", "crop")
 
 
 # ---------------------------------------------------------------------------- grid geometry
@@ -66,15 +70,23 @@ def crop_snippets(images: Tensor, crop: int, grid: int, overlap: float = 0.0) ->
     return patches.permute(0, 2, 3, 1, 4, 5).reshape(b, grid * grid, c, crop, crop)
 
 
-def snippet_transform(backbone: Any, grid: int, overlap: float = 0.0) -> v2.Compose:
-    """Preprocessing of the snippet pass: the image at the source side of the grid (shortest side
-    resized, centre crop), so that every snippet is cut at the model's input resolution."""
+def snippet_transform(backbone: Any, grid: int, overlap: float = 0.0, fit: str = "stretch") -> v2.Compose:
+    """Preprocessing of the snippet pass: the image at the source side of the grid, so that every
+    snippet is cut at the model's input resolution. ``fit="stretch"`` resizes the whole image to that
+    square (every pixel lands in some snippet; a non-square image is stretched); ``fit="crop"``
+    resizes its shorter side and keeps the centre square (the borders of the longer side are lost)."""
+    if fit not in SNIPPET_FITS:
+        raise ValueError(f"snippet fit must be one of {SNIPPET_FITS}, got {fit!r}")
     _, source = snippet_geometry(backbone.image_size, grid, overlap)
+    resize = (
+        [v2.Resize((source, source), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+        if fit == "stretch"
+        else [v2.Resize(source, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(source)]
+    )
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(source, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(source),
+            *resize,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(backbone.image_mean), std=list(backbone.image_std)),
         ]
@@ -116,13 +128,15 @@ def snippet_embeddings(
     batch_size: int = 64,
     num_workers: int = 0,
     desc: str = "encoding snippets",
+    fit: str = "stretch",
 ) -> dict[str, Tensor]:
     """Snippet embeddings of a raw dataset: ``{"features": [N, grid², D], "index": [N]}``, through
-    the embedding cache (namespace ``snippets``; the key includes grid, overlap and transform)."""
+    the embedding cache (namespace ``snippets``; the key includes grid, overlap and the transform,
+    hence ``fit``)."""
     from vlweak.data.cache import cache_key
     from vlweak.data.datasets import Transformed, data_loader
 
-    transform = snippet_transform(backbone, grid, overlap)
+    transform = snippet_transform(backbone, grid, overlap, fit)
 
     def compute() -> dict[str, Tensor]:
         loader = data_loader(Transformed(dataset, transform), num_workers, batch_size=batch_size)
