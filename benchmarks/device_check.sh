@@ -19,8 +19,11 @@
 #   3. benchmarks/zlap.py              ZLaP at N = 1,000,000, C = 1,000 (time, peak memory), how
 #                                      time grows with N, and the bfloat16-screened exact kNN
 #                                      (--engine torch-bf16) against the fp32 one at N = 300,000
-# STAGES="gpu_tests benchmarks" runs some of them (default: all four, about 15 minutes at most);
-# a stage's limit is an environment variable (GPU_TESTS_S, BENCHMARKS_S, ZLAP_1M_S, ZLAP_GROWTH_S).
+#   5. benchmarks/dualcoop.py --files  (only when named in STAGES) whole DualCoOp fits over JPEG
+#                                      files: first and later epochs, kept region features
+# STAGES="gpu_tests benchmarks" runs some of them (default: the first four, about 15 minutes at
+# most; STAGES="dualcoop_files" the fifth alone); a stage's limit is an environment variable
+# (GPU_TESTS_S, BENCHMARKS_S, ZLAP_1M_S, ZLAP_GROWTH_S, DUALCOOP_FILES_S).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +75,7 @@ stage gpu_tests "${GPU_TESTS_S:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider
 stage benchmarks "${BENCHMARKS_S:-360}" "$PYTHON" benchmarks/run.py --device cuda
 stage zlap_1m "${ZLAP_1M_S:-180}" "$PYTHON" benchmarks/zlap.py --device cuda --n 1000000 --classes 1000 --skip-reference
 stage zlap_growth "${ZLAP_GROWTH_S:-150}" bash -c "for n in 100000 300000; do $PYTHON benchmarks/zlap.py --device cuda --n \$n --classes 100 1000 --skip-reference; done; $PYTHON benchmarks/zlap.py --device cuda --n 300000 --classes 1000 --skip-reference --engine torch-bf16"
+stage dualcoop_files "${DUALCOOP_FILES_S:-240}" "$PYTHON" benchmarks/dualcoop.py --device cuda --files
 
 echo "=== summary ==="
 for name in $STAGES; do

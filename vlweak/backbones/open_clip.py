@@ -416,7 +416,10 @@ class OpenCLIPBackbone(Backbone):
     @staticmethod
     def _resnet_tokens(visual: ModifiedResNet, images: Tensor) -> tuple[Tensor, Tensor]:
         """Global feature through the attention pool; every spatial position projected by the
-        pool's value and output projections (the class-agnostic region features of DualCoOp)."""
+        pool's value and output projections (the class-agnostic region features of DualCoOp), its
+        positional embedding resized bicubically when the grid differs. Spatial positions only: the
+        DualCoOp authors' code also passes the pool's mean token (the spatial mean at the class
+        position) through the projections and scores it as one more region."""
         x = visual.stem(images.to(visual.conv1.weight.dtype))
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
         pooled = visual.attnpool(x)
@@ -426,7 +429,7 @@ class OpenCLIPBackbone(Backbone):
         if pos.shape[0] != tokens.shape[1]:
             side = int(pos.shape[0] ** 0.5)
             h, w = x.shape[-2:]
-            pos = F.interpolate(pos.T.reshape(1, -1, side, side), size=(h, w), mode="bilinear", align_corners=False)
+            pos = F.interpolate(pos.T.reshape(1, -1, side, side), size=(h, w), mode="bicubic", align_corners=False)
             pos = pos.reshape(-1, h * w).T
         dense = pool.c_proj(pool.v_proj(tokens + pos))
         return pooled, dense

@@ -6,7 +6,8 @@ with Limited Annotations".
    frozen text encoder in one pass for all classes: ``t⁺_c, t⁻_c``.
 2. **Class-specific region feature aggregation** (Sec. 3.2): every spatial token of the frozen image
    encoder is projected into the joint space (ResNet: the attention pool's value/output projections;
-   ViT: the patch tokens through ``ln_post`` and the final projection), ``r_i``. Per region and class
+   ViT: the patch tokens through ``ln_post`` and the final projection; spatial tokens only, the
+   authors' ResNet code also counts the pool's mean token as a region), ``r_i``. Per region and class
    ``s⁺_{i,c} = ⟨r_i, t⁺_c⟩``, ``s⁻_{i,c} = ⟨r_i, t⁻_c⟩``; the regions are weighted by a softmax over
    regions of the positive similarities, ``w_{i,c} = softmax_i(s⁺_{i,c} / τ_s)``, and both are aggregated
    with the same weights: ``S^±_c = Σ_i w_{i,c} s^±_{i,c}``.
