@@ -346,6 +346,30 @@ def test_warm_up_is_constant_or_the_paper_codes_linear_ramp():
     assert "warmup" not in constant.round_hyperparameters() and linear.round_hyperparameters()["warmup"] == "linear"
 
 
+def test_visual_tokens_start_at_the_paper_codes_scale_in_every_round():
+    from vlweak.backbones import OpenCLIPBackbone
+    from vlweak.methods import PromptTuning
+
+    bb = OpenCLIPBackbone("vlweak-tiny", pretrained=None)
+    width = bb.visual_width
+    default = PromptTuning(bb, ["a", "b"], prompt="multimodal", n_ctx=2, n_visual_tokens=64)
+    chosen = PromptTuning(bb, ["a", "b"], prompt="visual", n_visual_tokens=64, visual_init_std=0.5)
+    tokens = default.visual_prompt.tokens
+    assert default.visual_prompt.init_std == pytest.approx(width**-0.5)
+    assert tokens.std().item() == pytest.approx(width**-0.5, rel=0.15)
+    assert chosen.visual_prompt.tokens.std().item() == pytest.approx(0.5, rel=0.15)
+    # each round's fresh draw keeps each learner's scale (the textual context stays at 0.02)
+    default.reset_prompts(torch.Generator().manual_seed(1))
+    assert tokens.std().item() == pytest.approx(width**-0.5, rel=0.15)
+    assert default.text_prompt.ctx.std().item() == pytest.approx(0.02, rel=0.3)
+    # the resolved scale is part of a run's identity; a textual run's identity does not name it
+    assert default.round_hyperparameters()["visual_init_std"] == pytest.approx(width**-0.5)
+    assert chosen.round_hyperparameters()["visual_init_std"] == 0.5
+    assert "visual_init_std" not in PromptTuning(bb, ["a", "b"], n_ctx=2).round_hyperparameters()
+    with pytest.raises(ValueError, match="init_std .* positive, got 0.0"):
+        PromptTuning(bb, ["a", "b"], prompt="visual", visual_init_std=0.0)
+
+
 TINY_OVERLAY = "model:\n  init_args:\n    n_ctx: 4\n    backbone:\n      class_path: vlweak.backbones.OpenCLIPBackbone\n      init_args:\n        model_name: vlweak-tiny\n        pretrained: null\n"
 
 

@@ -79,6 +79,10 @@ class PromptTuning(VLMethod):
         position: where the class name sits in the textual prompt: ``end`` (after the context, as
             in the paper), ``middle`` or ``front`` (CoOp's class token position).
         n_visual_tokens: visual prompt tokens (paper: 16).
+        visual_init_std: standard deviation of the visual tokens' normal initialisation; ``null``:
+            ``width ** -0.5`` of the image tower, as the paper's public code draws them. The tokens
+            pass the tower's pre-transformer norm, so the scale sets how far an SGD step moves them
+            relative to their size (it acts like a learning-rate factor of ``scale⁻²``).
         epochs_per_round: training epochs of each round (paper: 150).
         lr: SGD learning rate (paper: 0.1 for textual and visual prompts, 0.01 for multimodal).
         momentum: SGD momentum (paper: 0.9).
@@ -131,6 +135,7 @@ class PromptTuning(VLMethod):
         class_specific: bool = False,
         position: str = "end",
         n_visual_tokens: int = 16,
+        visual_init_std: float | None = None,
         epochs_per_round: int = 150,
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -189,7 +194,7 @@ class PromptTuning(VLMethod):
             TextPromptLearner(backbone, names, n_ctx, ctx_init, class_specific, position) if prompt != "visual" else None
         )
         if prompt != "textual":
-            self.visual_prompt = VisualPromptLearner(backbone.visual_width, n_visual_tokens)
+            self.visual_prompt = VisualPromptLearner(backbone.visual_width, n_visual_tokens, visual_init_std)
         else:
             self.visual_prompt = None
         self._phrase_init = (
@@ -221,7 +226,7 @@ class PromptTuning(VLMethod):
         """What a round's training depends on beyond the data: the backbone and every training
         hyper-parameter (part of a run's identity; a resumed run must match it)."""
         skip = ("classnames", "multilabel", "rounds_dir", "resume", "artifact_path", "cache_features", "pseudolabels",
-                "warm_start", "holdout", "position", "warmup")
+                "warm_start", "holdout", "position", "warmup", "visual_init_std")
         out = {k: v for k, v in self.hparams.items() if k not in skip}
         out["backbone"] = self.backbone.fingerprint()
         # named only when set, so runs from before these options keep their identity
@@ -235,6 +240,8 @@ class PromptTuning(VLMethod):
             out["warmup"] = self.hparams["warmup"]
         if self.train_augment is not None:
             out["augment"] = self.train_augment
+        if self.visual_prompt is not None:
+            out["visual_init_std"] = self.visual_prompt.init_std  # resolved, so a changed default is a new run
         return out
 
     def prompt_state(self) -> dict[str, Tensor]:
@@ -249,13 +256,15 @@ class PromptTuning(VLMethod):
                 p.copy_(state[n].to(p.device, p.dtype))
 
     def reset_prompts(self, generator: torch.Generator) -> None:
-        """Re-initialise every prompt parameter (phrase init, or N(0, 0.02) as the learners do)."""
+        """Re-initialise every prompt parameter as the learners do: a phrase's embeddings, or normal
+        draws (textual contexts N(0, 0.02), visual tokens the learner's ``init_std``)."""
         with torch.no_grad():
             for n, p in self.prompt_parameters():
                 if n in self._phrase_init:
                     p.copy_(self._phrase_init[n])
                 else:
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+                    std = self.visual_prompt.init_std if n.startswith("visual.") else 0.02
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
 
     def zero_shot_classifier(self) -> Tensor:
         if self.classifier.numel() == 0:

@@ -167,13 +167,21 @@ class VisualPromptLearner(nn.Module):
     Args:
         width: token width of the image tower (``backbone.visual_width``).
         n_tokens: number of visual prompt tokens.
+        init_std: standard deviation of their normal initialisation; ``None``: ``width ** -0.5``,
+            the scale of the pseudolabel prompt tuning paper's public code (0.036 at ViT-B's 768).
+            The tokens pass the tower's pre-transformer norm, so this scale does not change the
+            first forward, only how far a gradient step moves them (a larger scale, a smaller
+            relative step).
     """
 
-    def __init__(self, width: int, n_tokens: int = 8) -> None:
+    def __init__(self, width: int, n_tokens: int = 8, init_std: float | None = None) -> None:
         super().__init__()
         if n_tokens < 1:
             raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
-        self.tokens = nn.Parameter(torch.randn(n_tokens, width) * 0.02)
+        if init_std is not None and not init_std > 0:
+            raise ValueError(f"init_std (of the visual prompt tokens) must be positive, got {init_std!r}")
+        self.init_std = float(width**-0.5 if init_std is None else init_std)
+        self.tokens = nn.Parameter(torch.randn(n_tokens, width) * self.init_std)
 
     def forward(self) -> Tensor:
         return self.tokens
