@@ -171,3 +171,44 @@ def test_degree_normalised_inductive_zlap_corrects_a_biased_zero_shot(noisy_back
 def test_transductive_zlap_beats_zero_shot_on_the_shifted_world(shapes_backbone, tmp_path):
     zlap, zs = _zlap_against_zero_shot(shapes_backbone, tmp_path)
     assert zlap >= zs + 0.03, (zlap, zs)
+
+
+# ----------------------------------------------------------------------------- sub-class text nodes
+def test_subclass_nodes_map_back_to_their_classes(tiny_backbone, tmp_path):
+    from vlweak.data.world import SHAPE_HIERARCHY
+
+    dm = ShapesWorldDataModule(task="coarse", n_train=48, n_val=0, n_test=20, batch_size=8)
+    for reduce in ("sum", "max"):
+        model = ZLaP(backbone=tiny_backbone, classnames=dm.classnames, hierarchy="shapes", subclass_reduce=reduce)
+        _trainer(tmp_path / reduce).test(model, datamodule=dm)
+        subs = model.text_node_names()
+        assert sorted(subs) == sorted(s for c in dm.classnames for s in SHAPE_HIERARCHY[c])
+        assert model.classifier().shape == (len(subs), tiny_backbone.embed_dim)  # one node per sub-class
+        nodes = model.propagate_nodes(model.pool_features(), "train")
+        direct = torch.stack(
+            [nodes[:, [j for j, s in enumerate(subs) if s in SHAPE_HIERARCHY[c]]] for c in dm.classnames]
+        )  # [C, M, S_c]
+        want = direct.sum(-1).T if reduce == "sum" else direct.amax(-1).T
+        torch.testing.assert_close(model.propagate(model.pool_features(), "train"), want)
+        pl = PseudoLabels.load(model.last_artifact, classnames=dm.classnames)  # the artifact is over classes
+        assert pl.scores.shape == (20, 3)
+
+
+def test_a_hierarchy_naming_unknown_classes_is_refused(tiny_backbone):
+    from vlweak.labels.hierarchy_errors import UnknownParentError
+
+    with pytest.raises(UnknownParentError, match=r"parents \['curve'\] are not in the dataset's classes"):
+        ZLaP(backbone=tiny_backbone, classnames=["polygon", "blob"], hierarchy={"polygon": ["triangle"], "curve": ["circle"]})
+    with pytest.raises(ValueError, match="subclass_reduce .* got 'mean'"):
+        ZLaP(backbone=tiny_backbone, classnames=["a"], hierarchy={"a": ["b"]}, subclass_reduce="mean")
+
+
+def test_subclass_nodes_beat_coarse_names_on_the_coarse_task(shapes_backbone, tmp_path):
+    # the coarse names never occur in the world's captions; the shapes do (CHiLS's premise)
+    dm = ShapesWorldDataModule(task="coarse", n_train=600, n_val=0, n_test=300, batch_size=300)
+    accs = {}
+    for hierarchy in (None, "shapes"):
+        model = ZLaP(backbone=shapes_backbone, classnames=dm.classnames, hierarchy=hierarchy, artifact_path="")
+        _trainer(tmp_path / str(hierarchy)).test(model, datamodule=dm)
+        accs[hierarchy] = model.last_metrics["test/acc"]
+    assert accs["shapes"] >= accs[None] + 0.3, accs

@@ -18,6 +18,11 @@
    ``query_norm: degree`` (beyond the paper) scales an evaluated image's edges in both inductive
    modes by its neighbours' inverse root degrees, as the graph's own edges are scaled.
 
+5. Sub-class text nodes (beyond the paper, after CHiLS): with a ``hierarchy`` the text nodes are the
+   classes' sub-classes, one node and one right-hand side each, and a class's score is the sum (or
+   the max) of its sub-classes' columns of ``X``. Coarse class names are poor text nodes the way
+   they are poor prompts; their sub-classes anchor the propagation where the images are.
+
 Under DDP every rank collects its batches' features; at the epoch's end the features are gathered
 from all ranks (de-duplicated by sample index), rank 0 solves once, the scores are broadcast, and
 rank 0 writes the pseudolabel artifact. Scores are normalised to sum to one per image (single-label)
@@ -35,11 +40,14 @@ from vlweak.backbones import Backbone
 from vlweak.graph import ZLaPPropagator
 from vlweak.graph.knn import Engine
 from vlweak.graph.propagation import QueryNorm
+from vlweak.labels.hierarchy import LabelHierarchy
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
+from vlweak.methods.chils import best_per_parent, sum_per_parent
 from vlweak.prompts import text_classifier
 
 Mode = Literal["transductive", "inductive", "sparse-inductive"]
 MODES = ("transductive", "inductive", "sparse-inductive")
+SUBCLASS_REDUCTIONS = ("sum", "max")
 
 
 def normalise_scores(scores: Tensor, multilabel: bool = False) -> Tensor:
@@ -82,6 +90,17 @@ class ZLaP(VLMethod):
         knn_engine: ``auto``, ``faiss`` (CPU), ``torch``, ``torch-bf16`` (bfloat16 screening, verified
             exact; ``auto`` takes it on CPUs with fast bfloat16 for large pools), or the approximate
             ``faiss-ivf`` (CPU; large pools).
+        hierarchy: sub-class text nodes instead of one node per class, as CHiLS takes them (an
+            inline mapping ``{class: [sub-class, ...]}``, a built-in name such as ``shapes`` or
+            ``cifar100``, or a file; see :class:`~vlweak.labels.LabelHierarchy`); ``null``: the
+            class names are the text nodes (the paper's).
+        hierarchy_level: tree level whose nodes are the classes (0 = the roots).
+        clean: CHiLS's label-set cleaning (the class name kept as a sub-class, appended to
+            sub-class names lacking it).
+        missing: a vocabulary class absent from the hierarchy is an error (``error``) or its own
+            single sub-class (``self``).
+        subclass_reduce: a class's score from its sub-classes' propagated scores: ``sum`` (the
+            label mass that reached the image from all of them) or ``max``.
         threshold: multi-label only: a class is a hard pseudolabel when its confidence reaches this.
         artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
     """
@@ -102,6 +121,11 @@ class ZLaP(VLMethod):
         templates: str | list[str] = "simple",
         pool_split: str | None = "train",
         knn_engine: Engine = "auto",
+        hierarchy: dict[str, Any] | str | None = None,
+        hierarchy_level: int = 0,
+        clean: bool = False,
+        missing: Literal["error", "self"] = "error",
+        subclass_reduce: Literal["sum", "max"] = "sum",
         threshold: float = 0.5,
         artifact_path: str | None = None,
     ) -> None:
@@ -110,7 +134,17 @@ class ZLaP(VLMethod):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "transductive" and pool_split is None:
             raise ValueError(f"mode {mode!r} needs a pool_split of unlabeled images to build the graph on")
+        if subclass_reduce not in SUBCLASS_REDUCTIONS:
+            raise ValueError(f"subclass_reduce must be one of {SUBCLASS_REDUCTIONS}, got {subclass_reduce!r}")
+        if missing not in ("error", "self"):
+            raise ValueError(f"missing must be 'error' or 'self', got {missing!r}")
         check_options(templates=templates, threshold=threshold)
+        self.tree = None if hierarchy is None else LabelHierarchy.resolve(hierarchy, level=hierarchy_level)
+        if self.tree is not None and clean:
+            self.tree = self.tree.cleaned()
+        self.missing, self.subclass_reduce = missing, subclass_reduce
+        if self.tree is not None and self.classnames:
+            self.tree.for_vocabulary(self.classnames, missing)  # a class the hierarchy lacks: named now
         self.mode = mode
         self.templates = templates
         self.pool_split = pool_split
@@ -124,9 +158,24 @@ class ZLaP(VLMethod):
         self._pool_index: Tensor | None = None
 
     # ---------------------------------------------------------------- inputs
+    def text_node_names(self) -> list[str]:
+        """Names of the text nodes: the classes, or with a ``hierarchy`` their sub-classes."""
+        names = self.require_classnames()
+        return names if self.tree is None else self.tree.for_vocabulary(names, self.missing).subclasses
+
     def classifier(self) -> Tensor:
-        """Text nodes: the zero-shot text classifier ``[C, D]`` (unit norm)."""
-        return text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
+        """Text nodes: the zero-shot text classifier ``[T, D]`` (unit norm) of :meth:`text_node_names`."""
+        return text_classifier(self.backbone, self.text_node_names(), self.templates).to(self.device)
+
+    def class_scores(self, node_scores: Tensor) -> Tensor:
+        """Scores ``[M, C]`` of the classes from the propagated scores ``[M, T]`` of the text nodes
+        (the same tensor without a hierarchy; else each class's sub-classes summed or maxed)."""
+        if self.tree is None:
+            return node_scores
+        names = self.require_classnames()
+        parent = self.tree.for_vocabulary(names, self.missing).subclass_to_parent().to(node_scores.device)
+        reduce = sum_per_parent if self.subclass_reduce == "sum" else best_per_parent
+        return reduce(node_scores, parent, len(names))
 
     def _pool_dataset(self) -> Any:
         """The data module's unlabeled pool dataset (unbudgeted), or a clear error when it has none."""
@@ -178,6 +227,11 @@ class ZLaP(VLMethod):
         When the evaluated split *is* the pool, the graph is the whole pool and the rows of the
         evaluated samples (``index``, their sample indices; all of the pool when ``None``) are returned.
         """
+        return self.class_scores(self.propagate_nodes(features, split, index))
+
+    @torch.no_grad()
+    def propagate_nodes(self, features: Tensor, split: str | None = None, index: Tensor | None = None) -> Tensor:
+        """:meth:`propagate` before the classes: one column per text node ``[M, T]``."""
         text = self.classifier().float()
         feats = features.to(self.device).float()
         pool = None if self.pool_split is None else self.pool_features().to(self.device)
