@@ -102,6 +102,16 @@ class SaveRunConfig(SaveConfigCallback):
         finally:
             self.save_to_log_dir = to_log_dir
 
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """The resolved configuration into every W&B logger's run config (``resolved_config``), for
+        every subcommand: a sweep's runs can be filtered by any setting, not only the swept ones."""
+        import yaml
+
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_check=True))
+                logger.experiment.config.update({"resolved_config": config}, allow_val_change=True)
+
 
 class VLWeakCLI(LightningCLI):
     """Links the data module's class vocabulary into the model; ``--ckpt_path last`` means the newest
@@ -110,6 +120,25 @@ class VLWeakCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
+        parser.add_argument(
+            "--figures", type=bool, default=True,
+            help="test / predict: draw the evaluation figures (per-class accuracy or AP, confusion matrix, "
+            "reliability diagram, sample images) into <run dir>/figures and, with a W&B logger, into the run "
+            "(vlweak.callbacks.EvaluationFigures with its defaults, unless trainer.callbacks has one)",
+        )
+
+    def _add_figures(self) -> None:
+        from vlweak.callbacks import EvaluationFigures
+
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if config.get("figures", True) and not any(isinstance(cb, EvaluationFigures) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(EvaluationFigures())
+
+    def before_test(self) -> None:
+        self._add_figures()
+
+    def before_predict(self) -> None:
+        self._add_figures()
 
     def instantiate_classes(self) -> None:
         try:

@@ -6,9 +6,11 @@ import torch
 from tests.conftest import REPO
 from vlweak.callbacks.figures import (
     EvaluationFigures,
+    binned_calibration_error,
     calibration_bins,
     confusion_matrix,
     expected_calibration_error,
+    label_calibration_bins,
     per_class_accuracy,
 )
 from vlweak.cli import build_cli
@@ -18,9 +20,9 @@ FIGS = {"per_class_accuracy", "confusion_matrix", "reliability", "samples"}
 
 
 def _args(stage, tmp_path, ckpt, *extra):
+    # no callback configured: the CLI adds the figures to every test / predict run
     return [stage, "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--model.init_args.backbone.init_args.pretrained={ckpt}",
-            "--trainer.callbacks+=vlweak.callbacks.EvaluationFigures", *extra]
+            f"--model.init_args.backbone.init_args.pretrained={ckpt}", *extra]
 
 
 def test_ece_matches_direct_computation():
@@ -62,6 +64,39 @@ def test_vlweak_test_writes_pngs(tmp_path, tiny_ckpt):
     out = cli.model.last_outputs
     assert out["stage"] == "test" and out["index"].tolist() == list(range(13))
     assert cb.ece == pytest.approx(expected_calibration_error(out["scores"], out["target"]))
+
+
+def test_figures_false_draws_none_and_a_configured_callback_is_not_doubled(tmp_path, tiny_ckpt):
+    cli = build_cli(_args("test", tmp_path / "off", tiny_ckpt, "--figures=false"))
+    assert not any(isinstance(c, EvaluationFigures) for c in cli.trainer.callbacks)
+    assert not list((tmp_path / "off").rglob("*.png"))
+    cli = build_cli(_args("predict", tmp_path / "own", tiny_ckpt, "--trainer.callbacks+=vlweak.callbacks.EvaluationFigures",
+                          "--trainer.callbacks.init_args.n_samples=4"))
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationFigures)]
+    assert cb.n_samples == 4 and set(cb.saved) == FIGS  # the configured one, drawing after predict too
+
+
+def test_multilabel_calibration_bins_match_direct_counts():
+    scores = torch.tensor([[0.9, 0.1, 0.55], [0.8, 0.3, 0.05], [0.2, 0.95, 0.6]])
+    targets = torch.tensor([[1, 0, 1], [0, 0, -1], [0, 1, 1]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, True, True]])
+    bins = label_calibration_bins(scores, targets, mask, n_bins=2)
+    # known entries: row 0 (0.9:1, 0.1:0), row 1 (0.8:0, 0.3:0; -1 unknown), row 2 (0.2:0, 0.95:1, 0.6:1)
+    assert bins["count"].tolist() == [3, 4]
+    torch.testing.assert_close(bins["confidence"], torch.tensor([0.6 / 3, (0.9 + 0.8 + 0.95 + 0.6) / 4]))
+    torch.testing.assert_close(bins["accuracy"], torch.tensor([0.0, 3 / 4]))
+    want = 3 / 7 * abs(0 - 0.2) + 4 / 7 * abs(0.75 - 3.25 / 4)
+    assert binned_calibration_error(bins) == pytest.approx(want)
+
+
+def test_multilabel_test_draws_per_class_ap_reliability_and_label_sets(tmp_path, tiny_ckpt):
+    cli = build_cli(_args("test", tmp_path, tiny_ckpt, "--data.init_args.multilabel=true"))
+    folder = Path(cli.trainer.log_dir) / "figures"
+    assert {p.name for p in folder.glob("*.png")} == {f"test_{n}.png" for n in ("per_class_ap", "reliability", "samples")}
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationFigures)]
+    out = cli.model.last_outputs
+    assert cb.ece == pytest.approx(binned_calibration_error(label_calibration_bins(out["scores"], out["target"])))
+    torch.testing.assert_close(out["per_class"].nanmean(), torch.tensor(cli.model.last_metrics["test/mAP"]), atol=1e-6, rtol=0)
 
 
 def test_wandb_offline_gets_images_artifact_and_config(tmp_path, tiny_ckpt, monkeypatch):

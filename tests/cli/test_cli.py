@@ -170,6 +170,24 @@ def test_wandb_logger_offline(tmp_path, tiny_ckpt, monkeypatch):
     assert list(tmp_path.rglob("*.wandb")), "no offline W&B run written"
 
 
+def test_wandb_gets_the_resolved_config_outside_test_and_predict(tmp_path, tiny_ckpt, monkeypatch):
+    """The resolved config goes to W&B in every subcommand (here `validate`, which draws no figures)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    build_cli(["validate", "--config", CONF, "--trainer.logger=WandbLogger", "--model.init_args.templates=imagenet80",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.project=vlweak-tests",
+               f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}"])
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()  # closes the offline record log
+    (run,) = tmp_path.rglob("offline-run-*")
+    log = next(run.glob("*.wandb")).read_bytes()
+    assert b"resolved_config" in log and b"imagenet80" in log and b"vlweak.methods.ZeroShot" in log
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_wandb_runs_keep_their_files_apart(tmp_path, tiny_ckpt, monkeypatch):
     """Runs logged to W&B share the logger's save_dir (every run of a sweep does); each run's local
     files go to ``save_dir/<project>/<run id>`` (the sweep agent's id), beside its checkpoints."""

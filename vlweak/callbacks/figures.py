@@ -1,8 +1,11 @@
 """Evaluation figures: per-class accuracy, confusion matrix, reliability diagram, sample images.
 
-:class:`EvaluationFigures` draws them after ``vlweak test`` / ``vlweak predict`` of a single-label
-method from the outputs the method keeps (:attr:`vlweak.methods.base.VLMethod.last_outputs`) and
-the data module's raw images. They are always saved as PNG files under ``<run dir>/figures/``; when
+:class:`EvaluationFigures` draws them after ``vlweak test`` / ``vlweak predict`` from the outputs the
+method keeps (:attr:`vlweak.methods.base.VLMethod.last_outputs`) and the data module's raw images.
+For a multi-label method: per-class AP, a reliability diagram over every known (image, class) entry
+(is a class present as often as its score says?) and sample images with their predicted and true
+label sets. The ``vlweak`` CLI adds the callback to every ``test`` / ``predict`` run (``--figures
+false`` leaves it out). They are always saved as PNG files under ``<run dir>/figures/``; when
 the trainer has a :class:`~lightning.pytorch.loggers.WandbLogger` they are also logged as
 ``wandb.Image``, together with the pseudolabel artifact file (a W&B artifact of type
 ``pseudolabels``) and the resolved configuration of the run. Offline W&B (``WANDB_MODE=offline``)
@@ -51,10 +54,39 @@ def calibration_bins(scores: Tensor, targets: Tensor, n_bins: int = 15) -> dict[
 
 def expected_calibration_error(scores: Tensor, targets: Tensor, n_bins: int = 15) -> float:
     """ECE (Guo et al. 2017): ``Σ_b (n_b / N) · |acc_b − conf_b|`` over equal-width confidence bins."""
-    bins = calibration_bins(scores, targets, n_bins)
+    return binned_calibration_error(calibration_bins(scores, targets, n_bins))
+
+
+def label_calibration_bins(scores: Tensor, targets: Tensor, mask: Tensor | None = None, n_bins: int = 15) -> dict[str, Tensor]:
+    """Multi-label reliability: equal-width bins over ``(0, 1]`` of every known entry's score
+    ``[N, C]`` (entries where ``mask`` is False or the target is negative are unknown), with per
+    bin the ``count``, the mean ``confidence`` and the ``accuracy``: the fraction of entries whose
+    class is present (NaN for an empty bin), as :func:`calibration_bins` returns them."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be positive, got {n_bins}")
+    t = targets.long()
+    known = t >= 0 if mask is None else mask.bool() & (t >= 0)
+    conf = scores.float()[known].clamp(0, 1)
+    present = (t[known] == 1).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    b = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(b, minlength=n_bins).float()
+    conf_sum = torch.zeros(n_bins).index_add_(0, b, conf)
+    hit_sum = torch.zeros(n_bins).index_add_(0, b, present)
+    safe, empty = count.clamp(min=1), count == 0
+    return {
+        "edges": edges,
+        "count": count,
+        "confidence": torch.where(empty, torch.nan, conf_sum / safe),
+        "accuracy": torch.where(empty, torch.nan, hit_sum / safe),
+    }
+
+
+def binned_calibration_error(bins: dict[str, Tensor]) -> float:
+    """``Σ_b (n_b / N) · |acc_b − conf_b|`` of a binning (ECE for :func:`calibration_bins`)."""
     keep = bins["count"] > 0
     gap = (bins["accuracy"][keep] - bins["confidence"][keep]).abs()
-    return float((bins["count"][keep] / bins["count"].sum() * gap).sum())
+    return float((bins["count"][keep] / bins["count"].sum().clamp(min=1) * gap).sum())
 
 
 def per_class_accuracy(pred: Tensor, targets: Tensor, n_classes: int) -> Tensor:
@@ -81,9 +113,9 @@ def _short(name: str, n: int = 18) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
-def draw_per_class_accuracy(acc: Tensor, names: list[str], stage: str, max_classes: int = 50):
+def draw_per_class_accuracy(acc: Tensor, names: list[str], stage: str, max_classes: int = 50, metric: str = "accuracy"):
     order = list(range(len(names)))
-    title = f"{stage}: per-class accuracy (mean {float(acc.nanmean()):.3f})"
+    title = f"{stage}: per-class {metric} (mean {float(acc.nanmean()):.3f})"
     if len(names) > max_classes:  # the hardest and the easiest classes
         ranked = torch.argsort(torch.nan_to_num(acc, nan=-1.0)).tolist()
         half = max_classes // 2
@@ -95,7 +127,7 @@ def draw_per_class_accuracy(acc: Tensor, names: list[str], stage: str, max_class
     ax.bar(range(len(order)), values, color="tab:blue")
     ax.set_xticks(range(len(order)), [_short(names[i]) for i in order], rotation=90, fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
     return fig
 
@@ -123,7 +155,7 @@ def draw_confusion(cm: Tensor, names: list[str], stage: str):
     return fig
 
 
-def draw_reliability(bins: dict[str, Tensor], ece: float, stage: str):
+def draw_reliability(bins: dict[str, Tensor], ece: float, stage: str, multilabel: bool = False):
     fig = _figure(5.0, 5.0)
     ax = fig.add_subplot()
     edges = bins["edges"]
@@ -131,16 +163,17 @@ def draw_reliability(bins: dict[str, Tensor], ece: float, stage: str):
     centers = (edges[:-1] + width / 2).tolist()
     acc = torch.nan_to_num(bins["accuracy"], nan=0.0).tolist()
     conf = torch.nan_to_num(bins["confidence"], nan=0.0).tolist()
-    ax.bar(centers, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    measured = "fraction present" if multilabel else "accuracy"
+    ax.bar(centers, acc, width=width, edgecolor="black", color="tab:blue", label=measured)
     ax.bar(centers, [c - a for a, c in zip(acc, conf)], bottom=acc, width=width, color="tab:red", alpha=0.3,
            edgecolor="tab:red", label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top-1 probability)")
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel("score of each known (image, class) entry" if multilabel else "confidence (top-1 probability)")
+    ax.set_ylabel(measured)
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"{stage}: reliability diagram, ECE = {ece:.4f}", fontsize=9)
+    ax.set_title(f"{stage}: reliability diagram, {'calibration error' if multilabel else 'ECE'} = {ece:.4f}", fontsize=9)
     return fig
 
 
@@ -155,7 +188,10 @@ def _as_hwc(image: Any):
     return np.asarray(image.convert("RGB"))
 
 
-def draw_samples(images: list[Any], pred: list[str], true: list[str | None], stage: str, columns: int = 4):
+def draw_samples(images: list[Any], pred: list[str], true: list[str | None], stage: str, columns: int = 4,
+                 right: list[bool] | None = None):
+    """A grid of images titled with their predicted (and true) label; ``right`` colours a title
+    green or red (default: the two names equal)."""
     n = len(images)
     rows = max(1, math.ceil(n / columns))
     fig = _figure(2.2 * columns, 2.5 * rows)
@@ -163,17 +199,20 @@ def draw_samples(images: list[Any], pred: list[str], true: list[str | None], sta
         ax = fig.add_subplot(rows, columns, k + 1)
         ax.imshow(_as_hwc(img))
         ax.set_axis_off()
+        ok = p == t if right is None else right[k]
         if t is None:
-            ax.set_title(f"pred: {_short(p)}", fontsize=8)
+            ax.set_title(f"pred: {_short(p, 36)}", fontsize=7)
         else:
-            ax.set_title(f"pred: {_short(p)}\ntrue: {_short(t)}", fontsize=8, color="tab:green" if p == t else "tab:red")
+            ax.set_title(f"pred: {_short(p, 36)}\ntrue: {_short(t, 36)}", fontsize=7, color="tab:green" if ok else "tab:red")
     fig.suptitle(f"{stage}: sample predictions", fontsize=9)
     return fig
 
 
 # ---------------------------------------------------------------- the callback
 class EvaluationFigures(L.Callback):
-    """Figures of a single-label method's test / predict outputs, as PNG files and in W&B.
+    """Figures of a method's test / predict outputs, as PNG files and in W&B: per-class accuracy,
+    confusion matrix, reliability diagram and samples (single-label); per-class AP, reliability and
+    samples with label sets (multi-label).
 
     Args:
         stages: the stages to draw after (``test``, ``predict``).
@@ -225,10 +264,12 @@ class EvaluationFigures(L.Callback):
         if out.get("stage") != stage or "scores" not in out:
             rank_zero_warn(f"EvaluationFigures: {type(pl_module).__name__} kept no {stage} outputs; no figures")
             return
+        names, folder = list(pl_module.classnames), run_dir / self.folder
         if getattr(pl_module, "multilabel", False):
-            rank_zero_warn("EvaluationFigures draws single-label figures; skipped for a multi-label method")
-            return
-        self.saved = self.draw(out, list(pl_module.classnames), stage, run_dir / self.folder, trainer.datamodule)
+            threshold = float(getattr(pl_module, "threshold", 0.5))
+            self.saved = self.draw_multilabel(out, names, stage, folder, trainer.datamodule, threshold)
+        else:
+            self.saved = self.draw(out, names, stage, folder, trainer.datamodule)
         wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
         for logger in wandb_loggers:
             self._to_wandb(logger, trainer, pl_module, stage, out)
@@ -255,6 +296,74 @@ class EvaluationFigures(L.Callback):
         samples = self._samples(out, pred, target, names, stage, datamodule)
         if samples is not None:
             figs["samples"] = samples
+        return self._save(figs, folder, stage)
+
+    def draw_multilabel(
+        self, out: dict[str, Any], names: list[str], stage: str, folder: Path, datamodule: Any = None, threshold: float = 0.5
+    ) -> dict[str, Path]:
+        """Multi-label figures: per-class AP (the method's own evaluation, ``out["per_class"]``), the
+        reliability of the scores over every known entry, and sample images with their predicted
+        label sets (score >= ``threshold``; the best class when none reaches it) and true sets."""
+        folder.mkdir(parents=True, exist_ok=True)
+        scores = out["scores"].detach().float().cpu()
+        target = out.get("target")
+        mask = out.get("mask")
+        figs = {}
+        if target is not None:
+            target = target.detach().cpu().long()
+            mask = None if mask is None else mask.detach().cpu().bool()
+            per_class = out.get("per_class")
+            if per_class is not None:
+                figs["per_class_ap"] = draw_per_class_accuracy(
+                    per_class.detach().float().cpu(), names, stage, self.max_classes, metric="AP"
+                )
+            bins = label_calibration_bins(scores, target, mask, self.n_bins)
+            self.ece = binned_calibration_error(bins)
+            figs["reliability"] = draw_reliability(bins, self.ece, stage, multilabel=True)
+        predicted = scores >= threshold
+        predicted[torch.arange(len(scores)), scores.argmax(1)] = True  # at least the best class
+        samples = self._multilabel_samples(out, predicted, scores.argsort(1, descending=True), target, names, stage, datamodule)
+        if samples is not None:
+            figs["samples"] = samples
+        return self._save(figs, folder, stage)
+
+    def _multilabel_samples(self, out, predicted, scores_order, target, names, stage, datamodule):
+        index = out.get("index")
+        raw = datamodule.raw(stage) if datamodule is not None and hasattr(datamodule, "raw") else None
+        if index is None or raw is None or self.n_samples <= 0:
+            return None
+        index = index.detach().cpu()
+        rows = list(range(len(index)))
+        exact = None
+        if target is not None:  # half with a wrong label set, half right, in index order
+            exact = [bool((predicted[r] == (target[r] == 1)).all()) for r in rows]
+            wrong = [r for r in rows if not exact[r]]
+            right = [r for r in rows if exact[r]]
+            half = self.n_samples // 2
+            rows = sorted((wrong[:half] + right[: self.n_samples - min(half, len(wrong))])[: self.n_samples])
+        else:
+            rows = rows[: self.n_samples]
+
+        def label_set(row: Tensor, order: Tensor, most: int = 3) -> str:
+            """The classes of a row's set, highest score first: three names, then how many more."""
+            members = [int(c) for c in order if row[c]]
+            text = ", ".join(names[c] for c in members[:most]) or "—"
+            return text + (f" +{len(members) - most}" if len(members) > most else "")
+
+        images, p_sets, t_sets, ok = [], [], [], []
+        for r in rows:
+            item = raw[int(index[r])]
+            if item is None or "image" not in item:
+                continue
+            images.append(item["image"])
+            order = scores_order[r]
+            p_sets.append(label_set(predicted[r], order))
+            t_sets.append(None if target is None else label_set(target[r] == 1, order))
+            ok.append(bool(exact[r]) if exact is not None else True)
+        return draw_samples(images, p_sets, t_sets, stage, right=ok) if images else None
+
+    @staticmethod
+    def _save(figs: dict[str, Any], folder: Path, stage: str) -> dict[str, Path]:
         saved = {}
         for name, fig in figs.items():
             path = folder / f"{stage}_{name}.png"

@@ -185,7 +185,7 @@ class VLMethod(L.LightningModule):
         else:
             report = multiclass_report(scores, targets)
         per_class = report.pop("per_class")
-        self.last_outputs = {"stage": stage, "scores": scores, "target": targets}
+        self.last_outputs = {"stage": stage, "scores": scores, "target": targets, "per_class": per_class}
         if mask is not None:
             self.last_outputs["mask"] = mask
         self.last_metrics = {f"{stage}/{k}": float(v) for k, v in report.items()}
