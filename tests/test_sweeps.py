@@ -9,7 +9,7 @@ from tests.conftest import REPO
 from vlweak.cli import build_cli
 
 SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
-METHODS = {"zeroshot", "chils", "zlap", "dualcoop", "prompt_tuning", "coop", "cdul"}
+METHODS = {"zeroshot", "chils", "zlap", "dualcoop", "prompt_tuning", "coop", "cdul", "pretrain"}
 
 
 def sample(spec: dict) -> dict:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vlweak.data import CocoDataModule, VocDataModule
+from vlweak.data.datasets import VocabularyError
 from vlweak.data.multilabel import AnnotationError, CocoReader, VocReader, load_label_mask, save_label_mask
 
 
@@ -68,6 +69,22 @@ def test_coco_reader_targets(tmp_path):
     assert item["target"].tolist() == [1, 0, 1] and item["mask"].all() and item["image"].size == (8, 8)
     keep = CocoReader.read(path, tmp_path / "images", on_empty="keep")
     assert len(keep) == 4 and keep.targets()[2].sum() == 0
+
+
+def test_coco_categories_keep_a_subset_in_the_given_order(tmp_path):
+    path = write_coco(tmp_path)
+    ds = CocoReader.read(path, tmp_path / "images", on_empty="skip", categories=["dog", "person"])
+    assert ds.classnames == ["dog", "person"]
+    # image 2 had only a traffic light (dropped, now empty, skipped); image 3 had nothing
+    assert [Path(p).name for p in ds.paths] == ["img1.png", "img4.png"]
+    assert ds.targets().tolist() == [[1, 1], [0, 1]]
+    dm = CocoDataModule(train=str(path), test=str(path), train_images=str(tmp_path / "images"),
+                        test_images=str(tmp_path / "images"), categories=["dog", "person"])
+    assert dm.classnames == ["dog", "person"] and dm.raw("test").targets().tolist() == [[1, 1], [0, 1]]
+    with pytest.raises(VocabularyError, match=r"categories \['cat'\] are not among the categories of .*instances.json"):
+        CocoReader.read(path, tmp_path / "images", categories=["dog", "cat"])
+    with pytest.raises(VocabularyError, match="distinct"):
+        CocoDataModule(train=str(path), categories=["dog", "dog"])
 
 
 def test_coco_reader_errors(tmp_path):

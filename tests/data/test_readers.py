@@ -61,6 +61,10 @@ def test_vocabulary_errors(tmp_path):
     (tmp_path / "np.jsonl").write_text(json.dumps({"label": "cat"}))
     with pytest.raises(ValueError, match="needs a 'path'"):
         ManifestReader.read(tmp_path / "np.jsonl", classnames=["cat"])
+    with pytest.raises(FileNotFoundError, match=r"manifest not found: .*nowhere\.jsonl"):
+        ManifestReader.read(tmp_path / "nowhere.jsonl")
+    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+        ManifestDataModule(test=str(tmp_path / "nowhere.csv"))
     (tmp_path / "ep.csv").write_text("path,label\na.png,cat\n,dog\n")
     with pytest.raises(ValueError, match=r"ep.csv row 3: no image path"):
         ManifestReader.read(tmp_path / "ep.csv", classnames=["cat", "dog"])

@@ -120,13 +120,18 @@ class CocoReader:
         classnames: list[str] | None = None,
         on_empty: OnEmpty = "error",
         skip_bad: bool = False,
+        categories: list[str] | None = None,
     ) -> MultiLabelImages:
         """Args:
         annotation: the JSON file.
         image_root: folder ``file_name`` resolves against (default: the JSON's folder).
-        classnames: expected class vocabulary (checked against the file's categories, in order).
+        classnames: expected class vocabulary (checked against the file's categories, in order,
+            or against ``categories``).
         on_empty: images without annotations: ``error``, ``skip`` or ``keep`` (all negative).
         skip_bad: skip unreadable images at load time instead of failing.
+        categories: keep only these categories (by name), as the classes in this order; the
+            annotations of the others are dropped, so an image with none left is empty
+            (``on_empty``). E.g. the 65 classes of COCO's 48 seen / 17 unseen zero-shot split.
         """
         _check_options(on_empty)
         path = Path(annotation).expanduser()
@@ -153,6 +158,16 @@ class CocoReader:
             cat_index[c["id"]] = len(names)
             names.append(clean_classname(str(c["name"])))
         names = validate_classnames(names, f"categories of {path}")
+        if categories is not None:
+            wanted = [clean_classname(c) for c in categories]
+            unknown = [c for c in wanted if c not in names]
+            if unknown:
+                raise VocabularyError(f"categories {unknown[:5]} are not among the categories of {path} (e.g. {names[:5]})")
+            if len(set(wanted)) != len(wanted) or not wanted:
+                raise VocabularyError(f"categories must name distinct categories of {path}, got {list(categories)[:5]}...")
+            remap = {names.index(c): k for k, c in enumerate(wanted)}
+            cat_index = {cid: remap.get(i, -1) for cid, i in cat_index.items()}  # -1: dropped
+            names = wanted
         if classnames is not None and [clean_classname(c) for c in classnames] != names:
             raise VocabularyError(f"categories of {path} ({names[:5]}...) differ from the given class names ({list(classnames)[:5]}...)")
         images: dict[Any, str] = {}
@@ -173,7 +188,8 @@ class CocoReader:
                     f"{path}: annotations[{n}] has unknown category id {ann['category_id']!r} "
                     f"(known: {sorted(cat_index)[:10]}{'...' if len(cat_index) > 10 else ''})"
                 )
-            labels[ann["image_id"]].add(cat_index[ann["category_id"]])
+            if cat_index[ann["category_id"]] >= 0:
+                labels[ann["image_id"]].add(cat_index[ann["category_id"]])
         root = Path(image_root).expanduser() if image_root else path.parent
         paths, targets = [], []
         for image_id, file_name in images.items():
@@ -278,6 +294,9 @@ class CocoDataModule(VLDataModule):
         test_images: image folder of the test split (default: the JSON's folder).
         on_empty: images without annotations: ``skip`` (the usual multi-label practice), ``keep``
             (all negative) or ``error``.
+        categories: keep only these categories (names), as the classes in this order; the others'
+            annotations are dropped (e.g. the 65 classes of the 48 seen / 17 unseen zero-shot split
+            DualCoOp evaluates on, ``recipes/dualcoop/coco_zeroshot_unseen.yaml``). Default: all.
         **kwargs: see :class:`~vlweak.data.VLDataModule` (batch size, ``label_fraction``,
             ``single_positive``, ``budget_seed``, ...).
     """
@@ -291,6 +310,7 @@ class CocoDataModule(VLDataModule):
         val_images: str | None = None,
         test_images: str | None = None,
         on_empty: OnEmpty = "skip",
+        categories: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -300,8 +320,9 @@ class CocoDataModule(VLDataModule):
         if not self.files:
             raise ValueError("CocoDataModule needs at least one of train, val, test")
         self.on_empty = on_empty
+        self.categories = None if categories is None else list(categories)
         first, images = next(iter(self.files.values()))
-        self._classnames = CocoReader.read(first, images, on_empty=on_empty).classnames
+        self._classnames = CocoReader.read(first, images, on_empty=on_empty, categories=self.categories).classnames
         self.check_options()
 
     @property
@@ -316,7 +337,7 @@ class CocoDataModule(VLDataModule):
         if split not in self.files:
             return None
         f, images = self.files[split]
-        return CocoReader.read(f, images, self._classnames, self.on_empty, self.skip_bad)
+        return CocoReader.read(f, images, self._classnames, self.on_empty, self.skip_bad, self.categories)
 
 
 class VocDataModule(VLDataModule):
