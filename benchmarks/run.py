@@ -12,6 +12,8 @@ embeddings     ViT-B/32 image tower images/s (fp32, bf16, compiled);   fp32; the
 chils          CHiLS inference time                                    zero-shot on the same images (ratio:
                                                                        time, lower is better)
 zlap           transductive solve time                                 per-class reference solver
+zlap_scaling   vlweak's ZLaP time at N, 2N, 4N images (C = 100,        the smallest N (ratio: time, so 2.00x
+               1,000; benchmarks/zlap.py)                              per doubling is linear growth)
 dualcoop       training images/s                                       plain fp32 loop
 prompt_tuning  training samples/s with cached / reused features        re-encoding images every step
 cdul           snippet scoring crops/s                                 per-crop Python loop
@@ -54,6 +56,10 @@ def suite_args(name: str, quick: bool, device: str) -> list[str] | None:
         "embeddings": ["--device", device] + (["--quick"] if quick else []),
         "chils": ["--device", device] + (["--quick"] if quick else []),
         "zlap": ["--device", device] + (["--quick"] if quick else []),
+        "zlap_scaling": ["--device", device, "--skip-reference"]
+        + (["--n", "2500", "5000", "10000", "--d", "128", "--classes", "100"] if quick
+           else ["--n", "250000", "500000", "1000000", "--classes", "100", "1000"] if gpu
+           else ["--n", "12500", "25000", "50000", "--classes", "100", "1000"]),
         "dualcoop": ["--device", device] + (["--quick"] if quick else []),
         "cdul": ["--device", device]
         + (["--images", "8", "--grids", "3", "--repeats", "1", "--loop-images", "4"] if quick else []),
@@ -92,6 +98,26 @@ def parse_zlap(out: str, _: Path) -> list[Row]:
             ref = float(cells[6])
             rows.append({"measurement": f"ZLaP solve, C={c} (total s)", "value": total, "unit": "s",
                          "ratio": ref / total, "baseline": f"per-class reference {ref:.2f} s"})
+    return rows
+
+
+def parse_zlap_scaling(out: str, _: Path) -> list[Row]:
+    """vlweak's total time per (N, C), as a ratio to the smallest N of the same C."""
+    found: dict[int, list[tuple[int, float]]] = {}
+    n = None
+    for line in out.splitlines():
+        m = re.search(r"\bN=(\d+)\b", line)
+        if line.startswith("device=") and m:
+            n = int(m.group(1))
+        cells = line.split()
+        if n is not None and "vlweak" in cells and "multi-RHS" in cells:
+            found.setdefault(int(cells[0]), []).append((n, float(cells[6])))
+    rows = []
+    for c, points in found.items():
+        n0, t0 = min(points)
+        for n, t in sorted(points):
+            rows.append({"measurement": f"ZLaP time, N={n:,}, C={c} (total s)", "value": t, "unit": "s",
+                         "ratio": t / t0, "baseline": f"N={n0:,}: {t0:.2f} s (time ratio)"})
     return rows
 
 
@@ -137,10 +163,19 @@ def parse_cdul(out: str, _: Path) -> list[Row]:
     return rows
 
 
+#: the script of a suite that is not ``<suite>.py``
+SCRIPTS = {"zlap_scaling": "zlap"}
+
+
+def script(name: str) -> Path:
+    return HERE / f"{SCRIPTS.get(name, name)}.py"
+
+
 PARSERS: dict[str, Callable[[str, Path], list[Row]]] = {
     "embeddings": parse_embeddings,
     "chils": parse_chils,
     "zlap": parse_zlap,
+    "zlap_scaling": parse_zlap_scaling,
     "dualcoop": parse_dualcoop,
     "prompt_tuning": parse_prompt_tuning,
     "cdul": parse_cdul,
@@ -152,7 +187,7 @@ def run_suite(name: str, quick: bool, device: str, out_dir: Path, timeout: int) 
     json_file = out_dir / f"{name}-{device.replace(':', '')}.json"
     if name == "embeddings":
         args = [*args, "--json", str(json_file)]
-    cmd = [sys.executable, str(HERE / f"{name}.py"), *args]
+    cmd = [sys.executable, str(script(name)), *args]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
     t = time.perf_counter()
     try:
@@ -182,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     devices = args.device or (["cuda"] if torch.cuda.is_available() else ["cpu"])
-    names = args.only or [n for n in PARSERS if (HERE / f"{n}.py").is_file()]
+    names = args.only or [n for n in PARSERS if script(n).is_file()]
     unknown = [n for n in names if n not in PARSERS]
     if unknown:
         raise SystemExit(f"unknown suites {unknown}; known: {', '.join(PARSERS)}")
@@ -192,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, status = [], []
     for device in devices:
         for name in names:
-            if not (HERE / f"{name}.py").is_file():
+            if not script(name).is_file():
                 status.append((name, device, "missing", 0.0))
                 continue
             print(f"running {name} on {device} ...", file=sys.stderr, flush=True)
@@ -206,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"\nvlweak benchmarks, {when}, {'quick' if args.quick else 'full'}; CPU cores {os.cpu_count()}, GPU {gpu}")
     print(f"command: python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
-    print("ratio: speed-up over the baseline, except the CHiLS rows: time relative to zero-shot (lower is better)\n")
+    print("ratio: speed-up over the baseline, except the CHiLS rows (time relative to zero-shot, lower is better) "
+          "and the ZLaP scaling rows (time relative to the smallest N)\n")
     print("| suite | device | measurement | value | ratio | baseline (same run) |")
     print("| --- | --- | --- | ---: | ---: | --- |")
     for r in rows:
