@@ -27,29 +27,35 @@ from vlweak.runs import run_folder
 
 
 # ---------------------------------------------------------------- the numbers behind the pictures
+def _bins(conf: Tensor, hit: Tensor, n_bins: int) -> dict[str, Tensor]:
+    """Equal-width bins over ``(0, 1]`` of confidences ``conf`` with outcomes ``hit`` (0/1): per bin
+    the ``count``, mean ``confidence`` and ``accuracy`` (mean outcome; NaN for an empty bin), and
+    the bin ``edges``. A confidence ``p`` falls in bin ``b`` when ``edges[b] < p <= edges[b + 1]``
+    (confidence 0 goes to the first bin)."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be positive, got {n_bins}")
+    edges = torch.linspace(0, 1, n_bins + 1)
+    b = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(b, minlength=n_bins).float()
+    conf_sum = torch.zeros(n_bins).index_add_(0, b, conf)
+    hit_sum = torch.zeros(n_bins).index_add_(0, b, hit)
+    safe, empty = count.clamp(min=1), count == 0
+    return {
+        "edges": edges,
+        "count": count,
+        "confidence": torch.where(empty, torch.nan, conf_sum / safe),
+        "accuracy": torch.where(empty, torch.nan, hit_sum / safe),
+    }
+
+
 def calibration_bins(scores: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
     """Equal-width confidence bins over ``(0, 1]`` of the top-1 predictions.
 
     Returns per bin: ``count``, ``confidence`` (mean top-1 probability) and ``accuracy`` (NaN for an
     empty bin), plus the bin ``edges``. A confidence ``p`` falls in bin ``b`` when
     ``edges[b] < p <= edges[b + 1]`` (confidence 0 goes to the first bin)."""
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be positive, got {n_bins}")
     conf, pred = scores.float().max(1)
-    correct = (pred == targets).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    b = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
-    count = torch.bincount(b, minlength=n_bins).float()
-    conf_sum = torch.zeros(n_bins).index_add_(0, b, conf)
-    acc_sum = torch.zeros(n_bins).index_add_(0, b, correct)
-    safe = count.clamp(min=1)
-    empty = count == 0
-    return {
-        "edges": edges,
-        "count": count,
-        "confidence": torch.where(empty, torch.nan, conf_sum / safe),
-        "accuracy": torch.where(empty, torch.nan, acc_sum / safe),
-    }
+    return _bins(conf, (pred == targets).float(), n_bins)
 
 
 def expected_calibration_error(scores: Tensor, targets: Tensor, n_bins: int = 15) -> float:
@@ -62,24 +68,9 @@ def label_calibration_bins(scores: Tensor, targets: Tensor, mask: Tensor | None 
     ``[N, C]`` (entries where ``mask`` is False or the target is negative are unknown), with per
     bin the ``count``, the mean ``confidence`` and the ``accuracy``: the fraction of entries whose
     class is present (NaN for an empty bin), as :func:`calibration_bins` returns them."""
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be positive, got {n_bins}")
     t = targets.long()
     known = t >= 0 if mask is None else mask.bool() & (t >= 0)
-    conf = scores.float()[known].clamp(0, 1)
-    present = (t[known] == 1).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    b = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
-    count = torch.bincount(b, minlength=n_bins).float()
-    conf_sum = torch.zeros(n_bins).index_add_(0, b, conf)
-    hit_sum = torch.zeros(n_bins).index_add_(0, b, present)
-    safe, empty = count.clamp(min=1), count == 0
-    return {
-        "edges": edges,
-        "count": count,
-        "confidence": torch.where(empty, torch.nan, conf_sum / safe),
-        "accuracy": torch.where(empty, torch.nan, hit_sum / safe),
-    }
+    return _bins(scores.float()[known].clamp(0, 1), (t[known] == 1).float(), n_bins)
 
 
 def binned_calibration_error(bins: dict[str, Tensor]) -> float:
