@@ -319,21 +319,7 @@ class EvaluationFigures(L.Callback):
         return self._save(figs, folder, stage)
 
     def _multilabel_samples(self, out, predicted, scores_order, target, names, stage, datamodule):
-        index = out.get("index")
-        raw = datamodule.raw(stage) if datamodule is not None and hasattr(datamodule, "raw") else None
-        if index is None or raw is None or self.n_samples <= 0:
-            return None
-        index = index.detach().cpu()
-        rows = list(range(len(index)))
-        exact = None
-        if target is not None:  # half with a wrong label set, half right, in index order
-            exact = [bool((predicted[r] == (target[r] == 1)).all()) for r in rows]
-            wrong = [r for r in rows if not exact[r]]
-            right = [r for r in rows if exact[r]]
-            half = self.n_samples // 2
-            rows = sorted((wrong[:half] + right[: self.n_samples - min(half, len(wrong))])[: self.n_samples])
-        else:
-            rows = rows[: self.n_samples]
+        exact = None if target is None else [bool((predicted[r] == (target[r] == 1)).all()) for r in range(len(predicted))]
 
         def label_set(row: Tensor, order: Tensor, most: int = 3) -> str:
             """The classes of a row's set, highest score first: three names, then how many more."""
@@ -341,17 +327,38 @@ class EvaluationFigures(L.Callback):
             text = ", ".join(names[c] for c in members[:most]) or "—"
             return text + (f" +{len(members) - most}" if len(members) > most else "")
 
-        images, p_sets, t_sets, ok = [], [], [], []
+        picked = self._pick(out, stage, datamodule, exact)
+        if not picked:
+            return None
+        rows = [r for r, _ in picked]
+        p_sets = [label_set(predicted[r], scores_order[r]) for r in rows]
+        t_sets = [None if target is None else label_set(target[r] == 1, scores_order[r]) for r in rows]
+        ok = [True if exact is None else exact[r] for r in rows]
+        return draw_samples([image for _, image in picked], p_sets, t_sets, stage, right=ok)
+
+    def _pick(self, out: dict[str, Any], stage: str, datamodule: Any, correct: list[bool | None] | None):
+        """``[(row, image)]`` of up to ``n_samples`` outputs, in index order: half of them wrong and
+        half right where ``correct`` says which are (``None`` for a row without a label)."""
+        index = out.get("index")
+        raw = datamodule.raw(stage) if datamodule is not None and hasattr(datamodule, "raw") else None
+        if index is None or raw is None or self.n_samples <= 0:
+            return None
+        index = index.detach().cpu()
+        rows = list(range(len(index)))
+        if correct is not None:
+            wrong = [r for r in rows if correct[r] is False]
+            right = [r for r in rows if correct[r] is True]
+            half = self.n_samples // 2
+            pick = wrong[:half] + right[: self.n_samples - min(half, len(wrong))]
+            rows = sorted(pick[: self.n_samples]) or rows[: self.n_samples]
+        else:
+            rows = rows[: self.n_samples]
+        picked = []
         for r in rows:
             item = raw[int(index[r])]
-            if item is None or "image" not in item:
-                continue
-            images.append(item["image"])
-            order = scores_order[r]
-            p_sets.append(label_set(predicted[r], order))
-            t_sets.append(None if target is None else label_set(target[r] == 1, order))
-            ok.append(bool(exact[r]) if exact is not None else True)
-        return draw_samples(images, p_sets, t_sets, stage, right=ok) if images else None
+            if item is not None and "image" in item:
+                picked.append((r, item["image"]))
+        return picked
 
     @staticmethod
     def _save(figs: dict[str, Any], folder: Path, stage: str) -> dict[str, Path]:
@@ -363,30 +370,14 @@ class EvaluationFigures(L.Callback):
         return saved
 
     def _samples(self, out, pred, target, names, stage, datamodule):
-        index = out.get("index")
-        raw = datamodule.raw(stage) if datamodule is not None and hasattr(datamodule, "raw") else None
-        if index is None or raw is None or self.n_samples <= 0:
+        correct = None if target is None else [None if t < 0 else bool(p == t) for p, t in zip(pred.tolist(), target.tolist())]
+        picked = self._pick(out, stage, datamodule, correct)
+        if not picked:
             return None
-        index = index.detach().cpu()
-        rows = list(range(len(index)))
-        if target is not None:  # half mistakes, half correct predictions, in index order
-            wrong = [r for r in rows if target[r] >= 0 and pred[r] != target[r]]
-            right = [r for r in rows if target[r] >= 0 and pred[r] == target[r]]
-            half = self.n_samples // 2
-            pick = wrong[:half] + right[: self.n_samples - min(half, len(wrong))]
-            rows = sorted(pick[: self.n_samples]) or rows[: self.n_samples]
-        else:
-            rows = rows[: self.n_samples]
-        images, p_names, t_names = [], [], []
-        for r in rows:
-            item = raw[int(index[r])]
-            if item is None or "image" not in item:
-                continue
-            images.append(item["image"])
-            p_names.append(names[int(pred[r])])
-            t = int(target[r]) if target is not None else -1
-            t_names.append(names[t] if t >= 0 else None)
-        return draw_samples(images, p_names, t_names, stage) if images else None
+        rows = [r for r, _ in picked]
+        p_names = [names[int(pred[r])] for r in rows]
+        t_names = [names[int(target[r])] if target is not None and target[r] >= 0 else None for r in rows]
+        return draw_samples([image for _, image in picked], p_names, t_names, stage)
 
     # ------------------------------------------------------------------ Weights & Biases
     def _to_wandb(self, logger: Any, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, out: dict) -> None:
