@@ -228,7 +228,7 @@ def table(n: int, args: argparse.Namespace) -> None:
             iters = "" if r["iters"] is None else str(r["iters"])
             agree_s = "" if agree is None else f"{agree:.3f}"
             speed_s = "" if speed is None else f"{speed:.2f}x"
-            print(f"{c:>6} {name:<22} {r['knn']:>8.2f} {r['graph']:>8.2f} {r['solve']:>8.2f} {total:>8.2f} "
+            print(f"{c:>6} {name:<22} {r['knn']:>8.3f} {r['graph']:>8.3f} {r['solve']:>8.3f} {total:>8.3f} "
                   f"{iters:>5} {agree_s:>8} {speed_s:>8}")
         acc = (ours["pred"] == labels.cpu()).float().mean().item() * 100
         print(f"{'':>6} (vlweak accuracy on the synthetic labels {acc:.1f}%, peak memory {peak})")

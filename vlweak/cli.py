@@ -84,6 +84,18 @@ class ArgumentParser(LightningArgumentParser):
 _KEEP_UNSET = {"skip_unset" if Version(version("jsonargparse")) >= Version("4.49") else "skip_none": False}
 
 
+def dump_everything(parser: Any, config: Any) -> str:
+    """The resolved configuration as YAML text, unset entries included and not validated again
+    (``skip_validation``, or ``skip_check`` in the jsonargparse versions that named it so)."""
+    import inspect
+
+    from jsonargparse import ArgumentParser as _Parser
+
+    params = inspect.signature(getattr(_Parser, "_unpatched_dump", _Parser.dump)).parameters
+    skip = "skip_validation" if "skip_validation" in params else "skip_check"
+    return parser.dump(config, **_KEEP_UNSET, **{skip: True})
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Lightning's ``config.yaml`` of the run, written into the run's own folder
     (:func:`vlweak.runs.run_folder`) instead of ``trainer.log_dir``, which for a W&B logger is the
@@ -109,7 +121,7 @@ class SaveRunConfig(SaveConfigCallback):
 
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_check=True))
+                config = yaml.safe_load(dump_everything(self.parser, self.config))
                 logger.experiment.config.update({"resolved_config": config}, allow_val_change=True)
 
 
@@ -124,15 +136,19 @@ class VLWeakCLI(LightningCLI):
             "--figures", type=bool, default=True,
             help="test / predict: draw the evaluation figures (per-class accuracy or AP, confusion matrix, "
             "reliability diagram, sample images) into <run dir>/figures and, with a W&B logger, into the run "
-            "(vlweak.callbacks.EvaluationFigures with its defaults, unless trainer.callbacks has one)",
+            "(vlweak.callbacks.EvaluationFigures with its defaults, unless trainer.callbacks has one); false: "
+            "no figures, a configured EvaluationFigures removed too",
         )
 
     def _add_figures(self) -> None:
         from vlweak.callbacks import EvaluationFigures
 
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        if config.get("figures", True) and not any(isinstance(cb, EvaluationFigures) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(EvaluationFigures())
+        callbacks = self.trainer.callbacks
+        if not config.get("figures", True):
+            callbacks[:] = [cb for cb in callbacks if not isinstance(cb, EvaluationFigures)]
+        elif not any(isinstance(cb, EvaluationFigures) for cb in callbacks):
+            callbacks.append(EvaluationFigures())
 
     def before_test(self) -> None:
         self._add_figures()

@@ -11,6 +11,7 @@ from vlweak.callbacks.figures import (
     confusion_matrix,
     expected_calibration_error,
     label_calibration_bins,
+    label_sets_agree,
     per_class_accuracy,
 )
 from vlweak.cli import build_cli
@@ -74,6 +75,10 @@ def test_figures_false_draws_none_and_a_configured_callback_is_not_doubled(tmp_p
                           "--trainer.callbacks.init_args.n_samples=4"))
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationFigures)]
     assert cb.n_samples == 4 and set(cb.saved) == FIGS  # the configured one, drawing after predict too
+    cli = build_cli(_args("test", tmp_path / "gone", tiny_ckpt, "--trainer.callbacks+=vlweak.callbacks.EvaluationFigures",
+                          "--figures=false"))
+    assert not any(isinstance(c, EvaluationFigures) for c in cli.trainer.callbacks)
+    assert not list((tmp_path / "gone").rglob("*.png"))  # false means no figures, a configured callback's neither
 
 
 def test_multilabel_calibration_bins_match_direct_counts():
@@ -87,6 +92,15 @@ def test_multilabel_calibration_bins_match_direct_counts():
     torch.testing.assert_close(bins["accuracy"], torch.tensor([0.0, 3 / 4]))
     want = 3 / 7 * abs(0 - 0.2) + 4 / 7 * abs(0.75 - 3.25 / 4)
     assert binned_calibration_error(bins) == pytest.approx(want)
+
+
+def test_label_sets_agree_on_known_entries_only():
+    predicted = torch.tensor([[True, False, True], [True, False, False], [False, True, False]])
+    targets = torch.tensor([[1, 0, 1], [1, 0, -1], [0, 0, 0]])
+    mask = torch.tensor([[True, True, True], [True, True, True], [True, False, True]])
+    # row 1: its third entry is unknown (-1); row 2: the predicted class is masked out
+    assert label_sets_agree(predicted, targets).tolist() == [True, True, False]
+    assert label_sets_agree(predicted, targets, mask).tolist() == [True, True, True]
 
 
 def test_multilabel_test_draws_per_class_ap_reliability_and_label_sets(tmp_path, tiny_ckpt):

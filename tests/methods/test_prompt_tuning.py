@@ -362,9 +362,12 @@ def test_visual_tokens_start_at_the_paper_codes_scale_in_every_round():
     default.reset_prompts(torch.Generator().manual_seed(1))
     assert tokens.std().item() == pytest.approx(width**-0.5, rel=0.15)
     assert default.text_prompt.ctx.std().item() == pytest.approx(0.02, rel=0.3)
-    # the resolved scale is part of a run's identity; a textual run's identity does not name it
+    # the resolved scale is part of a run's identity, except the scale of the runs before the option
+    # (0.02), whose identity stays; a textual run's identity does not name it
     assert default.round_hyperparameters()["visual_init_std"] == pytest.approx(width**-0.5)
     assert chosen.round_hyperparameters()["visual_init_std"] == 0.5
+    old = PromptTuning(bb, ["a", "b"], prompt="visual", n_visual_tokens=2, visual_init_std=0.02)
+    assert "visual_init_std" not in old.round_hyperparameters()
     assert "visual_init_std" not in PromptTuning(bb, ["a", "b"], n_ctx=2).round_hyperparameters()
     with pytest.raises(ValueError, match="init_std .* positive, got 0.0"):
         PromptTuning(bb, ["a", "b"], prompt="visual", visual_init_std=0.0)

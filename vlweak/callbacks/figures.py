@@ -80,6 +80,15 @@ def binned_calibration_error(bins: dict[str, Tensor]) -> float:
     return float((bins["count"][keep] / bins["count"].sum().clamp(min=1) * gap).sum())
 
 
+def label_sets_agree(predicted: Tensor, targets: Tensor, known: Tensor | None = None) -> Tensor:
+    """``[N]``: whether each predicted label set ``[N, C]`` (bool) agrees with the targets on every
+    known entry; unknown entries (``known`` False, or a negative target: unobserved labels, VOC's
+    difficult objects) count neither way."""
+    t = targets.long()
+    known = t >= 0 if known is None else known.bool() & (t >= 0)
+    return ((predicted.bool() == (t == 1)) | ~known).all(1)
+
+
 def per_class_accuracy(pred: Tensor, targets: Tensor, n_classes: int) -> Tensor:
     """Accuracy of each class's images (NaN for a class without images)."""
     count = torch.bincount(targets, minlength=n_classes).float()
@@ -313,13 +322,16 @@ class EvaluationFigures(L.Callback):
             figs["reliability"] = draw_reliability(bins, self.ece, stage, multilabel=True)
         predicted = scores >= threshold
         predicted[torch.arange(len(scores)), scores.argmax(1)] = True  # at least the best class
-        samples = self._multilabel_samples(out, predicted, scores.argsort(1, descending=True), target, names, stage, datamodule)
+        known = None if target is None else (target >= 0) & (mask if mask is not None else True)
+        samples = self._multilabel_samples(
+            out, predicted, scores.argsort(1, descending=True), target, known, names, stage, datamodule
+        )
         if samples is not None:
             figs["samples"] = samples
         return self._save(figs, folder, stage)
 
-    def _multilabel_samples(self, out, predicted, scores_order, target, names, stage, datamodule):
-        exact = None if target is None else [bool((predicted[r] == (target[r] == 1)).all()) for r in range(len(predicted))]
+    def _multilabel_samples(self, out, predicted, scores_order, target, known, names, stage, datamodule):
+        exact = None if target is None else label_sets_agree(predicted, target, known).tolist()
 
         def label_set(row: Tensor, order: Tensor, most: int = 3) -> str:
             """The classes of a row's set, highest score first: three names, then how many more."""
@@ -409,6 +421,7 @@ class EvaluationFigures(L.Callback):
 
         for cb in trainer.callbacks:
             if isinstance(cb, SaveConfigCallback):
-                text = cb.parser.dump(cb.config, skip_none=False, skip_check=True)
-                return yaml.safe_load(text)
+                from vlweak.cli import dump_everything
+
+                return yaml.safe_load(dump_everything(cb.parser, cb.config))
         return None

@@ -342,7 +342,9 @@ class CDUL(VLMethod):
 
     def forward(self, images: Tensor) -> Tensor:
         """Class probabilities of a batch of preprocessed images (the classifier alone; with
-        ``features: snippets`` the images are cut into snippets here)."""
+        ``features: snippets`` the images are cut into snippets here, from the preprocessed image,
+        which for a non-square photo is its centre square: ``snippet_fit: crop``'s tiling. ``vlweak
+        test`` / ``predict`` read the split's snippets as training did, ``stretch`` included)."""
         if self.network is None and self.features == "snippets":
             from vlweak.methods.cdul_snippets import encode_snippets
 

@@ -54,7 +54,8 @@ class CLIPPretrain(L.LightningModule):
         weight_decay: AdamW weight decay (not applied to biases, norms, embeddings' gains or the temperature).
         warmup_steps: linear warm-up steps before the cosine decay.
         export_path: where to write the trained weights as safetensors when fitting ends (loadable
-            with ``pretrained: <export_path>``); ``null`` writes ``<log dir>/backbone.safetensors``.
+            with ``pretrained: <export_path>``); ``null`` writes ``backbone.safetensors`` into the
+            run's own folder (:func:`vlweak.runs.run_folder`: every run of a W&B sweep its own).
         export_dtype: ``fp32`` or ``fp16`` storage for the exported weights.
         classnames: set by the CLI from the data module (unused by pretraining).
         multilabel: set by the CLI from the data module (unused by pretraining).
@@ -168,7 +169,9 @@ class CLIPPretrain(L.LightningModule):
     def on_fit_end(self) -> None:
         # collectives on every rank: trainer.log_dir broadcasts under DDP, and the strategy's state dict
         # gathers the shards under FSDP (onto rank 0); then rank 0 alone writes
-        path = Path(self.export_path) if self.export_path else Path(self.trainer.log_dir or ".") / "backbone.safetensors"
+        from vlweak.runs import run_folder
+
+        path = Path(self.export_path) if self.export_path else run_folder(self.trainer) / "backbone.safetensors"
         full = self.trainer.strategy.lightning_module_state_dict()
         if self.trainer.global_rank != 0:
             return

@@ -240,8 +240,8 @@ class PromptTuning(VLMethod):
             out["warmup"] = self.hparams["warmup"]
         if self.train_augment is not None:
             out["augment"] = self.train_augment
-        if self.visual_prompt is not None:
-            out["visual_init_std"] = self.visual_prompt.init_std  # resolved, so a changed default is a new run
+        if self.visual_prompt is not None and self.visual_prompt.init_std != 0.02:  # 0.02: the scale before the option
+            out["visual_init_std"] = self.visual_prompt.init_std  # resolved: the width^-0.5 default is named too
         return out
 
     def prompt_state(self) -> dict[str, Tensor]:
