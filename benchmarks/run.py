@@ -119,7 +119,7 @@ def parse_zlap_scaling(out: str, _: Path) -> list[Row]:
             continue
         for n, t in sorted(points):
             rows.append({"measurement": f"ZLaP time, N={n:,}, C={c} (total s)", "value": t, "unit": "s",
-                         "ratio": t / t0, "baseline": f"N={n0:,}: {t0:.2f} s (time ratio)"})
+                         "ratio": t / t0, "baseline": f"N={n0:,}: {t0:.3f} s (time ratio)"})
     return rows
 
 
