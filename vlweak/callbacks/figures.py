@@ -324,13 +324,13 @@ class EvaluationFigures(L.Callback):
         predicted[torch.arange(len(scores)), scores.argmax(1)] = True  # at least the best class
         known = None if target is None else (target >= 0) & (mask if mask is not None else True)
         samples = self._multilabel_samples(
-            out, predicted, scores.argsort(1, descending=True), target, known, names, stage, datamodule
+            out, predicted, scores, target, known, names, stage, datamodule
         )
         if samples is not None:
             figs["samples"] = samples
         return self._save(figs, folder, stage)
 
-    def _multilabel_samples(self, out, predicted, scores_order, target, known, names, stage, datamodule):
+    def _multilabel_samples(self, out, predicted, scores, target, known, names, stage, datamodule):
         exact = None if target is None else label_sets_agree(predicted, target, known).tolist()
 
         def label_set(row: Tensor, order: Tensor, most: int = 3) -> str:
@@ -343,8 +343,9 @@ class EvaluationFigures(L.Callback):
         if not picked:
             return None
         rows = [r for r, _ in picked]
-        p_sets = [label_set(predicted[r], scores_order[r]) for r in rows]
-        t_sets = [None if target is None else label_set(target[r] == 1, scores_order[r]) for r in rows]
+        order = {r: scores[r].argsort(descending=True) for r in rows}  # the shown rows' classes, best first
+        p_sets = [label_set(predicted[r], order[r]) for r in rows]
+        t_sets = [None if target is None else label_set(target[r] == 1, order[r]) for r in rows]
         ok = [True if exact is None else exact[r] for r in rows]
         return draw_samples([image for _, image in picked], p_sets, t_sets, stage, right=ok)
 
