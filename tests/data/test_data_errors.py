@@ -240,3 +240,19 @@ def test_an_unlabeled_train_pool_beside_a_labelled_test_split_takes_its_vocabula
     assert dm.classnames == ["cat", "dog"]
     assert [dm.datasets["train"][k]["label"] for k in range(4)] == [-1] * 4
     assert [dm.datasets["test"][k]["label"] for k in range(3)] == [0, 1, 1]
+
+
+def test_auto_loader_workers_share_the_machine_among_the_node_processes():
+    from types import SimpleNamespace
+
+    from vlweak.data.datamodule import auto_loader_workers
+    from vlweak.data.extract import auto_workers
+
+    dm = ShapesWorldDataModule(n_train=0, n_val=0, n_test=4, num_workers="auto", transform=lambda im: im)
+    assert dm.num_workers == 0  # resolved at setup, when the trainer is known
+    dm.setup("test")
+    assert dm.num_workers == auto_workers()
+    assert auto_loader_workers(SimpleNamespace(num_devices=4)) == auto_workers() // 4
+    for bad in ("many", -1, 1.5):
+        with pytest.raises(ValueError, match=re.escape(f"num_workers must be a non-negative integer or 'auto', got {bad!r}")):
+            ShapesWorldDataModule(num_workers=bad)

@@ -9,11 +9,10 @@ encode each image once across runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -79,7 +78,8 @@ class VLDataModule(L.LightningDataModule):
 
     Args:
         batch_size: images per batch.
-        num_workers: data-loader worker processes.
+        num_workers: data-loader worker processes, or ``auto``: the CPU cores this process may use
+            less one (at most 16), shared among the node's processes under DDP (resolved at setup).
         shots: label budget for the train split: keep ``shots`` labels per class, the rest unlabeled
             (label ``-1``); a class with fewer train images keeps them all (with a warning naming
             it). Single-label data only.
@@ -108,7 +108,7 @@ class VLDataModule(L.LightningDataModule):
     def __init__(
         self,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = 0,
         shots: int | None = None,
         label_fraction: float | None = None,
         single_positive: bool = False,
@@ -130,7 +130,10 @@ class VLDataModule(L.LightningDataModule):
             )
         if predict_split not in ("train", "val", "test"):
             raise ValueError(f"predict_split must be train, val or test, got {predict_split!r}")
-        self.batch_size, self.num_workers = batch_size, num_workers
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"num_workers must be a non-negative integer or 'auto', got {num_workers!r}")
+        self.workers_option = num_workers
+        self.batch_size, self.num_workers = batch_size, 0 if num_workers == "auto" else num_workers
         self.budget = LabelBudget(shots=shots, fraction=label_fraction, single_positive=single_positive, seed=budget_seed)
         if isinstance(seen_classes, (int, float)) and not 0.0 < float(seen_classes) < 1.0:
             raise ValueError(f"seen_classes as a fraction must lie in (0, 1), got {seen_classes}")
@@ -272,6 +275,8 @@ class VLDataModule(L.LightningDataModule):
         # go unused (training-free methods, limit_val_batches: 0), so their absence waits for the loader
         required = {"test": "test", "validate": "val", "predict": "predict"}.get(stage or "")
         self.check_options()
+        if self.workers_option == "auto":
+            self.num_workers = auto_loader_workers(getattr(self, "trainer", None))
         transform = self.resolve_transform()
         train_tf = self.resolve_train_transform() if "train" in needed else transform
         for split in needed:
@@ -627,6 +632,10 @@ class ManifestDataModule(VLDataModule):
         return ManifestReader.read(path, self._classnames, self.root, self._multilabel, self.skip_bad, self.captions)
 
 
-def cpu_workers() -> int:
-    """A sensible default worker count for this machine."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+def auto_loader_workers(trainer: Any = None) -> int:
+    """``num_workers: auto``: this process's share of the machine's cores (see
+    :func:`vlweak.data.extract.auto_workers`), divided among the trainer's processes on this node."""
+    from vlweak.data.extract import auto_workers
+
+    per_node = max(1, int(getattr(trainer, "num_devices", 1) or 1)) if trainer is not None else 1
+    return auto_workers() // per_node
