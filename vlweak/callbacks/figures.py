@@ -69,8 +69,13 @@ def label_calibration_bins(scores: Tensor, targets: Tensor, mask: Tensor | None 
     bin the ``count``, the mean ``confidence`` and the ``accuracy``: the fraction of entries whose
     class is present (NaN for an empty bin), as :func:`calibration_bins` returns them."""
     t = targets.long()
-    known = t >= 0 if mask is None else mask.bool() & (t >= 0)
+    known = _known(t, mask)
     return _bins(scores.float()[known].clamp(0, 1), (t[known] == 1).float(), n_bins)
+
+
+def _known(targets: Tensor, mask: Tensor | None) -> Tensor:
+    """Known multi-label entries: a non-negative target, inside ``mask`` when there is one."""
+    return targets >= 0 if mask is None else mask.bool() & (targets >= 0)
 
 
 def binned_calibration_error(bins: dict[str, Tensor]) -> float:
@@ -80,13 +85,12 @@ def binned_calibration_error(bins: dict[str, Tensor]) -> float:
     return float((bins["count"][keep] / bins["count"].sum().clamp(min=1) * gap).sum())
 
 
-def label_sets_agree(predicted: Tensor, targets: Tensor, known: Tensor | None = None) -> Tensor:
+def label_sets_agree(predicted: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """``[N]``: whether each predicted label set ``[N, C]`` (bool) agrees with the targets on every
-    known entry; unknown entries (``known`` False, or a negative target: unobserved labels, VOC's
+    known entry; unknown entries (``mask`` False, or a negative target: unobserved labels, VOC's
     difficult objects) count neither way."""
     t = targets.long()
-    known = t >= 0 if known is None else known.bool() & (t >= 0)
-    return ((predicted.bool() == (t == 1)) | ~known).all(1)
+    return ((predicted.bool() == (t == 1)) | ~_known(t, mask)).all(1)
 
 
 def per_class_accuracy(pred: Tensor, targets: Tensor, n_classes: int) -> Tensor:
@@ -325,16 +329,13 @@ class EvaluationFigures(L.Callback):
             figs["reliability"] = draw_reliability(bins, self.ece, stage, multilabel=True)
         predicted = scores >= threshold
         predicted[torch.arange(len(scores)), scores.argmax(1)] = True  # at least the best class
-        known = None if target is None else (target >= 0) & (mask if mask is not None else True)
-        samples = self._multilabel_samples(
-            out, predicted, scores, target, known, names, stage, datamodule
-        )
+        samples = self._multilabel_samples(out, predicted, scores, target, mask, names, stage, datamodule)
         if samples is not None:
             figs["samples"] = samples
         return self._save(figs, folder, stage)
 
-    def _multilabel_samples(self, out, predicted, scores, target, known, names, stage, datamodule):
-        exact = None if target is None else label_sets_agree(predicted, target, known).tolist()
+    def _multilabel_samples(self, out, predicted, scores, target, mask, names, stage, datamodule):
+        exact = None if target is None else label_sets_agree(predicted, target, mask).tolist()
 
         def label_set(row: Tensor, order: Tensor, most: int = 3) -> str:
             """The classes of a row's set, highest score first: three names, then how many more."""
@@ -400,7 +401,10 @@ class EvaluationFigures(L.Callback):
         import wandb
 
         run = logger.experiment
-        if self.log_config:
+        from vlweak.cli import SaveRunConfig
+
+        # the vlweak CLI's SaveRunConfig has logged it already, in every subcommand
+        if self.log_config and not any(isinstance(cb, SaveRunConfig) for cb in trainer.callbacks):
             config = self.resolved_config(trainer)
             if config:
                 run.config.update({"resolved_config": config}, allow_val_change=True)

@@ -143,8 +143,9 @@ class ZLaP(VLMethod):
         if self.tree is not None and clean:
             self.tree = self.tree.cleaned()
         self.missing, self.subclass_reduce = missing, subclass_reduce
+        self._vocabulary_tree: LabelHierarchy | None = None
         if self.tree is not None and self.classnames:
-            self.tree.for_vocabulary(self.classnames, missing)  # a class the hierarchy lacks: named now
+            self.vocabulary_hierarchy()  # a class the hierarchy lacks: named now
         self.mode = mode
         self.templates = templates
         self.pool_split = pool_split
@@ -158,10 +159,17 @@ class ZLaP(VLMethod):
         self._pool_index: Tensor | None = None
 
     # ---------------------------------------------------------------- inputs
+    def vocabulary_hierarchy(self) -> LabelHierarchy:
+        """The ``hierarchy`` over the dataset's vocabulary (classes in dataset order), kept until the
+        vocabulary changes."""
+        names = self.require_classnames()
+        if self._vocabulary_tree is None or self._vocabulary_tree.parents != names:
+            self._vocabulary_tree = self.tree.for_vocabulary(names, self.missing)
+        return self._vocabulary_tree
+
     def text_node_names(self) -> list[str]:
         """Names of the text nodes: the classes, or with a ``hierarchy`` their sub-classes."""
-        names = self.require_classnames()
-        return names if self.tree is None else self.tree.for_vocabulary(names, self.missing).subclasses
+        return self.require_classnames() if self.tree is None else self.vocabulary_hierarchy().subclasses
 
     def classifier(self) -> Tensor:
         """Text nodes: the zero-shot text classifier ``[T, D]`` (unit norm) of :meth:`text_node_names`."""
@@ -172,10 +180,9 @@ class ZLaP(VLMethod):
         (the same tensor without a hierarchy; else each class's sub-classes summed or maxed)."""
         if self.tree is None:
             return node_scores
-        names = self.require_classnames()
-        parent = self.tree.for_vocabulary(names, self.missing).subclass_to_parent().to(node_scores.device)
+        parent = self.vocabulary_hierarchy().subclass_to_parent().to(node_scores.device)
         reduce = sum_per_parent if self.subclass_reduce == "sum" else best_per_parent
-        return reduce(node_scores, parent, len(names))
+        return reduce(node_scores, parent, len(self.require_classnames()))
 
     def _pool_dataset(self) -> Any:
         """The data module's unlabeled pool dataset (unbudgeted), or a clear error when it has none."""
