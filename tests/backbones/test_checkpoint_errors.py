@@ -55,7 +55,7 @@ def test_torch_load_failures_hide_the_unsafe_retry_advice(tmp_path):
 
 
 def test_objects_a_safe_load_refuses_are_named(tmp_path):
-    np = pytest.importorskip("numpy")
+    import numpy as np
     path = tmp_path / "np.pt"
     torch.save({"w": np.zeros(2)}, path)
     with pytest.raises(CheckpointMismatchError, match=r"np.pt is not a readable checkpoint \(.*numpy.*safe weights_only") as info:

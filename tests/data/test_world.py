@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vlweak.data.world import COLOURS, PARENT, SHAPE_HIERARCHY, SHAPES, ShapesWorld, classnames_for, label_of, shape_mask
+from vlweak.data.world import COLOURS, PARENT, SHAPE_HIERARCHY, SHAPES, ShapesWorld, classnames_for, label_of, multilabel_target, shape_mask
 
 
 def test_deterministic_per_seed_and_index():
@@ -57,8 +57,21 @@ def test_multilabel_scenes_and_labels():
     w = ShapesWorld(seed=0, multilabel=True)
     counts = [len(w.scene("train", i).objects) for i in range(60)]
     assert min(counts) >= 1 and max(counts) <= 4 and len(set(counts)) > 2
-    s = w.scene("train", 0)
-    assert len({o.shape for o in s.objects}) == len(s.objects)
+    for i in range(20):
+        s = w.scene("train", i)
+        assert len({o.shape for o in s.objects}) == len(s.objects)
+        # the label set is the set of the scene's shapes ...
+        target = multilabel_target(s)
+        assert target.sum() == len(s.objects)
+        assert {SHAPES[j] for j in target.nonzero().flatten().tolist()} == {o.shape for o in s.objects}
+        # ... and every labelled object is drawn, in its colour, where it stands
+        yy, xx = np.mgrid[0:64, 0:64] + 0.5
+        for o in s.objects:
+            ca, sa = np.cos(o.angle), np.sin(o.angle)
+            dx, dy = (xx - o.cx) / o.radius, (yy - o.cy) / o.radius
+            mask = shape_mask(o.shape, ca * dx + sa * dy, -sa * dx + ca * dy)
+            drawn = np.median(s.image[mask].astype(float), axis=0)
+            assert mask.sum() > 20 and np.abs(drawn - np.array(COLOURS[o.colour])).max() < 50, (i, o)
 
 
 def test_tasks_and_errors():

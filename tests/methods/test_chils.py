@@ -119,6 +119,9 @@ def test_module_test_loop_artifacts_and_side_by_side_metrics(tiny_backbone, tmp_
     main = PseudoLabels.load(model.last_artifact, classnames=COARSE)
     sub = PseudoLabels.load(model.last_subclass_artifact)
     assert len(main) == len(sub) == 40 and sub.classnames == model.subclassnames
+    # the logged accuracy is the accuracy of the artifact's labels
+    truth = dm.raw("test").targets()
+    assert model.last_metrics["test/acc"] == pytest.approx((main.labels == truth).float().mean().item(), abs=1e-6)
     assert sub.provenance["variant"] == "reweight" and main.provenance["method"] == "CHiLS"
     # the class pseudolabel is the parent of the predicted sub-class
     assert torch.equal(model.parent.cpu()[sub.labels], main.labels)

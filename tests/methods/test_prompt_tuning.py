@@ -541,9 +541,23 @@ def test_holdout_with_visual_prompts_scores_held_out_images(tmp_path, monkeypatc
 
     real, measured = PromptTuning.held_out_accuracy, []
     monkeypatch.setattr(PromptTuning, "held_out_accuracy", lambda self: measured.append(real(self)) or measured[-1])
+    real_logits, scored = PromptTuning._prompted_logits, []
+
+    def spy(self, index):  # what the held-out accuracy scores: the held-out pool images, read anew
+        logits, seen = real_logits(self, index)
+        scored.append((index.clone(), seen, logits.argmax(-1), self._held[1].clone()))
+        return logits, seen
+
+    monkeypatch.setattr(PromptTuning, "_prompted_logits", spy)
     model = dict(TINY_MODEL, prompt="visual", n_visual_tokens=2, rounds=1, strategy="fpl", k=3, epochs_per_round=2,
                  holdout=0.3)
     cli = _fit(_recipe(tmp_path, model, dict(TINY_DATA, embeddings=False)), f"--model.init_args.rounds_dir={tmp_path / 'v'}")
-    assert len(measured) == 2 and all(0.0 <= a <= 1.0 for a in measured)  # one accuracy per epoch
+    assert len(measured) == 2  # one accuracy per epoch
     # held out: 30% of 1 labelled shot and 3 pseudolabels for each of the 12 classes
-    assert cli.model._held is not None and len(cli.model._held[0]) == int((1 + 3) * 12 * 0.3)
+    held_index, held_label = cli.model._held
+    assert len(held_index) == int((1 + 3) * 12 * 0.3)
+    held_scans = [s for s in scored if torch.equal(s[0], held_index)]
+    assert len(held_scans) == 2  # each epoch's accuracy scored exactly the held-out images ...
+    for (index, seen, pred, label), acc in zip(held_scans, measured):
+        assert torch.equal(seen, index)  # ... every one of them read as an image
+        assert acc == pytest.approx((pred == label).float().mean().item())
