@@ -206,6 +206,12 @@ def run_suite(name: str, quick: bool, device: str, out_dir: Path, timeout: int) 
     return rows, status, seconds
 
 
+def _row(r: dict) -> str:
+    """One measurement as a row of the printed table."""
+    return (f"| {r['suite']} | {r['device']} | {r['measurement']} | {r['value']:.4g} {r.get('unit', '')} | "
+            f"{r['ratio']:.2f}x | {r['baseline']} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: the whole suite in a few minutes on CPU")
@@ -238,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                 st = "ok (no numbers parsed: see log)"
             rows += got
             status.append((name, device, st, sec))
+            for r in got:  # as each suite ends: a run stopped later still shows what it measured
+                print(f"  {_row(r)}", file=sys.stderr, flush=True)
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -248,8 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| suite | device | measurement | value | ratio | baseline (same run) |")
     print("| --- | --- | --- | ---: | ---: | --- |")
     for r in rows:
-        print(f"| {r['suite']} | {r['device']} | {r['measurement']} | {r['value']:.4g} {r.get('unit', '')} | "
-              f"{r['ratio']:.2f}x | {r['baseline']} |")
+        print(_row(r))
     print("\n| suite | device | status | seconds |")
     print("| --- | --- | --- | ---: |")
     for name, device, st, sec in status:

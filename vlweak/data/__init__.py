@@ -20,6 +20,7 @@ from vlweak.data.world import ShapesWorld
 
 __all__ = [
     "Budgeted",
+    "CocoDataModule",
     "EmbeddingCache",
     "FeatureDataset",
     "ImageFolderDataModule",
@@ -31,8 +32,10 @@ __all__ = [
     "ShapesWorldDataModule",
     "ShapesWorldDataset",
     "VLDataModule",
+    "VocDataModule",
     "VocabularyError",
     "clean_classname",
     "image_embeddings",
 ]
-from vlweak.data.multilabel import CocoDataModule, VocDataModule  # noqa: E402,F401
+# last: the multi-label modules build on the data modules above
+from vlweak.data.multilabel import CocoDataModule, VocDataModule  # noqa: E402
