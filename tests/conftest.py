@@ -58,13 +58,13 @@ def noisy_backbone() -> OpenCLIPBackbone:
     return OpenCLIPBackbone("vlweak-shapes", pretrained="vlweak-shapes-noisy")
 
 
-def write_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed: int = 0) -> Path:
-    """``root/<class>/<k>.png`` with ``classes[c]`` random images each."""
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed: int = 0, ext: str = "png") -> Path:
+    """``root/<class>/<k>.<ext>`` with ``classes[c]`` random images each."""
     rng = np.random.default_rng(seed)
     for c, n in classes.items():
         (root / c).mkdir(parents=True, exist_ok=True)
         for k in range(n):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{k}.png")
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{k}.{ext}")
     return root
 
 

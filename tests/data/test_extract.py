@@ -82,6 +82,27 @@ def test_image_folder_with_bad_file_and_cache_entry(tmp_path, tiny_backbone):
     assert torch.allclose(plain["features"], streamed["features"], atol=1e-6)
 
 
+def test_a_small_jpeg_set_takes_the_gpu_decoder_where_it_applies(tmp_path, tiny_backbone, monkeypatch):
+    """Under the streaming threshold, JPEG files a CUDA backbone can decode go through the extraction
+    that decodes them on the GPU (its cache entry names the decoder); elsewhere the in-memory loop."""
+    from vlweak.data import extract
+
+    root = write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3}, size=40, ext="jpg")
+    ds = ImageFolderReader.read(root)
+    cache = EmbeddingCache(tmp_path / "cache")
+    streamed = []
+    real = extract.extract_embeddings
+    monkeypatch.setattr(extract, "extract_embeddings", lambda *a, **kw: streamed.append(len(a[1])) or real(*a, **kw))
+    plain = image_embeddings(tiny_backbone, ds, tiny_backbone.transform, cache, batch_size=4)
+    assert streamed == [] and len(_keys(cache)) == 1  # on CPU: the PIL loop
+    monkeypatch.setattr(extract, "use_gpu_decode", lambda *a, **kw: True)  # as on a CUDA backbone
+    decoded = image_embeddings(tiny_backbone, ds, tiny_backbone.transform, cache, batch_size=4)
+    assert streamed == [6] and len(_keys(cache)) == 2  # its own entry: the decoder is in the key
+    assert torch.allclose(decoded["features"], plain["features"], atol=0.01)  # decoders differ slightly
+    image_embeddings(tiny_backbone, ds, tiny_backbone.transform, cache, batch_size=4, stream=False)
+    assert streamed == [6] and cache.hits == 1  # stream=False: the PIL loop's entry
+
+
 def _keys(cache):
     return [p.stem for p in (cache.root / "embeddings").glob("*.safetensors")]
 

@@ -132,9 +132,11 @@ def image_embeddings(
 ) -> dict[str, Tensor]:
     """Cached :func:`encode_images` of ``dataset`` under ``transform`` with ``backbone``.
 
-    With a cache, datasets of at least :data:`vlweak.data.extract.STREAM_THRESHOLD` images (or any
-    size with ``stream=True``) are encoded by :func:`vlweak.data.extract.extract_embeddings`:
-    sharded, resumable after an interrupt, written straight into the cache entry."""
+    With a cache, datasets of at least :data:`vlweak.data.extract.STREAM_THRESHOLD` images, JPEG
+    files of any number that a CUDA backbone decodes on its GPU (:func:`vlweak.data.extract.use_gpu_decode`),
+    or any dataset with ``stream=True``, are encoded by :func:`vlweak.data.extract.extract_embeddings`:
+    sharded, resumable after an interrupt, written straight into the cache entry.
+    ``stream=False`` keeps the in-memory loop of :func:`encode_images`."""
     from vlweak.data import extract
     from vlweak.data.datasets import Transformed
 
@@ -144,11 +146,12 @@ def image_embeddings(
     if cache is None:
         return compute()
     parts: dict[str, Any] = dict(backbone=backbone.fingerprint(), data=dataset.fingerprint_parts(), transform=repr(transform))
-    if stream is None:
-        stream = len(dataset) >= extract.STREAM_THRESHOLD
+    on_gpu = stream is not False and extract.use_gpu_decode(dataset, transform, backbone.device)
+    if stream is None:  # a small set of JPEGs on a GPU gains its decoder too (10x a PIL loop)
+        stream = len(dataset) >= extract.STREAM_THRESHOLD or on_gpu
     if not (stream and cache.enabled):
         return cache.get_or_compute(cache_key(**parts), compute, backbone=backbone.fingerprint(), n=len(dataset))
-    if extract.use_gpu_decode(dataset, transform, backbone.device):
+    if on_gpu:
         name, _ = extract.jpeg_decoder()  # GPU-decoded pixels differ slightly from PIL's
         parts["decoder"] = "cuda-jpeg" if name == "torchvision" else f"cuda-jpeg-{name}"
     key = cache_key(**parts)

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from vlweak.data.cache import atomic_save_tensors
 
 #: datasets with at least this many samples go through the sharded extraction in
-#: :func:`vlweak.data.cache.image_embeddings`.
+#: :func:`vlweak.data.cache.image_embeddings` (JPEG files decoded on a GPU go through it at any size).
 STREAM_THRESHOLD = 20_000
 DEFAULT_SHARD_SIZE = 8192
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
