@@ -7,7 +7,7 @@
 #
 # A CUDA machine without internet whose Python already holds torch, torchvision, lightning,
 # transformers, torchmetrics, safetensors, scipy and matplotlib gets the rest (open_clip and its
-# text cleaner, jsonargparse with its signature readers, faiss-cpu, TorchCodec) from .whl/, installed into a
+# text cleaner, jsonargparse with its signature readers, faiss-cpu) from .whl/, installed into a
 # private folder; with vlweak installed normally (`pip install -e ".[dev]"`) nothing is installed.
 #
 # Stages, each under its own time limit so that one slow stage leaves the others their time, each
@@ -31,7 +31,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-WHEELS=(open_clip_torch ftfy wcwidth jsonargparse docstring_parser typeshed_client faiss-cpu torchcodec)
+# not TorchCodec: PyPI's wheels decode on the CPU only (its CUDA builds come from PyTorch's own
+# index), so on such a machine the GPU path uses torchvision's nvJPEG decoder, which the image's
+# torchvision has
+WHEELS=(open_clip_torch ftfy wcwidth jsonargparse docstring_parser typeshed_client faiss-cpu)
 
 if [[ "${1:-}" == "--wheels" ]]; then
     # the versions this environment runs (the ones the test suite passed with), else the newest

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plain = plain_loop(fast, root, batch, workers)
         row("end to end, open_clip preprocess + PIL + DataLoader", plain, plain, "plain PIL loop")
         ours = vlweak_extraction(fast, root, batch, workers, root / "out.safetensors")
-        decoder = jpeg_decoder()[0]
+        decoder = jpeg_decoder(fast.device)[0]
         row(f"end to end, vlweak extraction{f' (GPU JPEG decode, {decoder})' if gpu else ''}", ours, plain, "plain PIL loop")
         if gpu and decoder != "torchvision":  # the deprecated decoder it replaces, measured beside it
             saved = sys.modules.get("torchcodec.decoders")

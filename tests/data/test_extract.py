@@ -6,7 +6,7 @@ import torch
 from tests.conftest import write_image_folder
 from vlweak.data import EmbeddingCache, ShapesWorld, ShapesWorldDataset, image_embeddings
 from vlweak.data.cache import encode_images
-from vlweak.data.datasets import ImageFolderReader, Transformed
+from vlweak.data.datasets import ImageFolderReader, ImageLoadError, Transformed
 from vlweak.data.extract import assemble, extract_embeddings, load_features, split_transform
 
 
@@ -103,6 +103,48 @@ def test_a_small_jpeg_set_takes_the_gpu_decoder_where_it_applies(tmp_path, tiny_
     assert streamed == [6] and cache.hits == 1  # stream=False: the PIL loop's entry
 
 
+def test_a_corrupt_jpeg_on_the_gpu_decoding_path_is_skipped_or_named(tmp_path, tiny_backbone, monkeypatch):
+    """The decoding path reads bytes only: a file that no decoder reads is named, and with skip_bad
+    left out with the PIL path's warning, its neighbours in the batch encoded."""
+    from vlweak.data import extract
+
+    monkeypatch.setattr(extract, "use_gpu_decode", lambda *a, **kw: True)  # as on a CUDA backbone
+    root = write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3}, size=40, ext="jpg")
+    (root / "dog" / "1.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ImageLoadError, match="1.jpg"):
+        extract_embeddings(tiny_backbone, ImageFolderReader.read(root), tiny_backbone.transform,
+                           tmp_path / "a.safetensors", batch_size=4, num_workers=0, progress=False)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*dog.1\.jpg"):
+        extract_embeddings(tiny_backbone, ImageFolderReader.read(root, skip_bad=True), tiny_backbone.transform,
+                           tmp_path / "b.safetensors", batch_size=4, num_workers=0, progress=False)
+    f = load_features(tmp_path / "b.safetensors")
+    assert sorted(f["index"].tolist()) == [0, 1, 2, 3, 5] and f["features"].shape[0] == 5
+
+
+def test_a_torchcodec_that_cannot_decode_on_the_gpu_leaves_it_to_torchvision(monkeypatch):
+    """PyPI's TorchCodec decodes on the CPU only: probed once on a CUDA device, it gives way there
+    to torchvision's nvJPEG decoder, and stays the decoder on the CPU."""
+    codecs = importlib.import_module("torchcodec.decoders")
+    from vlweak.data import extract
+
+    real, probes = codecs.decode_jpeg, []
+
+    def cpu_only(data, mode="RGB", device="cpu"):
+        probes.append(str(device))
+        if torch.device(device).type == "cuda":
+            raise RuntimeError("this build of TorchCodec has no CUDA support")
+        return real(data, mode=mode, device=device)
+
+    monkeypatch.setattr(codecs, "decode_jpeg", cpu_only)
+    monkeypatch.setattr(extract, "_CODEC_DECODES_ON", {})
+    cuda = torch.device("cuda")
+    assert extract.jpeg_decoder(cuda)[0] == "torchvision"
+    assert extract.jpeg_decoder(cuda)[0] == "torchvision" and probes == ["cuda"]  # probed once
+    name, decode = extract.jpeg_decoder(torch.device("cpu"))
+    assert name == "torchcodec" and decode(extract._tiny_jpeg(), torch.device("cpu")).shape == (3, 8, 8)
+    assert probes == ["cuda", "cpu"]  # the CPU is never probed: that was the decode above
+
+
 def _keys(cache):
     return [p.stem for p in (cache.root / "embeddings").glob("*.safetensors")]
 
@@ -160,7 +202,8 @@ def test_the_gpu_decoder_path_reproduces_the_standard_preprocessing(tmp_path, ti
     paths = _jpegs(tmp_path, sizes)
     prefix, _ = split_transform(tiny_backbone.transform)
     size, crop = gpu_geometry(prefix)
-    ours = _gpu_decode([read_bytes(p) for p in paths], paths, size, crop, torch.device("cpu"))
+    ours, kept = _gpu_decode([read_bytes(p) for p in paths], paths, size, crop, torch.device("cpu"))
+    assert kept == list(range(len(paths)))
     assert ours.shape == (len(paths), 3, crop, crop) and ours.dtype == torch.uint8
     for k, p in enumerate(paths):
         ref = prefix(load_image(p))
@@ -230,7 +273,7 @@ def test_exif_rotated_jpegs_keep_their_stored_pixels_on_the_gpu_path(tmp_path, t
     prefix, _ = split_transform(tiny_backbone.transform)
     size, crop = gpu_geometry(prefix)
     for oriented in (batch["oriented"], None):  # told by the loader, or read from the bytes
-        ours = _gpu_decode(batch["data"], paths, size, crop, torch.device("cpu"), oriented)
+        ours, _ = _gpu_decode(batch["data"], paths, size, crop, torch.device("cpu"), oriented)
         for k, p in enumerate(paths):
             ref = prefix(load_image(p))
             assert (ours[k].float() - ref.float()).abs().mean() < 0.5, (p, oriented)

@@ -152,7 +152,7 @@ def image_embeddings(
     if not (stream and cache.enabled):
         return cache.get_or_compute(cache_key(**parts), compute, backbone=backbone.fingerprint(), n=len(dataset))
     if on_gpu:
-        name, _ = extract.jpeg_decoder()  # GPU-decoded pixels differ slightly from PIL's
+        name, _ = extract.jpeg_decoder(backbone.device)  # GPU-decoded pixels differ slightly from PIL's
         parts["decoder"] = "cuda-jpeg" if name == "torchvision" else f"cuda-jpeg-{name}"
     key = cache_key(**parts)
     found = cache.load(key)

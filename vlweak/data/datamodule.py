@@ -296,6 +296,10 @@ class VLDataModule(L.LightningDataModule):
             raise RuntimeError("embeddings: true needs a model with a backbone")
         trainer = getattr(self, "trainer", None)
         strategy = trainer.strategy if trainer is not None else None
+        if strategy is not None and backbone.device != strategy.root_device:
+            # setup runs before Lightning moves the model: encode on the run's device (a GPU's
+            # precision and decoder), not on the CPU the model was built on
+            backbone.to(strategy.root_device)
         base = raw.dataset if isinstance(raw, Budgeted) else raw
         # Rank 0 encodes and stores; then each other node's first rank reads the entry (a shared cache) or
         # encodes into its own disk's cache; the other ranks wait (and stop with the error), then read.

@@ -13,7 +13,7 @@ The hot path, from files to features:
   (pinned memory on CUDA) and is scaled and normalized there in one batched op;
 * the image tower runs under the backbone's precision (``bf16`` on a GPU recipe) with large batches;
 * on CUDA, JPEG files can be decoded on the GPU (nvJPEG, through TorchCodec's ``decode_jpeg`` when
-  it is installed — ``pip install vlweak[decode]`` — else torchvision's, deprecated since
+  its CUDA build is installed — see ``vlweak[decode]`` — else torchvision's, deprecated since
   torchvision 0.29) and resized in batches of equal-sized images (``gpu_decode``); the workers then
   only read file bytes. GPU-decoded pixels differ slightly from PIL's, so the cache key records the
   decoder.
@@ -156,13 +156,49 @@ def exif_orientation(data: Tensor) -> int:
         return 1
 
 
-def jpeg_decoder() -> tuple[str, Callable[[list[Tensor] | Tensor, torch.device], Any]]:
-    """The JPEG decoder of the GPU path, as ``(name, decode(data, device))``: TorchCodec's when it
-    imports (torchvision's image decoders are deprecated since torchvision 0.29), else
-    torchvision's. Both decode with nvJPEG on CUDA and take a list of byte tensors as one batch."""
+_CODEC_DECODES_ON: dict[str, bool] = {}
+
+
+def _tiny_jpeg() -> Tensor:
+    """The bytes of an 8 x 8 JPEG, to probe a decoder with."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 60, 30)).save(buf, format="JPEG")
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _codec_decodes_on(device: torch.device | None) -> bool:
+    """Whether TorchCodec decodes JPEGs on ``device``: always on the CPU; on CUDA only its CUDA
+    build does (PyPI's wheel is CPU-only; the CUDA one comes from PyTorch's index). Probed once per
+    device with a tiny JPEG."""
+    if device is None or device.type != "cuda":
+        return True
+    key = str(device)
+    if key not in _CODEC_DECODES_ON:
+        from torchcodec.decoders import decode_jpeg
+
+        try:
+            decode_jpeg(_tiny_jpeg(), mode="RGB", device=device)
+            _CODEC_DECODES_ON[key] = True
+        except (RuntimeError, ValueError, NotImplementedError):
+            _CODEC_DECODES_ON[key] = False
+    return _CODEC_DECODES_ON[key]
+
+
+def jpeg_decoder(device: torch.device | None = None) -> tuple[str, Callable[[list[Tensor] | Tensor, torch.device], Any]]:
+    """The JPEG decoder of the GPU path on ``device``, as ``(name, decode(data, device))``:
+    TorchCodec's when it imports and decodes there (torchvision's image decoders are deprecated since
+    torchvision 0.29), else torchvision's. Both decode with nvJPEG on CUDA and take a list of byte
+    tensors as one batch."""
     try:
         from torchcodec.decoders import decode_jpeg as codec_decode
-    except (ImportError, OSError, RuntimeError):  # absent, or built for another torch
+
+        if not _codec_decodes_on(device):
+            raise ImportError("this TorchCodec decodes on the CPU only")
+    except (ImportError, OSError, RuntimeError):  # absent, built for another torch, or CPU-only
         import warnings
 
         from torchvision.io import ImageReadMode
@@ -186,19 +222,28 @@ def _collate_bytes(items: list[dict[str, Any] | None]) -> dict[str, Any]:
 
 
 def _gpu_decode(
-    data: list[Tensor], paths: list[str], size: int, crop: int, device: torch.device, oriented: list[bool] | None = None
-) -> Tensor:
+    data: list[Tensor],
+    paths: list[str],
+    size: int,
+    crop: int,
+    device: torch.device,
+    oriented: list[bool] | None = None,
+    skip_bad: bool = False,
+) -> tuple[Tensor, list[int]]:
     """Decode JPEG bytes on the GPU and resize (bicubic, antialiased; shortest side to ``size``) +
-    centre-crop to ``uint8 [B, 3, crop, crop]``, one interpolation per group of equal-sized images.
+    centre-crop to ``uint8 [B', 3, crop, crop]``, one interpolation per group of equal-sized images;
+    also the positions (in ``data``) of the ``B'`` images returned.
 
     ``oriented`` marks files with an EXIF orientation other than upright. The PIL path (and the
     reference CLIP pipelines) keep the pixels as stored, but TorchCodec turns them upright, so with
-    TorchCodec those files are decoded with PIL instead, and every path feeds the model the same pixels."""
+    TorchCodec those files are decoded with PIL instead, and every path feeds the model the same pixels.
+    A file that neither the GPU decoder nor PIL can read is an :class:`~vlweak.data.datasets.ImageLoadError`,
+    or with ``skip_bad`` a warning naming it (as the PIL path gives), and is left out."""
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from vlweak.data.datasets import load_image
+    from vlweak.data.datasets import ImageLoadError, load_image
 
-    name, decode = jpeg_decoder()
+    name, decode = jpeg_decoder(device)
     if name != "torchcodec":  # torchvision's decoder keeps the stored orientation, as PIL does
         oriented = [False] * len(data)
     elif oriented is None:
@@ -215,9 +260,19 @@ def _gpu_decode(
                 images[k] = decode(data[k], device)
             except RuntimeError:
                 by_pil[k] = True
+    kept = list(range(len(data)))
     for k, pil in enumerate(by_pil):
         if pil:
-            images[k] = pil_to_tensor(load_image(paths[k])).to(device)
+            try:
+                images[k] = pil_to_tensor(load_image(paths[k])).to(device)
+            except ImageLoadError:
+                if not skip_bad:
+                    raise
+                import warnings
+
+                warnings.warn(f"skipping unreadable image {paths[k]}", stacklevel=2)
+                kept.remove(k)
+    images = [images[k] for k in kept]
     out = torch.empty((len(images), 3, crop, crop), dtype=torch.uint8, device=device)
     groups: dict[tuple[int, int], list[int]] = {}
     for k, im in enumerate(images):
@@ -231,7 +286,7 @@ def _gpu_decode(
             batch = torch.nn.functional.pad(batch, (max(0, -left), max(0, -left), max(0, -top), max(0, -top)))
             top, left = max(0, top), max(0, left)
         out[ks] = batch[:, :, top : top + crop, left : left + crop].round_().clamp_(0, 255).to(torch.uint8)
-    return out
+    return out, kept
 
 
 def use_gpu_decode(dataset: Any, transform: Any, device: torch.device, gpu_decode: bool | str = "auto") -> bool:
@@ -422,7 +477,7 @@ def _encode_shards(
         assert split is not None
         size, crop = gpu_geometry(split[0])  # type: ignore[misc]
         source: Dataset = _FileBytes(dataset.paths, getattr(dataset, "skip_bad", False),
-                                     orientation=jpeg_decoder()[0] == "torchcodec")
+                                     orientation=jpeg_decoder(device)[0] == "torchcodec")
         collate_fn = _collate_bytes
     else:
         source = _Prepared(dataset, split[0] if split is not None else transform)
@@ -446,12 +501,14 @@ def _encode_shards(
     plan = sampler.plan
     for step, batch in enumerate(loader):
         shard, idx = plan[step]
+        if batch and on_gpu:  # bytes stay on the host; a file no decoder reads drops out with skip_bad
+            paths = [dataset.paths[int(i)] for i in batch["index"]]
+            images, kept = _gpu_decode(batch["data"], paths, size, crop, device, batch["oriented"], source.skip_bad)
+            batch = {"image": images, "index": batch["index"][kept]} if kept else None
+        elif batch:
+            batch["image"] = batch["image"].to(device, non_blocking=True)
         if batch:
-            if on_gpu:
-                paths = [dataset.paths[int(i)] for i in batch["index"]]
-                images = _gpu_decode(batch["data"], paths, size, crop, device, batch["oriented"])  # bytes stay on the host
-            else:
-                images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"]
             if split is not None:
                 mean, std = split[1]
                 images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean, std)

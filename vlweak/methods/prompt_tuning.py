@@ -288,8 +288,9 @@ class PromptTuning(VLMethod):
             if "features" in batch:
                 return F.normalize(batch["features"].float(), dim=-1)
             if train and self._trains_on_pool_features():
-                rows = self._feature_row.to(batch["index"].device)[batch["index"]]
-                return self._pool_features.to(self.device)[rows.to(self.device)]
+                # the batch's rows, picked where the pool lies, then moved (never the whole pool per step)
+                rows = self._feature_row[batch["index"].to(self._feature_row.device)]
+                return self._pool_features[rows.to(self._pool_features.device)].to(self.device, non_blocking=True)
             return self.backbone.encode_image(batch["image"])
         if "image" not in batch:
             raise ValueError(f"{self.prompt_type} prompts need images: set data.init_args.embeddings: false")
@@ -512,7 +513,7 @@ class PromptTuning(VLMethod):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         if not batch:
             return self.empty_step()
-        target = self._train_target.to(self.device)[batch["index"].to(self.device)]
+        target = self._train_target[batch["index"].to(self._train_target.device)].to(self.device)
         logits = self.logits(self.batch_features(batch, train=True), self.class_features())
         loss = F.cross_entropy(logits.float(), target, ignore_index=-1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
