@@ -77,8 +77,8 @@ stage() {  # stage NAME SECONDS COMMAND...
     codes[$name]="exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
-stage gpu_tests "${GPU_TESTS_S:-180}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu -rs
-stage benchmarks "${BENCHMARKS_S:-300}" "$PYTHON" benchmarks/run.py --device cuda --out "$OUT/benchmarks"
+stage gpu_tests "${GPU_TESTS_S:-210}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu -rs
+stage benchmarks "${BENCHMARKS_S:-270}" "$PYTHON" benchmarks/run.py --device cuda --out "$OUT/benchmarks"
 stage zlap_1m "${ZLAP_1M_S:-90}" "$PYTHON" benchmarks/zlap.py --device cuda --n 1000000 --classes 1000 --skip-reference
 stage zlap_growth "${ZLAP_GROWTH_S:-150}" bash -c "for n in 100000 300000; do $PYTHON benchmarks/zlap.py --device cuda --n \$n --classes 100 1000 --skip-reference; done; $PYTHON benchmarks/zlap.py --device cuda --n 300000 --classes 1000 --skip-reference --engine torch-bf16"
 stage dualcoop_files "${DUALCOOP_FILES_S:-240}" "$PYTHON" benchmarks/dualcoop.py --device cuda --files
