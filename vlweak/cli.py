@@ -14,6 +14,7 @@ import re
 import sys
 import traceback
 import warnings
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,51 @@ class VLWeakCLI(LightningCLI):
                 raise
             raise cause from None  # its own traceback ends in the constructor that refused the value
 
+    def _parse_ckpt_path(self) -> None:
+        """A ``--ckpt_path`` file must be a Lightning checkpoint; Lightning then replaces the
+        model's settings with the checkpoint's, and the ones that change are named."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or ckpt in ("last", "best", "hpc", "registry"):
+            return super()._parse_ckpt_path()
+        path = Path(ckpt)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--ckpt_path {ckpt}: no such file; give a .ckpt file written by `vlweak fit`, or `last` for "
+                "the newest fit of this recipe"
+            )
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"--ckpt_path {ckpt} is not a Lightning checkpoint (a .ckpt file written by `vlweak fit`); "
+                "model weights go to --model.init_args.backbone.init_args.pretrained, a pseudolabel artifact "
+                "to the method's artifact option"
+            )
+        before = self.config[sub].get("model")
+        before = before.clone() if hasattr(before, "clone") else before
+        super()._parse_ckpt_path()
+        diff = _differences(_plain(before), _plain(self.config[sub].get("model")), "model")
+        classes = [(a, b) for key, a, b in diff if key == "model.class_path"]
+        if classes:
+            (ours, theirs), = classes
+            rank_zero_warn(f"--ckpt_path {ckpt} is a checkpoint of {theirs.rsplit('.', 1)[-1]}, not of this "
+                           f"recipe's {ours.rsplit('.', 1)[-1]}: the run is {theirs.rsplit('.', 1)[-1]}'s, with its settings")
+            return
+        # settings this run gave (not left at a None default) that the checkpoint's replace; the class
+        # vocabulary is linked from the data module after this
+        changed = [f"{key.rsplit('.', 1)[-1]} {b!r} (here {a!r})" for key, a, b in diff
+                   if a is not None and key.startswith("model.init_args.") and key != "model.init_args.classnames"]
+        if changed:
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            rank_zero_warn(f"--ckpt_path {ckpt}: the model is built with the checkpoint's settings: "
+                           f"{'; '.join(changed[:6])}{more}")
+
     def before_fit(self) -> None:
         """A fit that keeps checkpoints also gets one where it stops (:class:`CheckpointOnInterrupt`),
         first in line, before any callback's own clean-up on the exception."""
+        if type(self.model).training_step is L.LightningModule.training_step:
+            name = type(self.model).__name__
+            raise ValueError(f"{name} is training-free: `vlweak fit` has nothing to train; run `vlweak test` "
+                             "or `vlweak predict` with this recipe")
         from vlweak.callbacks import CheckpointOnInterrupt
 
         callbacks = self.trainer.callbacks
@@ -176,6 +219,11 @@ class VLWeakCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        trains = type(self.model).training_step is not L.LightningModule.training_step
+        if subcommand in ("validate", "test", "predict") and trains and not kwargs.get("ckpt_path"):
+            name = type(self.model).__name__
+            rank_zero_warn(f"`vlweak {subcommand}` without --ckpt_path: {name} runs untrained, as its recipe "
+                           "builds it; --ckpt_path last takes the newest fit of this recipe")
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = newest_last_checkpoint(self.trainer, required=subcommand != "fit")
             if kwargs["ckpt_path"]:
@@ -223,6 +271,11 @@ def constructor_error(err: BaseException) -> BaseException | None:
 def _raised_by_jsonargparse(err: BaseException) -> bool:
     frames = traceback.extract_tb(err.__traceback__)
     return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
+
+
+def _plain(config: Any) -> Any:
+    """A jsonargparse namespace as nested dicts (other values as they are)."""
+    return config.as_dict() if hasattr(config, "as_dict") else config
 
 
 def _differences(a: Any, b: Any, key: str) -> list[tuple[str, Any, Any]]:

@@ -250,12 +250,16 @@ def _main_args(tmp_path, ckpt, *extra):
     (["--model.init_args.backbone.init_args.pretrained=/no/such/weights.safetensors"],
      "FileNotFoundError: checkpoint file not found: /no/such/weights.safetensors"),
     (["--data.init_args.n_test=0"], "RuntimeError: ShapesWorldDataModule has no 'test' split (n_test: 0)"),
+    (["--ckpt_path=/no/such/run.ckpt"], "FileNotFoundError: --ckpt_path /no/such/run.ckpt: no such file"),
+    (["--ckpt_path={weights}"], "ValueError: --ckpt_path {weights} is not a Lightning checkpoint"),
 ])
 def test_a_refused_input_ends_the_run_with_its_message_alone(tmp_path, tiny_ckpt, capsys, monkeypatch, extra, message):
     """The console script ends a run whose input vlweak refuses with the message on stderr and exit
     status 2, no traceback; VLWEAK_TRACEBACK=1 raises it as it is."""
 
     monkeypatch.delenv("VLWEAK_TRACEBACK", raising=False)
+    extra = [e.format(weights=tiny_ckpt) for e in extra]  # a weights file is no Lightning checkpoint
+    message = message.format(weights=tiny_ckpt)
     with pytest.raises(SystemExit) as exit_info:
         main(_main_args(tmp_path, tiny_ckpt, *extra))
     assert exit_info.value.code == 2
@@ -438,6 +442,23 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*configured otherwise")
         build_cli(["test", *args, "--ckpt_path=last"])  # the same settings: nothing to say
+    # a trained method tested without a checkpoint runs untrained: said so
+    with pytest.warns(UserWarning, match=r"`vlweak test` without --ckpt_path: DualCoOp runs untrained"):
+        build_cli(["test", *args])
+    # an explicit checkpoint's settings replace the run's, and the ones that change are named
+    (ckpt,) = tmp_path.glob("*/version_0/checkpoints/last.ckpt")
+    with pytest.warns(UserWarning, match=r"built with the checkpoint's settings: n_ctx 2 \(here 4\)"):
+        cli = build_cli(["test", *args, "--model.init_args.n_ctx=4", f"--ckpt_path={ckpt}"])
+    assert cli.model.hparams.n_ctx == 2
+    with pytest.warns(UserWarning, match=r"is a checkpoint of DualCoOp, not of this recipe's ZeroShot"):
+        build_cli(["test", "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path / 'zs'}",
+                   f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--data.init_args.multilabel=true",
+                   f"--ckpt_path={ckpt}"])
+
+
+def test_fit_of_a_training_free_method_says_to_test_or_predict(tmp_path, tiny_ckpt):
+    with pytest.raises(ValueError, match=r"ZeroShot is training-free: `vlweak fit` has nothing to train; run `vlweak test`"):
+        _run(["fit"], tmp_path, tiny_ckpt)
 
 
 def test_predict_labels_a_folder_of_unlabeled_images(tmp_path, tiny_ckpt):
