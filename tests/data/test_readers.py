@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -26,6 +27,21 @@ def test_image_folder_classes_and_items(tmp_path):
     assert len(ds) == 5 and ds[0]["label"] == 0 and ds[4]["label"] == 1
     mapped = ImageFolderReader.read(tmp_path / "train", {"golden_retriever": "dog", "tabby cat": "cat"})
     assert mapped.classnames == ["dog", "cat"]
+    # a list names the folders in sorted order; the folders' own names in another order would
+    # give each folder another's name
+    assert ImageFolderReader.read(tmp_path / "train", ["golden retriever", "tabby cat"]).classnames[0] == "golden retriever"
+    with pytest.raises(VocabularyError, match=r"lists its class folders in another order \(\['tabby cat', 'golden retriever'\]\)"):
+        ImageFolderReader.read(tmp_path / "train", ["tabby cat", "golden retriever"])
+    assert ImageFolderReader.read(tmp_path / "train", ["dog", "cat"]).classnames == ["dog", "cat"]  # new names: as given
+
+
+def test_images_in_a_class_folders_sub_folders_belong_to_the_class(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"cat": 1, "dog": 1})
+    write_image_folder(root / "cat", {"indoor": 2, ".thumbs": 1})  # a hidden folder is left out
+    ds = ImageFolderReader.read(root)
+    rel = [os.path.relpath(p, root) for p in ds.paths]
+    assert rel == ["cat/0.png", "cat/indoor/0.png", "cat/indoor/1.png", "dog/0.png"]
+    assert [ds[i]["label"] for i in range(4)] == [0, 0, 0, 1] and ds.classnames == ["cat", "dog"]
 
 
 def test_missing_and_corrupt_images_named(tmp_path, tiny_backbone):
@@ -84,6 +100,30 @@ def test_manifest_csv_and_jsonl_multilabel(tmp_path):
     assert ManifestReader.read(tmp_path / "j.csv", classnames=["cat", "dog"])[0]["target"].tolist() == [1.0, 1.0]
     dm = ManifestDataModule(test=str(tmp_path / "m.jsonl"))
     assert dm.multilabel and dm.classnames == ["cat", "dog"]
+
+
+def test_manifest_header_spelling_and_a_missing_label_column(tmp_path):
+    write_image_folder(tmp_path / "imgs", {"x": 2})
+    # a spreadsheet's byte-order mark and a space after the comma are not part of the column names
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath, label\nimgs/x/0.png, cat\nimgs/x/1.png,dog\n".encode("utf-8"))
+    ds = ManifestReader.read(tmp_path / "bom.csv")
+    assert ds.classnames == ["cat", "dog"] and [ds[i]["label"] for i in range(2)] == [0, 1]
+    # a label column under another name: named, not "the class list is empty"
+    (tmp_path / "cls.csv").write_text("path,class\nimgs/x/0.png,cat\n")
+    with pytest.raises(ValueError, match=r"cls.csv has no 'label' \(one class\) or 'labels' \(several\) column; found \['class', 'path'\]"):
+        ManifestReader.read(tmp_path / "cls.csv")
+    with pytest.warns(UserWarning, match="its 1 images are read as unlabeled"):
+        assert ManifestReader.read(tmp_path / "cls.csv", classnames=["cat", "dog"])[0]["label"] == -1
+    # no label column and no other: a pool of unlabeled images, as meant
+    (tmp_path / "pool.csv").write_text("path\nimgs/x/0.png\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ManifestReader.read(tmp_path / "pool.csv", classnames=["cat", "dog"])[0]["label"] == -1
+    # a JSON row whose label key is misspelled
+    rows = [{"path": "imgs/x/0.png", "label": "cat"}, {"path": "imgs/x/1.png", "lable": "dog"}]
+    (tmp_path / "typo.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.warns(UserWarning, match=r"1 rows \(e.g. row 2\) have no 'label' but other keys \(\['lable'\]\)"):
+        ManifestReader.read(tmp_path / "typo.jsonl", classnames=["cat", "dog"])
 
 
 def test_image_folder_datamodule_splits_and_transform(tmp_path, tiny_backbone):
@@ -232,8 +272,8 @@ def test_caption_manifest_serves_pairs_without_classes_and_names_bad_rows(tmp_pa
     manifest.write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=r"row 4 \(002.png\): no caption in column 'caption'"):
         ManifestDataModule(train=str(manifest), captions="caption")
-    # without captions the same file is a labelling manifest, which needs classes
-    with pytest.raises(VocabularyError, match="is empty"):
+    # without captions the same file is a labelling manifest, which needs a label column or classes
+    with pytest.raises(ValueError, match=r"has no 'label' .* column; found \['caption', 'path'\]"):
         ManifestDataModule(train=str(manifest))
 
 

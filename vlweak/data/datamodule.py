@@ -457,11 +457,12 @@ class ImageFolderDataModule(VLDataModule):
 
     A split folder named other than its default (``test: tst``) must exist; a default one may be
     missing until a stage needs it (``vlweak test`` without ``root/test`` is an error naming the
-    folder). A class folder without images is a warning (the class has no examples in that split).
+    folder). A class folder without images is a warning (the class has no examples in that split);
+    images in a class folder's sub-folders belong to the class, as torchvision's ``ImageFolder`` reads it.
 
     Args:
         root: dataset folder.
-        classnames: class names in folder order, or a ``{folder: name}`` map (e.g. WordNet ids to
+        classnames: class names in sorted folder order, or a ``{folder: name}`` map (e.g. WordNet ids to
             names), or a file holding either (``.txt``, one name per line; ``.json`` / ``.yaml``);
             default: the folder names with underscores turned into spaces. An empty list or map, or
             a repeated name, is an error.

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -251,13 +252,21 @@ class ImageFolderReader:
             names = validate_classnames(classnames, f"classnames given for {root}")
             if len(names) != len(folders):
                 raise VocabularyError(f"{len(names)} class names given for {len(folders)} class folders in {root}")
+            folder_names = [clean_classname(f) for f in folders]
+            if names != folder_names and sorted(names) == sorted(folder_names):
+                # the folders' own names in another order: each folder would take another's name
+                raise VocabularyError(
+                    f"classnames for {root} lists its class folders in another order ({names}); a list names "
+                    f"the folders in their sorted order ({folder_names}): give it in that order, or map "
+                    "folder to name ({folder: name})"
+                )
         else:
             names = [clean_classname(f) for f in folders]
         names = validate_classnames(names, f"classes of {root}")
         paths, labels, empty = [], [], []
         for k, folder in enumerate(folders):
             n = len(paths)
-            for f in image_files(root / folder):
+            for f in image_files(root / folder, recursive=True):
                 paths.append(str(f))
                 labels.append(k)
             if len(paths) == n:
@@ -291,10 +300,20 @@ class ImageFolderReader:
         return LabeledImages(paths, [-1] * len(paths), names, skip_bad=skip_bad)
 
 
-def image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The image files directly in ``folder``, sorted; hidden files (macOS ``._x.png`` resource
-    forks, ``.DS_Store``) are not images."""
-    return [f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")]
+    forks, ``.DS_Store``) are not images. ``recursive``: those of its sub-folders too (hidden
+    folders left out), each folder's own first, as torchvision's ``ImageFolder`` reads a class."""
+    def images(paths: list[Path]) -> list[Path]:
+        return [f for f in sorted(paths) if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")]
+
+    if not recursive:
+        return images(list(folder.iterdir()))
+    found = []
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += images([Path(here) / f for f in files])
+    return found
 
 
 def manifest_format(path: Path) -> str:
@@ -324,9 +343,14 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     of objects, or JSON Lines in a ``.json`` file)."""
     fmt = manifest_format(path)
     if fmt == "csv":
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    with open(path) as f:
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name; nor is
+        # the space after a comma ("path, label")
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames:
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            return list(reader)
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     rows: Any = None
     if fmt == "json":
@@ -390,7 +414,23 @@ class ManifestReader:
             raise ValueError(f"manifest {manifest} needs a 'path' column; found {sorted(rows[0])}")
         if caption_key and caption_key not in rows[0]:
             raise ValueError(f"manifest {manifest} has no caption column {caption_key!r}; found {sorted(rows[0])}")
-        key = "labels" if "labels" in rows[0] else "label" if "label" in rows[0] else None
+        key = "labels" if any("labels" in r for r in rows) else "label" if any("label" in r for r in rows) else None
+        others = sorted({k for r in rows for k in r} - {"path", "label", "labels", caption_key})
+        if key is None and not caption_key:
+            where = f"manifest {manifest} has no 'label' (one class) or 'labels' (several) column; found {sorted(rows[0])}"
+            if classnames is None:
+                raise ValueError(f"{where}: name its label column so, or give classnames to pseudolabel its "
+                                 "images as unlabeled")
+            if others:  # a label column under another name would leave every image unlabeled
+                warnings.warn(f"{where}: its {len(rows)} images are read as unlabeled", stacklevel=2)
+        elif key is not None and others:
+            missing = [n for n, r in enumerate(rows, 1) if key not in r and any(k in r for k in others)]
+            if missing:  # a JSON row with a misspelled key
+                warnings.warn(
+                    f"manifest {manifest}: {len(missing)} rows (e.g. row {missing[0]}) have no {key!r} but other "
+                    f"keys ({others[:5]}): read as unlabeled",
+                    stacklevel=2,
+                )
         if multilabel is None:
             multilabel = key == "labels"
         raw = [_split_labels(r.get(key)) if key else [] for r in rows]
