@@ -72,8 +72,11 @@ def test_offline_download_says_how_to_use_a_file(monkeypatch):
     monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: ["laion_fake"])
     with pytest.raises(WeightsUnavailableError, match=r"pretrained: /path/to/weights.safetensors"):
         OpenCLIPBackbone("vlweak-tiny", pretrained="laion_fake")
-    with pytest.raises(WeightsUnavailableError, match="neither a local file nor an open_clip pretrained tag"):
+    with pytest.raises(WeightsUnavailableError, match="neither a local file nor an open_clip pretrained tag") as info:
         OpenCLIPBackbone("vlweak-tiny", pretrained="no_such_tag")
+    assert "did you mean" not in str(info.value)
+    with pytest.raises(WeightsUnavailableError, match=r"\(tags: laion_fake\); did you mean 'laion_fake'\?"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained="laion-fake")  # a typo gets the near tag
 
 
 def test_openai_style_tag_builds_quick_gelu(monkeypatch, tmp_path):

@@ -477,3 +477,32 @@ def test_predict_labels_a_folder_of_unlabeled_images(tmp_path, tiny_ckpt):
     pl = PseudoLabels.load(Path(cli.trainer.log_dir) / "pseudolabels-predict.safetensors")
     assert pl.classnames == ["circle", "square", "star"]
     assert pl.sample_ids == [str(photos / f"{k}.jpg") for k in range(5)] and pl.scores.shape == (5, 3)
+
+
+def test_a_single_class_is_refused_before_any_image_is_encoded(tmp_path, tiny_ckpt, monkeypatch):
+    from tests.conftest import write_image_folder
+    from vlweak.backbones.base import Backbone
+
+    root = write_image_folder(tmp_path / "data", {"cat": 3})
+    encoded = []
+    real = Backbone.encode_image
+    monkeypatch.setattr(Backbone, "encode_image", lambda self, x, *a, **kw: encoded.append(len(x)) or real(self, x, *a, **kw))
+    with pytest.raises(ValueError, match=r"ZeroShot has one class \('cat'\): single-label classification needs at least two"):
+        build_cli(["test", "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
+                   f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}",
+                   "--data=vlweak.data.ImageFolderDataModule", f"--data.init_args.root={root}"])
+    assert encoded == []
+
+
+def test_a_split_whose_every_image_is_unreadable_is_an_error_not_an_empty_run(tmp_path, tiny_ckpt):
+    from tests.conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    for f in root.rglob("*.png"):
+        f.write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping unreadable image"), \
+            pytest.raises(ValueError, match="the test split gave no image to test: every one was skipped as unreadable"):
+        build_cli(["test", "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path}",
+                   f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--figures=false",
+                   "--data=vlweak.data.ImageFolderDataModule", f"--data.init_args.root={root}",
+                   "--data.init_args.skip_bad=true"])

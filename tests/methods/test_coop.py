@@ -57,6 +57,20 @@ def test_coop_reads_and_trains_on_the_labeled_images_only(tmp_path, monkeypatch)
     assert 0.0 <= cli.model.last_metrics["test/acc"] <= 1.0
 
 
+def test_a_finished_fit_resumed_says_it_trains_nothing(tmp_path):
+    model = {"backbone": TINY, "n_ctx": 2, "epochs": 2, "warmup_epochs": 1, "cache_features": True}
+    data = {"n_train": 48, "n_val": 0, "n_test": 0, "shots": 1, "image_size": 32, "batch_size": 8}
+    cli = _cli(tmp_path, model, data)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.save_checkpoint(tmp_path / "done.ckpt")
+    longer = _cli(tmp_path, dict(model, epochs=4), data)
+    before = longer.model.text_prompt.ctx.detach().clone()
+    with pytest.warns(UserWarning, match=r"a finished fit: its epochs are trained, so this fit trains nothing; to train longer"):
+        longer.trainer.fit(longer.model, datamodule=longer.datamodule, ckpt_path=tmp_path / "done.ckpt")
+    torch.testing.assert_close(longer.model.text_prompt.ctx, cli.model.text_prompt.ctx)  # the finished prompt
+    assert not torch.equal(before, longer.model.text_prompt.ctx)
+
+
 def test_coop_without_labels_or_on_multilabel_data_is_refused(tmp_path):
     cli = _cli(tmp_path, {"backbone": TINY, "n_ctx": 2, "epochs": 2},
                {"n_train": 48, "n_val": 0, "n_test": 0, "shots": 0, "image_size": 32})

@@ -365,6 +365,9 @@ def test_recipes_run_and_save_the_mask(tmp_path, tiny_ckpt):
     assert cli.model.loss_name == "em_apl" and int((~torch.isnan(cli.model.labeler.pseudo)).sum()) > 0
     cli = _cli("fit", "shapes_zeroshot_unseen.yaml", tmp_path / "zs", tiny_ckpt)
     assert {"val/unseen_mAP", "val/seen_mAP", "val/mAP"} <= set(cli.trainer.logged_metrics)
+    # no observed label: nothing to learn from, said before any epoch
+    with pytest.raises(ValueError, match=r"the train split has no observed label \(label_fraction 0.0\): DualCoOp learns"):
+        _cli("fit", "shapes_partial.yaml", tmp_path / "none", tiny_ckpt, "--data.init_args.label_fraction=0")
 
 
 def partial_labels_against_zero_shot(backbone, tmp_path, **trainer_kw) -> tuple[float, float]:

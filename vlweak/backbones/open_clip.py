@@ -287,9 +287,15 @@ class OpenCLIPBackbone(Backbone):
             if pretrained not in tags and Path(pretrained).expanduser().is_dir():
                 raise _directory_error(Path(pretrained).expanduser())  # a directory given by mistake
             if pretrained not in tags:
+                import difflib
+
+                known = [*tags, *(t for t, arch in SHIPPED_ARCHITECTURE.items() if arch == self.model_name)]
+                near = difflib.get_close_matches(pretrained, known, n=1, cutoff=0.75)
                 raise WeightsUnavailableError(
                     f"{pretrained!r} is neither a local file nor an open_clip pretrained tag of "
-                    f"{self.model_name!r} (tags: {', '.join(tags) or 'none'})"
+                    f"{self.model_name!r} (tags: {', '.join(tags) or 'none'}"
+                    f"{'; shipped: ' + ', '.join(known[len(tags):]) if len(known) > len(tags) else ''})"
+                    f"{f'; did you mean {near[0]!r}?' if near else ''}"
                 )
             try:
                 url_model = open_clip.create_model(

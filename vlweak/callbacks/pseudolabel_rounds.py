@@ -373,7 +373,9 @@ class PseudolabelRounds(L.Callback):
         self.history = list(restored.get("history", []))
         empty = torch.empty(0, dtype=torch.long)
         if r >= total:
-            rank_zero_info(f"the checkpoint is of a finished run: all {total} rounds are trained")
+            trained = f"all {total} of its rounds are trained" if total > 1 else "its epochs are trained"
+            rank_zero_warn(f"the checkpoint is of a finished fit: {trained}, so this fit trains nothing; to train "
+                           "longer (more epochs or rounds), run `vlweak fit` without --ckpt_path")
             return RoundState(r, empty, empty, empty.bool())
         path = self.round_path(folder, r)
         state = RoundState.load(path) if path.is_file() else None

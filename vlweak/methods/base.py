@@ -131,6 +131,11 @@ class VLMethod(L.LightningModule):
             raise ValueError(
                 f"{type(self).__name__} has no class names: give model.init_args.classnames or use a data module"
             )
+        if len(self.classnames) == 1 and not self.multilabel:
+            raise ValueError(
+                f"{type(self).__name__} has one class ({self.classnames[0]!r}): single-label classification "
+                "needs at least two to choose between (an image folder needs a folder per class)"
+            )
         return self.classnames
 
     # ---------------------------------------------------------------- features
@@ -350,6 +355,11 @@ class VLMethod(L.LightningModule):
             out = {k: v for k, v in out.items() if k not in ("target", "mask")}
         if out:
             self.finish(stage, out)
+        elif stage != "val":  # (a fit's validation may be cut to nothing on purpose)
+            raise ValueError(
+                f"the {self.split_of(stage)} split gave no image to {stage}: every one was skipped as "
+                "unreadable (skip_bad), or the split is empty; nothing to score or pseudolabel"
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_batch(batch, "val")

@@ -326,6 +326,15 @@ class DualCoOp(VLMethod):
             return
         self._regions = {}  # kept features belong to one fit's train split
         dm = self.datamodule
+        train = dm.raw("train") if dm is not None and hasattr(dm, "raw") else None
+        if train is not None and hasattr(train, "masks") and not train.masks().any():
+            budget = getattr(dm, "budget", None)
+            fraction = getattr(budget, "fraction", None)
+            raise ValueError(
+                f"the train split has no observed label{f' (label_fraction {fraction})' if fraction is not None else ''}: "
+                "DualCoOp learns from observed labels; raise label_fraction, or train on pseudolabels "
+                "(recipes/cdul/shapes_to_dualcoop.yaml)"
+            )
         self._serve_labels_of_kept(dm)
         budget = getattr(dm, "budget", None)
         if self.loss_name == "auto":
