@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -57,6 +59,17 @@ def test_unfitted_propagator_raises():
 
     with pytest.raises(RuntimeError):
         ZLaPPropagator().transductive()
+
+
+def test_a_graph_of_no_more_images_than_k_warns():
+    from torch.nn.functional import normalize
+
+    images = normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    with pytest.warns(UserWarning, match=r"ZLaP k=5 but the graph has 5 images: each links to all 4 others"):
+        ZLaPPropagator(k=5).fit(images, images[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ZLaPPropagator(k=4).fit(images, images[:2])
 
 
 def test_approximate_knn_engine_keeps_the_predictions():

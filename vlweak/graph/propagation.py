@@ -252,6 +252,12 @@ class ZLaPPropagator:
 
     def fit(self, images: Tensor, text: Tensor) -> ZLaPPropagator:
         """Build the graph over ``images [N, d]`` and class ``text [C, d]`` (both L2-normalised)."""
+        if self.k >= len(images):
+            warnings.warn(
+                f"ZLaP k={self.k} but the graph has {len(images)} images: each links to all {len(images) - 1} others "
+                "(a graph of fewer images than k + 1 propagates little; give a larger pool or a smaller k)",
+                stacklevel=2,
+            )
         self.images, self.text = images, text
         self.graph = build_zlap_graph(images, text, self.k, self.gamma, engine=self.knn_engine, progress=self.progress)
         self._solution = self._sparse = None
