@@ -380,6 +380,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
     else:
         args = _deep_nulls_as_configs(list(args))
     _GIVEN_ARGS[:] = sys.argv[1:] if args is None else args
+    _note_overlay_order(_GIVEN_ARGS)
     return VLWeakCLI(
         model_class=None,
         datamodule_class=VLDataModule,
@@ -395,6 +396,31 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         },
     )
+
+
+def _note_overlay_order(args: list[str]) -> None:
+    """An overlay recipe (``model: init_args:`` without a ``class_path``) given before the recipe that
+    names the method fails in jsonargparse with "Option ... is not accepted" for the base class:
+    say on stderr, first, that the overlay goes after its recipe."""
+    named = False
+    for k, arg in enumerate(args):
+        if arg.split("=", 1)[0] in ("--model", "--model.class_path"):  # the method named on the command line
+            named = True
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else args[k + 1] if arg == "--config" and k + 1 < len(args) else None
+        if path is None:
+            continue
+        try:
+            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
+        except Exception:  # not a readable YAML file: jsonargparse will say so
+            return
+        if not isinstance(model, dict):
+            continue
+        if "class_path" in model:
+            named = True
+        elif "init_args" in model and not named:
+            print(f"vlweak: note: {path} sets model.init_args without naming the method (model.class_path): "
+                  f"an overlay goes after the recipe it changes (--config <recipe> --config {path})", file=sys.stderr)
+            return
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

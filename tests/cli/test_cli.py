@@ -506,3 +506,14 @@ def test_a_split_whose_every_image_is_unreadable_is_an_error_not_an_empty_run(tm
                    f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--figures=false",
                    "--data=vlweak.data.ImageFolderDataModule", f"--data.init_args.root={root}",
                    "--data.init_args.skip_bad=true"])
+
+
+def test_an_overlay_given_before_its_recipe_is_noted(capsys):
+    from vlweak.cli import _note_overlay_order
+
+    base, overlay = (str(REPO / "recipes" / "prompt_tuning" / f) for f in ("shapes_unsupervised.yaml", "strategy_fpl.yaml"))
+    _note_overlay_order(["fit", "--config", overlay, "--config", base])
+    assert f"an overlay goes after the recipe it changes (--config <recipe> --config {overlay})" in capsys.readouterr().err
+    for args in (["fit", "--config", base, f"--config={overlay}"], ["fit", "--model=PromptTuning", "--config", overlay]):
+        _note_overlay_order(args)
+        assert capsys.readouterr().err == ""
