@@ -17,6 +17,19 @@ def test_classifier_matches_direct_computation(tiny_backbone):
     assert torch.allclose(w.norm(dim=1), torch.ones(2))
 
 
+def test_many_prompts_show_a_progress_bar(tiny_backbone, monkeypatch, capsys):
+    from vlweak.prompts import classifier
+
+    monkeypatch.setattr(classifier, "PROGRESS_MIN_PROMPTS", 40)
+    few = text_classifier(tiny_backbone, ["cat", "dog"], ["a {}.", "the {}."], batch_size=4)
+    assert "prompts" not in capsys.readouterr().err
+    names = [f"class {k}" for k in range(20)]
+    many = text_classifier(tiny_backbone, names, ["a {}.", "the {}."], batch_size=4)
+    assert "encoding 40 prompts" in capsys.readouterr().err
+    torch.testing.assert_close(many[:2], text_classifier(tiny_backbone, names[:2], ["a {}.", "the {}."]))
+    assert few.shape == (2, many.shape[1])
+
+
 def test_template_sets_and_errors():
     assert len(IMAGENET80) == 80 and all("{}" in t for t in IMAGENET80)
     assert resolve_templates("simple") == ["a photo of a {}."]

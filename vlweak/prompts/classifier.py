@@ -15,6 +15,10 @@ from vlweak.data.datasets import clean_classname, validate_classnames
 from vlweak.prompts.templates import resolve_templates
 
 
+#: prompts from which encoding them shows a progress bar
+PROGRESS_MIN_PROMPTS = 4096
+
+
 @torch.no_grad()
 def text_classifier(
     backbone,
@@ -27,6 +31,11 @@ def text_classifier(
     names = validate_classnames(classnames)
     temps = resolve_templates(templates if isinstance(templates, str) else list(templates))
     texts = [t.format(clean_classname(c) if clean else c) for c in names for t in temps]
-    feats = torch.cat([backbone.encode_text(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+    starts = range(0, len(texts), batch_size)
+    if len(texts) >= PROGRESS_MIN_PROMPTS:  # e.g. ImageNet's 1,000 classes x 80 templates: minutes on a CPU
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"encoding {len(texts):,} prompts", unit="batch", leave=False, dynamic_ncols=True)
+    feats = torch.cat([backbone.encode_text(texts[i : i + batch_size]) for i in starts])
     feats = feats.view(len(names), len(temps), -1).mean(1)
     return torch.nn.functional.normalize(feats, dim=-1)
