@@ -23,6 +23,19 @@ def test_round_trip_equal(tmp_path, multilabel):
     assert back.provenance == pl.provenance and back.multilabel == multilabel
     if not multilabel:
         assert torch.equal(back.labels, pl.scores.argmax(1))
+    assert back == pl and back != pl[:4]  # equal content compares equal (no ambiguous tensor truth value)
+    other = PseudoLabels.load(path)
+    other.scores[0, 0] += 1e-3
+    assert other != pl
+
+
+def test_rows_are_taken_by_index_slice_or_mask():
+    pl = _labels()
+    assert pl[:2].sample_ids == ["img0.png", "img1.png"] and torch.equal(pl[:2].scores, pl.scores[:2])
+    assert pl[[4, 0]].sample_ids == ["img4.png", "img0.png"] and torch.equal(pl[[4, 0]].indices, torch.tensor([4, 0]))
+    sure = pl[pl.confidences > pl.confidences.median()]
+    assert len(sure) == 2 and (sure.confidences > pl.confidences.median()).all()
+    assert len(pl[3]) == 1 and pl[3].labels.shape == (1,) and pl[3] == pl.aligned_to(["img3.png"])
 
 
 def test_vocabulary_mismatch_is_clear(tmp_path):

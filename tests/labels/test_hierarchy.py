@@ -144,6 +144,13 @@ def test_builtins():
     gen = LabelHierarchy.builtin("cifar20-10")
     assert all(gen.subclasses_of(p)[0] == p for p in gen.parents)  # cleaned: parent kept first
     assert {"shapes", "cifar100", "cifar20-true", "living17-5", "resisc45-50"} <= set(builtin_names())
+    # a name one typo off is suggested; a list is not a hierarchy and is named as such
+    with pytest.raises(HierarchyFormatError, match=r"unknown built-in hierarchy 'shape'; did you mean 'shapes'\?"):
+        LabelHierarchy.builtin("shape")
+    with pytest.raises(HierarchyFormatError, match=r"'cifar-100' is neither a file nor a built-in name; did you mean 'cifar100'"):
+        LabelHierarchy.resolve("cifar-100")
+    with pytest.raises(HierarchyFormatError, match=r"a mapping \{class: \[sub-class, ...\]\}, a built-in name or a file path; got a list"):
+        LabelHierarchy.resolve(["cat", "dog"])
     for name in builtin_names():  # every shipped set loads, with every class it was published with
         tree = builtin_tree(name)
         assert LabelHierarchy.builtin(name).parents == list(tree), name

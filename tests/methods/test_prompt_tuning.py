@@ -263,6 +263,11 @@ def test_transductive_zero_shot_and_artifact_source(tmp_path):
     with pytest.raises(ValueError, match="multi.safetensors are multi-label"):
         _fit(_recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=3, pseudolabels=str(multi)), data, "d.yaml"),
              "--model.init_args.rounds_dir=" + str(tmp_path / "d"))
+    # in Python, an artifact object is told to be saved first (a run names its source by path)
+    from vlweak.methods import PromptTuning
+
+    with pytest.raises(TypeError, match=r"save it first, e.g. pl.save"):
+        PromptTuning(backbone=None, classnames=pl.classnames, pseudolabels=pl)
 
 
 def test_augmented_training_pseudolabels_from_unaugmented_scans(tmp_path):

@@ -46,3 +46,11 @@ def test_f1_at_top3_ignores_picks_on_unknown_entries():
     mask = torch.tensor([[True, True, False, True]])
     assert multilabel_report(scores, target, mask)["f1_top3"].item() == pytest.approx(1.0)
     assert multilabel_report(scores, target)["f1_top3"].item() == pytest.approx(0.8)
+
+
+def test_a_class_without_a_positive_has_no_ap_as_the_map_leaves_it_out():
+    scores = torch.tensor([[0.9, 0.2, 0.1], [0.3, 0.8, 0.4], [0.6, 0.1, 0.7]])
+    target = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0]])  # class 2 observed everywhere, never positive
+    report = multilabel_report(scores, target)
+    assert torch.isnan(report["per_class"][2]) and not torch.isnan(report["per_class"][:2]).any()
+    assert report["mAP"].item() == pytest.approx(report["per_class"][:2].mean().item())

@@ -39,3 +39,12 @@ __all__ = [
 ]
 # last: the multi-label modules build on the data modules above
 from vlweak.data.multilabel import CocoDataModule, VocDataModule  # noqa: E402
+
+
+def __getattr__(name: str):
+    # the artifact-labelled data module lives beside CDUL's targets (vlweak.methods imports vlweak.data)
+    if name == "PseudoLabeledDataModule":
+        from vlweak.methods.cdul_targets import PseudoLabeledDataModule
+
+        return PseudoLabeledDataModule
+    raise AttributeError(f"module 'vlweak.data' has no attribute {name!r}")

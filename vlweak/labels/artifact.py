@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def _parse_meta(path: Path, key: str, text: str) -> Any:
     return value
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class PseudoLabels:
     """Pseudolabels for ``N`` samples over a ``C``-class vocabulary.
 
@@ -115,6 +116,39 @@ class PseudoLabels:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal content: ids, vocabulary, every tensor, the kind of labels and the provenance (not
+        the file it was read from)."""
+        if not isinstance(other, PseudoLabels):
+            return NotImplemented
+        return (
+            self.sample_ids == other.sample_ids and self.classnames == other.classnames
+            and self.multilabel == other.multilabel and self.provenance == other.provenance
+            and all(torch.equal(getattr(self, f), getattr(other, f)) for f in ("scores", "labels", "confidences", "indices"))
+        )
+
+    __hash__ = None  # mutable tensors: no hash
+
+    def __getitem__(self, rows: int | slice | Sequence[int] | Tensor) -> "PseudoLabels":
+        """The samples at ``rows`` (an index, a slice, indices or a boolean mask), as pseudolabels of
+        their own: ``pl[:10]``, ``pl[pl.confidences > 0.9]``."""
+        order = torch.arange(len(self))[rows]
+        order = order.reshape(-1)
+        return self._rows(order, [self.sample_ids[i] for i in order.tolist()])
+
+    def _rows(self, order: Tensor, sample_ids: list[str]) -> "PseudoLabels":
+        return PseudoLabels(
+            list(sample_ids),
+            self.classnames,
+            self.scores[order],
+            self.labels[order],
+            self.confidences[order],
+            self.indices[order],
+            self.multilabel,
+            dict(self.provenance),
+            self.path,
+        )
 
     # ---------------------------------------------------------------- disk
     def save(self, path: str | os.PathLike) -> Path:
@@ -200,17 +234,7 @@ class PseudoLabels:
         if missing:
             raise ArtifactError(self._missing_message(missing, len(sample_ids)))
         order = torch.tensor([pos[s] for s in sample_ids], dtype=torch.long)
-        return PseudoLabels(
-            list(sample_ids),
-            self.classnames,
-            self.scores[order],
-            self.labels[order],
-            self.confidences[order],
-            self.indices[order],
-            self.multilabel,
-            dict(self.provenance),
-            self.path,
-        )
+        return self._rows(order, list(sample_ids))
 
     def _missing_message(self, missing: list[str], wanted: int) -> str:
         """Which samples lack a pseudolabel, next to the artifact's own ids, so that a mismatch

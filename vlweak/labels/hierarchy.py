@@ -355,10 +355,19 @@ class LabelHierarchy:
 
         if isinstance(spec, str) and spec in builtin_names():
             return cls.builtin(spec, level=level)
+        if not isinstance(spec, (str, os.PathLike)):
+            raise HierarchyFormatError(
+                f"a hierarchy is a mapping {{class: [sub-class, ...]}}, a built-in name or a file path; got a "
+                f"{type(spec).__name__} ({str(spec)[:80]})"
+            )
         if Path(spec).is_file():
             return cls.from_file(spec, level=level)
+        import difflib
+
+        near = difflib.get_close_matches(str(spec), builtin_names(), n=6, cutoff=0.7)
         raise HierarchyFormatError(
-            f"hierarchy {str(spec)!r} is neither a file nor a built-in name; built-ins: {builtin_names()}"
+            f"hierarchy {str(spec)!r} is neither a file nor a built-in name"
+            + (f"; did you mean {' or '.join(map(repr, near))}?" if near else f"; built-ins: {builtin_names()}")
         )
 
     # ------------------------------------------------------------------ views

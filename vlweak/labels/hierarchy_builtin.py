@@ -75,7 +75,11 @@ def builtin_tree(name: str) -> dict[str, list[str]]:
     if name in _CODED:
         return _CODED[name]()
     if name not in _published_names():
-        raise HierarchyFormatError(f"unknown built-in hierarchy {name!r}; known: {builtin_names()}")
+        import difflib
+
+        near = difflib.get_close_matches(name, builtin_names(), n=6, cutoff=0.7)
+        hint = f"did you mean {' or '.join(map(repr, near))}?" if near else f"known: {builtin_names()}"
+        raise HierarchyFormatError(f"unknown built-in hierarchy {name!r}; {hint}")
     with open(BUILTIN_DIR / f"{name}.json", encoding="utf-8") as f:
         data = json.load(f)
     classes = {normalize_name(p) for p in data}

@@ -32,6 +32,17 @@ from vlweak.runs import run_folder
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
 
 
+def own_backbone(backbone: Any) -> Any:
+    """The backbone a method keeps: a default given as a jsonargparse lazy instance (what the CLI
+    shows and instantiates anew) is built here as a backbone of the method's own, so methods made
+    in Python (a notebook's ``ZeroShot()``) neither share one module nor meet the lazy stand-in."""
+    init = getattr(backbone, "lazy_get_init_args", None)
+    if init is None:
+        return backbone
+    cls = next(c for c in type(backbone).__mro__[1:] if not hasattr(c, "lazy_get_init_args"))
+    return cls(**init().as_dict())
+
+
 def check_options(
     *, templates: Any = None, temperature: float | None = None, threshold: float | None = None, **ranges: Any
 ) -> None:
@@ -90,7 +101,7 @@ class VLMethod(L.LightningModule):
         artifact_path: str | None = None,
     ) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone = own_backbone(backbone)
         names = load_classnames(classnames)
         self.classnames = list(names.values() if isinstance(names, dict) else names) if names else []
         self.multilabel = multilabel
@@ -103,6 +114,24 @@ class VLMethod(L.LightningModule):
         self.last_outputs: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- the trainer's data
+    def setup(self, stage: str) -> None:
+        """Take the class vocabulary (and whether it is multi-label) from the trainer's data module
+        when none was given, as the CLI links them: ``trainer.test(ZeroShot(), datamodule=dm)``
+        works in a notebook. A method built for the other kind of labels than the data's is named."""
+        dm = self.datamodule
+        if dm is None or getattr(dm, "classnames", None) is None:
+            return
+        if not self.classnames:
+            self.classnames = list(dm.classnames)
+            self.multilabel = bool(getattr(dm, "multilabel", self.multilabel))
+        elif bool(getattr(dm, "multilabel", self.multilabel)) != self.multilabel:
+            kind = "multi-label" if dm.multilabel else "single-label"
+            raise ValueError(
+                f"the data module's labels are {kind} but {type(self).__name__} was built with "
+                f"multilabel={self.multilabel}: build it with multilabel={bool(dm.multilabel)} (the CLI links it "
+                "from the data module)"
+            )
+
     @property
     def datamodule(self) -> Any:
         """The data module of the trainer this method runs under (``None`` outside a trainer, or

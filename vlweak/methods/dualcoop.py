@@ -221,7 +221,7 @@ class DualCoOp(VLMethod):
             class_specific = not self.unseen
         elif class_specific and self.unseen:
             raise ValueError("class_specific contexts cannot transfer to unseen classes: set class_specific: false")
-        self.prompts = DualPromptLearner(backbone, names, n_ctx, init_pos, init_neg, class_specific)
+        self.prompts = DualPromptLearner(self.backbone, names, n_ctx, init_pos, init_neg, class_specific)
         self.register_buffer("seen_index", torch.tensor(self.seen, dtype=torch.long), persistent=False)
         self.register_buffer("text_cache", torch.empty(0), persistent=False)
         self.loss_name = loss
@@ -322,6 +322,7 @@ class DualCoOp(VLMethod):
 
     # ---------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage != "fit":
             return
         self._regions = {}  # kept features belong to one fit's train split

@@ -25,6 +25,7 @@ from torch import Tensor
 from vlweak.backbones import OpenCLIPBackbone
 from vlweak.data.cache import atomic_save_tensors
 from vlweak.distributed import gather_rows
+from vlweak.methods.base import own_backbone
 
 
 # prefixes that wrappers (nested FSDP units, activation checkpointing, torch.compile) put in parameter names
@@ -75,6 +76,7 @@ class CLIPPretrain(L.LightningModule):
         multilabel: bool = False,
     ) -> None:
         super().__init__()
+        backbone = own_backbone(backbone)
         if backbone.freeze:
             raise ValueError("CLIPPretrain needs a trainable backbone: set backbone.init_args.freeze: false")
         self.backbone = backbone

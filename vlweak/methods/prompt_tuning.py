@@ -173,6 +173,9 @@ class PromptTuning(VLMethod):
             raise ValueError(f"warmup must be 'constant' or 'linear', got {warmup!r}")
         if not 0.0 <= holdout < 1.0:
             raise ValueError(f"holdout is the fraction of a round's training set held out, in [0, 1); got {holdout}")
+        if isinstance(pseudolabels, PseudoLabels):
+            raise TypeError("pseudolabels takes 'zeroshot' or the path of a saved artifact (the run's identity and "
+                            "checkpoints name it): save it first, e.g. pl.save('pseudolabels.safetensors')")
         if pseudolabels != "zeroshot":
             # an artifact present now is checked now (vocabulary, damage), not after the pool is read; a
             # missing .safetensors may be written before fit (test / predict never read it)
@@ -191,10 +194,10 @@ class PromptTuning(VLMethod):
         self._best: tuple[float, dict[str, Tensor]] | None = None  # best held-out accuracy, its prompt
         names = self.require_classnames()
         self.text_prompt = (
-            TextPromptLearner(backbone, names, n_ctx, ctx_init, class_specific, position) if prompt != "visual" else None
+            TextPromptLearner(self.backbone, names, n_ctx, ctx_init, class_specific, position) if prompt != "visual" else None
         )
         if prompt != "textual":
-            self.visual_prompt = VisualPromptLearner(backbone.visual_width, n_visual_tokens, visual_init_std)
+            self.visual_prompt = VisualPromptLearner(self.backbone.visual_width, n_visual_tokens, visual_init_std)
         else:
             self.visual_prompt = None
         self._phrase_init = (

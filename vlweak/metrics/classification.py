@@ -49,7 +49,8 @@ def f1_at_top_k(scores: Tensor, targets: Tensor, k: int = 3, mask: Tensor | None
 def multilabel_report(
     scores: Tensor, targets: Tensor, mask: Tensor | None = None, threshold: float = 0.5, rank_scores: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """mAP (macro over classes with a positive), per-class AP, F1@top-3 and F1 at ``threshold``.
+    """mAP (macro over classes with a positive), per-class AP (NaN for a class without a known
+    positive), F1@top-3 and F1 at ``threshold``.
     Entries where ``mask`` is False are unknown and ignored. ``rank_scores``, when given, are what
     the per-class APs rank images by (e.g. raw propagation scores whose per-image rescaled
     confidences are ``scores``); the F1 values always read ``scores``."""
@@ -67,6 +68,7 @@ def multilabel_report(
         )
         per_class[observed] = ap.reshape(-1).float()
     has_pos = (t == 1).sum(0) > 0
+    per_class[~has_pos] = float("nan")  # no positive: no AP (torchmetrics gives -0.0), as the mAP leaves it out
     out = {
         "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),
         "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3, None if mask is None else t >= 0),
