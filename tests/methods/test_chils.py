@@ -123,6 +123,7 @@ def test_module_test_loop_artifacts_and_side_by_side_metrics(tiny_backbone, tmp_
     truth = dm.raw("test").targets()
     assert model.last_metrics["test/acc"] == pytest.approx((main.labels == truth).float().mean().item(), abs=1e-6)
     assert sub.provenance["variant"] == "reweight" and main.provenance["method"] == "CHiLS"
+    assert sub.provenance["split"] == main.provenance["split"] == "test" and sub.sample_ids == main.sample_ids
     # the class pseudolabel is the parent of the predicted sub-class
     assert torch.equal(model.parent.cpu()[sub.labels], main.labels)
     # a second epoch and a fresh module reuse the embeddings (the latter from the embedding cache)

@@ -260,7 +260,7 @@ class CHiLS(VLMethod):
             self._write_subclass_artifact(stage, path, out)
 
     def _write_subclass_artifact(self, stage: str, main: Path, out: dict[str, Tensor]) -> Path:
-        split = {"test": "test", "predict": "predict"}.get(stage, stage)
+        split = self.split_of(stage)
         h = self.vocabulary_hierarchy()
         labels = PseudoLabels.from_scores(
             out["sub_scores"],
@@ -268,7 +268,7 @@ class CHiLS(VLMethod):
             self.sample_ids(split, out["index"]),
             out["index"],
             provenance=dict(
-                self.provenance(), stage=stage, variant=self.variant, parents=h.parents,
+                self.provenance(), split=split, stage=stage, variant=self.variant, parents=h.parents,
                 parent_of=[h.parents[i] for i in h.subclass_to_parent().tolist()],
             ),
         )
