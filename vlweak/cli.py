@@ -171,9 +171,11 @@ class VLWeakCLI(LightningCLI):
         model's settings with the checkpoint's, and the ones that change are named."""
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt or ckpt in ("last", "best", "hpc", "registry"):
+        if not ckpt or ckpt in ("last", "best", "hpc", "registry") or "://" in str(ckpt):  # (a remote URL: fsspec's)
             return super()._parse_ckpt_path()
         path = Path(ckpt)
+        if path.is_dir():  # a sharded (FSDP) checkpoint is a folder: Lightning reads it
+            return super()._parse_ckpt_path()
         if not path.is_file():
             raise FileNotFoundError(
                 f"--ckpt_path {ckpt}: no such file; give a .ckpt file written by `vlweak fit`, or `last` for "
