@@ -436,7 +436,12 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
             "--data.init_args.n_val=0", "--data.init_args.n_test=8", "--trainer.max_epochs=1", "--trainer.limit_val_batches=0",
             "--model.init_args.n_ctx=2", "--trainer.enable_progress_bar=false", "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
             f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
-    build_cli(["fit", *args])
+    fitted = build_cli(["fit", *args])
+    # the frozen backbone (the weights file builds it again) is not in the checkpoint, what names it is
+    (ckpt,) = tmp_path.glob("*/version_0/checkpoints/last.ckpt")
+    saved = torch.load(ckpt, weights_only=False)
+    assert not [k for k in saved["state_dict"] if k.startswith("backbone.")] and saved["state_dict"]
+    assert saved["vlweak_backbone"] == fitted.model.backbone.fingerprint_parts()
     with pytest.warns(UserWarning, match=r"configured otherwise: data\.init_args\.label_fraction: 0\.1 there, 0\.5 here"):
         build_cli(["test", *args, "--data.init_args.label_fraction=0.5", "--ckpt_path=last"])
     with warnings.catch_warnings():
@@ -445,8 +450,20 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
     # a trained method tested without a checkpoint runs untrained: said so
     with pytest.warns(UserWarning, match=r"`vlweak test` without --ckpt_path: DualCoOp runs untrained"):
         build_cli(["test", *args])
+    # read back: the same prompts on the same backbone give the fitted model's test scores
+    tested = build_cli(["test", *args, f"--ckpt_path={ckpt}"])
+    for key, value in fitted.model.state_dict().items():
+        torch.testing.assert_close(tested.model.state_dict()[key], value, msg=key)
+    # other weights than the fit's are named
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    from vlweak.backbones import OpenCLIPBackbone
+
+    save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(other))
+    with pytest.warns(UserWarning, match=r"this checkpoint was trained with the backbone .*; this run's is"):
+        build_cli(["test", *args, f"--model.init_args.backbone.init_args.pretrained={other}", f"--ckpt_path={ckpt}"])
     # an explicit checkpoint's settings replace the run's, and the ones that change are named
-    (ckpt,) = tmp_path.glob("*/version_0/checkpoints/last.ckpt")
     with pytest.warns(UserWarning, match=r"built with the checkpoint's settings: n_ctx 2 \(here 4\)"):
         cli = build_cli(["test", *args, "--model.init_args.n_ctx=4", f"--ckpt_path={ckpt}"])
     assert cli.model.hparams.n_ctx == 2

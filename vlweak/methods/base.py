@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from vlweak.backbones import Backbone, OpenCLIPBackbone
@@ -112,6 +112,39 @@ class VLMethod(L.LightningModule):
         #: the last evaluated / pseudolabelled epoch's gathered outputs (``stage``, ``scores``,
         #: ``target``, ``mask``, ``index`` as available), for callbacks such as the figures.
         self.last_outputs: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- checkpoints
+    def _backbone_rebuilt_by_the_recipe(self) -> bool:
+        """Whether the backbone is frozen and its weights come from a file or a tag: the recipe builds
+        it again, so a checkpoint need not carry it (hundreds of MB every epoch, beside a prompt of
+        a few thousand numbers). Random or trained weights stay in the checkpoint."""
+        bb = self.backbone
+        if bb is None or not getattr(bb, "freeze", False) or any(p.requires_grad for p in bb.parameters()):
+            return False
+        return bb.fingerprint_parts().get("weights") not in (None, "random-init")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A frozen backbone of a weights file or tag is left out of the checkpoint; what identifies
+        those weights is kept instead, and checked when it is read back."""
+        if self._backbone_rebuilt_by_the_recipe():
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("backbone.")]:
+                del state[key]
+            checkpoint["vlweak_backbone"] = dict(self.backbone.fingerprint_parts())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint without its frozen backbone takes this run's (built from the recipe's weights);
+        weights other than those it was trained with are named."""
+        saved = checkpoint.get("vlweak_backbone")
+        if saved is None:
+            return
+        ours = dict(self.backbone.fingerprint_parts())
+        if ours != saved:
+            rank_zero_warn(f"this checkpoint was trained with the backbone {saved}; this run's is {ours}: its "
+                           "prompts or heads meet other weights (give the fit's model_name and pretrained)")
+        state = checkpoint["state_dict"]
+        for key, value in self.backbone.state_dict().items():
+            state.setdefault(f"backbone.{key}", value)
 
     # ---------------------------------------------------------------- the trainer's data
     def setup(self, stage: str) -> None:

@@ -500,10 +500,12 @@ class DualCoOp(VLMethod):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.labeler is not None:
             checkpoint["apl_pseudo"] = self.labeler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("apl_pseudo")
         if state is not None and self.labeler is not None:
             self.labeler.load_state_dict(state)

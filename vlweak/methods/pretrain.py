@@ -163,6 +163,7 @@ class CLIPPretrain(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         sd = checkpoint.get("state_dict", {})
         key = "backbone.model.logit_scale"
         if key in sd and sd[key].ndim == 0:  # a checkpoint written before the temperature became a vector

@@ -465,12 +465,14 @@ class PromptTuning(VLMethod):
         self._best = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         # the round's best prompt so far on the held-out labels: a fit resumed mid-round chooses
         # the round's prompt as an uninterrupted one does
         if self._best is not None:
             checkpoint["prompt_tuning_best"] = {"accuracy": self._best[0], "prompt": self._best[1]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         best = checkpoint.get("prompt_tuning_best")
         self._best = (float(best["accuracy"]), dict(best["prompt"])) if best is not None else None
 
