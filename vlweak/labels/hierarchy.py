@@ -450,8 +450,14 @@ class LabelHierarchy:
         mine = {normalize_name(p): p for p in self._children}
         unknown = [p for k, p in mine.items() if k not in vocab]
         if unknown:
+            subset = all(k in mine for k in vocab)  # every dataset class found: a subset of the hierarchy's
+            hint = (
+                "; for a dataset of some of its classes, give a hierarchy of those alone (inline "
+                "{class: [sub-class, ...]} or a file; LabelHierarchy.as_dict() gives the full one to cut from)"
+                if subset else " (a misspelled class on either side?)"
+            )
             raise UnknownParentError(
-                f"{self.source}: parents {unknown} are not in the dataset's classes {list(classnames)}"
+                f"{self.source}: parents {unknown} are not in the dataset's classes {list(classnames)}{hint}"
             )
         absent = [c for k, c in vocab.items() if k not in mine]
         if absent and missing == "error":
