@@ -171,11 +171,10 @@ class VLWeakCLI(LightningCLI):
         model's settings with the checkpoint's, and the ones that change are named."""
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt or ckpt in ("last", "best", "hpc", "registry") or "://" in str(ckpt):  # (a remote URL: fsspec's)
+        # Lightning's own names, a remote URL (fsspec's) and a sharded (FSDP) checkpoint's folder: Lightning reads them
+        if not ckpt or ckpt in ("last", "best", "hpc", "registry") or "://" in str(ckpt) or Path(ckpt).is_dir():
             return super()._parse_ckpt_path()
         path = Path(ckpt)
-        if path.is_dir():  # a sharded (FSDP) checkpoint is a folder: Lightning reads it
-            return super()._parse_ckpt_path()
         if not path.is_file():
             raise FileNotFoundError(
                 f"--ckpt_path {ckpt}: no such file; give a .ckpt file written by `vlweak fit`, or `last` for "
@@ -209,7 +208,7 @@ class VLWeakCLI(LightningCLI):
     def before_fit(self) -> None:
         """A fit that keeps checkpoints also gets one where it stops (:class:`CheckpointOnInterrupt`),
         first in line, before any callback's own clean-up on the exception."""
-        if type(self.model).training_step is L.LightningModule.training_step:
+        if not _trains(self.model):
             name = type(self.model).__name__
             raise ValueError(f"{name} is training-free: `vlweak fit` has nothing to train; run `vlweak test` "
                              "or `vlweak predict` with this recipe")
@@ -221,8 +220,7 @@ class VLWeakCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        trains = type(self.model).training_step is not L.LightningModule.training_step
-        if subcommand in ("validate", "test", "predict") and trains and not kwargs.get("ckpt_path"):
+        if subcommand in ("validate", "test", "predict") and _trains(self.model) and not kwargs.get("ckpt_path"):
             name = type(self.model).__name__
             rank_zero_warn(f"`vlweak {subcommand}` without --ckpt_path: {name} runs untrained, as its recipe "
                            "builds it; --ckpt_path last takes the newest fit of this recipe")
@@ -273,6 +271,11 @@ def constructor_error(err: BaseException) -> BaseException | None:
 def _raised_by_jsonargparse(err: BaseException) -> bool:
     frames = traceback.extract_tb(err.__traceback__)
     return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
+
+
+def _trains(model: L.LightningModule) -> bool:
+    """Whether the method has a training step (training-free methods only evaluate)."""
+    return type(model).training_step is not L.LightningModule.training_step
 
 
 def _plain(config: Any) -> Any:

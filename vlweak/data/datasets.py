@@ -128,6 +128,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"cannot decode image {path}: {err}") from err
 
 
+def load_or_skip(path: str | os.PathLike, skip_bad: bool) -> Image.Image | None:
+    """:func:`load_image`; with ``skip_bad`` an unreadable image is a warning naming it and ``None``."""
+    try:
+        return load_image(path)
+    except ImageLoadError:
+        if not skip_bad:
+            raise
+        warnings.warn(f"skipping unreadable image {path}", stacklevel=3)
+        return None
+
+
 def absolute_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """``os.path.abspath`` of each path (against the current folder, ``..`` and ``.`` folded,
     symlinks not resolved)."""
@@ -155,15 +166,7 @@ class VisionDataset(Dataset):
         return len(self.paths)
 
     def _image(self, index: int) -> Image.Image | None:
-        try:
-            return load_image(self.paths[index])
-        except ImageLoadError:
-            if self.skip_bad:
-                import warnings
-
-                warnings.warn(f"skipping unreadable image {self.paths[index]}", stacklevel=2)
-                return None
-            raise
+        return load_or_skip(self.paths[index], self.skip_bad)
 
     def fingerprint_parts(self) -> dict[str, Any]:
         """What identifies this dataset's content for the embedding cache."""

@@ -241,7 +241,7 @@ def _gpu_decode(
     or with ``skip_bad`` a warning naming it (as the PIL path gives), and is left out."""
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from vlweak.data.datasets import ImageLoadError, load_image
+    from vlweak.data.datasets import load_or_skip
 
     name, decode = jpeg_decoder(device)
     if name != "torchcodec":  # torchvision's decoder keeps the stored orientation, as PIL does
@@ -263,15 +263,11 @@ def _gpu_decode(
     kept = list(range(len(data)))
     for k, pil in enumerate(by_pil):
         if pil:
-            try:
-                images[k] = pil_to_tensor(load_image(paths[k])).to(device)
-            except ImageLoadError:
-                if not skip_bad:
-                    raise
-                import warnings
-
-                warnings.warn(f"skipping unreadable image {paths[k]}", stacklevel=2)
+            image = load_or_skip(paths[k], skip_bad)
+            if image is None:
                 kept.remove(k)
+            else:
+                images[k] = pil_to_tensor(image).to(device)
     images = [images[k] for k in kept]
     out = torch.empty((len(images), 3, crop, crop), dtype=torch.uint8, device=device)
     groups: dict[tuple[int, int], list[int]] = {}
@@ -505,10 +501,8 @@ def _encode_shards(
             paths = [dataset.paths[int(i)] for i in batch["index"]]
             images, kept = _gpu_decode(batch["data"], paths, size, crop, device, batch["oriented"], source.skip_bad)
             batch = {"image": images, "index": batch["index"][kept]} if kept else None
-        elif batch:
-            batch["image"] = batch["image"].to(device, non_blocking=True)
         if batch:
-            images = batch["image"]
+            images = batch["image"].to(device, non_blocking=True)  # (decoded ones are there already)
             if split is not None:
                 mean, std = split[1]
                 images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean, std)

@@ -351,7 +351,7 @@ class LabelHierarchy:
             return spec if spec.level == level else spec.at_level(level)
         if isinstance(spec, Mapping):
             return cls(spec, level=level, source="inline hierarchy")
-        from vlweak.labels.hierarchy_builtin import builtin_names
+        from vlweak.labels.hierarchy_builtin import builtin_hint, builtin_names
 
         if isinstance(spec, str) and spec in builtin_names():
             return cls.builtin(spec, level=level)
@@ -362,12 +362,8 @@ class LabelHierarchy:
             )
         if Path(spec).is_file():
             return cls.from_file(spec, level=level)
-        import difflib
-
-        near = difflib.get_close_matches(str(spec), builtin_names(), n=6, cutoff=0.7)
         raise HierarchyFormatError(
-            f"hierarchy {str(spec)!r} is neither a file nor a built-in name"
-            + (f"; did you mean {' or '.join(map(repr, near))}?" if near else f"; built-ins: {builtin_names()}")
+            f"hierarchy {str(spec)!r} is neither a file nor a built-in name; {builtin_hint(str(spec))}"
         )
 
     # ------------------------------------------------------------------ views

@@ -70,16 +70,20 @@ def builtin_names() -> list[str]:
     return sorted(_CODED) + list(_published_names())
 
 
+def builtin_hint(name: str) -> str:
+    """For a name that is no built-in: the built-ins near it (``did you mean ...?``), else all of them."""
+    import difflib
+
+    near = difflib.get_close_matches(name, builtin_names(), n=6, cutoff=0.7)
+    return f"did you mean {' or '.join(map(repr, near))}?" if near else f"built-ins: {builtin_names()}"
+
+
 def builtin_tree(name: str) -> dict[str, list[str]]:
     """The mapping ``{class: [sub-class, ...]}`` of a built-in hierarchy."""
     if name in _CODED:
         return _CODED[name]()
     if name not in _published_names():
-        import difflib
-
-        near = difflib.get_close_matches(name, builtin_names(), n=6, cutoff=0.7)
-        hint = f"did you mean {' or '.join(map(repr, near))}?" if near else f"known: {builtin_names()}"
-        raise HierarchyFormatError(f"unknown built-in hierarchy {name!r}; {hint}")
+        raise HierarchyFormatError(f"unknown built-in hierarchy {name!r}; {builtin_hint(name)}")
     with open(BUILTIN_DIR / f"{name}.json", encoding="utf-8") as f:
         data = json.load(f)
     classes = {normalize_name(p) for p in data}
