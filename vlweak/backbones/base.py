@@ -207,3 +207,55 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def hub_unreachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host name fails to resolve: a machine with no network.
+
+    Without this, each hub request on such a machine is retried with back-off for about a minute
+    before the cache is read or the error is raised. Only a resolver's definite "no such host"
+    counts; a slow resolver (``timeout`` seconds) leaves the hub client to its own handling.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return False
+    failed: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            failed.append(False)
+        except socket.gaierror:
+            failed.append(True)
+        except OSError:
+            failed.append(False)
+
+    probe = threading.Thread(target=resolve, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(failed and failed[0])
+
+
+@contextlib.contextmanager
+def hub_offline_when_unreachable():
+    """Hugging Face hub offline mode (the cache only, no retries) while the hub cannot be resolved.
+
+    Yields whether offline mode was switched on here. huggingface_hub reads ``HF_HUB_OFFLINE`` once,
+    at import, and checks its module constant on every request; that constant is set for the block.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or not hub_unreachable():
+        yield False
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        constants.HF_HUB_OFFLINE = False

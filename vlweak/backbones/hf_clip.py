@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from vlweak.backbones.base import Backbone, Precision, check_input_size, file_digest
+from vlweak.backbones.base import Backbone, Precision, check_input_size, file_digest, hub_unreachable
 from vlweak.backbones.errors import CheckpointMismatchError, WeightsUnavailableError
 
 try:  # transformers >= 4.53 builds attention masks through masking_utils (what CLIPTextModel itself uses)
@@ -116,8 +116,12 @@ class HFCLIPBackbone(Backbone):
         self.local_files_only = local_files_only or _env_offline()
         local = Path(model_id).expanduser()
         self._local_dir: Path | None = None
+        self._no_network = False
         if local.exists() or _looks_like_path(model_id):
             self._local_dir = self._check_local_dir(local)
+        elif not self.local_files_only and hub_unreachable():
+            # The hub's cache only: hub requests on a machine without network retry for a minute.
+            self.local_files_only = self._no_network = True
         source = str(self._local_dir) if self._local_dir is not None else model_id
 
         config = self._load_config(source)
@@ -154,7 +158,11 @@ class HFCLIPBackbone(Backbone):
         return path
 
     def _unavailable(self, what: str, err: Exception) -> WeightsUnavailableError:
-        offline = " (offline mode)" if self.local_files_only else ""
+        offline = (
+            " (no network: the hub's host does not resolve, so only its cache was read)"
+            if self._no_network
+            else " (offline mode)" if self.local_files_only else ""
+        )
         return WeightsUnavailableError(
             f"could not fetch the {what} of {self.model_id!r} from the Hugging Face hub{offline} "
             f"({type(err).__name__}: {err}). It is not a local directory either. Offline? {_SAVE_HINT}."

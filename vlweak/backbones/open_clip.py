@@ -17,7 +17,13 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import Tensor
 
-from vlweak.backbones.base import Backbone, Precision, check_input_size, file_digest
+from vlweak.backbones.base import (
+    Backbone,
+    Precision,
+    check_input_size,
+    file_digest,
+    hub_offline_when_unreachable,
+)
 from vlweak.backbones.errors import (
     CheckpointMismatchError,
     UnknownArchitectureError,
@@ -297,14 +303,17 @@ class OpenCLIPBackbone(Backbone):
                     f"{'; shipped: ' + ', '.join(known[len(tags):]) if len(known) > len(tags) else ''})"
                     f"{f'; did you mean {near[0]!r}?' if near else ''}"
                 )
+            offline = False
             try:
-                url_model = open_clip.create_model(
-                    self.model_name, pretrained=pretrained, cache_dir=cache_dir, force_quick_gelu=self.forced_quick_gelu
-                )
+                with hub_offline_when_unreachable() as offline:
+                    url_model = open_clip.create_model(
+                        self.model_name, pretrained=pretrained, cache_dir=cache_dir, force_quick_gelu=self.forced_quick_gelu
+                    )
             except Exception as err:  # network / hub errors differ across versions
                 arch = f" with `model_name: {self.model_name}-quickgelu` (these weights need QuickGELU)" if self.forced_quick_gelu else ""
+                where = " (no network: the Hugging Face hub's host does not resolve, so only its cache was read)" if offline else ""
                 raise WeightsUnavailableError(
-                    f"could not fetch open_clip weights {self.model_name}/{pretrained} ({type(err).__name__}: "
+                    f"could not fetch open_clip weights {self.model_name}/{pretrained}{where} ({type(err).__name__}: "
                     f"{err}). Offline? Download them on a connected machine (open_clip.create_model("
                     f"'{self.model_name}', pretrained='{pretrained}') and save model.state_dict()), "
                     f"then pass the file: `pretrained: /path/to/weights.safetensors`{arch}."
