@@ -220,7 +220,8 @@ class VLWeakCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand in ("validate", "test", "predict") and _trains(self.model) and not kwargs.get("ckpt_path"):
+        untrained = getattr(self.model, "evaluates_what_a_fit_trains", _trains(self.model))
+        if subcommand in ("validate", "test", "predict") and untrained and not kwargs.get("ckpt_path"):
             name = type(self.model).__name__
             rank_zero_warn(f"`vlweak {subcommand}` without --ckpt_path: {name} runs untrained, as its recipe "
                            "builds it; --ckpt_path last takes the newest fit of this recipe")

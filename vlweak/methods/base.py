@@ -177,6 +177,12 @@ class VLMethod(L.LightningModule):
         return self.trainer.strategy if self._trainer is not None else None
 
     @property
+    def evaluates_what_a_fit_trains(self) -> bool:
+        """Whether ``test`` / ``predict`` score with what ``fit`` trains (the CLI warns when such a run
+        has no ``--ckpt_path``): every method with a training step, unless a subclass says otherwise."""
+        return type(self).training_step is not L.LightningModule.training_step
+
+    @property
     def train_augment(self) -> str | None:
         """The data module's training augmentation (``None``: none, or no data module)."""
         return getattr(self.datamodule, "augment", None)

@@ -13,12 +13,12 @@ Three stages, no human labels anywhere:
 
    * θ-step (``Y`` fixed): ``θ ← θ − η ∇_θ L(Y, f(X; θ))`` with
      ``L = Σ_c KL(Bern(y_c) ‖ Bern(σ(z_c)))`` (soft-label binary KL, ``z = f(x; θ)``);
-   * Y-step (θ fixed, unobserved entries only): ``y ← y − ψ ∇_y L`` with
-     ``∇_y L = logit(y) − z``: each pseudolabel moves along the gradient that aligns it with the
-     network's current prediction (ψ is ``label_lr``), and never past that prediction ``σ(z)``,
-     the fixed point. Unbounded, the step overshoots near 0 and 1, where ``logit(y)`` is large,
-     and cycles instead of settling (0.21 → 0.027 → 0.0001 → 0.21 with ψ = 0.05 against
-     ``z = −5``); bounded, every label moves monotonically towards ``σ(z)``.
+   * Y-step (θ fixed, unobserved entries only): the pseudolabels are latent variables
+     ``y = σ(ỹ)``, and ``ỹ ← ỹ − ψ(y) ∇_y L`` (the paper's Sec. 3.2) with ``∇_y L = logit(y) − z``
+     and ``ψ`` the Gaussian density of mean 0.5 and standard deviation ``label_sigma``:
+     labels near 0.5, the uncertain ones, move most. Since ``ỹ = logit(y)``, the step is the blend
+     ``ỹ ← (1 − ψ) ỹ + ψ z`` in logit space: each label moves a fraction ψ (0.35–0.40 at
+     σ = 1) of the way to the network's current prediction, never past it.
 
    The refined pseudolabels are written at the end of fit (``pseudolabels-train-refined.safetensors``).
 3. **Inference**: the classifier alone (``inference: classifier``); ``inference: init`` scores a
@@ -28,6 +28,7 @@ Three stages, no human labels anywhere:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,20 @@ def label_gradient(y: Tensor, logits: Tensor) -> Tensor:
     return torch.logit(y.clamp(LABEL_EPS, 1 - LABEL_EPS)) - logits
 
 
-def align_labels(y: Tensor, logits: Tensor, step: float, fixed: Tensor | None = None, eps: float = LABEL_EPS) -> Tensor:
-    """One Y-step: ``y − step · ∇_y L``, stopped at the prediction ``σ(z)`` it moves towards (a
-    step that would pass it lands on it) and kept inside ``[eps, 1 − eps]``; entries where
-    ``fixed`` is True (observed labels) are left as they are."""
-    target = torch.sigmoid(logits)
-    new = y - step * label_gradient(y, logits)
-    new = new.clamp(torch.minimum(y, target), torch.maximum(y, target)).clamp(eps, 1 - eps)
+def label_step_size(y: Tensor, sigma: float, scale: float = 1.0) -> Tensor:
+    """ψ(y) of the Y-step: ``scale`` times the Gaussian density of mean 0.5 and standard deviation
+    ``sigma`` at each label (the paper's ψ; ``scale`` 1)."""
+    return scale * torch.exp(-0.5 * ((y - 0.5) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+
+def align_labels(
+    y: Tensor, logits: Tensor, sigma: float = 1.0, scale: float = 1.0, fixed: Tensor | None = None, eps: float = LABEL_EPS
+) -> Tensor:
+    """One Y-step on the latent labels: ``σ(ỹ − ψ(y) ∇_y L)`` with ``ỹ = logit(y)`` (Sec. 3.2), kept
+    inside ``[eps, 1 − eps]``; entries where ``fixed`` is True (observed labels) stay as they are."""
+    inside = y.clamp(eps, 1 - eps)
+    step = label_step_size(inside, sigma, scale) * label_gradient(inside, logits)
+    new = torch.sigmoid(torch.logit(inside) - step).clamp(eps, 1 - eps)
     return new if fixed is None else torch.where(fixed, y, new)
 
 
@@ -103,8 +111,10 @@ class CDUL(VLMethod):
             with ``num_classes`` set) trained instead of the head; it gets the data module's images.
         lr: learning rate of the classifier (AdamW).
         weight_decay: weight decay of the classifier.
-        label_lr: ψ, the step of the pseudolabel update ``y ← y − ψ ∇_y L``, never past the
-            classifier's prediction (0 keeps the labels fixed).
+        label_sigma: standard deviation of ψ, the Gaussian (mean 0.5) that sizes each label's step
+            ``ỹ ← ỹ − ψ(y) ∇_y L``; at least 0.4, so that no step passes the classifier's
+            prediction.
+        label_scale: a factor on ψ (paper: 1; 0 keeps the labels fixed).
         label_warmup_epochs: epochs of θ-steps only before the pseudolabels start to move.
         threshold: a class is a hard pseudolabel in the artifacts when its score reaches this.
         inference: ``classifier`` (the trained classifier alone, the paper's inference) or ``init``
@@ -132,7 +142,8 @@ class CDUL(VLMethod):
         network: nn.Module | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        label_lr: float = 0.05,
+        label_sigma: float = 1.0,
+        label_scale: float = 1.0,
         label_warmup_epochs: int = 1,
         threshold: float = 0.5,
         inference: str = "classifier",
@@ -156,14 +167,19 @@ class CDUL(VLMethod):
         if snippet_fit not in SNIPPET_FITS:
             raise ValueError(f"snippet_fit must be one of {SNIPPET_FITS}, got {snippet_fit!r}")
         check_options(
-            templates=templates, temperature=temperature, threshold=threshold, label_lr=(label_lr, 0, None),
+            templates=templates, temperature=temperature, threshold=threshold, label_scale=(label_scale, 0, None),
             snippet_threshold=(snippet_threshold, 0.0, 1.0), hidden_dim=(hidden_dim, 1, None),
         )
+        if not label_sigma > 0 or label_scale * float(label_step_size(torch.tensor(0.5), label_sigma)) > 1:
+            raise ValueError(
+                f"label_sigma={label_sigma!r} with label_scale={label_scale!r} gives steps ψ above 1, which pass "
+                "the classifier's prediction: use label_sigma >= 0.4 (paper: ψ a Gaussian density; 1.0 by default)"
+            )
         self.templates, self.grid, self.overlap = templates, int(grid), float(overlap)
         self.snippet_fit = snippet_fit
         self.snippet_threshold, self.init, self.temperature = snippet_threshold, init, temperature
         self.lr, self.weight_decay = lr, weight_decay
-        self.label_lr, self.label_warmup_epochs = label_lr, label_warmup_epochs
+        self.label_sigma, self.label_scale, self.label_warmup_epochs = label_sigma, label_scale, label_warmup_epochs
         self.threshold, self.inference, self.features = threshold, inference, features
         self.snippet_batch_size, self.cache_dir = snippet_batch_size, cache_dir
         self.save_hyperparameters(ignore=["backbone", "network"])
@@ -183,6 +199,10 @@ class CDUL(VLMethod):
         self._split_scores: Tensor | None = None
         self._snippet_tables: dict[str, Tensor] = {}
         self._label_updates: list[dict[str, Tensor]] = []
+
+    @property
+    def evaluates_what_a_fit_trains(self) -> bool:
+        return self.inference == "classifier"  # ``init`` scores with CLIP alone
 
     def _make_head(self, kind: str, hidden: int) -> nn.Module:
         d, c = self.backbone.embed_dim, len(self.classnames)
@@ -373,7 +393,7 @@ class CDUL(VLMethod):
         try:
             with torch.no_grad():
                 logits = self.classify(batch)
-                new = align_labels(self.pseudo[idx], logits, self.label_lr, self.fixed[idx])
+                new = align_labels(self.pseudo[idx], logits, self.label_sigma, self.label_scale, self.fixed[idx])
         finally:
             classifier.train(training)
         self.pseudo[idx] = new
@@ -382,7 +402,7 @@ class CDUL(VLMethod):
 
     def _label_steps(self) -> bool:
         """Whether this epoch takes Y-steps (label alignment) after its θ-steps."""
-        return self.label_lr != 0 and self.current_epoch >= self.label_warmup_epochs
+        return self.label_scale != 0 and self.current_epoch >= self.label_warmup_epochs
 
     def on_train_epoch_end(self) -> None:
         if self.trainer.world_size > 1 and self._label_steps():
