@@ -109,7 +109,8 @@ class DualCoOp(VLMethod):
         init_pos: phrase initialising the positive context (``None``: N(0, 0.02), the paper's).
         init_neg: phrase initialising the negative context.
         class_specific: class-specific contexts (``None``: yes for partial labels, the paper's choice;
-            shared when ``unseen_classes`` is set, since unseen classes need a shared context).
+            shared when ``unseen_classes`` is set, since unseen classes need a shared context). With
+            very few labels observed the paper's authors advise shared contexts (``false``).
         spatial_temperature: ``τ_s`` of the softmax over regions (0.05, i.e. similarities × 20).
         logit_scale: ``λ`` of the positive-vs-negative softmax; ``None`` uses the backbone's learned
             CLIP scale (100 for OpenAI's CLIP, the paper's value).
