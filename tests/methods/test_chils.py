@@ -154,6 +154,25 @@ def test_forward_and_variants(tiny_backbone):
         torch.testing.assert_close(out.sum(1), torch.ones(3))
 
 
+def test_a_subclass_named_like_its_class(tiny_backbone):
+    # CHiLS's published sets list each class among its own sub-classes ('clean' adds it too): the
+    # name is encoded once and scores in both places
+    h = {"polygon": ["polygon", "triangle"], "curved shape": ["circle"], "symbol": ["symbol", "star"]}
+    m = CHiLS(backbone=tiny_backbone, classnames=COARSE, hierarchy=h, cache_text=False)
+    w = m.build_classifier()
+    names = m.hierarchy.parents + m.hierarchy.subclasses
+    assert w.shape[0] == len(names) == 8
+    torch.testing.assert_close(w[names.index("polygon")], w[3 + m.hierarchy.subclasses.index("polygon")])
+    from vlweak.prompts import text_classifier
+
+    torch.testing.assert_close(w, text_classifier(tiny_backbone, list(dict.fromkeys(names)))[
+        torch.tensor([list(dict.fromkeys(names)).index(n) for n in names])])
+    images = torch.randn(2, 3, tiny_backbone.image_size, tiny_backbone.image_size)
+    torch.testing.assert_close(m(images).sum(1), torch.ones(2))
+    cleaned = CHiLS(backbone=tiny_backbone, classnames=COARSE, hierarchy="shapes", clean=True, cache_text=False)
+    assert cleaned.build_classifier().shape[0] == 3 + len(cleaned.subclassnames)
+
+
 def test_errors(tiny_backbone):
     with pytest.raises(ValueError, match="single-label"):
         CHiLS(backbone=tiny_backbone, classnames=COARSE, multilabel=True, hierarchy="shapes")

@@ -201,8 +201,13 @@ class CHiLS(VLMethod):
         """Class and sub-class text embeddings ``[C + S, D]`` (computed once per run)."""
         h = self.vocabulary_hierarchy()
         names = h.parents + h.subclasses
+        # a sub-class may share its parent's name (CHiLS's sets list the class among its sub-classes):
+        # each distinct name is encoded once, and its row serves both places
+        distinct = list(dict.fromkeys(names))
         cache = self.embedding_cache() if self.cache_text else None
-        self.classifier = cached_text_classifier(self.backbone, names, self.templates, cache).to(self.device)
+        rows = cached_text_classifier(self.backbone, distinct, self.templates, cache)
+        at = {name: i for i, name in enumerate(distinct)}
+        self.classifier = rows[torch.tensor([at[n] for n in names])].to(self.device)
         self.parent = h.subclass_to_parent().to(self.device)
         return self.classifier
 
