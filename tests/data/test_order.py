@@ -102,6 +102,18 @@ def test_a_checkpoint_of_another_epoch_length_is_refused_naming_both(tmp_path):
     _fit(tmp_path / "cut", 2, 0, cut=3)
     with pytest.raises(ValueError, match=r"stopped after batch 2 of an epoch, but this run has 2 training batches"):
         _fit(tmp_path / "rest", 2, 0, ckpt=tmp_path / "cut" / "last.ckpt", batch_size=6)
+    # a smaller batch has room for the skip, but the batches skipped would not be the ones trained
+    with pytest.raises(ValueError, match=r"stopped after batch 2 of an epoch made of other batches \(batch size 3 there, 2 here\)"):
+        _fit(tmp_path / "rest", 2, 0, ckpt=tmp_path / "cut" / "last.ckpt", batch_size=2)
+
+
+def test_an_epoch_end_checkpoint_continued_with_other_batches_is_named(tmp_path):
+    _fit(tmp_path / "cut", None, 0, cut=4)  # the checkpoint at the end of epoch 0
+    assert torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)["_Data"]["train_epochs"] == {
+        "images": N, "batch_size": BATCH, "processes": 1}
+    with pytest.warns(UserWarning, match=r"epochs made of other batches than the checkpoint's: batch size 3 there, 2 here"):
+        seen = _fit(tmp_path / "rest", None, 0, ckpt=tmp_path / "cut" / "last.ckpt", batch_size=2)
+    assert len(seen) == (EPOCHS - 1) * N // 2
 
 
 def test_a_method_drawing_its_own_order_sets_seed_and_epoch_of_every_pass():

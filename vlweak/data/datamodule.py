@@ -154,6 +154,7 @@ class VLDataModule(L.LightningDataModule):
         #: rounds); ``None``: the run's seed and Lightning's epoch
         self.train_order: Callable[[], tuple[int, int]] | None = None
         self._resume_at: tuple[int, int] | None = None
+        self._resume_epochs: dict[str, int] | None = None  # what the checkpoint's epochs were made of
 
     # ---------------------------------------------------------------- for subclasses
     @property
@@ -326,7 +327,35 @@ class VLDataModule(L.LightningDataModule):
                              plan=self.next_pass, **common)
         if self._resume_at is not None:  # refused here, before Lightning holds a loader it cannot iterate
             check_resumable(self._resume_at[1], len(loader))
+            self._check_epochs_as_checkpointed(self._resume_at[1])
         return loader
+
+    def _train_epochs(self) -> dict[str, int]:
+        """What a fit's training epoch is made of: its images, batch size and processes."""
+        trainer = getattr(self, "trainer", None)
+        return {"images": len(self.datasets["train"]), "batch_size": int(self.batch_size),
+                "processes": int(trainer.world_size) if trainer is not None else 1}
+
+    def _check_epochs_as_checkpointed(self, skip: int) -> None:
+        """A run continued from a checkpoint whose epochs had other images, batch size or process
+        count: refused in the middle of an epoch (the batches already trained are no longer the
+        first ``skip`` of this run's), named at an epoch's end (every epoch after it differs)."""
+        before, self._resume_epochs = self._resume_epochs, None
+        if not before or "train" not in self.datasets:
+            return
+        now = self._train_epochs()
+        changed = [f"{k.replace('_', ' ')} {before[k]} there, {now[k]} here" for k in now if k in before and before[k] != now[k]]
+        if not changed:
+            return
+        if skip:
+            raise ValueError(
+                f"the checkpoint stopped after batch {skip} of an epoch made of other batches ({'; '.join(changed)}): "
+                "the batches it trained are not this run's first ones; resume with the data, batch size and "
+                "devices it was trained with, or from a checkpoint at an epoch's end"
+            )
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"the run continues with epochs made of other batches than the checkpoint's: {'; '.join(changed)}")
 
     def train_dataloader(self) -> DataLoader:
         """The train split in an order drawn from the run's seed and the epoch, resumable mid-epoch
@@ -351,15 +380,19 @@ class VLDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        return {"train_position": list(trained_position(trainer))}
+        state: dict[str, Any] = {"train_position": list(trained_position(trainer))}
+        if "train" in self.datasets:
+            state["train_epochs"] = self._train_epochs()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restored from a checkpoint before the fit makes any loader: its first pass starts there."""
         if "train_position" in state:
             self._resume_at = tuple(int(v) for v in state["train_position"])
+        self._resume_epochs = state.get("train_epochs")
 
     def teardown(self, stage: str) -> None:
-        self._resume_at = None  # a position not reached (the fit ended first) is not the next fit's
+        self._resume_at = self._resume_epochs = None  # a position not reached (the fit ended first) is not the next fit's
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
