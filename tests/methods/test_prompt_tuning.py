@@ -115,6 +115,9 @@ def test_resume_after_interrupt_skips_finished_rounds(tmp_path, monkeypatch):
     other = _recipe(tmp_path, dict(TINY_MODEL, strategy="ifpl", k=2), TINY_DATA, "other.yaml")
     with pytest.raises(ValueError, match="different run"):
         _fit(other, f"--model.init_args.rounds_dir={rounds_dir}")
+    # so are those of another batch size (or device count, precision, accumulation): other steps, other prompts
+    with pytest.raises(ValueError, match=r"different run \(batches: \{.*'batch_size': 32.*\} != \{.*'batch_size': 16"):
+        _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}", "--data.init_args.batch_size=16")
 
 
 def test_a_crash_while_scoring_keeps_the_trained_round(tmp_path, monkeypatch):

@@ -201,6 +201,21 @@ class PseudolabelRounds(L.Callback):
             "prompt": m.prompt_type,
             "source": _source_identity(getattr(m, "pseudolabels", "zeroshot")),
             "training": getattr(m, "round_hyperparameters", dict)(),
+            "batches": self._batches(m),
+        }
+
+    @staticmethod
+    def _batches(m: Any) -> dict[str, Any]:
+        """How the rounds' steps are cut: batch size, processes, precision and gradient accumulation
+        (another batch size or device count trains other prompts from the same pseudolabels)."""
+        trainer = m._trainer
+        if trainer is None:
+            return {}
+        return {
+            "batch_size": getattr(getattr(m, "datamodule", None), "batch_size", None),
+            "processes": int(trainer.world_size),
+            "precision": str(trainer.precision),
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         }
 
     def check_identity(self, state: RoundState, m: Any, folder: Path) -> None:

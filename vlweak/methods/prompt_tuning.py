@@ -98,7 +98,7 @@ class PromptTuning(VLMethod):
             (``augment``): each step then encodes its augmented images.
         rounds_dir: folder of the per-round checkpoints; a run started with the same folder resumes
             at the round it was in. Default: ``<logger save_dir>/<logger name>/rounds/<hash>``, the
-            hash of the run's identity (labeled set, source, schedule, hyper-parameters), so rerunning
+            hash of the run's identity (labeled set, source, schedule, hyper-parameters, batch size, devices, precision), so rerunning
             the same configuration resumes and any other configuration starts afresh. A fit given
             a Lightning checkpoint (``--ckpt_path``) continues at the step it was written and reads
             its round's training set from here.
