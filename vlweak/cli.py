@@ -196,10 +196,16 @@ class VLWeakCLI(LightningCLI):
             rank_zero_warn(f"--ckpt_path {ckpt} is a checkpoint of {theirs.rsplit('.', 1)[-1]}, not of this "
                            f"recipe's {ours.rsplit('.', 1)[-1]}: the run is {theirs.rsplit('.', 1)[-1]}'s, with its settings")
             return
+        # where this run writes and reads its files is this run's, not the checkpoint's
+        for name in RUN_LOCAL:
+            key = f"model.init_args.{name}"
+            if any(k == key for k, _, _ in diff):
+                self.config[sub][key] = _plain(before)["init_args"].get(name)
         # settings this run gave (not left at a None default) that the checkpoint's replace; the class
         # vocabulary is linked from the data module after this
         changed = [f"{key.rsplit('.', 1)[-1]} {b!r} (here {a!r})" for key, a, b in diff
-                   if a is not None and key.startswith("model.init_args.") and key != "model.init_args.classnames"]
+                   if a is not None and key.startswith("model.init_args.") and key != "model.init_args.classnames"
+                   and key.rsplit(".", 1)[-1] not in RUN_LOCAL]
         if changed:
             more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
             rank_zero_warn(f"--ckpt_path {ckpt}: the model is built with the checkpoint's settings: "
@@ -248,6 +254,7 @@ class VLWeakCLI(LightningCLI):
             f"{key}: {a!r} there, {b!r} here"
             for section in ("model", "data")
             for key, a, b in _differences(theirs.get(section), ours.get(section), section)
+            if not (section == "model" and key.rsplit(".", 1)[-1] in RUN_LOCAL)
         ]
         if diff:
             more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
@@ -272,6 +279,11 @@ def constructor_error(err: BaseException) -> BaseException | None:
 def _raised_by_jsonargparse(err: BaseException) -> bool:
     frames = traceback.extract_tb(err.__traceback__)
     return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
+
+
+#: Method options that say where a run writes and reads its own files, not what the model is: a run
+#: from a checkpoint keeps the command's (Lightning's ``--ckpt_path`` takes every other from it).
+RUN_LOCAL = ("artifact_path", "cache_dir", "rounds_dir", "resume")
 
 
 def _trains(model: L.LightningModule) -> bool:

@@ -467,6 +467,13 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
     with pytest.warns(UserWarning, match=r"built with the checkpoint's settings: n_ctx 2 \(here 4\)"):
         cli = build_cli(["test", *args, "--model.init_args.n_ctx=4", f"--ckpt_path={ckpt}"])
     assert cli.model.hparams.n_ctx == 2
+    # ... except where this run writes its files: the artifact goes where the command says
+    out = tmp_path / "chain" / "scores.safetensors"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpoint's settings")
+        cli = build_cli(["predict", *args, "--data.init_args.predict_split=test", f"--model.init_args.artifact_path={out}",
+                         f"--ckpt_path={ckpt}"])
+    assert cli.model.last_artifact == out and out.is_file()
     with pytest.warns(UserWarning, match=r"is a checkpoint of DualCoOp, not of this recipe's ZeroShot"):
         build_cli(["test", "--config", CONF, f"--trainer.logger.init_args.save_dir={tmp_path / 'zs'}",
                    f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--data.init_args.multilabel=true",
