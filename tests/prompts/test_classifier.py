@@ -37,6 +37,32 @@ def test_template_sets_and_errors():
         resolve_templates("fancy")
     with pytest.raises(ValueError, match="placeholder"):
         resolve_templates(["no placeholder here"])
+    # one string is one template, checked as a list's are (two placeholders failed at formatting)
+    assert resolve_templates("a blurry photo of a {}.") == ["a blurry photo of a {}."]
+    with pytest.raises(ValueError, match=r"exactly one '\{\}' placeholder .*'a \{\} next to a \{\}'"):
+        resolve_templates("a {} next to a {}")
+    # an unquoted list on the command line arrives as one string: said how to quote it
+    with pytest.raises(ValueError, match=r"reads as one string, not a list: quote each template"):
+        resolve_templates("[a photo of a {}., a drawing of a {}.]")
+
+
+def test_template_files(tmp_path):
+    txt = tmp_path / "mine.txt"
+    txt.write_text("# my templates\na photo of a {}.\n\na sketch of a {}.\n")
+    assert resolve_templates(str(txt)) == ["a photo of a {}.", "a sketch of a {}."]
+    yml = tmp_path / "mine.yaml"
+    yml.write_text('- "a photo of a {}."\n- "itap of a {}."\n')
+    assert resolve_templates(str(yml)) == ["a photo of a {}.", "itap of a {}."]
+    with pytest.raises(FileNotFoundError, match="template file not found: .*gone.txt"):
+        resolve_templates(str(tmp_path / "gone.txt"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("photo: a photo of a {}.\n")
+    with pytest.raises(ValueError, match=r"bad.yaml holds a dict: expected a list of templates"):
+        resolve_templates(str(bad))
+    broken = tmp_path / "broken.txt"
+    broken.write_text("a photo of a thing\n")
+    with pytest.raises(ValueError, match="placeholder.*'a photo of a thing'"):
+        resolve_templates(str(broken))
 
 
 def test_coop_phrase_init_reproduces_zero_shot(tiny_backbone):

@@ -90,7 +90,7 @@ class CDUL(VLMethod):
         backbone: the CLIP-family model (default: the shipped ``vlweak-shapes`` model).
         classnames: class vocabulary; set by the CLI from the data module.
         multilabel: must be true (set by the CLI from the data module).
-        templates: prompt templates (``simple``, ``imagenet80`` or a list with one ``{}``).
+        templates: prompt templates (``simple``, ``imagenet80``, a list with one ``{}`` each, or a file of them).
         grid: snippets per side; the image is split into ``grid × grid`` crops (paper: 3×3).
         overlap: fraction shared by neighbouring snippets, in [0, 1) (paper: 0, a plain grid).
         snippet_fit: what the grid tiles: ``stretch`` (the whole image resized to a square, as the

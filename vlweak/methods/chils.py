@@ -141,7 +141,8 @@ class CHiLS(VLMethod):
         missing: a vocabulary class absent from the hierarchy is an error (``error``) or its own
             single sub-class (``self``).
         variant: ``reweight`` (the paper's default), ``subclass``, ``aggregate`` or ``superclass``.
-        templates: prompt templates: ``simple``, ``imagenet80`` or a list of strings with one ``{}``.
+        templates: prompt templates: ``simple``, ``imagenet80``, a list of strings with one ``{}``, or a
+            ``.txt`` / ``.json`` / ``.yaml`` file of them.
         temperature: softmax temperature; ``null`` uses the backbone's learned ``logit_scale``.
         cache_text: keep the class/sub-class text embeddings in the embedding cache.
         subclass_artifact: also write the sub-class scores/predictions artifact (``N × S`` floats).

@@ -72,7 +72,7 @@ class PromptTuning(VLMethod):
         pseudolabels: source of the first round's pseudolabels: ``zeroshot`` (computed here with
             ``templates``) or the path of a saved pseudolabel artifact over the train split (e.g.
             from ZLaP or CHiLS; aligned by sample id, same class vocabulary).
-        templates: prompt templates of the zero-shot classifier (``simple``, ``imagenet80`` or a list).
+        templates: prompt templates of the zero-shot classifier (``simple``, ``imagenet80``, a list or a file; see :class:`~vlweak.methods.ZeroShot`).
         n_ctx: textual context length (paper: 16).
         ctx_init: phrase initialising the textual context (``null``: N(0, 0.02), as in the paper).
         class_specific: one textual context per class instead of a shared one.

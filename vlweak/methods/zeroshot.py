@@ -27,7 +27,8 @@ class ZeroShot(VLMethod):
         classnames: class vocabulary; set by the CLI from the data module.
         multilabel: multi-label task; set by the CLI from the data module.
         templates: prompt templates: ``simple`` ("a photo of a {}."), ``imagenet80`` (CLIP's 80
-            ImageNet templates) or a list of strings with one ``{}``.
+            ImageNet templates), a list of strings with one ``{}``, or a ``.txt`` (one per line) /
+            ``.json`` / ``.yaml`` file of them.
         temperature: softmax temperature; ``null`` uses the backbone's learned ``logit_scale``.
         threshold: multi-label only: a class is a hard pseudolabel when its score reaches this.
         artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).

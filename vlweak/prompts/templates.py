@@ -13,14 +13,29 @@ IMAGENET80: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"simple": SIMPLE, "imagenet80": IMAGENET80}
 
 
+TEMPLATE_FILES = (".txt", ".json", ".yaml", ".yml")
+
+
 def resolve_templates(templates: str | list[str] | tuple[str, ...]) -> list[str]:
-    """A template-set name (``simple``, ``imagenet80``) or a list of format strings with one ``{}``."""
+    """A template-set name (``simple``, ``imagenet80``), one format string or a list of them, each with
+    one ``{}``, or a file holding the list: ``.txt`` (one template per line; blank lines and lines
+    starting with ``#`` skipped), ``.json`` / ``.yaml``."""
     if isinstance(templates, str):
         if templates in TEMPLATE_SETS:
             return list(TEMPLATE_SETS[templates])
-        if "{}" in templates:
-            return [templates]
-        raise ValueError(f"unknown template set {templates!r}; use one of {sorted(TEMPLATE_SETS)} or a list of strings with '{{}}'")
+        if templates.strip().lower().endswith(TEMPLATE_FILES):
+            return resolve_templates(_read_template_file(templates))
+        if templates.lstrip().startswith("["):
+            raise ValueError(
+                f"templates {templates!r} reads as one string, not a list: quote each template, as in "
+                "'[\"a photo of a {}.\", \"a drawing of a {}.\"]' (in YAML braces need quotes)"
+            )
+        if "{" not in templates:
+            raise ValueError(
+                f"unknown template set {templates!r}; use one of {sorted(TEMPLATE_SETS)}, a list of strings "
+                "with '{}', or a .txt / .json / .yaml file of them"
+            )
+        templates = [templates]
     out = list(templates)
     if not out:
         raise ValueError("the template list is empty")
@@ -28,6 +43,23 @@ def resolve_templates(templates: str | list[str] | tuple[str, ...]) -> list[str]
     if bad:
         raise ValueError(f"each template needs exactly one '{{}}' placeholder and no other braces (write '{{{{' for a literal one); bad: {bad[:3]}")
     return out
+
+
+def _read_template_file(name: str) -> list[str]:
+    from pathlib import Path
+
+    path = Path(name.strip()).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"template file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    import yaml  # a superset of JSON
+
+    data = yaml.safe_load(text)
+    if not isinstance(data, list):
+        raise ValueError(f"template file {path} holds a {type(data).__name__}: expected a list of templates")
+    return data
 
 
 def _formats(template: str) -> bool:
