@@ -173,6 +173,20 @@ def test_a_subclass_named_like_its_class(tiny_backbone):
     assert cleaned.build_classifier().shape[0] == 3 + len(cleaned.subclassnames)
 
 
+def test_a_subclass_under_two_classes(tiny_backbone):
+    from vlweak.labels.hierarchy import MultipleParentsError
+
+    h = {"polygon": ["triangle", "star"], "curved shape": ["circle"], "symbol": ["star", "ring"]}
+    with pytest.raises(MultipleParentsError, match=r"'star' is listed under several parents .*duplicates: qualify"):
+        CHiLS(backbone=tiny_backbone, classnames=COARSE, hierarchy=h, cache_text=False)
+    m = CHiLS(backbone=tiny_backbone, classnames=COARSE, hierarchy=h, duplicates="qualify", cache_text=False)
+    assert "star polygon" in m.subclassnames and "star symbol" in m.subclassnames
+    from vlweak.methods import ZLaP
+
+    z = ZLaP(backbone=tiny_backbone, classnames=COARSE, hierarchy=h, duplicates="qualify")
+    assert "star symbol" in z.vocabulary_hierarchy().subclasses
+
+
 def test_errors(tiny_backbone):
     with pytest.raises(ValueError, match="single-label"):
         CHiLS(backbone=tiny_backbone, classnames=COARSE, multilabel=True, hierarchy="shapes")

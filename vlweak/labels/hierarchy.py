@@ -160,7 +160,7 @@ def _build_forest(edges: Iterable[tuple[str, Any]], duplicates: Duplicates, wher
             continue
         names = [display[p] for p in ps]
         if duplicates == "error" or children.get(c):
-            hint = "" if children.get(c) else " (pass duplicates='qualify' to name it '<child> <parent>' under each)"
+            hint = "" if children.get(c) else " (duplicates: qualify, a CHiLS / ZLaP option, names it '<child> <parent>' under each)"
             raise MultipleParentsError(f"{where}: {display[c]!r} is listed under several parents {names}{hint}")
         for p in ps:  # qualify a shared leaf: one sub-class per parent, "<leaf> <parent>"
             q = key_of(f"{display[c]} {display[p]}")
@@ -344,13 +344,15 @@ class LabelHierarchy:
 
     @classmethod
     def resolve(
-        cls, spec: "LabelHierarchy | Mapping[str, Any] | str | os.PathLike", level: int = 0
+        cls, spec: "LabelHierarchy | Mapping[str, Any] | str | os.PathLike", level: int = 0,
+        duplicates: Duplicates = "error",
     ) -> "LabelHierarchy":
-        """What a recipe gives (an inline mapping, a built-in name or a file path) as a hierarchy."""
+        """What a recipe gives (an inline mapping, a built-in name or a file path) as a hierarchy;
+        ``duplicates`` applies to a mapping or a file (built-in sets are qualified already)."""
         if isinstance(spec, LabelHierarchy):
             return spec if spec.level == level else spec.at_level(level)
         if isinstance(spec, Mapping):
-            return cls(spec, level=level, source="inline hierarchy")
+            return cls(spec, level=level, duplicates=duplicates, source="inline hierarchy")
         from vlweak.labels.hierarchy_builtin import builtin_hint, builtin_names
 
         if isinstance(spec, str) and spec in builtin_names():
@@ -361,7 +363,7 @@ class LabelHierarchy:
                 f"{type(spec).__name__} ({str(spec)[:80]})"
             )
         if Path(spec).is_file():
-            return cls.from_file(spec, level=level)
+            return cls.from_file(spec, level=level, duplicates=duplicates)
         raise HierarchyFormatError(
             f"hierarchy {str(spec)!r} is neither a file nor a built-in name; {builtin_hint(str(spec))}"
         )

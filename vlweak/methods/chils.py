@@ -136,6 +136,8 @@ class CHiLS(VLMethod):
             ``cifar20-true``, ``cifar20-10``, ...) or a ``.json``/``.yaml``/``.csv`` file; see
             :class:`~vlweak.labels.LabelHierarchy`.
         hierarchy_level: tree level whose nodes are the classes (0 = the roots).
+        duplicates: a sub-class listed under several classes: an error (``error``) or one sub-class
+            per class, named ``<sub-class> <class>`` (``qualify``; built-in sets are qualified already).
         clean: apply CHiLS's label-set cleaning (keep the class name as a sub-class, append it to
             sub-class names lacking it); published generated sets are already cleaned.
         missing: a vocabulary class absent from the hierarchy is an error (``error``) or its own
@@ -156,6 +158,7 @@ class CHiLS(VLMethod):
         multilabel: bool = False,
         hierarchy: dict[str, Any] | str | None = None,
         hierarchy_level: int = 0,
+        duplicates: Literal["error", "qualify"] = "error",
         clean: bool = False,
         missing: Literal["error", "self"] = "error",
         variant: Variant = "reweight",
@@ -173,7 +176,7 @@ class CHiLS(VLMethod):
         if hierarchy is None:
             raise ValueError("CHiLS needs a hierarchy: an inline mapping, a built-in name or a file")
         check_options(templates=templates, temperature=temperature)
-        self.tree = LabelHierarchy.resolve(hierarchy, level=hierarchy_level)
+        self.tree = LabelHierarchy.resolve(hierarchy, level=hierarchy_level, duplicates=duplicates)
         if clean:
             self.tree = self.tree.cleaned()
         self.missing = missing

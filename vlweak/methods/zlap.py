@@ -95,6 +95,8 @@ class ZLaP(VLMethod):
             ``cifar100``, or a file; see :class:`~vlweak.labels.LabelHierarchy`); ``null``: the
             class names are the text nodes (the paper's).
         hierarchy_level: tree level whose nodes are the classes (0 = the roots).
+        duplicates: a sub-class listed under several classes: an error (``error``) or one sub-class
+            per class, named ``<sub-class> <class>`` (``qualify``; built-in sets are qualified already).
         clean: CHiLS's label-set cleaning (the class name kept as a sub-class, appended to
             sub-class names lacking it).
         missing: a vocabulary class absent from the hierarchy is an error (``error``) or its own
@@ -123,6 +125,7 @@ class ZLaP(VLMethod):
         knn_engine: Engine = "auto",
         hierarchy: dict[str, Any] | str | None = None,
         hierarchy_level: int = 0,
+        duplicates: Literal["error", "qualify"] = "error",
         clean: bool = False,
         missing: Literal["error", "self"] = "error",
         subclass_reduce: Literal["sum", "max"] = "sum",
@@ -139,7 +142,7 @@ class ZLaP(VLMethod):
         if missing not in ("error", "self"):
             raise ValueError(f"missing must be 'error' or 'self', got {missing!r}")
         check_options(templates=templates, threshold=threshold)
-        self.tree = None if hierarchy is None else LabelHierarchy.resolve(hierarchy, level=hierarchy_level)
+        self.tree = None if hierarchy is None else LabelHierarchy.resolve(hierarchy, level=hierarchy_level, duplicates=duplicates)
         if self.tree is not None and clean:
             self.tree = self.tree.cleaned()
         self.missing, self.subclass_reduce = missing, subclass_reduce
