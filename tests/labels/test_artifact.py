@@ -27,6 +27,10 @@ def test_round_trip_equal(tmp_path, multilabel):
     other = PseudoLabels.load(path)
     other.scores[0, 0] += 1e-3
     assert other != pl
+    # another run that labels alike: equal labels, other provenance
+    rerun = PseudoLabels.load(path)
+    rerun.provenance = {**rerun.provenance, "recipe": "runs/elsewhere/config.yaml"}
+    assert rerun == pl and rerun.provenance != pl.provenance
 
 
 def test_rows_are_taken_by_index_slice_or_mask():

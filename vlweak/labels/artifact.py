@@ -118,13 +118,14 @@ class PseudoLabels:
         return len(self.sample_ids)
 
     def __eq__(self, other: object) -> bool:
-        """Equal content: ids, vocabulary, every tensor, the kind of labels and the provenance (not
-        the file it was read from)."""
+        """The same labels: ids, vocabulary, every tensor and the kind of labels. Not the provenance
+        (two runs that label alike compare equal; compare ``.provenance`` for where they came from)
+        nor the file it was read from."""
         if not isinstance(other, PseudoLabels):
             return NotImplemented
         return (
             self.sample_ids == other.sample_ids and self.classnames == other.classnames
-            and self.multilabel == other.multilabel and self.provenance == other.provenance
+            and self.multilabel == other.multilabel
             and all(torch.equal(getattr(self, f), getattr(other, f)) for f in ("scores", "labels", "confidences", "indices"))
         )
 
