@@ -35,6 +35,17 @@ def test_image_folder_classes_and_items(tmp_path):
     assert ImageFolderReader.read(tmp_path / "train", ["dog", "cat"]).classnames == ["dog", "cat"]  # new names: as given
 
 
+def test_accented_folder_names_match_whatever_their_unicode_form(tmp_path):
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "étoile")  # as a macOS copy stores the folder name
+    write_image_folder(tmp_path / "train", {decomposed: 1, "carré": 1})
+    ds = ImageFolderReader.read(tmp_path / "train", {"étoile": "star", "carré": "square"})  # keys typed composed
+    assert sorted(ds.classnames) == ["square", "star"]
+    named = ImageFolderReader.read(tmp_path / "train")
+    assert "étoile" in named.classnames  # a class name in the composed form, as a prompt would type it
+
+
 def test_images_in_a_class_folders_sub_folders_belong_to_the_class(tmp_path):
     root = write_image_folder(tmp_path / "data", {"cat": 1, "dog": 1})
     write_image_folder(root / "cat", {"indoor": 2, ".thumbs": 1})  # a hidden folder is left out

@@ -218,6 +218,14 @@ class LabeledImages(VisionDataset):
         return torch.as_tensor(self.labels, dtype=torch.long)
 
 
+def _nfc(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC): how names are typed, and how macOS file systems
+    do not store accented folder names."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name)
+
+
 def list_class_folders(root: Path) -> list[str]:
     """The sorted names of the class folders of ``root`` (its sub-folders, hidden ones left out)."""
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -247,15 +255,18 @@ class ImageFolderReader:
         if not folders:
             return ImageFolderReader._unlabeled(root, classnames, skip_bad)
         if isinstance(classnames, dict):
-            unknown = [f for f in folders if f not in classnames]
+            # a folder name as the file system spells it (macOS: decomposed accents) against the map's
+            # keys as typed: compared in one Unicode form
+            keys = {_nfc(k): v for k, v in classnames.items()}
+            unknown = [f for f in folders if _nfc(f) not in keys]
             if unknown:
                 raise VocabularyError(f"class folders {unknown[:5]} of {root} have no entry in the class-name map")
-            names = [classnames[f] for f in folders]
+            names = [keys[_nfc(f)] for f in folders]
         elif classnames is not None:
             names = validate_classnames(classnames, f"classnames given for {root}")
             if len(names) != len(folders):
                 raise VocabularyError(f"{len(names)} class names given for {len(folders)} class folders in {root}")
-            folder_names = [clean_classname(f) for f in folders]
+            folder_names = [clean_classname(_nfc(f)) for f in folders]
             if names != folder_names and sorted(names) == sorted(folder_names):
                 # the folders' own names in another order: each folder would take another's name
                 raise VocabularyError(
@@ -264,7 +275,7 @@ class ImageFolderReader:
                     "folder to name ({folder: name})"
                 )
         else:
-            names = [clean_classname(f) for f in folders]
+            names = [clean_classname(_nfc(f)) for f in folders]
         names = validate_classnames(names, f"classes of {root}")
         paths, labels, empty = [], [], []
         for k, folder in enumerate(folders):
