@@ -10,6 +10,8 @@ the same on one device and on many. Artifacts are written by rank 0 only.
 from __future__ import annotations
 
 import csv
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,10 @@ def dedup_by_index(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     """Keep the first occurrence of each ``index`` and sort by it."""
     keep = first_occurrences(outputs["index"])
     return {k: v[keep] for k, v in outputs.items()}
+
+
+#: Metric names logged from gathered results (see :meth:`VLMethod.log_metrics`).
+_GATHERED: set[str] = set()
 
 
 class VLMethod(L.LightningModule):
@@ -151,6 +157,10 @@ class VLMethod(L.LightningModule):
         """Take the class vocabulary (and whether it is multi-label) from the trainer's data module
         when none was given, as the CLI links them: ``trainer.test(ZeroShot(), datamodule=dm)``
         works in a notebook. A method built for the other kind of labels than the data's is named."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # evaluation gathers every rank's rows and keeps one per sample index, so the distributed
+            # sampler's padding is not scored twice, whatever Lightning's generic advice says
+            warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(test|validate|predict)\(\)`")
         dm = self.datamodule
         if dm is None or getattr(dm, "classnames", None) is None:
             return
@@ -278,6 +288,11 @@ class VLMethod(L.LightningModule):
                     logger.save()
         else:
             for k, v in metrics.items():
+                if self.trainer.world_size > 1 and k not in _GATHERED:
+                    # computed from every rank's samples already: Lightning's advice to sync a
+                    # per-rank value across ranks does not apply (it would warn once per metric)
+                    _GATHERED.add(k)
+                    warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\({re.escape(repr(k))}")
                 self.log(k, v, sync_dist=False, rank_zero_only=True)
 
     def embedding_cache(self) -> EmbeddingCache:
