@@ -113,6 +113,45 @@ def test_manifest_csv_and_jsonl_multilabel(tmp_path):
     assert dm.multilabel and dm.classnames == ["cat", "dog"]
 
 
+def test_multilabel_rows_without_labels_are_unknown_not_negative(tmp_path, tiny_backbone):
+    import lightning as L
+
+    from vlweak.methods import ZeroShot
+
+    write_image_folder(tmp_path / "imgs", {"x": 8})
+    # "labels": [] says no class is present; a row without the key (or an empty cell) is unlabeled
+    rows = [{"path": "imgs/x/0.png", "labels": ["cat"]}, {"path": "imgs/x/1.png", "labels": []},
+            {"path": "imgs/x/2.png"}, {"path": "imgs/x/3.png", "labels": None}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ml = ManifestReader.read(tmp_path / "m.jsonl", classnames=["cat", "dog"], multilabel=True)
+    assert [ml[i]["mask"].tolist() for i in range(4)] == [[True, True], [True, True], [False, False], [False, False]]
+    assert ml.masks().tolist() == [[True, True], [True, True], [False, False], [False, False]]
+    (tmp_path / "m.csv").write_text('path,labels\nimgs/x/0.png,cat|dog\nimgs/x/1.png,[]\nimgs/x/2.png,\n')
+    csv_rows = ManifestReader.read(tmp_path / "m.csv", classnames=["cat", "dog"], multilabel=True)
+    assert csv_rows.masks()[:, 0].tolist() == [True, True, False]
+
+    # scored: the unlabeled rows count neither as positives nor as negatives
+    labeled = [{"path": f"imgs/x/{i}.png", "labels": [["cat"], ["dog"], [], ["cat", "dog"]][i % 4]} for i in range(0, 8, 2)]
+    half = [labeled[i // 2] if i % 2 == 0 else {"path": f"imgs/x/{i}.png"} for i in range(8)]
+    (tmp_path / "labeled.jsonl").write_text("\n".join(json.dumps(r) for r in labeled))
+    (tmp_path / "half.jsonl").write_text("\n".join(json.dumps(r) for r in half))
+    maps = {}
+    for name in ("labeled", "half"):
+        dm = ManifestDataModule(test=str(tmp_path / f"{name}.jsonl"), classnames=["cat", "dog"], multilabel=True,
+                                transform=tiny_backbone.transform, batch_size=4)
+        model = ZeroShot(backbone=tiny_backbone, artifact_path="")
+        L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(model, datamodule=dm, verbose=False)
+        maps[name] = model.last_metrics["test/mAP"]
+    assert maps["half"] == pytest.approx(maps["labeled"])
+    # a manifest without labels is pseudolabelled with no metrics, not scored as all-negative
+    (tmp_path / "none.jsonl").write_text("\n".join(json.dumps({"path": f"imgs/x/{i}.png"}) for i in range(8)))
+    dm = ManifestDataModule(test=str(tmp_path / "none.jsonl"), classnames=["cat", "dog"], multilabel=True,
+                            transform=tiny_backbone.transform, batch_size=4)
+    model = ZeroShot(backbone=tiny_backbone, artifact_path="")
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(model, datamodule=dm, verbose=False)
+    assert "test/mAP" not in model.last_metrics
+
+
 def test_manifest_header_spelling_and_a_missing_label_column(tmp_path):
     write_image_folder(tmp_path / "imgs", {"x": 2})
     # a spreadsheet's byte-order mark and a space after the comma are not part of the column names

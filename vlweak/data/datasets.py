@@ -182,12 +182,13 @@ class VisionDataset(Dataset):
 
 
 class LabeledImages(VisionDataset):
-    """Images with one class index each (``-1`` = unknown) or a multi-hot target."""
+    """Images with one class index each (``-1`` = unknown) or, multi-label, the list of classes
+    present (``[]``: none; ``None``: unlabeled, every class unknown)."""
 
     def __init__(
         self,
         paths: list[str],
-        labels: list[int] | list[list[int]],
+        labels: list[int] | list[list[int] | None],
         classnames: list[str],
         multilabel: bool = False,
         skip_bad: bool = False,
@@ -202,9 +203,11 @@ class LabeledImages(VisionDataset):
             return None
         item: dict[str, Any] = {"image": image, "index": index}
         if self.multilabel:
+            labs = self.labels[index]
             target = torch.zeros(len(self.classnames))
-            target[list(self.labels[index])] = 1.0
-            item["target"], item["mask"] = target, torch.ones(len(self.classnames), dtype=torch.bool)
+            target[list(labs or [])] = 1.0
+            item["target"] = target
+            item["mask"] = torch.full((len(self.classnames),), labs is not None, dtype=torch.bool)
         else:
             item["label"] = int(self.labels[index])
         return item
@@ -213,9 +216,17 @@ class LabeledImages(VisionDataset):
         if self.multilabel:
             t = torch.zeros(len(self), len(self.classnames))
             for i, labs in enumerate(self.labels):
-                t[i, list(labs)] = 1.0
+                t[i, list(labs or [])] = 1.0
             return t
         return torch.as_tensor(self.labels, dtype=torch.long)
+
+    def masks(self) -> torch.Tensor:
+        """Which entries are known: multi-label ``[N, C]`` (an unlabeled row all false), single-label
+        ``[N, 1]`` (a label ``-1`` unknown)."""
+        if self.multilabel:
+            known = torch.tensor([labs is not None for labs in self.labels], dtype=torch.bool)
+            return known[:, None].expand(-1, len(self.classnames)).clone()
+        return (torch.as_tensor(self.labels, dtype=torch.long) >= 0)[:, None]
 
 
 def _nfc(name: str) -> str:
@@ -448,6 +459,9 @@ class ManifestReader:
         if multilabel is None:
             multilabel = key == "labels"
         raw = [_split_labels(r.get(key)) if key else [] for r in rows]
+        # no label at all (no label column or key, an empty cell): unlabeled, not "no class present",
+        # which a multi-label row says with an empty list ("[]")
+        unlabeled = [not key or r.get(key) is None or (isinstance(r.get(key), str) and not r.get(key).strip()) for r in rows]
         if classnames is None:
             found = {lab for labs in raw for lab in labs}
             if found and all(re.fullmatch(r"\s*-?[0-9]+\s*", lab) for lab in found):
@@ -464,7 +478,9 @@ class ManifestReader:
         index = {n: k for k, n in enumerate(names)}
         base = Path(root).expanduser() if root else manifest.parent
         paths, labels = [], []
-        for n, (row, labs) in enumerate(zip(rows, raw), start=2 if manifest_format(manifest) == "csv" else 1):
+        first = 2 if manifest_format(manifest) == "csv" else 1
+        for n0, (row, labs) in enumerate(zip(rows, raw)):
+            n = n0 + first
             if not str(row.get("path") or "").strip():
                 raise ValueError(f"{manifest} row {n}: no image path (every row needs a non-empty 'path')")
             if caption_key and not str(row.get(caption_key) or "").strip():
@@ -484,7 +500,7 @@ class ManifestReader:
                 raise VocabularyError(f"{manifest} row {n} ({row['path']}): several labels in a single-label manifest")
             p = Path(row["path"])
             paths.append(str(p if p.is_absolute() else base / p))
-            labels.append(ids if multilabel else (ids[0] if ids else -1))
+            labels.append((None if unlabeled[n0] else ids) if multilabel else (ids[0] if ids else -1))
         ds = LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad)
         if caption_key:
             ds = CaptionedImages(ds, [str(r[caption_key]) for r in rows])

@@ -74,7 +74,7 @@ class MultiLabelImages(LabeledImages):
         return item
 
     def masks(self) -> torch.Tensor:
-        m = torch.ones(len(self), len(self.classnames), dtype=torch.bool)
+        m = super().masks()
         for i, unk in enumerate(self.unknown):
             m[i, list(unk)] = False
         return m
