@@ -463,6 +463,13 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
     save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(other))
     with pytest.warns(UserWarning, match=r"this checkpoint was trained with the backbone .*; this run's is"):
         build_cli(["test", *args, f"--model.init_args.backbone.init_args.pretrained={other}", f"--ckpt_path={ckpt}"])
+    # ... and weights of another architecture are refused naming the tensors (not Lightning's size-mismatch traceback)
+    from vlweak.backbones import CheckpointMismatchError
+
+    with pytest.warns(UserWarning, match="trained with the backbone"):
+        with pytest.raises(CheckpointMismatchError, match=r"do not fit this DualCoOp: prompts\..* there, .* here \(it was trained with"):
+            build_cli(["test", *args, "--model.init_args.backbone.init_args.model_name=vlweak-shapes",
+                       "--model.init_args.backbone.init_args.pretrained=vlweak-shapes", f"--ckpt_path={ckpt}"])
     # an explicit checkpoint's settings replace the run's, and the ones that change are named
     with pytest.warns(UserWarning, match=r"built with the checkpoint's settings: n_ctx 2 \(here 4\)"):
         cli = build_cli(["test", *args, "--model.init_args.n_ctx=4", f"--ckpt_path={ckpt}"])

@@ -138,19 +138,64 @@ class VLMethod(L.LightningModule):
                 del state[key]
             checkpoint["vlweak_backbone"] = dict(self.backbone.fingerprint_parts())
 
+    def trains_per_class(self) -> bool:
+        """Whether what a fit trains holds one entry per class (class-specific prompts, a classifier
+        head): a checkpoint of it serves its own class vocabulary, in its own order, and no other."""
+        return False
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint without its frozen backbone takes this run's (built from the recipe's weights);
-        weights other than those it was trained with are named."""
-        saved = checkpoint.get("vlweak_backbone")
-        if saved is None:
+        weights other than those it was trained with are named. A checkpoint whose per-class
+        parameters are for another class vocabulary (or order), or whose tensors do not fit this
+        model, is refused naming what differs."""
+        self._check_checkpoint_vocabulary(checkpoint)
+        saved, why = checkpoint.get("vlweak_backbone"), ""
+        if saved is not None:
+            ours = dict(self.backbone.fingerprint_parts())
+            if ours != saved:
+                why = f" (it was trained with the backbone {saved}; this run's is {ours})"
+                rank_zero_warn(f"this checkpoint was trained with the backbone {saved}; this run's is {ours}: its "
+                               "prompts or heads meet other weights (build the fit's backbone: its class_path and "
+                               "init_args, as in the fit's config.yaml)")
+            state = checkpoint["state_dict"]
+            for key, value in self.backbone.state_dict().items():
+                state.setdefault(f"backbone.{key}", value)
+        self._check_checkpoint_shapes(checkpoint, why)
+
+    def _check_checkpoint_vocabulary(self, checkpoint: dict[str, Any]) -> None:
+        theirs = (checkpoint.get("hyper_parameters") or {}).get("classnames")
+        ours = self.classnames
+        if not theirs or not ours or list(theirs) == list(ours) or not self.trains_per_class():
             return
-        ours = dict(self.backbone.fingerprint_parts())
-        if ours != saved:
-            rank_zero_warn(f"this checkpoint was trained with the backbone {saved}; this run's is {ours}: its "
-                           "prompts or heads meet other weights (give the fit's model_name and pretrained)")
-        state = checkpoint["state_dict"]
-        for key, value in self.backbone.state_dict().items():
-            state.setdefault(f"backbone.{key}", value)
+        from vlweak.backbones.errors import CheckpointMismatchError
+
+        name = type(self).__name__
+        if sorted(theirs) == sorted(ours):
+            raise CheckpointMismatchError(
+                f"this {name} checkpoint's per-class parameters are for its classes in the order {list(theirs)[:8]}"
+                f"{' ...' if len(theirs) > 8 else ''}; this run's data lists them as {list(ours)[:8]}"
+                f"{' ...' if len(ours) > 8 else ''}: give the data's classnames in the checkpoint's order"
+            )
+        missing = [c for c in ours if c not in theirs]
+        raise CheckpointMismatchError(
+            f"this {name} checkpoint was trained for {len(theirs)} classes ({list(theirs)[:6]}"
+            f"{' ...' if len(theirs) > 6 else ''}); this run has {len(ours)}"
+            f"{f', {len(missing)} of them not among its classes ({missing[:6]})' if missing else ''}: its per-class "
+            "parameters serve its own classes only (shared prompts, class_specific: false, transfer to new ones)"
+        )
+
+    def _check_checkpoint_shapes(self, checkpoint: dict[str, Any], why: str = "") -> None:
+        ours = self.state_dict()
+        bad = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in checkpoint.get("state_dict", {}).items()
+               if k in ours and hasattr(v, "shape") and tuple(v.shape) != tuple(ours[k].shape)]
+        if bad:
+            from vlweak.backbones.errors import CheckpointMismatchError
+
+            listed = "; ".join(f"{k} {a} there, {b} here" for k, a, b in bad[:3])
+            raise CheckpointMismatchError(
+                f"the checkpoint's tensors do not fit this {type(self).__name__}: {listed}"
+                f"{f' (and {len(bad) - 3} more)' if len(bad) > 3 else ''}{why}"
+            )
 
     # ---------------------------------------------------------------- the trainer's data
     def setup(self, stage: str) -> None:

@@ -204,6 +204,9 @@ class CDUL(VLMethod):
     def evaluates_what_a_fit_trains(self) -> bool:
         return self.inference == "classifier"  # ``init`` scores with CLIP alone
 
+    def trains_per_class(self) -> bool:
+        return True  # the classifier's outputs are the classes
+
     def _make_head(self, kind: str, hidden: int) -> nn.Module:
         d, c = self.backbone.embed_dim, len(self.classnames)
         if kind == "linear":

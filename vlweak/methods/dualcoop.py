@@ -480,6 +480,9 @@ class DualCoOp(VLMethod):
                     probs[rows[i]] = row
         return probs
 
+    def trains_per_class(self) -> bool:
+        return getattr(self, "prompts", None) is not None and self.prompts.positive.class_specific
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         opt = torch.optim.SGD(self.prompts.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)

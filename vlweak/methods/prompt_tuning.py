@@ -217,6 +217,9 @@ class PromptTuning(VLMethod):
         self._eval_classes: Tensor | None = None
 
     # ---------------------------------------------------------------- prompts
+    def trains_per_class(self) -> bool:
+        return getattr(self, "text_prompt", None) is not None and self.text_prompt.class_specific
+
     def prompt_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         out = []
         if self.text_prompt is not None:
