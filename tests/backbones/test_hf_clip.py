@@ -268,3 +268,27 @@ def test_image_size_interpolates_the_positions(backbone, saved):
     assert HFCLIPBackbone(model_id=str(saved[0]), image_size=32).fingerprint() == backbone.fingerprint()
     with pytest.raises(ValueError, match="multiple of .* patch size 8, got 30"):
         HFCLIPBackbone(model_id=str(saved[0]), image_size=30)
+
+
+def test_prompt_learners_find_the_end_of_text_wherever_the_tokenizer_numbers_it(tmp_path):
+    # a tokenizer whose special tokens come first (ids 0 and 1): the end-of-text is not the highest id
+    from vlweak.prompts import TextPromptLearner, text_classifier
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+    for c in string.ascii_lowercase:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["th"] = len(vocab)
+    vocab[".</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[("t", "h")])
+    model = _tiny_model(tok, seed=4)
+    backbone = HFCLIPBackbone(model_id=str(_save(tmp_path / "specials-first", model, tok)))
+    ids = backbone.tokenize(["a photo of a"])
+    assert backbone.eot_positions(ids).item() != int(ids.argmax(-1).item())  # the highest id is a letter
+    names = ["cat", "ox"]  # 16 tokens of context: SOS, the 9 of the phrase, the name, ".", EOS
+    learner = TextPromptLearner(backbone, names, init="a photo of a")
+    assert learner.n_ctx == int((ids[0] > 1).sum())  # every token of the phrase, none of the padding
+    torch.testing.assert_close(learner(), text_classifier(backbone, names, "simple"), atol=1e-5, rtol=1e-4)
+    front = TextPromptLearner(backbone, names, n_ctx=2, position="front")
+    assert front.token_ids.shape == (2, ids.shape[1]) and front().shape == (2, backbone.embed_dim)

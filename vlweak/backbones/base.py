@@ -98,6 +98,11 @@ class Backbone(nn.Module, abc.ABC):
     def token_embedding(self, token_ids: Tensor) -> Tensor:
         """Input word embeddings ``[n, L, width]`` of token ids (before positional embeddings)."""
 
+    def eot_positions(self, token_ids: Tensor) -> Tensor:
+        """Where each row's end-of-text token is (the text tower pools there): the highest id, as
+        CLIP's tokenizer numbers it last; a tokenizer numbering it otherwise says where."""
+        return token_ids.argmax(dim=-1)
+
     @abc.abstractmethod
     def encode_text_embeddings(self, embeddings: Tensor, token_ids: Tensor) -> Tensor:
         """Run the text tower on input embeddings; ``token_ids`` locate the end-of-text token.

@@ -301,7 +301,7 @@ class HFCLIPBackbone(Backbone):
     def token_embedding(self, token_ids: Tensor) -> Tensor:
         return self.model.text_model.embeddings.token_embedding(token_ids.to(self.device))
 
-    def _eos_positions(self, token_ids: Tensor) -> Tensor:
+    def eot_positions(self, token_ids: Tensor) -> Tensor:
         """Where ``CLIPTextModel.forward`` pools: the highest id for legacy configs (``eos_token_id ==
         2``), else the first occurrence of ``eos_token_id`` (padding may reuse the EOS id)."""
         ids = token_ids.to(torch.int)
@@ -325,7 +325,7 @@ class HFCLIPBackbone(Backbone):
             mask = mask[None, None].expand(x.shape[0], 1, L, L)
         x = tm.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         x = tm.final_layer_norm(x)
-        pos = self._eos_positions(token_ids.to(x.device))
+        pos = self.eot_positions(token_ids.to(x.device))
         pooled = x[torch.arange(x.shape[0], device=x.device), pos]
         return self.model.text_projection(pooled)
 

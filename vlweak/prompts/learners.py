@@ -57,7 +57,7 @@ class TextPromptLearner(nn.Module):
         with torch.no_grad():
             if init:
                 init_ids = backbone.tokenize([init])
-                n_ctx = int(init_ids.argmax(-1).item()) - 1  # tokens between SOS and EOS
+                n_ctx = int(backbone.eot_positions(init_ids).item()) - 1  # tokens between SOS and EOS
                 if n_ctx < 1:
                     raise ValueError(f"context initialisation phrase {init!r} has no tokens")
                 init_vec = backbone.token_embedding(init_ids)[0, 1 : 1 + n_ctx].float().cpu()
@@ -101,7 +101,7 @@ def _name_order(backbone, names: list[str], n_ctx: int, length: int, position: s
     """``[C, L]`` positions into the name-last sequence ``[SOS] ctx <name> . [EOS] …`` that put each
     class name first (``front``) or between the context's halves (``middle``); the rest, from the
     '.' on, keeps its place, so the end-of-text token does too."""
-    name_len = (backbone.tokenize(names).argmax(-1) - 1).tolist()  # the name's tokens between SOS and EOS
+    name_len = (backbone.eot_positions(backbone.tokenize(names)) - 1).tolist()  # the name's tokens between SOS and EOS
     half = n_ctx // 2 if position == "middle" else 0
     rows = []
     for n in name_len:
@@ -115,12 +115,12 @@ def _too_long(backbone, names: list[str], ids: Tensor) -> list[str]:
     """Class names whose prompt the tokenizer truncated. A row that fills the context exactly ends
     with EOS in the last slot, as a truncated one does; it fits when the token before EOS is the
     prompt's own last token (that of ``"<name>."`` alone)."""
-    eos_at = ids.argmax(-1)
+    eos_at = backbone.eot_positions(ids)
     rows = (eos_at >= ids.shape[1] - 1).nonzero().flatten()
     if not len(rows):
         return []
     short = backbone.tokenize([f"{names[i]}." for i in rows.tolist()])
-    last = short.gather(1, (short.argmax(-1, keepdim=True) - 1).clamp(min=0)).flatten()
+    last = short.gather(1, (backbone.eot_positions(short).unsqueeze(1) - 1).clamp(min=0)).flatten()
     kept = ids[rows].gather(1, (eos_at[rows] - 1).unsqueeze(1)).flatten()
     return [names[i] for i, ok in zip(rows.tolist(), (kept == last).tolist()) if not ok]
 
