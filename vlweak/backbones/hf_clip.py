@@ -136,7 +136,7 @@ class HFCLIPBackbone(Backbone):
             self._weights_digest = _dir_digest(self._local_dir)
         else:
             self._weights_digest = f"hub:{_hub_revision(model_id, cache_dir)}"
-        self.weights = model_id
+        self.weights = str(self._local_dir.resolve()) if self._local_dir is not None else model_id  # a path that reads anywhere
         self._finish_init()
 
     # ------------------------------------------------------------------ loading

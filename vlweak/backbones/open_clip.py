@@ -223,7 +223,9 @@ class OpenCLIPBackbone(Backbone):
         self._weights_digest = "random-init"
         if pretrained:
             self._load_weights(pretrained, cache_dir)
-        self.weights = pretrained or "random-init"
+        local = bool(pretrained) and pretrained not in SHIPPED_WEIGHTS and Path(pretrained).expanduser().is_file()
+        # a weights file by its absolute path, which reads from any folder (provenance, artifacts)
+        self.weights = str(Path(pretrained).expanduser().resolve()) if local else (pretrained or "random-init")
         self._tokenizer = open_clip.get_tokenizer(model_name)
         self._finish_init()
 
