@@ -157,6 +157,27 @@ class VLWeakCLI(LightningCLI):
     def before_predict(self) -> None:
         self._add_figures()
 
+    def before_instantiate_classes(self) -> None:
+        """A run asking for GPUs on a machine without one is named before Lightning refuses it."""
+        import torch
+
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer") or {}
+        accelerator = str(trainer.get("accelerator") or "auto")
+        strategy = trainer.get("strategy")
+        name = str(getattr(strategy, "class_path", strategy))
+        fsdp = name.startswith("fsdp") or name.split(".")[-1] == "FSDPStrategy"  # Lightning's own (CUDA only)
+        gpus = torch.cuda.is_available()
+        if fsdp and (accelerator == "cpu" or not gpus):
+            raise ValueError(
+                "FSDP (e.g. recipes/pretrain/fsdp.yaml) shards a model over GPUs and Lightning runs it on CUDA "
+                f"only{'' if gpus else '; this machine has no GPU'}: on CPU processes use --trainer.strategy=ddp "
+                "--trainer.accelerator=cpu"
+            )
+        if accelerator in ("gpu", "cuda") and not gpus:
+            raise ValueError(f"this run asks for GPUs (trainer.accelerator: {accelerator}) and this machine has none: "
+                             "pass --trainer.accelerator=cpu (or auto)")
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -449,7 +470,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vlweak.labels.hierarchy_errors import HierarchyError
     from vlweak.labels.hierarchy_generate import GenerationError
 
-    return BackboneError, ImageLoadError, VocabularyError, AnnotationError, ArtifactError, HierarchyError, GenerationError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # Lightning refusing a trainer setting
+
+    return (BackboneError, ImageLoadError, VocabularyError, AnnotationError, ArtifactError, HierarchyError, GenerationError,
+            MisconfigurationException)
 
 
 def is_user_error(err: BaseException) -> bool:

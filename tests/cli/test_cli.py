@@ -548,3 +548,21 @@ def test_an_overlay_given_before_its_recipe_is_noted(capsys):
     for args in (["fit", "--config", base, f"--config={overlay}"], ["fit", "--model=PromptTuning", "--config", overlay]):
         _note_overlay_order(args)
         assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--trainer.accelerator=gpu"], r"asks for GPUs \(trainer.accelerator: gpu\) and this machine has none"),
+    (["--config", str(REPO / "recipes" / "pretrain" / "fsdp.yaml"), "--trainer.accelerator=cpu"],
+     r"FSDP .* on CPU processes use --trainer.strategy=ddp"),
+])
+def test_a_gpu_run_on_a_machine_without_one_is_one_line(extra, message, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from vlweak.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(REPO / "recipes" / "pretrain" / "shapes.yaml"), *extra])
+    assert info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
