@@ -129,6 +129,9 @@ def draw_per_class_accuracy(acc: Tensor, names: list[str], stage: str, max_class
     ax = fig.add_subplot()
     values = torch.nan_to_num(acc[order], nan=0.0).tolist()
     ax.bar(range(len(order)), values, color="tab:blue")
+    for x, i in enumerate(order):  # a class without a known positive has no value: said, not drawn as 0
+        if torch.isnan(acc[i]):
+            ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="gray")
     ax.set_xticks(range(len(order)), [_short(names[i]) for i in order], rotation=90, fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel(metric)

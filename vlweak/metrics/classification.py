@@ -59,16 +59,15 @@ def multilabel_report(
     if mask is not None:
         t = torch.where(mask.bool(), t, torch.full_like(t, -1))
     c = scores.shape[1]
-    # AP of the classes with an observed entry (torchmetrics cannot score a fully unknown column)
-    observed = (t >= 0).any(0)
+    # AP of the classes with a known positive: no positive, no AP (torchmetrics would give -0.0 with
+    # a warning, and cannot score a fully unknown column); the mAP leaves them out
+    has_pos = (t == 1).any(0)
     per_class = torch.full((c,), float("nan"), device=ranked.device)
-    if observed.any():
+    if has_pos.any():
         ap = multilabel_average_precision(
-            ranked[:, observed], t[:, observed], num_labels=int(observed.sum()), average=None, ignore_index=-1
+            ranked[:, has_pos], t[:, has_pos], num_labels=int(has_pos.sum()), average=None, ignore_index=-1
         )
-        per_class[observed] = ap.reshape(-1).float()
-    has_pos = (t == 1).sum(0) > 0
-    per_class[~has_pos] = float("nan")  # no positive: no AP (torchmetrics gives -0.0), as the mAP leaves it out
+        per_class[has_pos] = ap.reshape(-1).float()
     out = {
         "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),
         "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3, None if mask is None else t >= 0),
