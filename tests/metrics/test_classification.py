@@ -54,3 +54,12 @@ def test_a_class_without_a_positive_has_no_ap_as_the_map_leaves_it_out():
     report = multilabel_report(scores, target)
     assert torch.isnan(report["per_class"][2]) and not torch.isnan(report["per_class"][:2]).any()
     assert report["mAP"].item() == pytest.approx(report["per_class"][:2].mean().item())
+
+
+def test_a_single_class_with_positives_is_scored():
+    # one class with a positive, the other none: its AP alone (torchmetrics' multi-label AP needs two)
+    scores = torch.tensor([[0.9, 0.2], [0.3, 0.8], [0.6, 0.1]])
+    target = torch.tensor([[1, 0], [0, 0], [0, 0]])
+    report = multilabel_report(scores, target)
+    assert report["per_class"][0].item() == pytest.approx(1.0) and torch.isnan(report["per_class"][1])
+    assert report["mAP"].item() == pytest.approx(1.0)

@@ -63,7 +63,12 @@ def multilabel_report(
     # a warning, and cannot score a fully unknown column); the mAP leaves them out
     has_pos = (t == 1).any(0)
     per_class = torch.full((c,), float("nan"), device=ranked.device)
-    if has_pos.any():
+    if int(has_pos.sum()) == 1:  # torchmetrics' multi-label AP needs two labels
+        from torchmetrics.functional.classification import binary_average_precision
+
+        col = int(has_pos.nonzero())
+        per_class[col] = binary_average_precision(ranked[:, col], t[:, col], ignore_index=-1).float()
+    elif has_pos.any():
         ap = multilabel_average_precision(
             ranked[:, has_pos], t[:, has_pos], num_labels=int(has_pos.sum()), average=None, ignore_index=-1
         )
