@@ -19,16 +19,19 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 TEXTS = ["a photo of the cat", "the dog", "a very long sentence that is cut off by the context length"]
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
-    """Byte-level BPE over lowercase letters (word-final variants) plus one merge; no download."""
-    vocab: dict[str, int] = {}
+def _tiny_tokenizer(specials_first: bool = False) -> CLIPTokenizer:
+    """Byte-level BPE over lowercase letters (word-final variants) plus one merge; no download.
+    ``specials_first`` numbers the start- and end-of-text tokens 0 and 1, below the words (and
+    adds '.', which would otherwise read as the unknown token, the end-of-text)."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {s: i for i, s in enumerate(specials)} if specials_first else {}
     for c in string.ascii_lowercase:
         vocab[c] = len(vocab)
     for c in string.ascii_lowercase:
         vocab[c + "</w>"] = len(vocab)
     vocab["th"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    for s in [".</w>"] if specials_first else specials:
+        vocab[s] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[("t", "h")])
 
 
@@ -274,14 +277,7 @@ def test_prompt_learners_find_the_end_of_text_wherever_the_tokenizer_numbers_it(
     # a tokenizer whose special tokens come first (ids 0 and 1): the end-of-text is not the highest id
     from vlweak.prompts import TextPromptLearner, text_classifier
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-    for c in string.ascii_lowercase:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["th"] = len(vocab)
-    vocab[".</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[("t", "h")])
+    tok = _tiny_tokenizer(specials_first=True)
     model = _tiny_model(tok, seed=4)
     backbone = HFCLIPBackbone(model_id=str(_save(tmp_path / "specials-first", model, tok)))
     ids = backbone.tokenize(["a photo of a"])
