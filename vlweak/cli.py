@@ -318,8 +318,11 @@ def _plain(config: Any) -> Any:
 
 
 def _differences(a: Any, b: Any, key: str) -> list[tuple[str, Any, Any]]:
-    """``(dotted key, a's value, b's value)`` wherever two nested configs differ."""
+    """``(dotted key, a's value, b's value)`` wherever two nested configs differ; of two classes, the
+    class alone (their options are not comparable)."""
     if isinstance(a, dict) and isinstance(b, dict):
+        if "class_path" in a and "class_path" in b and a["class_path"] != b["class_path"]:
+            return [(f"{key}.class_path", a["class_path"], b["class_path"])]
         return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
     return [] if a == b else [(key, a, b)]
 

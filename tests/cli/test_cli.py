@@ -442,6 +442,19 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
     saved = torch.load(ckpt, weights_only=False)
     assert not [k for k in saved["state_dict"] if k.startswith("backbone.")] and saved["state_dict"]
     assert saved["vlweak_backbone"] == fitted.model.backbone.fingerprint_parts()
+    # another data module: its class named, not each option of two unrelated classes
+    import json
+
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "photos", {"x": 2})
+    manifest = tmp_path / "photos" / "labels.jsonl"
+    manifest.write_text("\n".join(json.dumps({"path": f"x/{i}.png", "labels": [n]}) for i, n in enumerate(["cat", "dog"])))
+    with pytest.warns(UserWarning, match=r"configured otherwise: data\.class_path: 'vlweak\.data\.ShapesWorldDataModule' there, "
+                                         r"'vlweak\.data\.ManifestDataModule' here$"):
+        with pytest.raises(Exception, match="trained for 12 classes"):  # and its prompts are the world's 12 classes'
+            build_cli(["test", *args, "--data=vlweak.data.ManifestDataModule", f"--data.init_args.test={manifest}",
+                       "--ckpt_path=last"])
     with pytest.warns(UserWarning, match=r"configured otherwise: data\.init_args\.label_fraction: 0\.1 there, 0\.5 here"):
         build_cli(["test", *args, "--data.init_args.label_fraction=0.5", "--ckpt_path=last"])
     with warnings.catch_warnings():
