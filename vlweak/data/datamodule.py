@@ -649,6 +649,8 @@ class ManifestDataModule(VLDataModule):
         names = probe.classnames if classnames is None else classnames
         self._classnames = validate_classnames(names) if names or not captions else []
         self._multilabel = probe.multilabel
+        # the first manifest, read for the vocabulary, is its split's dataset (read once, warned once)
+        self._read = {next(iter(self.manifests)): probe} if list(probe.classnames) == self._classnames else {}
         self.check_options()
 
     def missing_split_error(self, split: str) -> Exception:
@@ -667,6 +669,8 @@ class ManifestDataModule(VLDataModule):
         path = self.manifests.get(split)
         if path is None:
             return None
+        if split in self._read:
+            return self._read.pop(split)
         return ManifestReader.read(path, self._classnames, self.root, self._multilabel, self.skip_bad, self.captions)
 
 
