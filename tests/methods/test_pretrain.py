@@ -65,6 +65,22 @@ def test_frozen_backbone_is_rejected():
         CLIPPretrain(OpenCLIPBackbone("vlweak-tiny", pretrained=None))
 
 
+def test_a_hugging_face_backbone_is_named_through_the_cli(tmp_path, capsys):
+    # the CLI accepts any backbone class; the method says in one line which it trains
+    from tests.backbones.test_hf_clip import _save, _tiny_model, _tiny_tokenizer
+    from tests.conftest import REPO
+    from vlweak.cli import main
+
+    tok = _tiny_tokenizer()
+    hf = _save(tmp_path / "hf", _tiny_model(tok), tok)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(REPO / "recipes" / "pretrain" / "shapes.yaml"),
+              "--model.init_args.backbone=vlweak.backbones.HFCLIPBackbone", f"--model.init_args.backbone.init_args.model_id={hf}",
+              "--model.init_args.backbone.init_args.freeze=false", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert info.value.code == 2
+    assert "CLIPPretrain trains open_clip models" in capsys.readouterr().err
+
+
 def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckpt):
     # the recipe's path: last.ckpt every N steps, then `vlweak fit ... --ckpt_path last`; three
     # batches an epoch and a checkpoint every two steps, so the fit is resumed in the middle of an epoch

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from torch import Tensor
 
-from vlweak.backbones import OpenCLIPBackbone
+from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import atomic_save_tensors
 from vlweak.distributed import gather_rows
 from vlweak.methods.base import own_backbone
@@ -64,7 +64,7 @@ class CLIPPretrain(L.LightningModule):
 
     def __init__(
         self,
-        backbone: OpenCLIPBackbone = lazy_instance(
+        backbone: Backbone = lazy_instance(
             OpenCLIPBackbone, model_name="vlweak-shapes", pretrained=None, freeze=False
         ),
         lr: float = 1e-3,
@@ -77,6 +77,11 @@ class CLIPPretrain(L.LightningModule):
     ) -> None:
         super().__init__()
         backbone = own_backbone(backbone)
+        if not isinstance(backbone, OpenCLIPBackbone):
+            raise TypeError(
+                f"CLIPPretrain trains open_clip models (it exports open_clip's layout, which `pretrained:` reads "
+                f"back); got a {type(backbone).__name__}: use vlweak.backbones.OpenCLIPBackbone"
+            )
         if backbone.freeze:
             raise ValueError("CLIPPretrain needs a trainable backbone: set backbone.init_args.freeze: false")
         self.backbone = backbone
