@@ -58,19 +58,25 @@ def load_classnames(value: list[str] | dict[str, str] | str | os.PathLike | None
             "or a .txt / .json / .yaml file holding one)"
         )
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
-    if suffix not in (".json", ".yaml", ".yml"):
+    if suffix not in (".txt", ".json", ".yaml", ".yml"):
         raise ValueError(f"class-name file {path}: unknown format {suffix or '(no suffix)'!r} (.txt, .json, .yaml or .yml)")
-    import yaml  # a superset of JSON
-
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_list_file(path)
     if isinstance(data, list) and all(isinstance(n, str) for n in data):
         return data
     if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         return data
     raise ValueError(f"class-name file {path} holds a {type(data).__name__}: expected a list of names or a {{folder: name}} map")
+
+
+def read_list_file(path: Path) -> Any:
+    """A ``.txt`` file's lines (stripped; blank lines and lines starting with ``#`` skipped), or what
+    a ``.json`` / ``.yaml`` / ``.yml`` file holds (the caller checks its type)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    import yaml  # a superset of JSON
+
+    return yaml.safe_load(text)
 
 
 def validate_classnames(classnames: Sequence[str], source: str = "class list") -> list[str]:
@@ -398,8 +404,13 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _no_label(value: Any) -> bool:
+    """A manifest row's label value that gives none: a missing key (``None``) or a blank cell."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def _split_labels(value: Any) -> list[str]:
-    if value is None or value == "":
+    if _no_label(value):
         return []
     if isinstance(value, list):
         return [str(v) for v in value]
@@ -461,7 +472,7 @@ class ManifestReader:
         raw = [_split_labels(r.get(key)) if key else [] for r in rows]
         # no label at all (no label column or key, an empty cell): unlabeled, not "no class present",
         # which a multi-label row says with an empty list ("[]")
-        unlabeled = [not key or r.get(key) is None or (isinstance(r.get(key), str) and not r.get(key).strip()) for r in rows]
+        unlabeled = [not key or _no_label(r.get(key)) for r in rows]
         if classnames is None:
             found = {lab for labs in raw for lab in labs}
             if found and all(re.fullmatch(r"\s*-?[0-9]+\s*", lab) for lab in found):
@@ -479,8 +490,7 @@ class ManifestReader:
         base = Path(root).expanduser() if root else manifest.parent
         paths, labels = [], []
         first = 2 if manifest_format(manifest) == "csv" else 1
-        for n0, (row, labs) in enumerate(zip(rows, raw)):
-            n = n0 + first
+        for n, (row, labs, none) in enumerate(zip(rows, raw, unlabeled), start=first):
             if not str(row.get("path") or "").strip():
                 raise ValueError(f"{manifest} row {n}: no image path (every row needs a non-empty 'path')")
             if caption_key and not str(row.get(caption_key) or "").strip():
@@ -500,7 +510,7 @@ class ManifestReader:
                 raise VocabularyError(f"{manifest} row {n} ({row['path']}): several labels in a single-label manifest")
             p = Path(row["path"])
             paths.append(str(p if p.is_absolute() else base / p))
-            labels.append((None if unlabeled[n0] else ids) if multilabel else (ids[0] if ids else -1))
+            labels.append((None if none else ids) if multilabel else (ids[0] if ids else -1))
         ds = LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad)
         if caption_key:
             ds = CaptionedImages(ds, [str(r[caption_key]) for r in rows])

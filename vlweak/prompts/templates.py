@@ -48,15 +48,12 @@ def resolve_templates(templates: str | list[str] | tuple[str, ...]) -> list[str]
 def _read_template_file(name: str) -> list[str]:
     from pathlib import Path
 
+    from vlweak.data.datasets import read_list_file  # the reader class-name files go through
+
     path = Path(name.strip()).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"template file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".txt":
-        return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    import yaml  # a superset of JSON
-
-    data = yaml.safe_load(text)
+    data = read_list_file(path)
     if not isinstance(data, list):
         raise ValueError(f"template file {path} holds a {type(data).__name__}: expected a list of templates")
     return data
