@@ -29,6 +29,7 @@ from packaging.version import Version
 import vlweak.data  # noqa: F401  (registers the data modules for class-path resolution)
 import vlweak.methods  # noqa: F401
 from vlweak.data.datamodule import VLDataModule
+from vlweak.methods.base import has_training_step
 from vlweak.runs import run_folder, runs_root
 
 
@@ -235,7 +236,7 @@ class VLWeakCLI(LightningCLI):
     def before_fit(self) -> None:
         """A fit that keeps checkpoints also gets one where it stops (:class:`CheckpointOnInterrupt`),
         first in line, before any callback's own clean-up on the exception."""
-        if not _trains(self.model):
+        if not has_training_step(self.model):
             name = type(self.model).__name__
             raise ValueError(f"{name} is training-free: `vlweak fit` has nothing to train; run `vlweak test` "
                              "or `vlweak predict` with this recipe")
@@ -247,8 +248,8 @@ class VLWeakCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        untrained = getattr(self.model, "evaluates_what_a_fit_trains", _trains(self.model))
-        if subcommand in ("validate", "test", "predict") and untrained and not kwargs.get("ckpt_path"):
+        needs_fit = getattr(self.model, "evaluates_what_a_fit_trains", has_training_step(self.model))
+        if subcommand in ("validate", "test", "predict") and needs_fit and not kwargs.get("ckpt_path"):
             name = type(self.model).__name__
             rank_zero_warn(f"`vlweak {subcommand}` without --ckpt_path: {name} runs untrained, as its recipe "
                            "builds it; --ckpt_path last takes the newest fit of this recipe")
@@ -305,11 +306,6 @@ def _raised_by_jsonargparse(err: BaseException) -> bool:
 #: Method options that say where a run writes and reads its own files, not what the model is: a run
 #: from a checkpoint keeps the command's (Lightning's ``--ckpt_path`` takes every other from it).
 RUN_LOCAL = ("artifact_path", "cache_dir", "rounds_dir", "resume")
-
-
-def _trains(model: L.LightningModule) -> bool:
-    """Whether the method has a training step (training-free methods only evaluate)."""
-    return type(model).training_step is not L.LightningModule.training_step
 
 
 def _plain(config: Any) -> Any:

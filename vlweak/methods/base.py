@@ -34,6 +34,11 @@ from vlweak.runs import run_folder
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
 
 
+def has_training_step(model: L.LightningModule) -> bool:
+    """Whether a module has a training step (training-free methods only evaluate)."""
+    return type(model).training_step is not L.LightningModule.training_step
+
+
 def own_backbone(backbone: Any) -> Any:
     """The backbone a method keeps: a default given as a jsonargparse lazy instance (what the CLI
     shows and instantiates anew) is built here as a backbone of the method's own, so methods made
@@ -235,7 +240,7 @@ class VLMethod(L.LightningModule):
     def evaluates_what_a_fit_trains(self) -> bool:
         """Whether ``test`` / ``predict`` score with what ``fit`` trains (the CLI warns when such a run
         has no ``--ckpt_path``): every method with a training step, unless a subclass says otherwise."""
-        return type(self).training_step is not L.LightningModule.training_step
+        return has_training_step(self)
 
     @property
     def train_augment(self) -> str | None:
