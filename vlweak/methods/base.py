@@ -21,7 +21,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from vlweak.backbones import Backbone, OpenCLIPBackbone
+from vlweak.backbones import Backbone, CheckpointMismatchError, OpenCLIPBackbone
 from vlweak.data.cache import EmbeddingCache
 from vlweak.data.datasets import data_loader, load_classnames
 from vlweak.distributed import gather_ragged, rank_zero_first
@@ -172,8 +172,6 @@ class VLMethod(L.LightningModule):
         ours = self.classnames
         if not theirs or not ours or list(theirs) == list(ours) or not self.trains_per_class():
             return
-        from vlweak.backbones.errors import CheckpointMismatchError
-
         name = type(self).__name__
         if sorted(theirs) == sorted(ours):
             raise CheckpointMismatchError(
@@ -194,8 +192,6 @@ class VLMethod(L.LightningModule):
         bad = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in checkpoint.get("state_dict", {}).items()
                if k in ours and hasattr(v, "shape") and tuple(v.shape) != tuple(ours[k].shape)]
         if bad:
-            from vlweak.backbones.errors import CheckpointMismatchError
-
             listed = "; ".join(f"{k} {a} there, {b} here" for k, a, b in bad[:3])
             raise CheckpointMismatchError(
                 f"the checkpoint's tensors do not fit this {type(self).__name__}: {listed}"
