@@ -93,5 +93,5 @@ def test_hf_hub_id_reads_the_hub_cache_without_network(no_network, tmp_path):
     assert backbone.local_files_only
     assert all(torch.equal(backbone.model.state_dict()[k], v) for k, v in model.state_dict().items())
 
-    with pytest.raises(WeightsUnavailableError, match=r"no network: the hub's host does not resolve"):
+    with pytest.raises(WeightsUnavailableError, match=r"no network: the Hugging Face hub's host does not resolve, so only its cache was read"):
         HFCLIPBackbone(model_id="vlweak/other-clip", cache_dir=str(tmp_path / "cache"))

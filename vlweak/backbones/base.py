@@ -214,6 +214,10 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+#: What a weights error says when the hub's host did not resolve (only the hub cache was read).
+NO_NETWORK = "no network: the Hugging Face hub's host does not resolve, so only its cache was read"
+
+
 def hub_unreachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub's host name fails to resolve: a machine with no network.
 

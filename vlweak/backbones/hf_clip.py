@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from vlweak.backbones.base import Backbone, Precision, check_input_size, file_digest, hub_unreachable
+from vlweak.backbones.base import NO_NETWORK, Backbone, Precision, check_input_size, file_digest, hub_unreachable
 from vlweak.backbones.errors import CheckpointMismatchError, WeightsUnavailableError
 
 try:  # transformers >= 4.53 builds attention masks through masking_utils (what CLIPTextModel itself uses)
@@ -159,7 +159,7 @@ class HFCLIPBackbone(Backbone):
 
     def _unavailable(self, what: str, err: Exception) -> WeightsUnavailableError:
         offline = (
-            " (no network: the hub's host does not resolve, so only its cache was read)"
+            f" ({NO_NETWORK})"
             if self._no_network
             else " (offline mode)" if self.local_files_only else ""
         )

@@ -21,6 +21,7 @@ from vlweak.backbones.base import (
     Backbone,
     Precision,
     check_input_size,
+    NO_NETWORK,
     file_digest,
     hub_offline_when_unreachable,
 )
@@ -221,11 +222,7 @@ class OpenCLIPBackbone(Backbone):
         finally:
             root_logger.setLevel(level)
         self._weights_digest = "random-init"
-        if pretrained:
-            self._load_weights(pretrained, cache_dir)
-        local = bool(pretrained) and pretrained not in SHIPPED_WEIGHTS and Path(pretrained).expanduser().is_file()
-        # a weights file by its absolute path, which reads from any folder (provenance, artifacts)
-        self.weights = str(Path(pretrained).expanduser().resolve()) if local else (pretrained or "random-init")
+        self.weights = self._load_weights(pretrained, cache_dir) if pretrained else "random-init"
         self._tokenizer = open_clip.get_tokenizer(model_name)
         self._finish_init()
 
@@ -273,7 +270,9 @@ class OpenCLIPBackbone(Backbone):
             return False
         return bool(open_clip.get_pretrained_cfg(self.model_name, pretrained).get("quick_gelu", False))
 
-    def _load_weights(self, pretrained: str, cache_dir: str | None) -> None:
+    def _load_weights(self, pretrained: str, cache_dir: str | None) -> str:
+        """Load ``pretrained`` into the model; returns the name the weights go by (a file by its
+        absolute path, which reads from any folder: provenance, artifacts)."""
         if pretrained in SHIPPED_WEIGHTS:
             path = SHIPPED_WEIGHTS[pretrained]
             arch = SHIPPED_ARCHITECTURE[pretrained]
@@ -289,7 +288,9 @@ class OpenCLIPBackbone(Backbone):
                 )
             self._load_file(path)
         elif _is_local_path(pretrained) or Path(pretrained).expanduser().is_file():
-            self._load_file(Path(pretrained).expanduser())
+            path = Path(pretrained).expanduser()
+            self._load_file(path)
+            return str(path.resolve())
         else:
             tags = open_clip.list_pretrained_tags_by_model(self.model_name)
             if pretrained not in tags and Path(pretrained).expanduser().is_dir():
@@ -313,7 +314,7 @@ class OpenCLIPBackbone(Backbone):
                     )
             except Exception as err:  # network / hub errors differ across versions
                 arch = f" with `model_name: {self.model_name}-quickgelu` (these weights need QuickGELU)" if self.forced_quick_gelu else ""
-                where = " (no network: the Hugging Face hub's host does not resolve, so only its cache was read)" if offline else ""
+                where = f" ({NO_NETWORK})" if offline else ""
                 raise WeightsUnavailableError(
                     f"could not fetch open_clip weights {self.model_name}/{pretrained}{where} ({type(err).__name__}: "
                     f"{err}). Offline? Download them on a connected machine (open_clip.create_model("
@@ -322,6 +323,7 @@ class OpenCLIPBackbone(Backbone):
                 ) from err
             self.model.load_state_dict(self._fit_positions(url_model.state_dict()))
             self._weights_digest = f"tag:{pretrained}"
+        return pretrained
 
     def _load_file(self, path: Path) -> None:
         sd = load_state_dict_file(path)
