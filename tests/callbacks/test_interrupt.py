@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,7 +18,7 @@ def _fit(tmp_path, weights, *extra):
     # DualCoOp's recipe, tiny: 48 scenes in batches of 16, 3 steps an epoch, 2 epochs, the recipe's
     # checkpoint at each epoch's end only
     return _cli("fit", "shapes_partial.yaml", tmp_path, weights, "--trainer.max_epochs=2", "--trainer.limit_train_batches=1.0",
-                "--trainer.limit_val_batches=0", "--data.init_args.n_train=48", *extra)
+                "--trainer.limit_val_batches=0", "--data.init_args.n_train=48", "--trainer.log_every_n_steps=1", *extra)
 
 
 @pytest.mark.parametrize("error", [False, True], ids=["ctrl-c", "error"])
@@ -33,6 +36,19 @@ def test_a_fit_stopped_mid_epoch_continues_from_the_step_it_stopped_at(tmp_path,
     assert resumed.trainer.global_step == whole.trainer.global_step == 6
     for (name, a), (_, b) in zip(whole.model.prompts.named_parameters(), resumed.model.prompts.named_parameters()):
         torch.testing.assert_close(b, a, msg=name)
+    # the resumed run logs its steps under the uninterrupted run's numbers
+    assert _logged_losses(resumed) == {k: v for k, v in _logged_losses(whole).items() if k >= 4}
+    # and so does one continued from an epoch's end (last.ckpt of epoch 0)
+    (tmp_path / "cut" / "epoch-end").mkdir()
+    epoch_end = saved[0].parent / "last.ckpt"
+    assert torch.load(epoch_end, weights_only=False)["global_step"] == 3
+    from_epoch_end = _fit(tmp_path / "cut" / "epoch-end", tiny_ckpt, f"--ckpt_path={epoch_end}")
+    assert _logged_losses(from_epoch_end) == {k: v for k, v in _logged_losses(whole).items() if k >= 3}
+
+
+def _logged_losses(cli) -> dict[int, float]:
+    rows = csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv"))
+    return {int(r["step"]): round(float(r["train/loss"]), 5) for r in rows if r.get("train/loss")}
 
 
 def test_nothing_is_written_before_the_first_step_or_for_a_bad_name(tmp_path, tiny_ckpt):
