@@ -92,6 +92,7 @@ OVERLAYS = {
     **{f"prompt_tuning/{name}.yaml": "prompt_tuning/shapes_unsupervised.yaml" for name in
        ("prompt_multimodal", "prompt_visual", "strategy_fpl", "strategy_grip", "strategy_ifpl", "zlap_to_grip")},
     "pretrain/fsdp.yaml": "pretrain/shapes.yaml",
+    "dualcoop/voc_single_positive.yaml": "dualcoop/voc.yaml",
 }
 RECIPES = sorted(
     str(p.relative_to(REPO / "recipes")) for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "sweeps"

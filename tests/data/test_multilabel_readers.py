@@ -166,6 +166,24 @@ def test_voc_reader_targets_and_difficult(tmp_path):
     assert len(dm.raw("test")) == 1 and len(dm.raw("val")) == 1
 
 
+
+def test_voc_single_positive_overlay_builds_em_apl_on_one_positive_per_image(tmp_path, tiny_ckpt):
+    # recipes/dualcoop/voc.yaml + voc_single_positive.yaml: Zhou et al.'s VOC weights, one positive per image
+    from tests.conftest import REPO
+    from vlweak.cli import build_cli
+
+    root = write_voc(tmp_path, {"000001": [("dog", 0), ("person", 0)], "000002": [("cat", 0), ("dog", 0)]},
+                     {"trainval": ["000001", "000002"], "test": ["000001"]})
+    cli = build_cli(["--config", str(REPO / "recipes/dualcoop/voc.yaml"), "--config",
+                     str(REPO / "recipes/dualcoop/voc_single_positive.yaml"), f"--data.init_args.root={root}",
+                     "--model.init_args.backbone.init_args.model_name=vlweak-tiny", "--model.init_args.backbone.init_args.image_size=null",
+                     f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--model.init_args.backbone.init_args.precision=fp32",
+                     "--model.init_args.n_ctx=2", "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    hp = cli.model.hparams
+    assert (hp.loss, hp.em_alpha, hp.apl_beta, hp.apl_warmup_epochs) == ("em_apl", 0.2, 0.02, 5)
+    mask, targets = cli.datamodule.raw("train").masks(), cli.datamodule.raw("train").targets()
+    assert mask.sum(1).tolist() == [1, 1] and bool((targets[mask] == 1).all())  # one observed positive each
+
 def test_voc_reader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="Annotations"):
         VocReader.read(tmp_path / "nowhere")

@@ -125,8 +125,9 @@ class DualCoOp(VLMethod):
             log-likelihood gradient); ``false`` differentiates through them too.
         loss_weight: factor on the loss (the reference code's ``loss_w``: 0.01-0.03 with the summed
             ASL on COCO, larger for fewer observed labels).
-        em_alpha: EM weight ``α`` of the entropy on unknown labels.
-        apl_beta: APL weight ``β`` of the soft pseudo-negatives.
+        em_alpha: EM weight ``α`` of the entropy on unknown labels (the default is Zhou et al.'s COCO
+            value; on VOC they use 0.2, as ``recipes/dualcoop/voc_single_positive.yaml`` does).
+        apl_beta: APL weight ``β`` of the soft pseudo-negatives (COCO's 0.9; VOC 0.02).
         apl_neg_proportion: fraction of each class's unknown labels turned into pseudo-negatives by the end.
         apl_warmup_epochs: epochs of EM alone before APL starts (at least 1; Zhou et al.: 5 of 10
             epochs on COCO and VOC). After each later epoch but the last, APL scores the train
