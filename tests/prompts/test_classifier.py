@@ -80,7 +80,7 @@ def test_prompt_that_exactly_fills_the_context_is_accepted(tiny_backbone):
     assert tiny_backbone.context_length == 16
     learner = TextPromptLearner(tiny_backbone, ["cat", "dog"], n_ctx=12)
     assert learner.token_ids.shape == (2, 16) and learner().shape[0] == 2
-    with pytest.raises(ValueError, match="too long.*'cat'"):
+    with pytest.raises(ValueError, match="context of 16 tokens with 13 learned context tokens .*'cat'.*smaller n_ctx"):
         TextPromptLearner(tiny_backbone, ["cat", "dog"], n_ctx=13)
     with pytest.raises(ValueError, match="too long.*'sweet pepper'") as err:
         TextPromptLearner(tiny_backbone, ["cat", "sweet pepper"], n_ctx=12)

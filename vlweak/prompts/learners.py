@@ -72,7 +72,11 @@ class TextPromptLearner(nn.Module):
         ids = backbone.tokenize(prompts)
         too_long = _too_long(backbone, names, ids)
         if too_long:
-            raise ValueError(f"class names too long for the context length with {n_ctx} context tokens: {too_long[:3]}")
+            raise ValueError(
+                f"class names too long for the text encoder's context of {ids.shape[1]} tokens with {n_ctx} "
+                f"learned context tokens before them: {too_long[:3]}{' ...' if len(too_long) > 3 else ''} "
+                "(a smaller n_ctx, or shorter names, leaves them room)"
+            )
         with torch.no_grad():
             emb = backbone.token_embedding(ids).float().cpu()
         # the sequence is built name-last, then each row is reordered to put its name where asked
