@@ -38,3 +38,76 @@ def test_a_method_without_classnames_takes_the_data_modules(tmp_path, tiny_backb
     single = ZeroShot(backbone=tiny_backbone, classnames=dm.classnames, artifact_path=str(tmp_path / "b.safetensors"))
     with pytest.raises(ValueError, match=r"labels are multi-label but ZeroShot was built with multilabel=False"):
         _trainer(tmp_path).test(single, datamodule=dm, verbose=False)
+
+
+def test_classes_other_than_the_data_modules_are_refused_and_linked_ones_follow_the_next_data(tmp_path, shapes_backbone):
+    shape = ShapesWorldDataModule(n_train=0, n_val=0, n_test=60, seed=1)
+    coarse = ShapesWorldDataModule(n_train=0, n_val=0, n_test=60, seed=1, task="coarse")
+    from vlweak.data.datasets import VocabularyError
+
+    for given, detail in ((list(reversed(shape.classnames)), "same names, different order"),
+                          (shape.classnames[:6], r"extra \['crescent', 'heart', 'star', 'cross', 'arrow'\] \.\.\.\)")):
+        model = ZeroShot(backbone=shapes_backbone, classnames=given, artifact_path="")
+        with pytest.raises(VocabularyError, match=rf"built for {len(given)} classes and the data module has 12 \({detail}"):
+            _trainer(tmp_path).test(model, datamodule=shape, verbose=False)
+    # a notebook testing one method on one data module, then on another: the second's classes
+    model = ZeroShot(backbone=shapes_backbone, artifact_path=str(tmp_path / "zs.safetensors"))
+    _trainer(tmp_path).test(model, datamodule=shape, verbose=False)
+    assert model.last_metrics["test/acc"] > 0.8
+    _trainer(tmp_path).test(model, datamodule=coarse, verbose=False)
+    assert model.classnames == coarse.classnames and len(coarse.classnames) == 3
+    assert model.classifier.shape[0] == 3 and model.last_metrics["test/acc"] > 1 / 3
+
+
+def test_changed_templates_rebuild_the_classifier_outside_a_trainer(shapes_backbone):
+    model = ZeroShot(backbone=shapes_backbone, classnames=["circle", "square"], templates="simple")
+    images = torch.rand(2, 3, 64, 64)
+    before = model(images)
+    simple = model.classifier.clone()
+    model.templates = ["a drawing of a {}, upside down."]
+    after = model(images)
+    assert not torch.allclose(model.classifier, simple) and not torch.allclose(after, before)
+
+
+def test_zlap_builds_each_runs_graph_on_that_runs_pool(tmp_path, tiny_backbone):
+    model = ZLaP(backbone=tiny_backbone, artifact_path="", mode="inductive")
+    for n_train in (40, 24):
+        dm = ShapesWorldDataModule(n_train=n_train, n_val=0, n_test=12, image_size=32)
+        _trainer(tmp_path).test(model, datamodule=dm, verbose=False)
+        assert model.pool_features().shape[0] == n_train
+
+
+def test_metrics_and_calibration_of_an_unlabeled_evaluation_are_its_own(tmp_path, tiny_backbone):
+    from vlweak.callbacks import EvaluationFigures
+
+    figures = EvaluationFigures()
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[figures])
+    model = ZeroShot(backbone=tiny_backbone, artifact_path="")
+    dm = ShapesWorldDataModule(n_train=24, n_val=0, n_test=12, image_size=32, shots=0, predict_split="train")
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert "test/acc" in model.last_metrics and figures.ece is not None
+    trainer.predict(model, datamodule=dm)  # the train pool, unlabeled under shots: 0
+    assert model.last_metrics == {} and figures.ece is None
+
+
+def test_a_method_without_classnames_says_how_to_give_them(tiny_backbone):
+    from vlweak.methods import CoOp
+
+    with pytest.raises(ValueError, match=r"CoOp has no class names: it builds its prompts .*\(CoOp\(classnames=dm.classnames"):
+        CoOp(backbone=tiny_backbone, n_ctx=2)
+    with pytest.raises(ValueError, match=r"ZeroShot has no class names: give them .* or run it under a trainer"):
+        ZeroShot(backbone=tiny_backbone)(torch.rand(1, 3, 32, 32))
+
+
+def test_cdul_without_classnames_builds_its_head_for_the_data_modules(tmp_path, tiny_backbone):
+    from vlweak.methods import CDUL
+
+    dm = ShapesWorldDataModule(n_train=16, n_val=0, n_test=8, image_size=32, multilabel=True, batch_size=8)
+    model = CDUL(backbone=tiny_backbone, artifact_path="", cache_dir=str(tmp_path / "cache"), label_warmup_epochs=1)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert model.classnames == dm.classnames and model.head.out_features == 12 and bool(model.fitted)
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert "test/mAP" in model.last_metrics

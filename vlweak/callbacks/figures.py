@@ -275,6 +275,7 @@ class EvaluationFigures(L.Callback):
             rank_zero_warn(f"EvaluationFigures: {type(pl_module).__name__} kept no {stage} outputs; no figures")
             return
         names, folder = list(pl_module.classnames), run_dir / self.folder
+        self.ece = None  # this evaluation's, or none when its split has no labels
         if getattr(pl_module, "multilabel", False):
             threshold = float(getattr(pl_module, "threshold", 0.5))
             self.saved = self.draw_multilabel(out, names, stage, folder, trainer.datamodule, threshold)

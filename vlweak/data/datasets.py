@@ -40,6 +40,17 @@ class VocabularyError(ValueError):
     look like class indices come without one."""
 
 
+def vocabulary_difference(ours: list[str], theirs: list[str]) -> str:
+    """How class list ``theirs`` differs from ``ours``, for an error message: the names only one of
+    them has (a few of each), or that the same names come in another order."""
+    missing = [c for c in ours if c not in theirs]
+    extra = [c for c in theirs if c not in ours]
+    if not missing and not extra:
+        return "same names, different order"
+    return ", ".join(f"{what} {names[:5]}{' ...' if len(names) > 5 else ''}"
+                     for what, names in (("missing", missing), ("extra", extra)) if names)
+
+
 def clean_classname(name: str) -> str:
     """``"sweet_pepper"`` -> ``"sweet pepper"``: underscores to spaces, whitespace collapsed."""
     return " ".join(name.replace("_", " ").split())

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from vlweak.data.cache import atomic_save_tensors
+from vlweak.data.datasets import vocabulary_difference
 
 FORMAT = "vlweak-pseudolabels/1"
 
@@ -207,11 +208,9 @@ class PseudoLabels:
         fields = {k: _parse_meta(path, k, meta[k]) for k in _META_TYPES}
         names = fields["classnames"]
         if classnames is not None and list(classnames) != names:
-            missing = [c for c in classnames if c not in names]
-            extra = [c for c in names if c not in classnames]
-            detail = f"missing {missing[:5]}, extra {extra[:5]}" if missing or extra else "same names, different order"
             raise ArtifactError(
-                f"{path} was made for a different class vocabulary ({len(names)} classes vs {len(classnames)}: {detail})"
+                f"{path} was made for a different class vocabulary ({len(names)} classes vs {len(classnames)}: "
+                f"{vocabulary_difference(list(classnames), names)})"
             )
         try:
             return cls(

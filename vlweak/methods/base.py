@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone, CheckpointMismatchError, OpenCLIPBackbone
 from vlweak.data.cache import EmbeddingCache
-from vlweak.data.datasets import data_loader, load_classnames
+from vlweak.data.datasets import VocabularyError, data_loader, load_classnames, vocabulary_difference
 from vlweak.distributed import gather_ragged, rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
@@ -104,6 +104,10 @@ class VLMethod(L.LightningModule):
             ``<log dir>/pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
+    #: whether the method builds per-class parts (prompt learners) as it is constructed, so needs the
+    #: class vocabulary then; the others take the data module's under a trainer (``setup``)
+    classnames_at_construction = False
+
     def __init__(
         self,
         backbone: Backbone = DEFAULT_BACKBONE,
@@ -142,6 +146,10 @@ class VLMethod(L.LightningModule):
             for key in [k for k in state if k.startswith("backbone.")]:
                 del state[key]
             checkpoint["vlweak_backbone"] = dict(self.backbone.fingerprint_parts())
+
+    def _trained_per_class(self) -> bool:
+        """Whether this method holds per-class parameters already (built or trained for its classes)."""
+        return self.trains_per_class() and any(True for _ in self.parameters(recurse=True) if _.requires_grad)
 
     def trains_per_class(self) -> bool:
         """Whether what a fit trains holds one entry per class (class-specific prompts, a classifier
@@ -218,11 +226,21 @@ class VLMethod(L.LightningModule):
             # sampler's padding is not scored twice, whatever Lightning's generic advice says
             warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.(test|validate|predict)\(\)`")
         dm = self.datamodule
-        if dm is None or getattr(dm, "classnames", None) is None:
+        if dm is None or not getattr(dm, "classnames", None):
             return
-        if not self.classnames:
-            self.classnames = list(dm.classnames)
+        theirs = list(dm.classnames)
+        if not self.classnames or (self.__dict__.get("_linked_classnames") and theirs != self.classnames
+                                   and not self._trained_per_class()):
+            # none given, or taken from an earlier data module (a notebook testing one method on another data set)
+            self.classnames, self._linked_classnames = theirs, True
             self.multilabel = bool(getattr(dm, "multilabel", self.multilabel))
+        elif theirs != self.classnames:
+            raise VocabularyError(
+                f"{type(self).__name__} was built for {len(self.classnames)} classes and the data module has "
+                f"{len(theirs)} ({vocabulary_difference(self.classnames, theirs)}): its scores would be paired "
+                "with the wrong classes; build it with the data module's (classnames=dm.classnames; the CLI "
+                "links them)"
+            )
         elif bool(getattr(dm, "multilabel", self.multilabel)) != self.multilabel:
             kind = "multi-label" if dm.multilabel else "single-label"
             raise ValueError(
@@ -261,9 +279,18 @@ class VLMethod(L.LightningModule):
 
     # ---------------------------------------------------------------- vocabulary
     def require_classnames(self) -> list[str]:
+        """The class vocabulary, or an error saying how to give one: a method building per-class
+        parts as it is constructed (prompt learners) asks for it then, before any data module."""
         if not self.classnames:
+            name = type(self).__name__
+            if self._trainer is not None and self.datamodule is not None:
+                raise ValueError(f"{name} has no class names and the data module has none either: give them to the "
+                                 "data module (classnames) or to the method")
+            given = f"{name}(classnames=dm.classnames, ...) in Python; the CLI links the data module's"
             raise ValueError(
-                f"{type(self).__name__} has no class names: give model.init_args.classnames or use a data module"
+                f"{name} has no class names: it builds its prompts for them as it is constructed ({given})"
+                if self.classnames_at_construction else
+                f"{name} has no class names: give them ({given}), or run it under a trainer with a data module"
             )
         if len(self.classnames) == 1 and not self.multilabel:
             raise ValueError(
@@ -509,14 +536,18 @@ class VLMethod(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_batch(batch, "predict")
 
+    def _start_eval(self, stage: str) -> None:
+        self.last_metrics = {}  # this evaluation's, or none when its split has no labels
+        self.prepare_eval(stage)
+
     def on_validation_epoch_start(self) -> None:
-        self.prepare_eval("val")
+        self._start_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self.prepare_eval("test")
+        self._start_eval("test")
 
     def on_predict_epoch_start(self) -> None:
-        self.prepare_eval("predict")
+        self._start_eval("predict")
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval("val")

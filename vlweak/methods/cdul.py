@@ -213,6 +213,13 @@ class CDUL(VLMethod):
             return nn.Linear(d, c)
         return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, c))
 
+    def setup(self, stage: str) -> None:
+        """The class vocabulary from the data module when none was given (see ``VLMethod.setup``),
+        and the classifier head for it, before the optimizer and any checkpoint need it."""
+        super().setup(stage)
+        if self.network is None and self.head is None and self.classnames:
+            self.head = self._make_head(self.hparams.head, self.hparams.hidden_dim).to(self.device)
+
     # ---------------------------------------------------------------- checks and helpers
     def _require_multilabel(self) -> None:
         self.require_classnames()

@@ -213,11 +213,16 @@ class CHiLS(VLMethod):
         at = {name: i for i, name in enumerate(distinct)}
         self.classifier = rows[torch.tensor([at[n] for n in names])].to(self.device)
         self.parent = h.subclass_to_parent().to(self.device)
+        self._built_for = self._classifier_inputs()
         return self.classifier
 
+    def _classifier_inputs(self) -> tuple[Any, ...]:
+        return tuple(self.require_classnames()), repr(self.templates), id(self.tree), self.missing
+
     def _ensure_classifier(self) -> None:
-        n = len(self.require_classnames())
-        if self.classifier.numel() == 0 or self.classifier.shape[0] != n + len(self.parent) or len(self.parent) == 0:
+        """Built once, again when what it is built from changes (the classes, the templates or the
+        hierarchy: ``model.templates = ...`` in a notebook)."""
+        if self.classifier.numel() == 0 or self.__dict__.get("_built_for") != self._classifier_inputs():
             self.build_classifier()
 
     # ---------------------------------------------------------------- step 2: zero-shot over both sets

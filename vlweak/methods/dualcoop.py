@@ -160,6 +160,8 @@ class DualCoOp(VLMethod):
         artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
     """
 
+    classnames_at_construction = True
+
     def __init__(
         self,
         backbone: Backbone = DEFAULT_BACKBONE,

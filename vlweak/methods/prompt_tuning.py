@@ -119,6 +119,8 @@ class PromptTuning(VLMethod):
         artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
     """
 
+    classnames_at_construction = True
+
     def __init__(
         self,
         backbone: Backbone = DEFAULT_BACKBONE,

@@ -56,13 +56,18 @@ class ZeroShot(VLMethod):
     def build_classifier(self) -> Tensor:
         """(Re)compute the text classifier ``[C, D]`` on the backbone's device."""
         self.classifier = text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
+        self._built_for = self._classifier_inputs()
         return self.classifier
+
+    def _classifier_inputs(self) -> tuple[Any, ...]:
+        return tuple(self.classnames), repr(self.templates)
 
     def scale(self) -> Tensor:
         return self.backbone.logit_scale if self.temperature is None else torch.tensor(1.0 / self.temperature)
 
     def logits(self, features: Tensor) -> Tensor:
-        if self.classifier.numel() == 0:
+        # built once, again when the classes or templates change (``model.templates = ...`` in a notebook)
+        if self.classifier.numel() == 0 or self.__dict__.get("_built_for") != self._classifier_inputs():
             self.build_classifier()
         return self.scale() * features @ self.classifier.T
 

@@ -161,6 +161,12 @@ class ZLaP(VLMethod):
         self._pool: Tensor | None = None
         self._pool_index: Tensor | None = None
 
+    def setup(self, stage: str) -> None:
+        """Each run builds its graph on its own data module's pool: the features kept from an earlier
+        run (another data module, in a notebook) are dropped; the embedding cache serves them again."""
+        super().setup(stage)
+        self._pool = self._pool_index = None
+
     # ---------------------------------------------------------------- inputs
     def vocabulary_hierarchy(self) -> LabelHierarchy:
         """The ``hierarchy`` over the dataset's vocabulary (classes in dataset order), kept until the
