@@ -266,6 +266,13 @@ def test_transductive_zero_shot_and_artifact_source(tmp_path):
     with pytest.raises(ValueError, match="multi.safetensors are multi-label"):
         _fit(_recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=3, pseudolabels=str(multi)), data, "d.yaml"),
              "--model.init_args.rounds_dir=" + str(tmp_path / "d"))
+    # ... and one filtered to its confident rows is named as such (the strategy picks among all images)
+    part = tmp_path / "confident.safetensors"
+    pl[pl.confidences > pl.confidences.median()].save(part)
+    with pytest.raises(ArtifactError, match=rf"confident.safetensors score {len(PseudoLabels.load(part))} of the "
+                                            rf"{len(pl)} unlabeled images: FPL chooses its own pseudolabels"):
+        _fit(_recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=3, pseudolabels=str(part)), data, "e.yaml"),
+             "--model.init_args.rounds_dir=" + str(tmp_path / "e"))
     # in Python, an artifact object is told to be saved first (a run names its source by path)
     from vlweak.methods import PromptTuning
 

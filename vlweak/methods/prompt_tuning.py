@@ -46,7 +46,7 @@ from vlweak.backbones import Backbone
 from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
 from vlweak.data.datamodule import FeatureDataset
 from vlweak.data.datasets import SampleIndices
-from vlweak.labels.artifact import PseudoLabels
+from vlweak.labels.artifact import ArtifactError, PseudoLabels
 from vlweak.labels.selection import STRATEGIES
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multiclass_report
@@ -392,7 +392,14 @@ class PromptTuning(VLMethod):
             art = PseudoLabels.load(self.pseudolabels, self.require_classnames())
             if art.multilabel:
                 raise ValueError(f"pseudolabels {self.pseudolabels} are multi-label; prompt tuning needs single-label scores")
-            scores = art.aligned_to(self.unlabeled_sample_ids()).scores.float()
+            wanted = self.unlabeled_sample_ids()
+            if 0 < len(art) < len(wanted) and len(set(wanted) & set(art.sample_ids)) == len(art):
+                raise ArtifactError(
+                    f"pseudolabels {self.pseudolabels} score {len(art)} of the {len(wanted)} unlabeled images: "
+                    f"{self.strategy.upper()} chooses its own pseudolabels among all of them, so give the "
+                    "artifact of the whole pool (unfiltered), as `vlweak predict` writes it"
+                )
+            scores = art.aligned_to(wanted).scores.float()
             scores = scores.masked_fill(~torch.isin(torch.arange(scores.shape[1]), torch.tensor(self.pseudolabel_classes)), 0.0)
             return scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
         if source or self.visual_prompt is None:
