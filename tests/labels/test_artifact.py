@@ -78,5 +78,16 @@ def test_align_and_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ArtifactError, match="junk.safetensors"):
         PseudoLabels.load(tmp_path / "junk.safetensors")
-    with pytest.raises(ArtifactError, match="scores have shape"):
+    with pytest.raises(ArtifactError, match="1 sample ids for 2 rows of scores"):
         PseudoLabels(["a"], ["x", "y"], torch.zeros(2, 2), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    one = (torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    with pytest.raises(ArtifactError, match=r"scores have shape \(2,\): one row per sample and one column per class \(2 classes\)"):
+        PseudoLabels(["a", "b"], ["x", "y"], torch.zeros(2), *one)
+    with pytest.raises(ArtifactError, match="classnames is empty"):
+        PseudoLabels(["a"], [], torch.zeros(1, 0), *one)
+    with pytest.raises(ArtifactError, match=r"classnames lists 'x' twice \(columns 0 and 2\)"):
+        PseudoLabels(["a"], ["x", "y", "x"], torch.zeros(1, 3), *one)
+    with pytest.raises(ArtifactError, match="sample id 'a' appears twice"):
+        PseudoLabels(["a", "b", "a"], ["x", "y"], torch.zeros(3, 2), torch.zeros(3), torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ArtifactError, match=r"labels must be class indices in \[0, 2\); got values from 0 to 2"):
+        PseudoLabels(["a", "b"], ["x", "y"], torch.zeros(2, 2), torch.tensor([0, 2]), torch.zeros(2), torch.zeros(2))

@@ -46,7 +46,7 @@ def test_well_formed_file_loads_and_remembers_its_path(tmp_path):
         ("badjson", {**META, "classnames": "[a,b"}, None, r"metadata 'classnames' is not valid JSON"),
         ("badtype", {**META, "sample_ids": json.dumps({"x": 1})}, None, r"metadata 'sample_ids' is dict, expected a list of strings"),
         ("badbool", {**META, "multilabel": "\"no\""}, None, r"metadata 'multilabel' is str, expected true or false"),
-        ("shape", {**META, "classnames": json.dumps(["a", "b"])}, None, r"scores have shape \(2, 3\), expected \(2, 2\)"),
+        ("shape", {**META, "classnames": json.dumps(["a", "b"])}, None, r"scores have shape \(2, 3\): one row per sample and one column per class \(2 classes\)"),
     ],
 )
 def test_damaged_artifacts_name_the_path(tmp_path, name, meta, tensors, match):

@@ -78,11 +78,28 @@ class PseudoLabels:
 
     def __post_init__(self) -> None:
         n, c = len(self.sample_ids), len(self.classnames)
-        if self.scores.shape != (n, c):
-            raise ArtifactError(f"scores have shape {tuple(self.scores.shape)}, expected ({n}, {c})")
+        if not c:
+            raise ArtifactError("pseudolabels need a class vocabulary: classnames is empty")
+        named = {}
+        for i, name in enumerate(self.classnames):
+            if name in named:
+                raise ArtifactError(f"classnames lists {name!r} twice (columns {named[name]} and {i}): a column per class")
+            named[name] = i
+        if self.scores.dim() != 2 or self.scores.shape[1] != c:
+            raise ArtifactError(f"scores have shape {tuple(self.scores.shape)}: one row per sample and one column "
+                                f"per class ({c} classes) are needed")
+        if self.scores.shape[0] != n:
+            raise ArtifactError(f"{n} sample ids for {self.scores.shape[0]} rows of scores: one id per row")
+        if len(set(self.sample_ids)) != n:
+            seen: set[str] = set()
+            twice = next(s for s in self.sample_ids if s in seen or seen.add(s))
+            raise ArtifactError(f"sample id {twice!r} appears twice: one row per sample")
         want = (n, c) if self.multilabel else (n,)
         if tuple(self.labels.shape) != want:
             raise ArtifactError(f"labels have shape {tuple(self.labels.shape)}, expected {want}")
+        if not self.multilabel and n and not bool(((self.labels >= 0) & (self.labels < c)).all()):
+            raise ArtifactError(f"labels must be class indices in [0, {c}); got values from {int(self.labels.min())} "
+                                f"to {int(self.labels.max())}")
         if tuple(self.confidences.shape) != (n,) or tuple(self.indices.shape) != (n,):
             raise ArtifactError("confidences and indices need one entry per sample")
 
