@@ -111,3 +111,16 @@ def test_cdul_without_classnames_builds_its_head_for_the_data_modules(tmp_path, 
     assert model.classnames == dm.classnames and model.head.out_features == 12 and bool(model.fitted)
     trainer.test(model, datamodule=dm, verbose=False)
     assert "test/mAP" in model.last_metrics
+
+
+def test_a_prompt_learner_scores_images_when_called(tiny_backbone):
+    # model(images) through the prompts: initialised from the template's phrase, CoOp is zero-shot
+    from vlweak.methods import CoOp
+
+    names = ["circle", "square", "star"]
+    images = torch.rand(4, 3, 32, 32)
+    coop = CoOp(backbone=tiny_backbone, classnames=names, ctx_init="a photo of a")
+    zero_shot = ZeroShot(backbone=tiny_backbone, classnames=names, templates="simple")
+    probs = coop(images)
+    assert probs.shape == (4, 3) and torch.allclose(probs.sum(1), torch.ones(4))
+    torch.testing.assert_close(probs, zero_shot(images), atol=1e-4, rtol=1e-4)

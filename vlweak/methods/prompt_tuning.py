@@ -307,6 +307,11 @@ class PromptTuning(VLMethod):
     def logits(self, image_features: Tensor, class_features: Tensor) -> Tensor:
         return self.backbone.logit_scale * image_features @ class_features.T
 
+    def forward(self, images: Tensor) -> Tensor:
+        """Class probabilities ``[B, C]`` of a batch of preprocessed images, through the current
+        prompts (``model(images)`` after a fit, in a notebook)."""
+        return self.logits(self.encode_images(images), self.class_features()).float().softmax(-1)
+
     # ---------------------------------------------------------------- the unlabeled pool
     def setup_pool(self, trainer: Any) -> None:
         """Scan the train split once: indices, budget labels, features for scoring (and training,
