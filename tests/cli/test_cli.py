@@ -475,7 +475,10 @@ def test_ckpt_path_last_names_what_the_chosen_run_configured_otherwise(tmp_path,
     from vlweak.backbones import OpenCLIPBackbone
 
     save_file(OpenCLIPBackbone("vlweak-tiny", pretrained=None).model.state_dict(), str(other))
-    with pytest.warns(UserWarning, match=r"this checkpoint was trained with the backbone .*; this run's is"):
+    with pytest.warns(UserWarning, match=rf"this checkpoint was trained with the backbone OpenCLIPBackbone\('vlweak-tiny', "
+                                         rf"weights '{re.escape(str(Path(tiny_ckpt).resolve()))}'\); this run's is "
+                                         rf"OpenCLIPBackbone\('vlweak-tiny', weights '{re.escape(str(other.resolve()))}'\).*"
+                                         r"in Python DualCoOp.load_from_checkpoint\(path, backbone=...\)"):
         build_cli(["test", *args, f"--model.init_args.backbone.init_args.pretrained={other}", f"--ckpt_path={ckpt}"])
     # ... and weights of another architecture are refused naming the tensors (not Lightning's size-mismatch traceback)
     from vlweak.backbones import CheckpointMismatchError

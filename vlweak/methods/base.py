@@ -92,6 +92,10 @@ def dedup_by_index(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
 _GATHERED: set[str] = set()
 
 
+def _built_words(built: dict[str, str]) -> str:
+    return f"{built.get('class', 'backbone')}({built.get('model', '')!r}, weights {built.get('weights', '')!r})"
+
+
 class VLMethod(L.LightningModule):
     """Base of vlweak's methods.
 
@@ -146,6 +150,13 @@ class VLMethod(L.LightningModule):
             for key in [k for k in state if k.startswith("backbone.")]:
                 del state[key]
             checkpoint["vlweak_backbone"] = dict(self.backbone.fingerprint_parts())
+            checkpoint["vlweak_backbone_built"] = self._backbone_built()
+
+    def _backbone_built(self) -> dict[str, str]:
+        """How the backbone was built, in the constructor's words: its class, architecture and weights."""
+        b = self.backbone
+        return {"class": type(b).__name__, "model": str(getattr(b, "model_name", getattr(b, "model_id", ""))),
+                "weights": str(getattr(b, "weights", ""))}
 
     def _trained_per_class(self) -> bool:
         """Whether this method holds per-class parameters already (built or trained for its classes)."""
@@ -166,10 +177,15 @@ class VLMethod(L.LightningModule):
         if saved is not None:
             ours = dict(self.backbone.fingerprint_parts())
             if ours != saved:
-                why = f" (it was trained with the backbone {saved}; this run's is {ours})"
-                rank_zero_warn(f"this checkpoint was trained with the backbone {saved}; this run's is {ours}: its "
-                               "prompts or heads meet other weights (build the fit's backbone: its class_path and "
-                               "init_args, as in the fit's config.yaml)")
+                built, here = checkpoint.get("vlweak_backbone_built"), self._backbone_built()
+                theirs_said = _built_words(built) if built else str(saved)
+                why = f" (it was trained with the backbone {theirs_said}; this run's is {_built_words(here)})"
+                rank_zero_warn(
+                    f"this checkpoint was trained with the backbone {theirs_said}; this run's is {_built_words(here)}: "
+                    "its prompts or heads meet other weights. Build the fit's backbone: on the command line its "
+                    "class_path and init_args, as in the fit's config.yaml; in Python "
+                    f"{type(self).__name__}.load_from_checkpoint(path, backbone=...)"
+                )
             state = checkpoint["state_dict"]
             for key, value in self.backbone.state_dict().items():
                 state.setdefault(f"backbone.{key}", value)
