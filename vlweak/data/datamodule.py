@@ -244,7 +244,11 @@ class VLDataModule(L.LightningDataModule):
             return self.transform
         backbone = self._model_backbone()
         if backbone is None:
-            raise RuntimeError("no transform given and no model backbone to take one from")
+            raise RuntimeError(
+                f"{type(self).__name__} has no transform and no method's backbone to take one from (it takes the "
+                "backbone's preprocessing under a trainer): outside one, give it, e.g. "
+                f"{type(self).__name__}(..., transform=backbone.transform)"
+            )
         return backbone.transform
 
     def resolve_train_transform(self) -> Any:
