@@ -128,9 +128,8 @@ def test_a_prompt_learner_scores_images_when_called(tiny_backbone):
 
 def test_a_data_module_outside_a_trainer_says_to_give_its_transform(tiny_backbone):
     dm = ShapesWorldDataModule(n_train=4, n_val=0, n_test=4, image_size=32)
-    dm.setup("test")
     with pytest.raises(RuntimeError, match=r"ShapesWorldDataModule\(\.\.\., transform=backbone.transform\)"):
-        next(iter(dm.test_dataloader()))
+        dm.setup("test")
     dm = ShapesWorldDataModule(n_train=4, n_val=0, n_test=4, image_size=32, transform=tiny_backbone.transform)
     dm.setup("test")
     assert next(iter(dm.test_dataloader()))["image"].shape[-1] == tiny_backbone.image_size
