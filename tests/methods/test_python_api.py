@@ -133,3 +133,19 @@ def test_a_data_module_outside_a_trainer_says_to_give_its_transform(tiny_backbon
     dm = ShapesWorldDataModule(n_train=4, n_val=0, n_test=4, image_size=32, transform=tiny_backbone.transform)
     dm.setup("test")
     assert next(iter(dm.test_dataloader()))["image"].shape[-1] == tiny_backbone.image_size
+
+
+@pytest.mark.parametrize("bars", [False, True])
+def test_vlweaks_own_progress_bars_follow_the_trainers(tmp_path, tiny_backbone, capsys, bars):
+    model = ZLaP(backbone=tiny_backbone, artifact_path="")
+    dm = ShapesWorldDataModule(n_train=24, n_val=0, n_test=12, image_size=32, embeddings=True, seed=7 + bars)  # not cached
+    trainer = L.Trainer(logger=False, enable_progress_bar=bars, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.test(model, datamodule=dm, verbose=False)
+    err = capsys.readouterr().err
+    assert ("encoding train" in err) == bars and ("encoding test" in err) == bars, err[-500:]
+    # outside a trainer, after its run, bars show again
+    from vlweak.data.cache import encode_images
+    from vlweak.data.datasets import Transformed
+
+    encode_images(tiny_backbone, Transformed(dm.raw("test"), tiny_backbone.transform), desc="encoding by hand")
+    assert "encoding by hand" in capsys.readouterr().err

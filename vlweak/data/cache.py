@@ -107,9 +107,9 @@ def encode_images(
     feats, index = [], []
     it = loader
     if progress:
-        from tqdm.auto import tqdm
+        from vlweak.progress import progress_bar
 
-        it = tqdm(loader, desc=desc, leave=False)
+        it = progress_bar(loader, desc=desc)
     for batch in it:
         if not batch:
             continue

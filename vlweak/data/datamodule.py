@@ -36,6 +36,7 @@ from vlweak.data.datasets import (
 from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
 from vlweak.data.world import ShapesWorld, classnames_for
 from vlweak.distributed import fill_once_per_node
+from vlweak.progress import follow_trainer, show_progress
 
 SPLITS = ("train", "val", "test", "predict")
 #: the data splits a data module may have (``predict`` reads one of them, ``predict_split``)
@@ -270,6 +271,7 @@ class VLDataModule(L.LightningDataModule):
         return Transformed(self.raw(split), self.resolve_transform())
 
     def setup(self, stage: str | None = None) -> None:
+        follow_trainer(getattr(self, "trainer", None))  # progress bars of the encoding as the trainer's
         needed = {
             "fit": ("train", "val"),
             "validate": ("val",),
@@ -397,6 +399,7 @@ class VLDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self._resume_at = self._resume_epochs = None  # a position not reached (the fit ended first) is not the next fit's
+        show_progress(True)  # the trainer's choice held for its run only
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

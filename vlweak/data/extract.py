@@ -489,9 +489,9 @@ def _encode_shards(
     )
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from vlweak.progress import progress_bar
 
-        bar = tqdm(total=total, initial=done, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=done, desc=desc, unit="img")
     feats: list[Tensor] = []
     index: list[Tensor] = []
     plan = sampler.plan

@@ -75,9 +75,9 @@ def _bar(queries: int, candidates: int, progress: bool) -> Iterator[Any]:
     if not progress or queries * candidates < PROGRESS_MIN_ENTRIES:
         yield None
         return
-    from tqdm.auto import tqdm
+    from vlweak.progress import progress_bar
 
-    bar = tqdm(total=queries, desc="kNN graph", unit="img", leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=queries, desc="kNN graph", unit="img")
     try:
         yield bar
     finally:

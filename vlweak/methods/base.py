@@ -28,6 +28,7 @@ from vlweak.distributed import gather_ragged, rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
+from vlweak.progress import follow_trainer, show_progress
 from vlweak.prompts.templates import resolve_templates
 from vlweak.runs import run_folder
 
@@ -237,6 +238,8 @@ class VLMethod(L.LightningModule):
         """Take the class vocabulary (and whether it is multi-label) from the trainer's data module
         when none was given, as the CLI links them: ``trainer.test(ZeroShot(), datamodule=dm)``
         works in a notebook. A method built for the other kind of labels than the data's is named."""
+        if self._trainer is not None:
+            follow_trainer(self.trainer)  # vlweak's own progress bars (encoding, kNN) as the trainer's
         if self._trainer is not None and self.trainer.world_size > 1:
             # evaluation gathers every rank's rows and keeps one per sample index, so the distributed
             # sampler's padding is not scored twice, whatever Lightning's generic advice says
@@ -264,6 +267,9 @@ class VLMethod(L.LightningModule):
                 f"multilabel={self.multilabel}: build it with multilabel={bool(dm.multilabel)} (the CLI links it "
                 "from the data module)"
             )
+
+    def teardown(self, stage: str) -> None:
+        show_progress(True)  # the trainer's choice of progress bars held for its run only
 
     @property
     def datamodule(self) -> Any:

@@ -141,9 +141,9 @@ def snippet_embeddings(
     def compute() -> dict[str, Tensor]:
         loader = data_loader(Transformed(dataset, transform), num_workers, batch_size=batch_size)
         feats, index = [], []
-        from tqdm.auto import tqdm
+        from vlweak.progress import progress_bar
 
-        for batch in tqdm(loader, desc=desc, leave=False):
+        for batch in progress_bar(loader, desc=desc):
             if not batch:
                 continue
             feats.append(encode_snippets(backbone, batch["image"], grid, overlap).half().cpu())

@@ -33,9 +33,9 @@ def text_classifier(
     texts = [t.format(clean_classname(c) if clean else c) for c in names for t in temps]
     starts = range(0, len(texts), batch_size)
     if len(texts) >= PROGRESS_MIN_PROMPTS:  # e.g. ImageNet's 1,000 classes x 80 templates: minutes on a CPU
-        from tqdm.auto import tqdm
+        from vlweak.progress import progress_bar
 
-        starts = tqdm(starts, desc=f"encoding {len(texts):,} prompts", unit="batch", leave=False, dynamic_ncols=True)
+        starts = progress_bar(starts, desc=f"encoding {len(texts):,} prompts", unit="batch")
     feats = torch.cat([backbone.encode_text(texts[i : i + batch_size]) for i in starts])
     feats = feats.view(len(names), len(temps), -1).mean(1)
     return torch.nn.functional.normalize(feats, dim=-1)
