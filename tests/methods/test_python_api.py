@@ -149,3 +149,21 @@ def test_vlweaks_own_progress_bars_follow_the_trainers(tmp_path, tiny_backbone, 
 
     encode_images(tiny_backbone, Transformed(dm.raw("test"), tiny_backbone.transform), desc="encoding by hand")
     assert "encoding by hand" in capsys.readouterr().err
+
+
+def test_a_trainer_reused_for_test_after_fit_keeps_the_rounds_callback_quietly(tmp_path, tiny_backbone, caplog):
+    import logging
+
+    from vlweak.callbacks import PseudolabelRounds
+    from vlweak.methods import CoOp
+
+    caplog.set_level(logging.INFO)
+    dm = ShapesWorldDataModule(n_train=48, n_val=0, n_test=12, image_size=32, shots=2, embeddings=True)
+    model = CoOp(backbone=tiny_backbone, classnames=dm.classnames, n_ctx=2, epochs=2, rounds_dir=str(tmp_path / "rounds"))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert "will override existing callbacks" not in caplog.text
+    assert sum(isinstance(cb, PseudolabelRounds) for cb in trainer.callbacks) == 1

@@ -525,7 +525,13 @@ class PromptTuning(VLMethod):
                 group["lr"] = self.lr_at(epoch)
 
     def configure_callbacks(self) -> list[PseudolabelRounds]:
-        return [PseudolabelRounds(self.rounds_dir, self.resume)]
+        """The rounds callback, once per trainer: a test after a fit on the same trainer keeps it
+        (no "will override existing callbacks" notice on every run)."""
+        mine = self.__dict__.get("_rounds_callback")
+        if mine is not None and self._trainer is not None and any(cb is mine for cb in self._trainer.callbacks):
+            return []
+        self._rounds_callback = PseudolabelRounds(self.rounds_dir, self.resume)
+        return [self._rounds_callback]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for _, p in self.prompt_parameters()]
