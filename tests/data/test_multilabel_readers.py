@@ -203,3 +203,18 @@ def test_voc_reader_errors(tmp_path):
         VocReader.read(root, on_empty="Keep")
     with pytest.raises(ValueError, match="difficult must be .* got 'hard'"):
         VocDataModule(root=str(root), train="trainval", difficult="hard")
+
+
+def test_an_image_listed_twice_is_read_once_or_refused_when_its_labels_disagree(tmp_path):
+    images = [{"id": 1, "file_name": "img1.png"}, {"id": 2, "file_name": "img2.png"}, {"id": 9, "file_name": "img1.png"}]
+    same = [{"image_id": 1, "category_id": 1}, {"image_id": 2, "category_id": 3}, {"image_id": 9, "category_id": 1}]
+    path = write_coco(tmp_path / "same", same, images)
+    with pytest.warns(UserWarning, match=r"1 entries repeat an image listed before \(e.g. image id 9"):
+        assert len(CocoReader.read(path)) == 2
+    other = [{"image_id": 1, "category_id": 1}, {"image_id": 2, "category_id": 3}, {"image_id": 9, "category_id": 7}]
+    with pytest.raises(VocabularyError, match=r"img1.png is listed twice with different labels \(image id 1: \[0\]; image id 9: \[2\]\)"):
+        CocoReader.read(write_coco(tmp_path / "other", other, images))
+    root = write_voc(tmp_path / "voc", {"000001": [("dog", 0)], "000002": [("cat", 0)]},
+                     {"trainval": ["000001", "000002", "000001"]})
+    with pytest.warns(UserWarning, match=r"trainval.txt: 1 entries repeat an image listed before \(e.g. image id '000001'"):
+        assert len(VocReader.read(root, "trainval")) == 2

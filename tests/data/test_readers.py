@@ -357,3 +357,28 @@ def test_classnames_from_a_file(tmp_path):
         load_classnames(str(tmp_path / "scalar.yaml"))
     with pytest.raises(FileNotFoundError, match="class-name file not found"):  # the VOC module reads the same files
         VocDataModule(root=str(tmp_path), classnames=str(tmp_path / "missing.txt"))
+
+
+def test_manifest_rows_repeating_an_image_are_read_once_or_refused_when_they_disagree(tmp_path):
+    write_image_folder(tmp_path / "imgs", {"x": 3})
+    (tmp_path / "m.csv").write_text("path,label\nimgs/x/0.png,dog\nimgs/x/1.png,cat\n./imgs/x/0.png,dog\n")
+    with pytest.warns(UserWarning, match=r"1 entries repeat an image listed before \(e.g. row 4, .*imgs/x/0.png\)"):
+        ds = ManifestReader.read(tmp_path / "m.csv", classnames=["cat", "dog"])
+    assert len(ds) == 2 and len(set(ds.sample_ids)) == 2
+    (tmp_path / "c.csv").write_text("path,label\nimgs/x/0.png,dog\nimgs/x/1.png,cat\nimgs/x/0.png,cat\n")
+    with pytest.raises(VocabularyError, match=r"0.png is listed twice with different labels \(row 2: 1; row 4: 0\)"):
+        ManifestReader.read(tmp_path / "c.csv", classnames=["cat", "dog"])
+    # image-caption pairs may give an image several captions
+    (tmp_path / "cap.csv").write_text("path,caption\nimgs/x/0.png,a dog\nimgs/x/0.png,a brown dog\n")
+    assert len(ManifestReader.read(tmp_path / "cap.csv", caption_key="caption")) == 2
+
+
+def test_comma_separated_multilabel_cells_are_split_unless_a_class_holds_the_comma(tmp_path):
+    write_image_folder(tmp_path / "imgs", {"x": 2})
+    rows = [{"path": "imgs/x/0.png", "labels": "circle,square"}, {"path": "imgs/x/1.png", "labels": "square, triangle"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ml = ManifestReader.read(tmp_path / "m.jsonl")
+    assert ml.classnames == ["circle", "square", "triangle"]
+    assert ml[0]["target"].tolist() == [1.0, 1.0, 0.0] and ml[1]["target"].tolist() == [0.0, 1.0, 1.0]
+    named = ManifestReader.read(tmp_path / "m.jsonl", classnames=["circle,square", "square", "triangle"])
+    assert named[0]["target"].tolist() == [1.0, 0.0, 0.0]

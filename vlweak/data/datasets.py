@@ -163,6 +163,30 @@ def absolute_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [os.path.normpath(os.path.join(cwd, os.fspath(p))) for p in paths]
 
 
+def first_listings(paths: Sequence[str], labels: Sequence[Any], where: Callable[[int], str], source: str) -> list[int]:
+    """The entries to keep of a listing that may name an image more than once (a repeated manifest
+    row, a COCO file under two image ids, a VOC id listed twice): the first of each image. A repeat
+    with the same labels is dropped with a warning; one with other labels is an error naming both
+    entries (which is right cannot be told). ``where(i)`` names entry ``i`` (``"row 5"``)."""
+    first: dict[str, int] = {}
+    keep, repeats = [], []
+    for i, path in enumerate(absolute_paths(paths)):
+        j = first.setdefault(path, i)
+        if j == i:
+            keep.append(i)
+        elif labels[i] != labels[j]:
+            raise VocabularyError(
+                f"{source}: {path} is listed twice with different labels ({where(j)}: {labels[j]}; {where(i)}: "
+                f"{labels[i]}): list each image once"
+            )
+        else:
+            repeats.append(i)
+    if repeats:
+        warnings.warn(f"{source}: {len(repeats)} entries repeat an image listed before (e.g. {where(repeats[0])}, "
+                      f"{paths[repeats[0]]}): each image is read once", stacklevel=3)
+    return keep
+
+
 class VisionDataset(Dataset):
     """Base of the file-backed readers: ``paths`` plus labels, with skip-on-error support."""
 
@@ -436,9 +460,21 @@ def _split_labels(value: Any) -> list[str]:
     return [v.strip() for v in text.replace(";", "|").split("|") if v.strip()]
 
 
+def _split_commas(labels: list[str], known: set[str] | None) -> list[str]:
+    """A multi-label cell's names separated by commas (``"circle,square"``), unless the whole name is a
+    given class (a class name that holds a comma needs ``classnames``)."""
+    out = []
+    for lab in labels:
+        if "," in lab and (known is None or lab not in known):
+            out += [part.strip() for part in lab.split(",") if part.strip()]
+        else:
+            out.append(lab)
+    return out
+
+
 class ManifestReader:
     """CSV, JSONL or JSON (an array of objects) manifests with a ``path`` column/key and a ``label``
-    (one class) or ``labels`` (several, a JSON list or ``|``-separated) column. Relative paths
+    (one class) or ``labels`` (several: a JSON list, or names separated by ``|``, ``;`` or ``,``) column. Relative paths
     resolve against ``root`` (default: the manifest's folder). A label may be a class name or a class
     index (then ``classnames`` must be given)."""
 
@@ -481,6 +517,8 @@ class ManifestReader:
         if multilabel is None:
             multilabel = key == "labels"
         raw = [_split_labels(r.get(key)) if key else [] for r in rows]
+        if key == "labels":
+            raw = [_split_commas(labs, None if classnames is None else set(classnames)) for labs in raw]
         # no label at all (no label column or key, an empty cell): unlabeled, not "no class present",
         # which a multi-label row says with an empty list ("[]")
         unlabeled = [not key or _no_label(r.get(key)) for r in rows]
@@ -522,10 +560,12 @@ class ManifestReader:
             p = Path(row["path"])
             paths.append(str(p if p.is_absolute() else base / p))
             labels.append((None if none else ids) if multilabel else (ids[0] if ids else -1))
-        ds = LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad)
-        if caption_key:
-            ds = CaptionedImages(ds, [str(r[caption_key]) for r in rows])
-        return ds
+        if caption_key:  # image-caption pairs: an image may come with several captions
+            return CaptionedImages(LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad),
+                                   [str(r[caption_key]) for r in rows])
+        keep = first_listings(paths, labels, lambda i: f"row {i + first}", f"manifest {manifest}")
+        return LabeledImages([paths[i] for i in keep], [labels[i] for i in keep], names, multilabel=multilabel,
+                             skip_bad=skip_bad)
 
 
 class CaptionedImages(Dataset):

@@ -17,7 +17,14 @@ from typing import Any, Literal
 import torch
 
 from vlweak.data.datamodule import VLDataModule
-from vlweak.data.datasets import LabeledImages, VocabularyError, clean_classname, load_classnames, validate_classnames
+from vlweak.data.datasets import (
+    LabeledImages,
+    VocabularyError,
+    clean_classname,
+    first_listings,
+    load_classnames,
+    validate_classnames,
+)
 
 OnEmpty = Literal["error", "skip", "keep"]
 
@@ -191,15 +198,17 @@ class CocoReader:
             if cat_index[ann["category_id"]] >= 0:
                 labels[ann["image_id"]].add(cat_index[ann["category_id"]])
         root = Path(image_root).expanduser() if image_root else path.parent
-        paths, targets = [], []
+        paths, targets, listed = [], [], []
         for image_id, file_name in images.items():
             if not labels[image_id] and not _empty(on_empty, f"{path}: image id {image_id!r} ({file_name})"):
                 continue
             paths.append(str(root / file_name))
             targets.append(sorted(labels[image_id]))
+            listed.append(image_id)
         if not paths:
             raise AnnotationError(f"{path}: empty annotation: no image has an annotated object")
-        return MultiLabelImages(paths, targets, names, skip_bad=skip_bad)
+        keep = first_listings(paths, targets, lambda i: f"image id {listed[i]!r}", str(path))
+        return MultiLabelImages([paths[i] for i in keep], [targets[i] for i in keep], names, skip_bad=skip_bad)
 
 
 class VocReader:
@@ -246,7 +255,7 @@ class VocReader:
             ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
             if not ids:
                 raise AnnotationError(f"{ann_dir}: empty annotation folder (no .xml files)")
-        paths, labels, unknown = [], [], []
+        paths, labels, unknown, listed = [], [], [], []
         for image_id in ids:
             xml = ann_dir / f"{image_id}.xml"
             if not xml.is_file():
@@ -275,9 +284,13 @@ class VocReader:
             paths.append(str(root / "JPEGImages" / file_name))
             labels.append(sorted(pos))
             unknown.append(sorted(hard))
+            listed.append(image_id)
         if not paths:
             raise AnnotationError(f"{ann_dir}: empty annotation: no image has an annotated object")
-        return MultiLabelImages(paths, labels, names, unknown=unknown, skip_bad=skip_bad)
+        keep = first_listings(paths, list(zip(labels, unknown)), lambda i: f"image id {listed[i]!r}",
+                              str(listing if image_set else ann_dir))
+        return MultiLabelImages([paths[i] for i in keep], [labels[i] for i in keep], names,
+                                unknown=[unknown[i] for i in keep], skip_bad=skip_bad)
 
 
 # ---------------------------------------------------------------------------- data modules
