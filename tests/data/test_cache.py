@@ -77,3 +77,31 @@ def test_skip_bad_is_part_of_the_key(tmp_path, tiny_backbone, monkeypatch):
     cache = EmbeddingCache(tmp_path / "cache")
     with pytest.raises(ImageLoadError, match=r"dog.1\.png"):
         image_embeddings(tiny_backbone, strict.raw("test"), tiny_backbone.transform, cache, stream=True)
+
+
+def test_files_swapped_or_replaced_keeping_size_and_time_are_encoded_again(tmp_path, tiny_backbone):
+    import os
+    import shutil
+
+    from vlweak.data.datasets import ImageFolderReader
+
+    root = write_image_folder(tmp_path / "imgs", {"cat": 2, "dog": 2}, size=8)  # same-size PNGs
+    cache = EmbeddingCache(tmp_path / "cache")
+
+    def encoded():
+        return image_embeddings(tiny_backbone, ImageFolderReader.read(root), tiny_backbone.transform, cache)["features"]
+
+    before = encoded()
+    a, b = root / "cat" / "0.png", root / "dog" / "0.png"
+    assert a.stat().st_size == b.stat().st_size
+    # two files swapped by renaming (each keeps its own times)
+    os.rename(a, tmp_path / "swap.png"); os.rename(b, a); os.rename(tmp_path / "swap.png", b)
+    swapped = encoded()
+    torch.testing.assert_close(swapped[0], before[2])
+    torch.testing.assert_close(swapped[2], before[0])
+    # a file rewritten in place with another's bytes and given back its time (cp -p, touch -r)
+    st = a.stat()
+    shutil.copyfile(root / "cat" / "1.png", a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    torch.testing.assert_close(encoded()[0], before[1])
+    assert cache.misses == 3

@@ -576,3 +576,22 @@ def test_holdout_with_visual_prompts_scores_held_out_images(tmp_path, monkeypatc
     for (index, seen, pred, label), acc in zip(held_scans, measured):
         assert torch.equal(seen, index)  # ... every one of them read as an image
         assert acc == pytest.approx((pred == label).float().mean().item())
+
+
+def test_images_rewritten_under_the_same_names_make_another_rounds_run(tmp_path, tiny_backbone):
+    # the rounds folder's key holds the train images' content, not only their names
+    from PIL import Image
+
+    from tests.conftest import write_image_folder
+    from vlweak.callbacks.pseudolabel_rounds import _content_digest
+    from vlweak.data import ImageFolderDataModule
+
+    write_image_folder(tmp_path / "data" / "train", {"cat": 2, "dog": 2}, size=8)
+    dm = ImageFolderDataModule(root=str(tmp_path / "data"), train="train", val=None, test=None,
+                               transform=tiny_backbone.transform)
+    before = _content_digest(dm)
+    assert before and _content_digest(dm) == before
+    image = tmp_path / "data" / "train" / "cat" / "0.png"
+    Image.open(image).convert("L").convert("RGB").save(image)  # re-exported in place, same name
+    assert _content_digest(ImageFolderDataModule(root=str(tmp_path / "data"), train="train", val=None, test=None,
+                                                 transform=tiny_backbone.transform)) != before

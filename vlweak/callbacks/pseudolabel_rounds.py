@@ -63,6 +63,17 @@ from vlweak.labels.selection import k_schedule, top_k_per_class
 STATE_FORMAT = "vlweak-pseudolabel-round/1"
 
 
+
+def _content_digest(dm: Any) -> str:
+    """A digest of what the train split's images are (for files: their sizes, times and inodes, as
+    the embedding cache keys them): images rewritten under the same names make another run."""
+    raw = dm.raw("train") if dm is not None and hasattr(dm, "raw") else None
+    while raw is not None and not hasattr(raw, "fingerprint_parts") and hasattr(raw, "dataset"):
+        raw = raw.dataset  # a label budget's view
+    if raw is None or not hasattr(raw, "fingerprint_parts"):
+        return ""
+    return hashlib.sha1(json.dumps(raw.fingerprint_parts(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 def _source_identity(source: Any) -> str:
     """The pseudolabel source as part of a run's identity: its name, or a file's path, size and mtime."""
     text = str(source)
@@ -196,6 +207,7 @@ class PseudolabelRounds(L.Callback):
             "pseudolabel_classes": list(m.pseudolabel_classes),
             "n_pool": int(len(m.pool_index)),
             "pool_samples": self.pool_digest,  # the data itself: another folder is another run
+            "pool_content": getattr(self, "pool_content", ""),  # ... and so are its images rewritten in place
             "n_labeled": int(labeled.sum()),
             "labeled_set": digest.hexdigest()[:16],
             "prompt": m.prompt_type,
@@ -302,6 +314,7 @@ class PseudolabelRounds(L.Callback):
         m = pl_module
         m.setup_pool(trainer)
         self.pool_digest = hashlib.sha1("\n".join(m.sample_ids("train", m.pool_index)).encode()).hexdigest()[:16]
+        self.pool_content = _content_digest(getattr(trainer, "datamodule", None))
         n_unlabeled = int((m.pool_label < 0).sum())
         self.schedule = k_schedule(m.strategy, n_unlabeled, len(m.pseudolabel_classes), m.k, m.rounds)
         folder = self.folder(trainer, self.identity(m))

@@ -210,14 +210,17 @@ class VisionDataset(Dataset):
         return load_or_skip(self.paths[index], self.skip_bad)
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        """What identifies this dataset's content for the embedding cache."""
+        """What identifies this dataset's content for the embedding cache: each file's size,
+        modification and change times (ns) and inode. The change time and inode catch what the
+        modification time alone misses: a file replaced by one of the same size and time (``cp -p``,
+        ``rsync -a``, ``touch -r``) or two files swapped by renaming."""
         stats = []
         for p in self.paths:
             try:
                 st = os.stat(p)
-                stats.append((str(p), st.st_size, int(st.st_mtime)))
+                stats.append((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
             except OSError:
-                stats.append((str(p), -1, -1))
+                stats.append((str(p), -1, -1, -1, -1))
         # skip_bad changes what is encoded (unreadable images left out instead of an error)
         return {"type": type(self).__name__, "files": stats, "skip_bad": bool(self.skip_bad)}
 
