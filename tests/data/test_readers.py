@@ -382,3 +382,17 @@ def test_comma_separated_multilabel_cells_are_split_unless_a_class_holds_the_com
     assert ml[0]["target"].tolist() == [1.0, 1.0, 0.0] and ml[1]["target"].tolist() == [0.0, 1.0, 1.0]
     named = ManifestReader.read(tmp_path / "m.jsonl", classnames=["circle,square", "square", "triangle"])
     assert named[0]["target"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_class_named_like_a_split_in_a_folder_without_split_folders_is_a_class(tmp_path):
+    # CIFAR-100, VOC and COCO have a class "train": beside the other class folders it is one
+    root = write_image_folder(tmp_path / "vehicles", {"boat": 2, "bus": 2, "train": 3})
+    dm = ImageFolderDataModule(root=str(root))
+    assert dm.classnames == ["boat", "bus", "train"] and dm.split_dirs == {"test": root}
+    assert len(dm.raw("test")) == 7
+    # a split layout with an unlabeled train folder stays one
+    write_image_folder(tmp_path / "split" / "test", {"boat": 2, "bus": 2})
+    write_image_folder(tmp_path / "pool", {"x": 3})
+    (tmp_path / "pool" / "x").rename(tmp_path / "split" / "train")
+    dm = ImageFolderDataModule(root=str(tmp_path / "split"), classnames=["boat", "bus"])
+    assert set(dm.split_dirs) == {"train", "test"} and dm.classnames == ["boat", "bus"]

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from vlweak.data.budget import Budgeted, LabelBudget
@@ -534,6 +535,8 @@ class ImageFolderDataModule(VLDataModule):
             raise FileNotFoundError(
                 f"split folder{s_} {', '.join(map(str, renamed))} not found (found: {self._found()})"
             )
+        if present and self._split_names_are_classes(present):
+            present = {}  # e.g. CIFAR-100's or VOC's class "train" beside the other class folders
         if not present:
             self._check_flat_layout()
         self.split_dirs = present or {"test": self.root}
@@ -551,6 +554,20 @@ class ImageFolderDataModule(VLDataModule):
 
     def _found(self) -> str:
         return ", ".join(list_class_folders(self.root)) or "no sub-folders"
+
+    def _split_names_are_classes(self, present: dict[str, Path]) -> bool:
+        """Whether the folders named like splits are classes of a folder without split folders: each
+        holds images and no sub-folder, as do the root's other folders (a class vocabulary with a
+        class "train", "val" or "test")."""
+        others = [self.root / n for n in list_class_folders(self.root) if n not in {d.name for d in present.values()}]
+        def class_like(d: Path) -> bool:
+            return bool(image_files(d)) and not list_class_folders(d)
+
+        if not others or not all(class_like(d) for d in present.values()) or not all(class_like(d) for d in others):
+            return False
+        rank_zero_info(f"{self.root}: {', '.join(sorted(d.name for d in present.values()))} hold images as its other "
+                       "class folders do: read as classes of a folder without split folders (the test split)")
+        return True
 
     def _check_flat_layout(self) -> None:
         """No split folder: the root must hold the class folders itself (used whole as the test
