@@ -63,3 +63,15 @@ def test_a_single_class_with_positives_is_scored():
     report = multilabel_report(scores, target)
     assert report["per_class"][0].item() == pytest.approx(1.0) and torch.isnan(report["per_class"][1])
     assert report["mAP"].item() == pytest.approx(1.0)
+
+
+def test_a_one_class_report_is_scored():
+    # one seen (or unseen) class of a zero-shot split, or a one-class manifest: AP and F1 of that class
+    scores = torch.tensor([[0.9], [0.3], [0.6], [0.2]])
+    target = torch.tensor([[1], [0], [1], [1]])
+    mask = torch.tensor([[True], [True], [True], [False]])
+    report = multilabel_report(scores, target, mask)
+    assert report["mAP"].item() == pytest.approx(1.0)
+    # known entries: predicted positive (>= 0.5) rows 0 and 2, both right; no positive missed
+    assert report["f1_at_threshold"].item() == pytest.approx(1.0)
+    assert multilabel_report(scores, target, mask, threshold=0.7)["f1_at_threshold"].item() == pytest.approx(2 / 3)

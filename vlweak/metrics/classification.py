@@ -73,10 +73,15 @@ def multilabel_report(
             ranked[:, has_pos], t[:, has_pos], num_labels=int(has_pos.sum()), average=None, ignore_index=-1
         )
         per_class[has_pos] = ap.reshape(-1).float()
-    out = {
+    if c == 1:  # one class (a single seen or unseen class): torchmetrics' multi-label F1 needs two
+        from torchmetrics.functional.classification import binary_f1_score
+
+        f1 = binary_f1_score(scores[:, 0], t[:, 0], threshold=threshold, ignore_index=-1)
+    else:
+        f1 = multilabel_f1_score(scores, t, num_labels=c, threshold=threshold, average="micro", ignore_index=-1)
+    return {
         "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),
         "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3, None if mask is None else t >= 0),
-        "f1_at_threshold": multilabel_f1_score(scores, t, num_labels=c, threshold=threshold, average="micro", ignore_index=-1),
+        "f1_at_threshold": f1,
         "per_class": per_class,
     }
-    return out
