@@ -396,3 +396,13 @@ def test_a_class_named_like_a_split_in_a_folder_without_split_folders_is_a_class
     (tmp_path / "pool" / "x").rename(tmp_path / "split" / "train")
     dm = ImageFolderDataModule(root=str(tmp_path / "split"), classnames=["boat", "bus"])
     assert set(dm.split_dirs) == {"train", "test"} and dm.classnames == ["boat", "bus"]
+
+
+def test_an_image_over_pils_size_limit_is_named_and_skippable(tmp_path, monkeypatch):
+    write_image_folder(tmp_path, {"a": 2}, size=16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16 x 16 = 256 pixels: over twice the limit
+    ds = ImageFolderReader.read(tmp_path)
+    with pytest.raises(ImageLoadError, match=r"0.png is larger than PIL opens by default .* PIL.Image.MAX_IMAGE_PIXELS"):
+        ds[0]
+    with pytest.warns(UserWarning, match="skipping unreadable image .*0.png"):
+        assert ImageFolderReader.read(tmp_path, skip_bad=True)[0] is None

@@ -141,6 +141,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return _to_8bit(img).convert("RGB")
     except FileNotFoundError as err:
         raise ImageLoadError(f"image not found: {path}") from err
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(
+            f"image {path} is larger than PIL opens by default ({err}); for real images this large, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS before the run (skip_bad: true skips it instead)"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(f"cannot decode image {path}: {err}") from err
 
