@@ -53,6 +53,9 @@ def test_images_in_a_class_folders_sub_folders_belong_to_the_class(tmp_path):
     rel = [os.path.relpath(p, root) for p in ds.paths]
     assert rel == ["cat/0.png", "cat/indoor/0.png", "cat/indoor/1.png", "dog/0.png"]
     assert [ds[i]["label"] for i in range(4)] == [0, 0, 0, 1] and ds.classnames == ["cat", "dog"]
+    # a link back up the tree is walked once, not until the path is too long
+    (root / "cat" / "again").symlink_to(root / "cat", target_is_directory=True)
+    assert [os.path.relpath(p, root) for p in ImageFolderReader.read(root).paths] == rel
 
 
 def test_missing_and_corrupt_images_named(tmp_path, tiny_backbone):

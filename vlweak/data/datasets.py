@@ -384,7 +384,13 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     if not recursive:
         return images(list(folder.iterdir()))
     found = []
+    seen = set()  # folders by identity: a link back up the tree (``ln -s . again``) is walked once
     for here, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(here)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += images([Path(here) / f for f in files])
     return found
