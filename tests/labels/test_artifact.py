@@ -91,3 +91,29 @@ def test_align_and_errors(tmp_path):
         PseudoLabels(["a", "b", "a"], ["x", "y"], torch.zeros(3, 2), torch.zeros(3), torch.zeros(3), torch.zeros(3))
     with pytest.raises(ArtifactError, match=r"labels must be class indices in \[0, 2\); got values from 0 to 2"):
         PseudoLabels(["a", "b"], ["x", "y"], torch.zeros(2, 2), torch.tensor([0, 2]), torch.zeros(2), torch.zeros(2))
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_a_csv_export_is_a_manifest_of_the_same_labels(tmp_path, multilabel):
+    import csv
+
+    from tests.conftest import write_image_folder
+    from vlweak.data.datasets import ManifestReader
+
+    root = write_image_folder(tmp_path / "imgs", {"x": 5})
+    pl = _labels(multilabel)
+    labels = pl.labels.clone()
+    if multilabel:
+        labels[0] = 0  # an image with no class present
+    pl = PseudoLabels(sorted(str(p) for p in (root / "x").iterdir()), pl.classnames, pl.scores, labels,
+                      pl.confidences, pl.indices, multilabel)
+    path = pl.to_csv(tmp_path / "out" / "labels.csv", scores=True)
+    rows = list(csv.DictReader(open(path)))
+    assert [r["path"] for r in rows] == pl.sample_ids
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(pl.confidences.tolist(), rel=1e-5)
+    assert [float(r["score:dog"]) for r in rows] == pytest.approx(pl.scores[:, 1].tolist(), rel=1e-5)
+    back = ManifestReader.read(path, classnames=pl.classnames, multilabel=multilabel)
+    if multilabel:
+        assert torch.equal(back.targets(), pl.labels.float())
+    else:
+        assert [back[i]["label"] for i in range(len(back))] == pl.labels.tolist()

@@ -191,6 +191,33 @@ class PseudoLabels:
         atomic_save_tensors(tensors, path, meta)
         return path
 
+    def to_csv(self, path: str | os.PathLike, scores: bool = False) -> Path:
+        """A table for other tools: one row per sample with its id (``path``: the image path of
+        file-backed data), its label by name (multi-label ``labels``: the positive classes,
+        ``|``-separated) and its confidence; ``scores`` adds a column per class. It is a manifest:
+        ``ManifestDataModule`` reads its images with these labels. Written atomically."""
+        import csv
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head = ["path", "labels" if self.multilabel else "label", "confidence"]
+        head += [f"score:{c}" for c in self.classnames] if scores else []
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(head)
+            for i, sample in enumerate(self.sample_ids):
+                if self.multilabel:
+                    # none present is "[]": an empty cell would read as unlabeled
+                    label = "|".join(c for c, on in zip(self.classnames, self.labels[i].tolist()) if on) or "[]"
+                else:
+                    label = self.classnames[int(self.labels[i])]
+                row = [sample, label, f"{float(self.confidences[i]):.6g}"]
+                row += [f"{v:.6g}" for v in self.scores[i].tolist()] if scores else []
+                out.writerow(row)
+        os.replace(tmp, path)
+        return path
+
     @classmethod
     def load(cls, path: str | os.PathLike, classnames: list[str] | None = None) -> "PseudoLabels":
         """Read an artifact; with ``classnames``, a different vocabulary is an :class:`ArtifactError`.
