@@ -218,3 +218,12 @@ def test_an_image_listed_twice_is_read_once_or_refused_when_its_labels_disagree(
                      {"trainval": ["000001", "000002", "000001"]})
     with pytest.warns(UserWarning, match=r"trainval.txt: 1 entries repeat an image listed before \(e.g. image id '000001'"):
         assert len(VocReader.read(root, "trainval")) == 2
+
+
+def test_a_voc_filename_without_extension_is_the_ids_jpeg(tmp_path):
+    root = write_voc(tmp_path, {"000001": [("dog", 0)]})
+    (root / "Annotations" / "000001.xml").write_text(
+        "<annotation><filename>000001</filename><object><name>dog</name><difficult>0</difficult></object></annotation>")
+    (root / "JPEGImages" / "000001.png").rename(root / "JPEGImages" / "000001.jpg")
+    ds = VocReader.read(root)
+    assert ds.paths == [str(root / "JPEGImages" / "000001.jpg")] and ds[0]["image"].size == (8, 8)

@@ -281,7 +281,10 @@ class VocReader:
             if not pos and not hard and not _empty(on_empty, str(xml)):
                 continue
             file_name = (tree.findtext("filename") or f"{image_id}.jpg").strip()
-            paths.append(str(root / "JPEGImages" / file_name))
+            image = root / "JPEGImages" / file_name
+            if not Path(file_name).suffix and not image.is_file():  # some tools write the id alone
+                image = image.with_name(f"{file_name}.jpg")
+            paths.append(str(image))
             labels.append(sorted(pos))
             unknown.append(sorted(hard))
             listed.append(image_id)
