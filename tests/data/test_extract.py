@@ -277,3 +277,26 @@ def test_exif_rotated_jpegs_keep_their_stored_pixels_on_the_gpu_path(tmp_path, t
         for k, p in enumerate(paths):
             ref = prefix(load_image(p))
             assert (ours[k].float() - ref.float()).abs().mean() < 0.5, (p, oriented)
+
+
+def test_on_a_cpu_smaller_sets_stream_in_smaller_shards(tmp_path, tiny_backbone, monkeypatch):
+    # an image tower on a CPU encodes tens of images a second: an interrupt must not lose minutes of work
+    from vlweak.data import extract
+
+    ds = ShapesWorldDataset(ShapesWorld(seed=3, image_size=32), "test", 12)
+    whole = image_embeddings(tiny_backbone, ds, tiny_backbone.transform, EmbeddingCache(tmp_path / "a"), stream=False)
+    monkeypatch.setattr(extract, "CPU_STREAM_THRESHOLD", 10)
+    monkeypatch.setattr(extract, "CPU_SHARD_SIZE", 4)
+    seen = {}
+    real = extract.extract_embeddings
+    monkeypatch.setattr(extract, "extract_embeddings", lambda *a, **k: seen.update(k) or real(*a, **k))
+    calls = _counting(monkeypatch, tiny_backbone, fail_at=2)  # stopped in the second shard
+    with pytest.raises(Interrupt):
+        image_embeddings(tiny_backbone, ds, tiny_backbone.transform, EmbeddingCache(tmp_path / "b"), batch_size=4)
+    assert seen["shard_size"] == 4 and calls == [4, 4]
+    monkeypatch.setattr(tiny_backbone, "encode_image", type(tiny_backbone).encode_image.__get__(tiny_backbone))
+    calls = _counting(monkeypatch, tiny_backbone)
+    streamed = image_embeddings(tiny_backbone, ds, tiny_backbone.transform, EmbeddingCache(tmp_path / "b"), batch_size=4)
+    assert calls == [4]  # the two finished shards kept, the last one encoded
+    torch.testing.assert_close(streamed["features"], whole["features"])
+    assert torch.equal(streamed["index"], whole["index"])

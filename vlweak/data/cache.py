@@ -132,7 +132,8 @@ def image_embeddings(
 ) -> dict[str, Tensor]:
     """Cached :func:`encode_images` of ``dataset`` under ``transform`` with ``backbone``.
 
-    With a cache, datasets of at least :data:`vlweak.data.extract.STREAM_THRESHOLD` images, JPEG
+    With a cache, datasets of at least :data:`vlweak.data.extract.STREAM_THRESHOLD` images
+    (:data:`~vlweak.data.extract.CPU_STREAM_THRESHOLD` on a CPU, in smaller shards), JPEG
     files of any number that a CUDA backbone decodes on its GPU (:func:`vlweak.data.extract.use_gpu_decode`),
     or any dataset with ``stream=True``, are encoded by :func:`vlweak.data.extract.extract_embeddings`:
     sharded, resumable after an interrupt, written straight into the cache entry.
@@ -147,8 +148,9 @@ def image_embeddings(
         return compute()
     parts: dict[str, Any] = dict(backbone=backbone.fingerprint(), data=dataset.fingerprint_parts(), transform=repr(transform))
     on_gpu = stream is not False and extract.use_gpu_decode(dataset, transform, backbone.device)
+    on_cpu = torch.device(backbone.device).type == "cpu"
     if stream is None:  # a small set of JPEGs on a GPU gains its decoder too (10x a PIL loop)
-        stream = len(dataset) >= extract.STREAM_THRESHOLD or on_gpu
+        stream = len(dataset) >= (extract.CPU_STREAM_THRESHOLD if on_cpu else extract.STREAM_THRESHOLD) or on_gpu
     if not (stream and cache.enabled):
         return cache.get_or_compute(cache_key(**parts), compute, backbone=backbone.fingerprint(), n=len(dataset))
     if on_gpu:
@@ -162,5 +164,6 @@ def image_embeddings(
     extract.extract_embeddings(
         backbone, dataset, transform, cache.path(key), work_dir=cache.root / "shards" / key,
         batch_size=batch_size, num_workers=num_workers or None, desc=desc, metadata=meta,
+        shard_size=extract.CPU_SHARD_SIZE if on_cpu else extract.DEFAULT_SHARD_SIZE,
     )
     return load_file(str(cache.path(key)))

@@ -42,6 +42,10 @@ from vlweak.data.cache import atomic_save_tensors
 #: :func:`vlweak.data.cache.image_embeddings` (JPEG files decoded on a GPU go through it at any size).
 STREAM_THRESHOLD = 20_000
 DEFAULT_SHARD_SIZE = 8192
+#: on a CPU, where a ViT-B/32 image tower encodes some 20 images a second, from this many samples,
+#: in shards of :data:`CPU_SHARD_SIZE` (a few minutes each): an interrupt loses one shard at most
+CPU_STREAM_THRESHOLD = 4096
+CPU_SHARD_SIZE = 2048
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 
 
