@@ -25,6 +25,7 @@ def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
     """A tqdm bar (not kept on screen when done), or a silent pass-through when bars are hidden."""
     from tqdm.auto import tqdm
 
+    hidden = kwargs.pop("disable", False) or not _shown
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, disable=not _shown or kwargs.pop("disable", False), **kwargs)
+    return tqdm(iterable, disable=hidden, **kwargs)
