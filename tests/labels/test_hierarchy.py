@@ -184,3 +184,16 @@ def test_dataset_class_nested_as_a_subclass_is_named_with_its_place():
     h = LabelHierarchy.resolve({"polygon": ["triangle", "symbol"], "curved shape": ["circle"], "symbol": ["star"]})
     with pytest.raises(UnknownParentError, match="'symbol' lies below 'polygon'"):
         h.for_vocabulary(["polygon", "curved shape", "symbol"])
+
+
+def test_a_dataset_class_listed_as_another_classs_subclass_stays_a_class_of_its_own():
+    # missing: self gives such a class itself as sub-class; the other class's list no longer holds it
+    h = LabelHierarchy({"pepper": ["bell pepper", "jalapeno"], "chili": ["habanero"]})
+    mapped = h.for_vocabulary(["pepper", "bell pepper", "chili"], missing="self")
+    assert mapped.parents == ["pepper", "bell pepper", "chili"]
+    assert mapped.as_dict() == {"pepper": ["jalapeno"], "bell pepper": ["bell pepper"], "chili": ["habanero"]}
+    assert mapped.subclass_to_parent().tolist() == [0, 1, 2]
+    # cleaning that turns a sub-class into another class's name ("bell" -> "bell pepper") keeps both classes
+    cleaned = LabelHierarchy({"pepper": ["bell", "jalapeno"], "bell pepper": ["red bell pepper"]}).cleaned()
+    assert cleaned.as_dict() == {"pepper": ["pepper", "jalapeno pepper"], "bell pepper": ["bell pepper", "red bell pepper"]}
+    assert cleaned.for_vocabulary(["pepper", "bell pepper"]).parents == ["pepper", "bell pepper"]

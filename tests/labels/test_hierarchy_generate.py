@@ -172,3 +172,10 @@ def test_openai_compatible_completions_and_errors(endpoint, monkeypatch):
         OpenAICompatibleGenerator(endpoint, model="broken").complete("x")
     with pytest.raises(GenerationError, match="cannot get a completion"):
         OpenAICompatibleGenerator("http://127.0.0.1:9/v1", model="m", timeout=2).complete("x")
+
+
+def test_a_generated_subclass_named_like_another_class_stays_that_class():
+    gen = Canned("1. red grape\n2. grapefruit")
+    h = generate_hierarchy(["grape", "grapefruit"], n=2, generator=gen)
+    assert h.parents == ["grape", "grapefruit"] and "grapefruit" not in h.subclasses_of("grape")
+    assert h.subclasses_of("grapefruit")[0] == "grapefruit"

@@ -199,6 +199,44 @@ def _depth(node: _Node) -> int:
     return 1 + max((_depth(c) for c in node.children), default=0)
 
 
+def two_level(tree: Mapping[str, Sequence[str]], source: str, duplicates: Duplicates = "qualify") -> "LabelHierarchy":
+    """A hierarchy of exactly these classes, each over its listed sub-classes, read as two levels
+    (no name links one class below another, as a nested file's would): a sub-class named like
+    another class belongs to that class and is dropped from this one's list, as the published sets
+    drop such repeats (a class left with none is its own sub-class); a sub-class listed under several
+    classes is qualified, ``"<sub-class> <class>"``, with ``duplicates="qualify"``, else an error."""
+    if duplicates not in ("error", "qualify"):
+        raise ValueError(f"duplicates must be 'error' or 'qualify', got {duplicates!r}")
+    where = source
+    classes = [_display(c, where) for c in tree]
+    keys = [normalize_name(c) for c in classes]
+    if len(set(keys)) != len(keys):
+        raise DuplicateNameError(f"{where}: class names repeat among {classes}")
+    lists: dict[str, list[str]] = {}
+    for parent, key in zip(classes, keys):
+        others, kept = set(keys) - {key}, {}
+        for sub in tree[parent]:
+            k = normalize_name(_display(sub, where))
+            if k not in others:
+                kept.setdefault(k, _display(sub, where))
+        lists[parent] = list(kept.values()) or [parent]
+    owners: dict[str, list[str]] = {}
+    for parent, subs in lists.items():
+        for sub in subs:
+            owners.setdefault(normalize_name(sub), []).append(parent)
+    for k, parents in owners.items():
+        if len(parents) < 2:
+            continue
+        if duplicates == "error":
+            raise MultipleParentsError(f"{where}: sub-class {k!r} is listed under several classes {parents}")
+        for parent in parents:
+            subs = lists[parent]
+            i = next(j for j, sub in enumerate(subs) if normalize_name(sub) == k)
+            subs[i] = f"{subs[i]} {parent}"
+    forest = tuple(_Node(p, tuple(_Node(sub) for sub in subs)) for p, subs in lists.items())
+    return LabelHierarchy._from_forest(forest, 0, source)
+
+
 # ---------------------------------------------------------------------------------------- the type
 class LabelHierarchy:
     """Classes with their sub-classes, viewed at one level of a (possibly deeper) tree.
@@ -470,7 +508,9 @@ class LabelHierarchy:
                 f"(add them, or pass missing='self' to use each such class as its own sub-class){hint}"
             )
         tree = {c: self._children[mine[k]] if k in mine else [c] for k, c in vocab.items()}
-        return LabelHierarchy(tree, source=self.source)
+        out = two_level(tree, self.source)
+        assert out.parents == list(classnames), (out.parents, list(classnames))
+        return out
 
     def subclass_to_parent(self, classnames: Sequence[str] | None = None) -> Tensor:
         """``LongTensor [n_subclasses]``: index of each sub-class's parent in ``classnames`` (default:
@@ -492,7 +532,7 @@ class LabelHierarchy:
         from vlweak.labels.hierarchy_clean import clean_subclasses
 
         tree = {p: clean_subclasses(p, s, keep_parent, append_parent) for p, s in self._children.items()}
-        return LabelHierarchy(tree, duplicates="qualify", source=self.source)
+        return two_level(tree, self.source)
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the full tree (re-readable with :meth:`from_file`), atomically."""

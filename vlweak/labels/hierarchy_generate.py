@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlweak.labels.hierarchy import LabelHierarchy, normalize_name
+from vlweak.labels.hierarchy import LabelHierarchy, normalize_name, two_level
 
 DEFAULT_PROMPT = "List {n} different kinds of {classname}{context}. Answer with a numbered list, one per line."
 
@@ -317,4 +317,4 @@ def generate_hierarchy(
         tree = {c: clean_subclasses(c, subs) for c, subs in sets.items()}
     else:
         tree = {c: subs or [c] for c, subs in sets.items()}
-    return LabelHierarchy(tree, duplicates="qualify", source=f"generated:{cache or 'memory'}")
+    return two_level(tree, source=f"generated:{cache or 'memory'}")
