@@ -167,3 +167,20 @@ def test_a_trainer_reused_for_test_after_fit_keeps_the_rounds_callback_quietly(t
     trainer.test(model, datamodule=dm, verbose=False)
     assert "will override existing callbacks" not in caplog.text
     assert sum(isinstance(cb, PseudolabelRounds) for cb in trainer.callbacks) == 1
+
+
+def test_text_classifiers_are_encoded_once_across_runs(tmp_path, tiny_backbone, monkeypatch):
+    # a sweep's runs (or a notebook's re-runs) read the class and sub-class prompts from the cache
+    calls = []
+    real = tiny_backbone.encode_text
+    monkeypatch.setattr(tiny_backbone, "encode_text", lambda texts, *a, **k: calls.append(len(texts)) or real(texts, *a, **k))
+    dm = ShapesWorldDataModule(n_train=16, n_val=0, n_test=8, image_size=32, task="coarse")
+    templates = ["a {} drawn once.", "a {} drawn twice."]  # prompts no other test encodes (the cache is shared)
+    for _ in range(2):
+        _trainer(tmp_path).test(ZeroShot(backbone=tiny_backbone, artifact_path="", templates=templates), datamodule=dm, verbose=False)
+    assert sum(calls) == 3 * 2
+    calls.clear()
+    for _ in range(2):
+        _trainer(tmp_path).test(ZLaP(backbone=tiny_backbone, artifact_path="", hierarchy="shapes", templates=templates),
+                                datamodule=dm, verbose=False)
+    assert sum(calls) == 12 * 2  # the 12 shapes under the 3 coarse classes, two templates, once

@@ -38,11 +38,10 @@ import torch
 from torch import Tensor
 
 from vlweak.backbones import Backbone
-from vlweak.data.cache import EmbeddingCache, cache_key
 from vlweak.labels.artifact import PseudoLabels
 from vlweak.labels.hierarchy import LabelHierarchy
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
-from vlweak.prompts import resolve_templates, text_classifier
+from vlweak.prompts.classifier import cached_text_classifier
 
 Variant = Literal["reweight", "subclass", "aggregate", "superclass"]
 VARIANTS: tuple[str, ...] = ("superclass", "subclass", "reweight", "aggregate")
@@ -104,23 +103,6 @@ def all_predictions(p_sub: Tensor, p_sup: Tensor, parent: Tensor, reweighted: Te
         "reweight": parent[rw.argmax(1)],
         "aggregate": aggregate(p_sub, p_sup, parent).argmax(1),
     }
-
-
-# ------------------------------------------------------------------------------------ text side
-@torch.no_grad()
-def cached_text_classifier(
-    backbone: Backbone, names: list[str], templates: str | list[str], cache: EmbeddingCache | None
-) -> Tensor:
-    """:func:`~vlweak.prompts.text_classifier` of ``names``, kept in the embedding cache under
-    ``text/`` keyed by backbone fingerprint, names and templates."""
-
-    def compute() -> dict[str, Tensor]:
-        return {"classifier": text_classifier(backbone, names, templates).cpu()}
-
-    if cache is None:
-        return compute()["classifier"]
-    key = cache_key(backbone=backbone.fingerprint(), names=names, templates=resolve_templates(templates))
-    return cache.get_or_compute(key, compute, namespace="text", n=len(names))["classifier"]
 
 
 # ------------------------------------------------------------------------------------ the module

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vlweak.backbones import Backbone
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
-from vlweak.prompts import text_classifier
+from vlweak.prompts import cached_text_classifier
 
 
 class ZeroShot(VLMethod):
@@ -55,7 +55,9 @@ class ZeroShot(VLMethod):
     # ---------------------------------------------------------------- model
     def build_classifier(self) -> Tensor:
         """(Re)compute the text classifier ``[C, D]`` on the backbone's device."""
-        self.classifier = text_classifier(self.backbone, self.require_classnames(), self.templates).to(self.device)
+        names = self.require_classnames()
+        cache = self.embedding_cache() if self._trainer is not None else None  # a sweep encodes each prompt set once
+        self.classifier = cached_text_classifier(self.backbone, names, self.templates, cache).to(self.device)
         self._built_for = self._classifier_inputs()
         return self.classifier
 

@@ -43,7 +43,7 @@ from vlweak.graph.propagation import QueryNorm
 from vlweak.labels.hierarchy import LabelHierarchy
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.methods.chils import best_per_parent, sum_per_parent
-from vlweak.prompts import text_classifier
+from vlweak.prompts import cached_text_classifier
 
 Mode = Literal["transductive", "inductive", "sparse-inductive"]
 MODES = ("transductive", "inductive", "sparse-inductive")
@@ -182,7 +182,9 @@ class ZLaP(VLMethod):
 
     def classifier(self) -> Tensor:
         """Text nodes: the zero-shot text classifier ``[T, D]`` (unit norm) of :meth:`text_node_names`."""
-        return text_classifier(self.backbone, self.text_node_names(), self.templates).to(self.device)
+        # kept in the embedding cache: thousands of sub-class nodes times 80 templates are encoded once
+        return cached_text_classifier(self.backbone, self.text_node_names(), self.templates,
+                                      self.embedding_cache()).to(self.device)
 
     def class_scores(self, node_scores: Tensor) -> Tensor:
         """Scores ``[M, C]`` of the classes from the propagated scores ``[M, T]`` of the text nodes

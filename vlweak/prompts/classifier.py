@@ -39,3 +39,21 @@ def text_classifier(
     feats = torch.cat([backbone.encode_text(texts[i : i + batch_size]) for i in starts])
     feats = feats.view(len(names), len(temps), -1).mean(1)
     return torch.nn.functional.normalize(feats, dim=-1)
+
+
+@torch.no_grad()
+def cached_text_classifier(backbone, names: Sequence[str], templates: str | Sequence[str], cache=None) -> Tensor:
+    """:func:`text_classifier` of ``names``, kept in an embedding cache
+    (:class:`~vlweak.data.cache.EmbeddingCache`, ``None``: computed) under ``text/``, keyed by the
+    backbone's fingerprint (weights and precision), the names and the templates: a vocabulary of
+    thousands of classes or sub-classes times 80 templates is encoded once, not by every run."""
+    from vlweak.data.cache import cache_key
+
+    def compute() -> dict[str, Tensor]:
+        return {"classifier": text_classifier(backbone, names, templates).cpu()}
+
+    if cache is None:
+        return compute()["classifier"]
+    key = cache_key(backbone=backbone.fingerprint(), names=list(names), templates=resolve_templates(
+        templates if isinstance(templates, str) else list(templates)))
+    return cache.get_or_compute(key, compute, namespace="text", n=len(names))["classifier"]
