@@ -409,3 +409,15 @@ def test_an_image_over_pils_size_limit_is_named_and_skippable(tmp_path, monkeypa
         ds[0]
     with pytest.warns(UserWarning, match="skipping unreadable image .*0.png"):
         assert ImageFolderReader.read(tmp_path, skip_bad=True)[0] is None
+
+
+def test_classname_files_with_a_byte_order_mark_and_maps_with_numeric_folders(tmp_path):
+    from vlweak.data.datasets import load_classnames
+
+    (tmp_path / "c.txt").write_text("\ufeffpolygon\ncircle\n", encoding="utf-8")
+    assert load_classnames(str(tmp_path / "c.txt")) == ["polygon", "circle"]
+    (tmp_path / "m.yaml").write_text("0: salamander\n1: turtle\n")
+    assert load_classnames(str(tmp_path / "m.yaml")) == {"0": "salamander", "1": "turtle"}
+    root = write_image_folder(tmp_path / "data", {"0": 1, "1": 1})
+    dm = ImageFolderDataModule(root=str(root), classnames={0: "salamander", 1: "turtle"})
+    assert dm.classnames == ["salamander", "turtle"]

@@ -197,3 +197,18 @@ def test_a_dataset_class_listed_as_another_classs_subclass_stays_a_class_of_its_
     cleaned = LabelHierarchy({"pepper": ["bell", "jalapeno"], "bell pepper": ["red bell pepper"]}).cleaned()
     assert cleaned.as_dict() == {"pepper": ["pepper", "jalapeno pepper"], "bell pepper": ["bell pepper", "red bell pepper"]}
     assert cleaned.for_vocabulary(["pepper", "bell pepper"]).parents == ["pepper", "bell pepper"]
+
+
+def test_hierarchy_names_files_and_paths_as_users_write_them(tmp_path, monkeypatch):
+    import unicodedata
+
+    # a decomposed "Café" (as macOS writes names) is the composed folder name
+    decomposed = unicodedata.normalize("NFD", "Café")
+    h = LabelHierarchy({decomposed: ["espresso bar"], "diner": ["truck stop"]})
+    assert h.for_vocabulary([unicodedata.normalize("NFC", "Café"), "diner"]).parents == ["Café", "diner"]
+    # a spreadsheet's byte-order mark before the header
+    (tmp_path / "h.csv").write_text("\ufeffparent,child\ncafé,espresso bar\ndiner,truck stop\n", encoding="utf-8")
+    assert LabelHierarchy.from_file(tmp_path / "h.csv").parents == ["café", "diner"]
+    # ~ in a path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert LabelHierarchy.resolve("~/h.csv").parents == ["café", "diner"]

@@ -60,6 +60,10 @@ def load_classnames(value: list[str] | dict[str, str] | str | os.PathLike | None
     """A class vocabulary given inline (a list, or a ``{folder: name}`` map) or as a file: ``.txt``
     (one name per line; blank lines and lines starting with ``#`` skipped), ``.json`` or
     ``.yaml`` / ``.yml`` (a list or a map). Inline values pass through."""
+    if isinstance(value, dict):  # YAML reads a folder named 0 or 1997 as a number: names are text
+        return {_name_text(k): _name_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_name_text(v) for v in value]
     if not isinstance(value, (str, os.PathLike)):
         return value
     path = Path(value).expanduser()
@@ -72,17 +76,28 @@ def load_classnames(value: list[str] | dict[str, str] | str | os.PathLike | None
     if suffix not in (".txt", ".json", ".yaml", ".yml"):
         raise ValueError(f"class-name file {path}: unknown format {suffix or '(no suffix)'!r} (.txt, .json, .yaml or .yml)")
     data = read_list_file(path)
-    if isinstance(data, list) and all(isinstance(n, str) for n in data):
-        return data
-    if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        return data
+    if isinstance(data, (list, dict)):
+        try:
+            return load_classnames(data)
+        except ValueError as err:
+            raise ValueError(f"class-name file {path}: {err}") from None
     raise ValueError(f"class-name file {path} holds a {type(data).__name__}: expected a list of names or a {{folder: name}} map")
+
+
+def _name_text(value: Any) -> str:
+    """A class or folder name as text: YAML and JSON numbers (a folder ``0``, a class ``1997``) as
+    written; anything else (a nested list, a map, null) is refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"class names are text (or numbers); got {value!r} ({type(value).__name__})")
 
 
 def read_list_file(path: Path) -> Any:
     """A ``.txt`` file's lines (stripped; blank lines and lines starting with ``#`` skipped), or what
     a ``.json`` / ``.yaml`` / ``.yml`` file holds (the caller checks its type)."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: the byte-order mark spreadsheets and Notepad write
     if path.suffix.lower() == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     import yaml  # a superset of JSON

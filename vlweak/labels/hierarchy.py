@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,9 @@ Missing = Literal["error", "self"]
 
 
 def normalize_name(name: str) -> str:
-    """The identity of a name: underscores to spaces, whitespace collapsed, case folded."""
-    return " ".join(name.replace("_", " ").split()).casefold()
+    """The identity of a name: one Unicode form (NFC: a name typed on one system matches a folder
+    name from another), underscores to spaces, whitespace collapsed, case folded."""
+    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").split()).casefold()
 
 
 def _display(name: Any, where: str) -> str:
@@ -331,7 +333,7 @@ class LabelHierarchy:
     def from_csv(cls, path: str | os.PathLike, level: int = 0, duplicates: Duplicates = "error") -> "LabelHierarchy":
         """From a CSV of ``parent,child`` rows (an optional ``parent,child`` header; ``#`` comments)."""
         edges = []
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             for lineno, row in enumerate(csv.reader(f), 1):
                 if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                     continue
@@ -355,7 +357,7 @@ class LabelHierarchy:
             raise HierarchyFormatError(f"{path}: unknown hierarchy file type {suffix!r} (use .json, .yaml, .yml or .csv)")
         if not path.is_file():
             raise FileNotFoundError(f"hierarchy file not found: {path}")
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             if suffix == ".json":
                 try:
                     data = json.load(f)
@@ -400,8 +402,8 @@ class LabelHierarchy:
                 f"a hierarchy is a mapping {{class: [sub-class, ...]}}, a built-in name or a file path; got a "
                 f"{type(spec).__name__} ({str(spec)[:80]})"
             )
-        if Path(spec).is_file():
-            return cls.from_file(spec, level=level, duplicates=duplicates)
+        if Path(spec).expanduser().is_file():
+            return cls.from_file(Path(spec).expanduser(), level=level, duplicates=duplicates)
         raise HierarchyFormatError(
             f"hierarchy {str(spec)!r} is neither a file nor a built-in name; {builtin_hint(str(spec))}"
         )
