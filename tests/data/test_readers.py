@@ -421,3 +421,10 @@ def test_classname_files_with_a_byte_order_mark_and_maps_with_numeric_folders(tm
     root = write_image_folder(tmp_path / "data", {"0": 1, "1": 1})
     dm = ImageFolderDataModule(root=str(root), classnames={0: "salamander", 1: "turtle"})
     assert dm.classnames == ["salamander", "turtle"]
+
+
+def test_class_names_that_make_the_same_prompt_are_refused_and_case_twins_warned(tmp_path):
+    with pytest.raises(VocabularyError, match=r"same prompt \('sea_lion' and 'sea lion'.*never be predicted"):
+        validate_classnames(["sea_lion", "sea lion", "seal"])
+    with pytest.warns(UserWarning, match=r"differ only in case \('Cat' and 'cat'\)"):
+        validate_classnames(["Cat", "cat", "dog"])

@@ -127,6 +127,28 @@ def validate_classnames(classnames: Sequence[str], source: str = "class list") -
         raise VocabularyError(
             f"{source} has class names that differ only by surrounding whitespace ({where}): they name the same class"
         )
+    # the prompts name a class by its cleaned name, and CLIP's tokenizers lower-case it
+    prompts: dict[str, list[str]] = {}
+    for n in names:
+        if isinstance(n, str):
+            prompts.setdefault(clean_classname(n), []).append(n)
+    same = [group for group in prompts.values() if len(group) > 1]
+    if same:
+        raise VocabularyError(
+            f"{source} has class names that make the same prompt ({'; '.join(' and '.join(map(repr, g)) for g in same)}: "
+            "underscores read as spaces): one of each could never be predicted; give them distinct names "
+            "(a classnames map)"
+        )
+    cased: dict[str, list[str]] = {}
+    for cleaned in prompts:
+        cased.setdefault(cleaned.casefold(), []).append(cleaned)
+    alike = [group for group in cased.values() if len(group) > 1]
+    if alike:
+        warnings.warn(
+            f"{source} has class names that differ only in case ({'; '.join(' and '.join(map(repr, g)) for g in alike)}): "
+            "CLIP's tokenizers lower-case the prompts, so their scores are identical",
+            stacklevel=2,
+        )
     return names
 
 
