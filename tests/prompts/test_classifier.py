@@ -110,3 +110,16 @@ def test_class_name_position_places_the_name_among_the_context(tiny_backbone, po
 def test_class_name_position_is_checked(tiny_backbone):
     with pytest.raises(ValueError, match="position .*'back'"):
         TextPromptLearner(tiny_backbone, ["cat"], position="back")
+
+
+def test_class_names_cut_by_the_text_encoders_context_are_warned_of(tiny_backbone):
+    # the tiny model's context is 16 tokens: two long names sharing a beginning would score alike
+    long_names = ["very " * 12 + "red circle", "very " * 12 + "blue triangle"]
+    with pytest.warns(UserWarning, match=r"the prompts of 2 class\(es\) are longer than the text encoder's context"):
+        w = text_classifier(tiny_backbone, [*long_names, "dog"])
+    assert torch.allclose(w[0], w[1])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text_classifier(tiny_backbone, ["cat", "dog"])  # "a photo of a cat." fits: no warning

@@ -31,6 +31,7 @@ def text_classifier(
     names = validate_classnames(classnames)
     temps = resolve_templates(templates if isinstance(templates, str) else list(templates))
     texts = [t.format(clean_classname(c) if clean else c) for c in names for t in temps]
+    _warn_if_cut(backbone, names, [max(texts[k * len(temps) : (k + 1) * len(temps)], key=len) for k in range(len(names))])
     starts = range(0, len(texts), batch_size)
     if len(texts) >= PROGRESS_MIN_PROMPTS:  # e.g. ImageNet's 1,000 classes x 80 templates: minutes on a CPU
         from vlweak.progress import progress_bar
@@ -39,6 +40,40 @@ def text_classifier(
     feats = torch.cat([backbone.encode_text(texts[i : i + batch_size]) for i in starts])
     feats = feats.view(len(names), len(temps), -1).mean(1)
     return torch.nn.functional.normalize(feats, dim=-1)
+
+
+def cut_by_the_context(backbone, texts: Sequence[str]) -> list[int]:
+    """The positions of ``texts`` whose tokens do not fit the text encoder's context: the tokenizer
+    cuts them, so their ends never reach the encoder. A text that fills the context exactly ends with
+    the end-of-text token in the last slot, as a cut one does; it fits when the token before that is
+    the text's own last token (that of its last word alone)."""
+    texts = list(texts)
+    ids = backbone.tokenize(texts)
+    eos_at = backbone.eot_positions(ids)
+    rows = (eos_at >= ids.shape[1] - 1).nonzero().flatten()
+    if not len(rows):
+        return []
+    tails = backbone.tokenize([(texts[i].split() or [texts[i]])[-1] for i in rows.tolist()])
+    last = tails.gather(1, (backbone.eot_positions(tails).unsqueeze(1) - 1).clamp(min=0)).flatten()
+    kept = ids[rows].gather(1, (eos_at[rows] - 1).unsqueeze(1)).flatten()
+    return [i for i, ok in zip(rows.tolist(), (kept == last).tolist()) if not ok]
+
+
+def _warn_if_cut(backbone, names: list[str], longest: list[str]) -> None:
+    """Warn when a class's longest prompt is cut to the text encoder's context (two long names that
+    share a beginning then score alike)."""
+    if not hasattr(backbone, "eot_positions"):
+        return
+    cut = cut_by_the_context(backbone, longest)
+    if cut:
+        import warnings
+
+        shown = ", ".join(repr(names[i]) for i in cut[:3]) + (" ..." if len(cut) > 3 else "")
+        warnings.warn(
+            f"the prompts of {len(cut)} class(es) are longer than the text encoder's context and are cut "
+            f"({shown}): what follows the cut never reaches the classifier; shorter names keep them apart",
+            stacklevel=4,  # the caller of text_classifier (past its no_grad wrapper)
+        )
 
 
 @torch.no_grad()

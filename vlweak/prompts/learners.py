@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlweak.data.datasets import clean_classname, validate_classnames
+from vlweak.prompts.classifier import cut_by_the_context
 
 _PLACEHOLDER = "X"
 
@@ -70,7 +71,7 @@ class TextPromptLearner(nn.Module):
         self.n_ctx, self.class_specific, self.classnames, self.position = n_ctx, class_specific, names, position
         prompts = [" ".join([_PLACEHOLDER] * n_ctx) + f" {name}." for name in names]
         ids = backbone.tokenize(prompts)
-        too_long = _too_long(backbone, names, ids)
+        too_long = [names[i] for i in cut_by_the_context(backbone, prompts)]
         if too_long:
             raise ValueError(
                 f"class names too long for the text encoder's context of {ids.shape[1]} tokens with {n_ctx} "
@@ -113,20 +114,6 @@ def _name_order(backbone, names: list[str], n_ctx: int, length: int, position: s
         name = list(range(1 + n_ctx, 1 + n_ctx + n))
         rows.append([0] + ctx[:half] + name + ctx[half:] + list(range(1 + n_ctx + n, length)))
     return torch.tensor(rows, dtype=torch.long)
-
-
-def _too_long(backbone, names: list[str], ids: Tensor) -> list[str]:
-    """Class names whose prompt the tokenizer truncated. A row that fills the context exactly ends
-    with EOS in the last slot, as a truncated one does; it fits when the token before EOS is the
-    prompt's own last token (that of ``"<name>."`` alone)."""
-    eos_at = backbone.eot_positions(ids)
-    rows = (eos_at >= ids.shape[1] - 1).nonzero().flatten()
-    if not len(rows):
-        return []
-    short = backbone.tokenize([f"{names[i]}." for i in rows.tolist()])
-    last = short.gather(1, (backbone.eot_positions(short).unsqueeze(1) - 1).clamp(min=0)).flatten()
-    kept = ids[rows].gather(1, (eos_at[rows] - 1).unsqueeze(1)).flatten()
-    return [names[i] for i, ok in zip(rows.tolist(), (kept == last).tolist()) if not ok]
 
 
 class DualPromptLearner(nn.Module):
