@@ -123,7 +123,7 @@ def test_vocabulary_mapping_and_errors():
     assert v.parents == ["Tool", "fruit"] and v.subclasses == ["saw", "apple", "pear"]
     assert h.subclass_to_parent(["Tool", "fruit"]).tolist() == [0, 1, 1]
     assert h.membership(["Tool", "fruit"]).shape == (2, 3)
-    with pytest.raises(UnknownParentError, match=r"\['tool'\] are not .*; for a dataset of some of its classes, give a hierarchy of those alone"):
+    with pytest.raises(UnknownParentError, match=r"1 of its 2 classes are not among the dataset's 1: \['tool'\]; for a dataset of some of its classes, give a hierarchy of those alone"):
         h.for_vocabulary(["fruit"])  # a parent that is not in the dataset's vocabulary
     with pytest.raises(UnknownParentError, match="vehicle"):
         h.for_vocabulary(["fruit", "tool", "vehicle"])
@@ -212,3 +212,16 @@ def test_hierarchy_names_files_and_paths_as_users_write_them(tmp_path, monkeypat
     # ~ in a path
     monkeypatch.setenv("HOME", str(tmp_path))
     assert LabelHierarchy.resolve("~/h.csv").parents == ["café", "diner"]
+
+
+def test_unknown_classes_are_named_briefly_with_close_spellings_and_the_level_that_holds_them():
+    big = [f"class {i}" for i in range(1000)]
+    h = LabelHierarchy({**{c: [f"{c} sub"] for c in big[:-1]}, "trees": ["oak"]})
+    with pytest.raises(UnknownParentError) as err:
+        h.for_vocabulary(big[:-2] + ["tree", "class 998"])
+    message = str(err.value)
+    assert len(message) < 600 and "'trees' ~ 'tree'" in message and "dataset classes the hierarchy lacks: ['tree']" in message
+    # the dataset's classes are the tree's second level
+    deep = LabelHierarchy({"animal": {"mammal": ["dog"], "bird": ["owl"]}, "plant": {"tree": ["oak"]}})
+    with pytest.raises(UnknownParentError, match="the dataset's classes are the hierarchy's level 1: pass hierarchy_level: 1"):
+        deep.for_vocabulary(["mammal", "bird", "tree"])

@@ -199,7 +199,7 @@ def test_subclass_nodes_map_back_to_their_classes(tiny_backbone, tmp_path):
 def test_a_hierarchy_naming_unknown_classes_is_refused(tiny_backbone):
     from vlweak.labels.hierarchy_errors import UnknownParentError
 
-    with pytest.raises(UnknownParentError, match=r"parents \['curve'\] are not in the dataset's classes"):
+    with pytest.raises(UnknownParentError, match=r"1 of its 2 classes are not among the dataset's 2: \['curve'\]; dataset classes the hierarchy lacks: \['blob'\]"):
         ZLaP(backbone=tiny_backbone, classnames=["polygon", "blob"], hierarchy={"polygon": ["triangle"], "curve": ["circle"]})
     with pytest.raises(ValueError, match="subclass_reduce .* got 'mean'"):
         ZLaP(backbone=tiny_backbone, classnames=["a"], hierarchy={"a": ["b"]}, subclass_reduce="mean")

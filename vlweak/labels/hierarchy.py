@@ -239,6 +239,24 @@ def two_level(tree: Mapping[str, Sequence[str]], source: str, duplicates: Duplic
     return LabelHierarchy._from_forest(forest, 0, source)
 
 
+def _few(names: Sequence[str], n: int = 10) -> str:
+    """A list for a message, cut after ``n`` names (a 1,000-class vocabulary is not spelled out)."""
+    return f"{list(names[:n])}{f' and {len(names) - n} more' if len(names) > n else ''}"
+
+
+def _near(theirs: Sequence[str], ours: Sequence[str]) -> str:
+    """Close spellings between two lists of names (``'trees' ~ 'tree'``), for a message."""
+    import difflib
+
+    keys = {normalize_name(o): o for o in ours}
+    pairs = []
+    for t in theirs:
+        close = difflib.get_close_matches(normalize_name(t), list(keys), n=1, cutoff=0.75)
+        if close:
+            pairs.append(f"{t!r} ~ {keys[close[0]]!r}")
+    return f" (close: {', '.join(pairs[:6])})" if pairs else " (a misspelled class on either side?)"
+
+
 # ---------------------------------------------------------------------------------------- the type
 class LabelHierarchy:
     """Classes with their sub-classes, viewed at one level of a (possibly deeper) tree.
@@ -489,13 +507,19 @@ class LabelHierarchy:
         unknown = [p for k, p in mine.items() if k not in vocab]
         if unknown:
             subset = all(k in mine for k in vocab)  # every dataset class found: a subset of the hierarchy's
+            level = self._level_holding(list(vocab))
+            unmatched = [c for k, c in vocab.items() if k not in mine]
             hint = (
+                f"; the dataset's classes are the hierarchy's level {level}: pass hierarchy_level: {level}"
+                if level is not None else
                 "; for a dataset of some of its classes, give a hierarchy of those alone (inline "
                 "{class: [sub-class, ...]} or a file; LabelHierarchy.as_dict() gives the full one to cut from)"
-                if subset else " (a misspelled class on either side?)"
+                if subset else
+                f"; dataset classes the hierarchy lacks: {_few(unmatched)}{_near(unknown, unmatched)}"
             )
             raise UnknownParentError(
-                f"{self.source}: parents {unknown} are not in the dataset's classes {list(classnames)}{hint}"
+                f"{self.source}: {len(unknown)} of its {len(mine)} classes are not among the dataset's "
+                f"{len(vocab)}: {_few(unknown)}{hint}"
             )
         absent = [c for k, c in vocab.items() if k not in mine]
         if absent and missing == "error":
@@ -506,13 +530,20 @@ class LabelHierarchy:
                 if nested else ""
             )
             raise UnknownParentError(
-                f"{self.source}: dataset classes {absent} have no sub-classes in the hierarchy "
+                f"{self.source}: dataset classes {_few(absent)} have no sub-classes in the hierarchy "
                 f"(add them, or pass missing='self' to use each such class as its own sub-class){hint}"
             )
         tree = {c: self._children[mine[k]] if k in mine else [c] for k, c in vocab.items()}
         out = two_level(tree, self.source)
         assert out.parents == list(classnames), (out.parents, list(classnames))
         return out
+
+    def _level_holding(self, keys: list[str]) -> int | None:
+        """Another class level of the tree whose classes include every one of ``keys`` (normalized)."""
+        for level in range(self.depth - 1):
+            if level != self.level and set(keys) <= {normalize_name(p) for p in self.at_level(level).parents}:
+                return level
+        return None
 
     def subclass_to_parent(self, classnames: Sequence[str] | None = None) -> Tensor:
         """``LongTensor [n_subclasses]``: index of each sub-class's parent in ``classnames`` (default:
