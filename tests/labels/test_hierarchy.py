@@ -123,8 +123,10 @@ def test_vocabulary_mapping_and_errors():
     assert v.parents == ["Tool", "fruit"] and v.subclasses == ["saw", "apple", "pear"]
     assert h.subclass_to_parent(["Tool", "fruit"]).tolist() == [0, 1, 1]
     assert h.membership(["Tool", "fruit"]).shape == (2, 3)
-    with pytest.raises(UnknownParentError, match=r"1 of its 2 classes are not among the dataset's 1: \['tool'\]; for a dataset of some of its classes, give a hierarchy of those alone"):
-        h.for_vocabulary(["fruit"])  # a parent that is not in the dataset's vocabulary
+    # a dataset of some of the hierarchy's classes takes theirs (a subset of a published set)
+    assert h.for_vocabulary(["fruit"]).as_dict() == {"fruit": ["apple", "pear"]}
+    with pytest.raises(UnknownParentError, match=r"1 of its 2 classes are not among the dataset's 2: \['tool'\]; dataset classes the hierarchy lacks: \['tools'\] \(close: 'tool' ~ 'tools'\)"):
+        h.for_vocabulary(["fruit", "tools"])  # a parent that is not in the dataset's vocabulary
     with pytest.raises(UnknownParentError, match="vehicle"):
         h.for_vocabulary(["fruit", "tool", "vehicle"])
     assert h.for_vocabulary(["fruit", "tool", "vehicle"], missing="self").subclasses[-1] == "vehicle"

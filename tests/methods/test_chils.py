@@ -194,8 +194,11 @@ def test_errors(tiny_backbone):
         CHiLS(backbone=tiny_backbone, classnames=COARSE)
     with pytest.raises(ValueError, match="variant"):
         CHiLS(backbone=tiny_backbone, classnames=COARSE, hierarchy="shapes", variant="best")
-    with pytest.raises(UnknownParentError, match="symbol"):
-        CHiLS(backbone=tiny_backbone, classnames=["polygon", "curved shape"], hierarchy="shapes")
+    with pytest.raises(UnknownParentError, match=r"\['curved shape', 'symbol'\]; dataset classes the hierarchy lacks: \['curved'\]"):
+        CHiLS(backbone=tiny_backbone, classnames=["polygon", "curved"], hierarchy="shapes")
+    # a dataset of some of the hierarchy's classes takes theirs
+    assert CHiLS(backbone=tiny_backbone, classnames=["polygon", "curved shape"], hierarchy="shapes").hierarchy.parents == [
+        "polygon", "curved shape"]
     m = CHiLS(backbone=tiny_backbone, classnames=COARSE + ["blob"], hierarchy="shapes", missing="self")
     assert m.subclassnames[-1] == "blob"
 

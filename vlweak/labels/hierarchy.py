@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -494,9 +495,11 @@ class LabelHierarchy:
     def for_vocabulary(self, classnames: Sequence[str], missing: Missing = "error") -> "LabelHierarchy":
         """A two-level hierarchy whose parents are exactly ``classnames``, in that order and spelling.
 
-        Names are matched with :func:`normalize_name`. A hierarchy parent absent from the vocabulary
-        is an :class:`UnknownParentError`; a vocabulary class absent from the hierarchy is one too with
-        ``missing="error"``, or becomes its own single sub-class with ``missing="self"``.
+        Names are matched with :func:`normalize_name`. Hierarchy parents absent from the vocabulary are
+        left out when every vocabulary class is found (a dataset of some of the hierarchy's classes),
+        else they are an :class:`UnknownParentError` naming close spellings; a vocabulary class
+        absent from the hierarchy is one too with ``missing="error"``, or becomes its own single
+        sub-class with ``missing="self"``.
         """
         if missing not in ("error", "self"):
             raise ValueError(f"missing must be 'error' or 'self', got {missing!r}")
@@ -505,16 +508,20 @@ class LabelHierarchy:
             raise DuplicateNameError(f"class vocabulary has duplicate names: {list(classnames)}")
         mine = {normalize_name(p): p for p in self._children}
         unknown = [p for k, p in mine.items() if k not in vocab]
+        if unknown and all(k in mine for k in vocab):
+            # every dataset class found: a dataset of some of the hierarchy's classes (a 10-class subset
+            # of CIFAR-100 with its published sets) takes theirs and leaves the others out
+            logging.getLogger(__name__).info(
+                "%s: the dataset's %d classes are %d of its %d; the others are left out", self.source, len(vocab),
+                len(vocab), len(mine))
+            mine = {k: p for k, p in mine.items() if k in vocab}
+            unknown = []
         if unknown:
-            subset = all(k in mine for k in vocab)  # every dataset class found: a subset of the hierarchy's
             level = self._level_holding(list(vocab))
             unmatched = [c for k, c in vocab.items() if k not in mine]
             hint = (
                 f"; the dataset's classes are the hierarchy's level {level}: pass hierarchy_level: {level}"
                 if level is not None else
-                "; for a dataset of some of its classes, give a hierarchy of those alone (inline "
-                "{class: [sub-class, ...]} or a file; LabelHierarchy.as_dict() gives the full one to cut from)"
-                if subset else
                 f"; dataset classes the hierarchy lacks: {_few(unmatched)}{_near(unknown, unmatched)}"
             )
             raise UnknownParentError(
