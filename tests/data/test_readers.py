@@ -428,3 +428,12 @@ def test_class_names_that_make_the_same_prompt_are_refused_and_case_twins_warned
         validate_classnames(["sea_lion", "sea lion", "seal"])
     with pytest.warns(UserWarning, match=r"differ only in case \('Cat' and 'cat'\)"):
         validate_classnames(["Cat", "cat", "dog"])
+
+
+def test_wordnet_id_folders_without_a_map_are_warned_of(tmp_path):
+    root = write_image_folder(tmp_path / "inet", {"n01440764": 1, "n01443537": 1})
+    with pytest.warns(UserWarning, match=r"WordNet ids \(\['n01440764', 'n01443537'\] \.\.\.\).*give classnames"):
+        ImageFolderReader.read(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ImageFolderReader.read(root, {"n01440764": "tench", "n01443537": "goldfish"}).classnames == ["tench", "goldfish"]

@@ -373,6 +373,13 @@ class ImageFolderReader:
                 )
         else:
             names = [clean_classname(_nfc(f)) for f in folders]
+            wnids = [f for f in folders if re.fullmatch(r"n\d{8}", f)]
+            if len(wnids) > len(folders) // 2:
+                warnings.warn(
+                    f"the class folders of {root} are WordNet ids ({wnids[:3]} ...): the prompts would read "
+                    f"'a photo of a {wnids[0]}.'; give classnames, a {{folder: name}} map (a .json / .yaml / .txt file)",
+                    stacklevel=2,
+                )
         names = validate_classnames(names, f"classes of {root}")
         paths, labels, empty = [], [], []
         for k, folder in enumerate(folders):
@@ -386,7 +393,6 @@ class ImageFolderReader:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         if empty:
             # a class absent from one split is legitimate (the vocabulary is shared by all splits)
-            import warnings
 
             warnings.warn(
                 f"{len(empty)} class folder{'s' if len(empty) > 1 else ''} of {root} "
