@@ -30,6 +30,10 @@ def test_parse_list_shapes():
     long = "1. this is a whole sentence rather than a name of a kind\n2. ok"
     assert parse_list(long) == ["ok"]
     assert parse_list("1.\n2. 42\n\n") == []
+    # an item per line keeps its "&"; a lead-in before the list is not an item
+    assert parse_list("1. Mac & cheese\n2. lasagna") == ["Mac & cheese", "lasagna"]
+    assert parse_list("Here are 3 kinds of pasta: spaghetti, penne, fusilli") == ["spaghetti", "penne", "fusilli"]
+    assert parse_list("Here are some kinds of pasta:\n- spaghetti\n- penne") == ["spaghetti", "penne"]
 
 
 class Canned(SubclassGenerator):

@@ -38,7 +38,7 @@ from vlweak.labels.hierarchy import LabelHierarchy, normalize_name, two_level
 DEFAULT_PROMPT = "List {n} different kinds of {classname}{context}. Answer with a numbered list, one per line."
 
 _ITEM_PREFIX = re.compile(r"^\s*(?:\(?\d+[.):]|[-*•·]|[a-zA-Z][.)])\s*")
-_SPLIT = re.compile(r"\n|;|&|,(?![^()]*\))")
+_ONE_LINE_SPLIT = re.compile(r";|&|,(?![^()]*\))")  # separators of a list written on one line
 
 
 class GenerationError(RuntimeError):
@@ -54,14 +54,23 @@ def build_prompt(classname: str, n: int, template: str = DEFAULT_PROMPT, context
 def parse_list(text: str, n: int | None = None, max_words: int = 6) -> list[str]:
     """The items of a list in a language model's answer.
 
-    Accepts numbered (``1.``, ``1)``), bulleted (``-``, ``*``) or one-per-line answers, and single-line
-    answers separated by commas, semicolons or ``&``. Numbering, bullets, surrounding quotes and
-    punctuation are removed; ``name: description`` keeps ``name``; items longer than ``max_words``
-    words (sentences, not names) and repeats are dropped. At most ``n`` items are returned.
+    Accepts numbered (``1.``, ``1)``), bulleted (``-``, ``*``) or one-per-line answers (an item per
+    line: ``1. Mac & cheese`` is one item; a line ending with ``:`` is a lead-in), and single-line
+    answers separated by commas, semicolons or ``&`` (a lead-in before ``:`` dropped: ``Here are 3
+    kinds of pasta: spaghetti, penne``). Numbering, bullets, surrounding quotes and punctuation are
+    removed; ``name: description`` keeps ``name``; items longer than ``max_words`` words (sentences,
+    not names) and repeats are dropped. At most ``n`` items are returned.
     """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        parts = [line for line in lines if not line.rstrip().endswith(":")]
+    else:
+        line = lines[0] if lines else ""
+        _, colon, tail = line.partition(":")
+        parts = _ONE_LINE_SPLIT.split(tail if colon and _ONE_LINE_SPLIT.search(tail) else line)
     items: list[str] = []
     seen: set[str] = set()
-    for raw in _SPLIT.split(text):
+    for raw in parts:
         item = _ITEM_PREFIX.sub("", raw.strip())
         item = re.split(r"\s[-–—]\s|:", item, maxsplit=1)[0]  # "name - description" / "name: ..."
         item = " ".join(item.split()).strip(" .\"'`*_")
