@@ -257,3 +257,35 @@ def test_image_size_with_a_pretrained_tag(monkeypatch):
     big = OpenCLIPBackbone("vlweak-tiny", pretrained="laion_like", image_size=64)
     assert big.model.visual.positional_embedding.shape == (1 + 8 * 8, 32)
     assert torch.equal(big.model.visual.conv1.weight, source.visual.conv1.weight)
+
+
+def test_visual_prompts_on_a_resnet_tower_are_refused_in_one_line():
+    # an input vlweak refuses: the CLI ends the run with its message and exit status 2
+    from vlweak.backbones import VisualPromptError
+    from vlweak.cli import is_user_error
+    from vlweak.methods import PromptTuning
+
+    rn = OpenCLIPBackbone("RN50-quickgelu", pretrained=None)
+    with pytest.raises(VisualPromptError, match=r"RN50-quickgelu's tower is a ModifiedResNet: use prompt: textual") as err:
+        PromptTuning(backbone=rn, classnames=["cat", "dog"], prompt="visual")
+    assert is_user_error(err.value)
+
+
+def test_cpu_precisions_say_what_runs(tiny_ckpt):
+    import warnings
+
+    import vlweak.backbones.base as base
+
+    base._WARNED.clear()
+    fp16 = OpenCLIPBackbone("vlweak-tiny", pretrained=tiny_ckpt, precision="fp16")
+    assert fp16.effective_precision == "fp32"
+    # fp16 runs as fp32 on a CPU, so its embeddings are the fp32 ones, cached under that key
+    assert fp16.fingerprint() == OpenCLIPBackbone("vlweak-tiny", pretrained=tiny_ckpt).fingerprint()
+    with pytest.warns(UserWarning, match="fp16 runs as fp32 on a CPU"):
+        fp16.encode_image(torch.rand(1, 3, 32, 32))
+    bf16 = OpenCLIPBackbone("vlweak-tiny", pretrained=None, precision="bf16")
+    with pytest.warns(UserWarning, match="bf16 on a CPU: unless the CPU has bf16 matrix units"):
+        bf16.encode_image(torch.rand(1, 3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bf16.encode_image(torch.rand(1, 3, 32, 32))  # once per process

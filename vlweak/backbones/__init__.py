@@ -5,6 +5,7 @@ from vlweak.backbones.errors import (
     BackboneError,
     CheckpointMismatchError,
     UnknownArchitectureError,
+    VisualPromptError,
     WeightsUnavailableError,
 )
 from vlweak.backbones.hf_clip import HFCLIPBackbone
@@ -18,5 +19,6 @@ __all__ = [
     "OpenCLIPBackbone",
     "SHIPPED_WEIGHTS",
     "UnknownArchitectureError",
+    "VisualPromptError",
     "WeightsUnavailableError",
 ]

@@ -12,6 +12,7 @@ import abc
 import contextlib
 import hashlib
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -56,13 +57,24 @@ class Backbone(nn.Module, abc.ABC):
         return super().train(False if self.freeze else mode)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Context manager applying the configured precision on the current device."""
-        if self.precision == "fp32":
+        """Context manager applying the configured precision on the current device (fp16 runs as
+        fp32 on a CPU, which has no fp16 autocast worth the name)."""
+        precision = self.effective_precision
+        if precision == "fp32":
+            if self.precision != precision:
+                _warn_once("fp16-cpu", "precision: fp16 runs as fp32 on a CPU (fp16 autocast is for CUDA); the "
+                           "embedding cache keys it as fp32")
             return contextlib.nullcontext()
         device_type = self.device.type
-        if device_type == "cpu" and self.precision == "fp16":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type, dtype=_DTYPES[self.precision])
+        if device_type == "cpu" and precision == "bf16":
+            _warn_once("bf16-cpu", "precision: bf16 on a CPU: unless the CPU has bf16 matrix units (AMX, "
+                       "AVX512-BF16), autocast runs several times slower than fp32 here; precision: fp32 for CPU runs")
+        return torch.autocast(device_type=device_type, dtype=_DTYPES[precision])
+
+    @property
+    def effective_precision(self) -> str:
+        """The precision that runs on the current device: ``fp16`` is ``fp32`` on a CPU."""
+        return "fp32" if self.precision == "fp16" and self.device.type == "cpu" else self.precision
 
     @property
     def device(self) -> torch.device:
@@ -178,11 +190,21 @@ class Backbone(nn.Module, abc.ABC):
 
         Weights loaded from a file or tag are identified by the file digest / tag; randomly
         initialised or trainable weights by a digest of their current values."""
-        parts = dict(self.fingerprint_parts(), precision=self.precision, cls=type(self).__name__)
+        parts = dict(self.fingerprint_parts(), precision=self.effective_precision, cls=type(self).__name__)
         if parts.get("weights") == "random-init" or not self.freeze:
             parts["weights"] = state_digest(self)
         text = "|".join(f"{k}={parts[k]}" for k in sorted(parts))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A warning shown once per process (autocast is entered at every batch)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def check_input_size(image_size: int | None, step: int, native: int, what: str) -> int | None:

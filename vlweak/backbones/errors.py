@@ -18,3 +18,7 @@ class CheckpointMismatchError(BackboneError, ValueError):
     """A checkpoint's keys or shapes do not fit the architecture (the message names the first ones), or
     the checkpoint cannot be read at all: a directory, an empty, truncated or corrupt file, or a file
     that holds no ``name -> tensor`` state dict (the message names the path and the reason)."""
+
+
+class VisualPromptError(BackboneError, ValueError):
+    """Visual prompt tokens asked of an image tower without a token sequence (a ResNet)."""

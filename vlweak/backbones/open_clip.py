@@ -26,8 +26,10 @@ from vlweak.backbones.base import (
     hub_offline_when_unreachable,
 )
 from vlweak.backbones.errors import (
+    BackboneError,
     CheckpointMismatchError,
     UnknownArchitectureError,
+    VisualPromptError,
     WeightsUnavailableError,
 )
 
@@ -376,7 +378,13 @@ class OpenCLIPBackbone(Backbone):
         visual = self.model.visual
         if isinstance(visual, VisionTransformer):
             return int(visual.class_embedding.shape[-1])
-        raise NotImplementedError(f"visual prompt tokens need a ViT image tower, not {type(visual).__name__}")
+        raise self._no_visual_prompts()
+
+    def _no_visual_prompts(self) -> VisualPromptError:
+        return VisualPromptError(
+            f"visual prompt tokens go into a ViT image tower's token sequence; {self.model_name}'s tower is a "
+            f"{type(self.model.visual).__name__}: use prompt: textual, or a ViT architecture"
+        )
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str]) -> Tensor:
@@ -402,9 +410,12 @@ class OpenCLIPBackbone(Backbone):
             return self._vit_tokens(visual, images, prompts)
         if isinstance(visual, ModifiedResNet):
             if prompts is not None:
-                raise NotImplementedError("visual prompt tokens need a ViT image tower")
+                raise self._no_visual_prompts()
             return self._resnet_tokens(visual, images)
-        raise NotImplementedError(f"dense features are not implemented for {type(visual).__name__}")
+        raise BackboneError(
+            f"region features (DualCoOp, visual prompts) read a ViT's patch tokens or a ModifiedResNet's attention "
+            f"pool; {self.model_name}'s image tower is a {type(visual).__name__}: use a ViT or ResNet architecture"
+        )
 
     def _encode_image(self, images: Tensor) -> Tensor:
         return self.model.encode_image(images)
