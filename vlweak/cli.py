@@ -257,6 +257,13 @@ class VLWeakCLI(LightningCLI):
             kwargs["ckpt_path"] = newest_last_checkpoint(self.trainer, required=subcommand != "fit")
             if kwargs["ckpt_path"]:
                 self._warn_if_configured_otherwise(subcommand, Path(kwargs["ckpt_path"]))
+        if subcommand in ("validate", "test", "predict"):
+            # an evaluation writes no checkpoint: the recipe's ModelCheckpoint, restored from the fit's,
+            # would only warn that its folder moved (it is this run's version folder, not the fit's)
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            callbacks = self.trainer.callbacks
+            callbacks[:] = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
         if subcommand == "predict" and kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False  # methods write artifacts; predict_step returns nothing to keep
         return kwargs
