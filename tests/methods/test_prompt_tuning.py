@@ -595,3 +595,16 @@ def test_images_rewritten_under_the_same_names_make_another_rounds_run(tmp_path,
     Image.open(image).convert("L").convert("RGB").save(image)  # re-exported in place, same name
     assert _content_digest(ImageFolderDataModule(root=str(tmp_path / "data"), train="train", val=None, test=None,
                                                  transform=tiny_backbone.transform)) != before
+
+
+def test_a_finished_fit_in_rounds_resumed_says_only_that(tmp_path):
+    # the last round trained on its pseudolabelled set, the data module holds the whole pool: no epoch
+    # follows, so the difference is not worth a warning
+    recipe = _recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=2, rounds=1, epochs_per_round=2), TINY_DATA)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)]  # as the recipes' last.ckpt
+    _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'r'}", "--trainer.enable_checkpointing=true", callbacks=saving)
+    with pytest.warns(UserWarning, match="the checkpoint is of a finished fit") as said:
+        _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'r'}", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert not [w for w in said if "epochs made of other batches" in str(w.message)]

@@ -404,6 +404,9 @@ class PseudolabelRounds(L.Callback):
             trained = f"all {total} of its rounds are trained" if total > 1 else "its epochs are trained"
             rank_zero_warn(f"the checkpoint is of a finished fit: {trained}, so this fit trains nothing; to train "
                            "longer (more epochs or rounds), run `vlweak fit` without --ckpt_path")
+            dm = getattr(trainer, "datamodule", None)
+            if dm is not None and hasattr(dm, "_resume_epochs"):
+                dm._resume_epochs = None  # no epoch follows: what the last round's were made of is moot
             return RoundState(r, empty, empty, empty.bool())
         path = self.round_path(folder, r)
         state = RoundState.load(path) if path.is_file() else None
