@@ -97,3 +97,15 @@ def test_backbone_reports_the_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointMismatchError, match=r"(?s)^weights_dir/? is a directory"):
         OpenCLIPBackbone("vlweak-tiny", pretrained="weights_dir")
+
+
+def test_a_fits_prompt_checkpoint_given_as_weights_says_where_it_goes(tmp_path, tiny_ckpt):
+    # a prompt-tuning or DualCoOp last.ckpt names its frozen backbone instead of holding it
+    from tests.methods.test_dualcoop import _cli
+
+    fitted = _cli("fit", "shapes_partial.yaml", tmp_path, tiny_ckpt, "--trainer.limit_val_batches=0")
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    with pytest.raises(CheckpointMismatchError, match=r"last.ckpt is a checkpoint of a fit's prompts or heads, without backbone "
+                                                      r"weights .* give it as --ckpt_path"):
+        OpenCLIPBackbone("vlweak-tiny", pretrained=str(ckpt))
+    assert fitted.trainer.global_step > 0

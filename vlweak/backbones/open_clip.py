@@ -123,6 +123,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ...
             # ``from None``: torch's own message advises weights_only=False, i.e. running the file's code.
             raise _unreadable(path, _torch_load_reason(err)) from None
+        if isinstance(sd, dict) and "vlweak_backbone" in sd and not any(
+                str(k).startswith("backbone.") for k in sd.get("state_dict") or {}):
+            raise CheckpointMismatchError(
+                f"{path} is a checkpoint of a fit's prompts or heads, without backbone weights (it names the frozen "
+                f"backbone it was trained with, {sd['vlweak_backbone']}): give it as --ckpt_path (Python: "
+                "load_from_checkpoint), and that backbone's weights as pretrained"
+            )
         if isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
     if not isinstance(sd, dict):
