@@ -99,7 +99,7 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckp
                 f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}",
                 "--trainer.logger.init_args.version=0"]
 
-    build_cli(["fit", *args("whole")])
+    build_cli(["fit", *args("whole"), "--trainer.log_every_n_steps=1"])
     cli = build_cli(args("cut"), run=False)
     cli.trainer.callbacks.append(PowerCut(at_step=3))
     with pytest.raises(SystemExit):  # Lightning turns the interrupt into an exit after its teardown
@@ -118,6 +118,12 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, tiny_ckp
     build_cli(["fit", *args("cut"), "--trainer.logger.init_args.version=1", "--trainer.log_every_n_steps=1", "--ckpt_path=last"])
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "cut" / "version_1" / "metrics.csv"))]
     assert steps and min(steps) >= 2, steps  # continued from step 2, not from scratch
+
+    def losses(run):  # logged under the uninterrupted run's step numbers
+        rows = csv.DictReader(open(tmp_path / run / "metrics.csv"))
+        return {int(r["step"]): round(float(r["train/loss"]), 4) for r in rows if r.get("train/loss")}
+
+    assert losses("cut/version_1") == {k: v for k, v in losses("whole/version_0").items() if k >= 2}
     whole = load_file(tmp_path / "whole" / "version_0" / "backbone.safetensors")
     resumed = load_file(tmp_path / "cut" / "version_1" / "backbone.safetensors")
     for k in whole:

@@ -93,11 +93,28 @@ def dedup_by_index(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
 _GATHERED: set[str] = set()
 
 
+class ResumedStepNumbers:
+    """Mixin of a ``LightningModule``: a fit continued from a checkpoint logs its steps under the
+    numbers an uninterrupted fit gives them. Lightning counts one more stepped batch on a restart,
+    which is right for a checkpoint written as a batch ended, before its count went up, and one too
+    many for one written at an epoch's end or by :class:`~vlweak.callbacks.CheckpointOnInterrupt`;
+    with one optimizer, the loggers' step is the number of optimizer steps taken."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._resumed = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.__dict__.pop("_resumed", False) and self.automatic_optimization and len(self.trainer.optimizers) == 1:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
+
 def _built_words(built: dict[str, str]) -> str:
     return f"{built.get('class', 'backbone')}({built.get('model', '')!r}, weights {built.get('weights', '')!r})"
 
 
-class VLMethod(L.LightningModule):
+class VLMethod(ResumedStepNumbers, L.LightningModule):
     """Base of vlweak's methods.
 
     Args:
@@ -191,16 +208,7 @@ class VLMethod(L.LightningModule):
             for key, value in self.backbone.state_dict().items():
                 state.setdefault(f"backbone.{key}", value)
         self._check_checkpoint_shapes(checkpoint, why)
-        self._resumed = True
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A fit continued from a checkpoint logs its steps under the numbers an uninterrupted fit
-        gives them. Lightning counts one more stepped batch on a restart, which is right for a
-        checkpoint written as a batch ended, before its count went up, and one too many for one
-        written at an epoch's end or by :class:`~vlweak.callbacks.CheckpointOnInterrupt`; with one
-        optimizer, the loggers' step is the number of optimizer steps taken."""
-        if self.__dict__.pop("_resumed", False) and self.automatic_optimization and len(self.trainer.optimizers) == 1:
-            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+        super().on_load_checkpoint(checkpoint)
 
     def _check_checkpoint_vocabulary(self, checkpoint: dict[str, Any]) -> None:
         theirs = (checkpoint.get("hyper_parameters") or {}).get("classnames")

@@ -25,7 +25,7 @@ from torch import Tensor
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import atomic_save_tensors
 from vlweak.distributed import gather_rows
-from vlweak.methods.base import own_backbone
+from vlweak.methods.base import ResumedStepNumbers, own_backbone
 
 
 # prefixes that wrappers (nested FSDP units, activation checkpointing, torch.compile) put in parameter names
@@ -45,7 +45,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-class CLIPPretrain(L.LightningModule):
+class CLIPPretrain(ResumedStepNumbers, L.LightningModule):
     """Contrastive image-text pretraining (symmetric InfoNCE, learnable temperature).
 
     Args:
