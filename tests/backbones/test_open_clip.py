@@ -289,3 +289,17 @@ def test_cpu_precisions_say_what_runs(tiny_ckpt):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bf16.encode_image(torch.rand(1, 3, 32, 32))  # once per process
+
+
+def test_a_file_named_like_openais_weights_under_a_gelu_name_is_warned_of(tmp_path):
+    import warnings
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "RN50-openai.safetensors"
+    save_file(OpenCLIPBackbone("RN50-quickgelu", pretrained=None).model.state_dict(), str(path))
+    with pytest.warns(UserWarning, match=r"looks like OpenAI's weights.*model_name: RN50-quickgelu"):
+        OpenCLIPBackbone("RN50", pretrained=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OpenCLIPBackbone("RN50-quickgelu", pretrained=str(path))

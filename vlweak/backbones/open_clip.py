@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,7 @@ class OpenCLIPBackbone(Backbone):
             pretrained = None  # a sweep tool or a script formatting None writes the text "None"
         # OpenAI's weights were trained with QuickGELU; the plain architecture names build GELU
         self.forced_quick_gelu = self._tag_needs_quick_gelu(pretrained)
+        self._warn_if_openai_file_without_quick_gelu(pretrained)
         try:
             self.model = open_clip.create_model(
                 model_name, pretrained=None, force_quick_gelu=self.forced_quick_gelu, **self._merged(build)
@@ -278,6 +280,20 @@ class OpenCLIPBackbone(Backbone):
         if pretrained not in open_clip.list_pretrained_tags_by_model(self.model_name):
             return False
         return bool(open_clip.get_pretrained_cfg(self.model_name, pretrained).get("quick_gelu", False))
+
+    def _warn_if_openai_file_without_quick_gelu(self, pretrained: str | None) -> None:
+        """A local file named like OpenAI's weights under a plain (GELU) architecture name: it runs
+        without error on slightly wrong features, so say which name builds QuickGELU."""
+        if (not pretrained or self.model_name.endswith("-quickgelu") or pretrained in SHIPPED_WEIGHTS
+                or "openai" not in Path(str(pretrained)).name.lower() or not Path(str(pretrained)).expanduser().is_file()):
+            return
+        quick = f"{self.model_name}-quickgelu"
+        if quick in open_clip.list_models():
+            warnings.warn(
+                f"{pretrained} looks like OpenAI's weights, which were trained with QuickGELU; {self.model_name} "
+                f"builds GELU, which runs on slightly wrong features: model_name: {quick}",
+                stacklevel=3,
+            )
 
     def _load_weights(self, pretrained: str, cache_dir: str | None) -> str:
         """Load ``pretrained`` into the model; returns the name the weights go by (a file by its
