@@ -19,10 +19,10 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import Tensor
 
 from vlweak.backbones.base import (
+    NO_NETWORK,
     Backbone,
     Precision,
     check_input_size,
-    NO_NETWORK,
     file_digest,
     hub_offline_when_unreachable,
 )

@@ -54,7 +54,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import safe_open
 from torch import Tensor
 
-from vlweak.data.cache import atomic_save_tensors
+from vlweak.data.cache import atomic_save_tensors, cache_key
 from vlweak.data.order import trained_position
 from vlweak.distributed import rank_zero_first
 from vlweak.labels.artifact import PseudoLabels
@@ -63,16 +63,15 @@ from vlweak.labels.selection import k_schedule, top_k_per_class
 STATE_FORMAT = "vlweak-pseudolabel-round/1"
 
 
-
 def _content_digest(dm: Any) -> str:
-    """A digest of what the train split's images are (for files: their sizes, times and inodes, as
-    the embedding cache keys them): images rewritten under the same names make another run."""
+    """A digest of what the train split's images are, as the embedding cache keys them (for files:
+    their sizes, times and inodes): images rewritten under the same names make another run."""
+    from vlweak.data.budget import Budgeted
+
     raw = dm.raw("train") if dm is not None and hasattr(dm, "raw") else None
-    while raw is not None and not hasattr(raw, "fingerprint_parts") and hasattr(raw, "dataset"):
-        raw = raw.dataset  # a label budget's view
-    if raw is None or not hasattr(raw, "fingerprint_parts"):
-        return ""
-    return hashlib.sha1(json.dumps(raw.fingerprint_parts(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    raw = raw.dataset if isinstance(raw, Budgeted) else raw  # a label budget's view of the images
+    return cache_key(data=raw.fingerprint_parts())[:16] if hasattr(raw, "fingerprint_parts") else ""
+
 
 def _source_identity(source: Any) -> str:
     """The pseudolabel source as part of a run's identity: its name, or a file's path, size and mtime."""
@@ -405,8 +404,8 @@ class PseudolabelRounds(L.Callback):
             rank_zero_warn(f"the checkpoint is of a finished fit: {trained}, so this fit trains nothing; to train "
                            "longer (more epochs or rounds), run `vlweak fit` without --ckpt_path")
             dm = getattr(trainer, "datamodule", None)
-            if dm is not None and hasattr(dm, "_resume_epochs"):
-                dm._resume_epochs = None  # no epoch follows: what the last round's were made of is moot
+            if hasattr(dm, "no_epochs_follow"):
+                dm.no_epochs_follow()  # the last round's set is not the pool, and no epoch follows
             return RoundState(r, empty, empty, empty.bool())
         path = self.round_path(folder, r)
         state = RoundState.load(path) if path.is_file() else None

@@ -343,6 +343,11 @@ class VLDataModule(L.LightningDataModule):
         return {"images": len(self.datasets["train"]), "batch_size": int(self.batch_size),
                 "processes": int(trainer.world_size) if trainer is not None else 1}
 
+    def no_epochs_follow(self) -> None:
+        """A fit resumed with nothing left to train (a finished one): what its checkpoint's epochs were
+        made of is not compared with this run's."""
+        self._resume_epochs = None
+
     def _check_epochs_as_checkpointed(self, skip: int) -> None:
         """A run continued from a checkpoint whose epochs had other images, batch size or process
         count: refused in the middle of an epoch (the batches already trained are no longer the

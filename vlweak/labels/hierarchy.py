@@ -216,12 +216,13 @@ def two_level(tree: Mapping[str, Sequence[str]], source: str, duplicates: Duplic
     if len(set(keys)) != len(keys):
         raise DuplicateNameError(f"{where}: class names repeat among {classes}")
     lists: dict[str, list[str]] = {}
+    class_keys = set(keys)
     for parent, key in zip(classes, keys):
-        others, kept = set(keys) - {key}, {}
-        for sub in tree[parent]:
-            k = normalize_name(_display(sub, where))
-            if k not in others:
-                kept.setdefault(k, _display(sub, where))
+        kept: dict[str, str] = {}
+        for sub in (_display(sub, where) for sub in tree[parent]):
+            k = normalize_name(sub)
+            if k == key or k not in class_keys:
+                kept.setdefault(k, sub)
         lists[parent] = list(kept.values()) or [parent]
     owners: dict[str, list[str]] = {}
     for parent, subs in lists.items():

@@ -178,7 +178,7 @@ class VLMethod(ResumedStepNumbers, L.LightningModule):
 
     def _trained_per_class(self) -> bool:
         """Whether this method holds per-class parameters already (built or trained for its classes)."""
-        return self.trains_per_class() and any(True for _ in self.parameters(recurse=True) if _.requires_grad)
+        return self.trains_per_class() and any(p.requires_grad for p in self.parameters())
 
     def trains_per_class(self) -> bool:
         """Whether what a fit trains holds one entry per class (class-specific prompts, a classifier

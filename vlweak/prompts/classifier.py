@@ -6,6 +6,7 @@ Class scores of an image are ``logit_scale * normalize(f_img) @ Wᵀ``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -42,13 +43,14 @@ def text_classifier(
     return torch.nn.functional.normalize(feats, dim=-1)
 
 
-def cut_by_the_context(backbone, texts: Sequence[str]) -> list[int]:
+def cut_by_the_context(backbone, texts: Sequence[str], ids: Tensor | None = None) -> list[int]:
     """The positions of ``texts`` whose tokens do not fit the text encoder's context: the tokenizer
     cuts them, so their ends never reach the encoder. A text that fills the context exactly ends with
     the end-of-text token in the last slot, as a cut one does; it fits when the token before that is
-    the text's own last token (that of its last word alone)."""
+    the text's own last token (that of its last word alone). ``ids``: the texts' tokens, when the
+    caller has them."""
     texts = list(texts)
-    ids = backbone.tokenize(texts)
+    ids = backbone.tokenize(texts) if ids is None else ids
     eos_at = backbone.eot_positions(ids)
     rows = (eos_at >= ids.shape[1] - 1).nonzero().flatten()
     if not len(rows):
@@ -66,8 +68,6 @@ def _warn_if_cut(backbone, names: list[str], longest: list[str]) -> None:
         return
     cut = cut_by_the_context(backbone, longest)
     if cut:
-        import warnings
-
         shown = ", ".join(repr(names[i]) for i in cut[:3]) + (" ..." if len(cut) > 3 else "")
         warnings.warn(
             f"the prompts of {len(cut)} class(es) are longer than the text encoder's context and are cut "

@@ -71,7 +71,7 @@ class TextPromptLearner(nn.Module):
         self.n_ctx, self.class_specific, self.classnames, self.position = n_ctx, class_specific, names, position
         prompts = [" ".join([_PLACEHOLDER] * n_ctx) + f" {name}." for name in names]
         ids = backbone.tokenize(prompts)
-        too_long = [names[i] for i in cut_by_the_context(backbone, prompts)]
+        too_long = [names[i] for i in cut_by_the_context(backbone, prompts, ids)]
         if too_long:
             raise ValueError(
                 f"class names too long for the text encoder's context of {ids.shape[1]} tokens with {n_ctx} "
