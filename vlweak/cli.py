@@ -8,12 +8,10 @@ complete configuration; ``--ckpt_path last`` picks the newest ``last.ckpt`` of t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
 import traceback
-import warnings
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +28,7 @@ import vlweak.data  # noqa: F401  (registers the data modules for class-path res
 import vlweak.methods  # noqa: F401
 from vlweak.data.datamodule import VLDataModule
 from vlweak.methods.base import has_training_step
+from vlweak.noise import quiet_known_noise
 from vlweak.runs import run_folder, runs_root
 
 
@@ -401,25 +400,11 @@ def _deep_nulls_as_configs(args: list[str]) -> list[str]:
     return out
 
 
-def _drop_product_tips(record: logging.LogRecord) -> bool:
-    """Lightning prints "💡 Tip: ... try installing <a Lightning cloud product>" on every run."""
-    return not str(record.msg).startswith("💡 Tip:")
-
-
 def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
     """Parse ``args`` (default: the command line), instantiate, and run the subcommand if ``run``;
     returns the CLI object (its ``model``, ``datamodule`` and ``trainer``) for in-process use."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # frozen encoders stay in eval mode on purpose (no dropout / batch-norm updates in what is not trained)
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-    # predict_step returns nothing on purpose: methods write the pseudolabel artifact at the epoch's end
-    warnings.filterwarnings("ignore", message=r"predict returned None if it was on purpose")
-    # Lightning (2.6) with torch >= 2.10: a deprecation inside Lightning itself, nothing a user can act on
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if _drop_product_tips not in logger.filters:
-            logger.addFilter(_drop_product_tips)
+    quiet_known_noise()  # pytest and notebooks may have reset the filters since vlweak was imported
     if args is None:  # the command line itself (Lightning reads sys.argv when given no args)
         sys.argv[1:] = _deep_nulls_as_configs(sys.argv[1:])
     else:

@@ -113,6 +113,24 @@ def test_cdul_without_classnames_builds_its_head_for_the_data_modules(tmp_path, 
     assert "test/mAP" in model.last_metrics
 
 
+def test_a_data_module_without_a_val_split_fits_without_validation(tmp_path, tiny_backbone, caplog):
+    # n_val: 0 (or an image folder with train and test only): the fit trains, saying it does not validate
+    from vlweak.methods import CoOp
+
+    dm = ShapesWorldDataModule(n_train=24, n_val=0, n_test=8, image_size=32, shots=2)
+    model = CoOp(backbone=tiny_backbone, classnames=dm.classnames, n_ctx=2, epochs=2, warmup_epochs=0,
+                 rounds_dir=str(tmp_path / "rounds"))
+    before = model.text_prompt.ctx.detach().clone()
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    with caplog.at_level("INFO"):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.current_epoch == 2 and not torch.equal(model.text_prompt.ctx, before)
+    assert "ShapesWorldDataModule has no 'val' split (n_val: 0): the fit runs without validation" in caplog.text
+    with pytest.raises(RuntimeError, match=r"has no 'val' split \(n_val: 0\)"):
+        trainer.validate(model, datamodule=dm, verbose=False)  # asked for by name: still an error
+
+
 def test_a_prompt_learner_scores_images_when_called(tiny_backbone):
     # model(images) through the prompts: initialised from the template's phrase, CoOp is zero-shot
     from vlweak.methods import CoOp

@@ -323,8 +323,12 @@ class VLDataModule(L.LightningDataModule):
             if self._raw.get(self.predict_split if split == "predict" else split) is not None:
                 raise RuntimeError(f"the {split!r} split of {type(self).__name__} is not set up (call setup first)")
             err = self.missing_split_error(split)
-            if split == "val":  # a fit's validation loop asked for it
-                err = type(err)(f"{err}; to fit without validation, pass --trainer.limit_val_batches=0")
+            trainer = getattr(self, "trainer", None)
+            if split == "val" and trainer is not None and trainer.state.fn == "fit":
+                # a fit's validation loop asked for it: the fit trains without validation (an empty
+                # list of loaders is Lightning's "no validation")
+                rank_zero_info(f"{err}: the fit runs without validation")
+                return []
             raise err
         ds = self.datasets[split]
         common = dict(batch_size=self.batch_size, persistent_workers=self.num_workers > 0)
