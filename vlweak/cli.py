@@ -29,6 +29,7 @@ import vlweak.methods  # noqa: F401
 from vlweak.data.datamodule import VLDataModule
 from vlweak.methods.base import has_training_step
 from vlweak.noise import quiet_known_noise
+from vlweak.progress import show_progress
 from vlweak.runs import run_folder, runs_root
 
 
@@ -163,6 +164,8 @@ class VLWeakCLI(LightningCLI):
 
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = config.get("trainer") or {}
+        # the models are built before the trainer: their loading bars already follow its setting
+        show_progress(trainer.get("enable_progress_bar") is not False)
         accelerator = str(trainer.get("accelerator") or "auto")
         strategy = trainer.get("strategy")
         name = str(getattr(strategy, "class_path", strategy))

@@ -15,6 +15,11 @@ def show_progress(shown: bool) -> None:
     _shown = bool(shown)
 
 
+def bars_shown() -> bool:
+    """Whether bars are shown now (libraries' own bars, e.g. transformers' weight loading, follow it)."""
+    return _shown
+
+
 def follow_trainer(trainer: Any) -> None:
     """Show bars exactly when ``trainer`` shows its progress bar (its ``enable_progress_bar``)."""
     if trainer is not None:

@@ -202,6 +202,22 @@ def test_fingerprint_follows_weights(backbone, saved, tmp_path):
     assert HFCLIPBackbone(model_id=str(saved[0]), precision="bf16").fingerprint() != backbone.fingerprint()
 
 
+def test_the_weight_loading_bar_follows_vlweaks_bars(saved, capsys):
+    # a batch job's log (enable_progress_bar: false) gets no "Loading weights" bar from transformers either
+    from transformers.utils import logging as transformers_logging
+
+    from vlweak.progress import show_progress
+
+    try:
+        for shown in (True, False):
+            show_progress(shown)
+            HFCLIPBackbone(model_id=str(saved[0]))
+            assert ("Loading weights" in capsys.readouterr().err) is shown
+            assert transformers_logging.is_progress_bar_enabled()  # transformers' own setting, as it was
+    finally:
+        show_progress(True)
+
+
 def test_offline_hub_id_says_how_to_use_a_local_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # no directory of that name here

@@ -63,6 +63,18 @@ def test_nested_class_help_names_options_as_given(capsys):
     assert cli.model.backbone.precision == "bf16"  # the name shown is accepted
 
 
+def test_models_are_built_with_the_trainers_progress_bar_setting():
+    # the backbone loads before the trainer exists: its loading bars follow the command's setting
+    from vlweak.progress import bars_shown, show_progress
+
+    try:
+        for flag, shown in (("false", False), ("true", True)):
+            build_cli(["--config", CONF, "--trainer.logger=false", f"--trainer.enable_progress_bar={flag}"], run=False)
+            assert bars_shown() is shown
+    finally:
+        show_progress(True)
+
+
 def test_a_refused_value_is_reported_by_its_constructor(tmp_path):
     # jsonargparse wraps a constructor's error in a union error that dumps the whole namespace
     args = ["--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.logger=false"]

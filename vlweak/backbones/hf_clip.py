@@ -12,9 +12,11 @@ import open_clip
 import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPModel
+from transformers.utils import logging as transformers_logging
 
 from vlweak.backbones.base import NO_NETWORK, Backbone, Precision, check_input_size, file_digest, hub_unreachable
 from vlweak.backbones.errors import CheckpointMismatchError, WeightsUnavailableError
+from vlweak.progress import bars_shown
 
 try:  # transformers >= 4.53 builds attention masks through masking_utils (what CLIPTextModel itself uses)
     from transformers.masking_utils import create_causal_mask
@@ -186,6 +188,9 @@ class HFCLIPBackbone(Backbone):
         return config
 
     def _load_model(self, source: str, config) -> CLIPModel:
+        bars = transformers_logging.is_progress_bar_enabled()
+        if not bars_shown():  # transformers' "Loading weights" bar, hidden with vlweak's own
+            transformers_logging.disable_progress_bar()
         try:
             model, info = CLIPModel.from_pretrained(
                 source,
@@ -199,6 +204,9 @@ class HFCLIPBackbone(Backbone):
             if self._local_dir is not None:
                 raise CheckpointMismatchError(f"cannot load the weights in {source}: {err}") from err
             raise self._unavailable("weights", err) from err
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
         self._check_loading_info(info, source)
         return model
 
