@@ -538,10 +538,21 @@ class DualCoOp(VLMethod):
         self.text_cache = torch.empty(0, device=self.device)  # prompts change in training
 
     def evaluate(self, stage: str, scores: Tensor, targets: Tensor, mask: Tensor | None = None) -> dict[str, float]:
-        """mAP / F1 over all classes and, in the unseen-class setting, over the seen and the unseen ones."""
+        """mAP / F1 over all classes and, in the unseen-class setting, over the seen and the unseen ones.
+
+        The unseen metrics follow the zero-shot protocol (the paper's ZSL, after the 48 / 17 COCO
+        split's literature): they score the images with at least one unseen class present, as the
+        unseen test set holds only those. ``<stage>/mAP`` is the generalized setting (GZSL: every
+        image, every class); the seen metrics read every image."""
         metrics = super().evaluate(stage, scores, targets, mask)
+        known = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
         for part, idx in (("unseen", self.unseen), ("seen", self.seen)) if self.unseen else ():
-            report = multilabel_report(scores[:, idx], targets[:, idx], mask[:, idx], self.threshold)
+            rows = slice(None)
+            if part == "unseen":
+                rows = ((targets[:, idx] > 0) & known[:, idx]).any(1)
+                if not bool(rows.any()):
+                    continue  # no image of an unseen class in this split: nothing to score
+            report = multilabel_report(scores[rows][:, idx], targets[rows][:, idx], known[rows][:, idx], self.threshold)
             report.pop("per_class")
             part_metrics = {f"{stage}/{part}_{k}": float(v) for k, v in report.items()}
             self.log_metrics(part_metrics)
