@@ -99,7 +99,9 @@ def asymmetric_loss(
     if detach_weights:
         w_pos = None if w_pos is None else w_pos.detach()
         w_neg = None if w_neg is None else w_neg.detach()
-    # Positives: (1 - p)^γ+ log p, with log p = logσ(z) (stable for large |z|).
+    # Positives: (1 - p)^γ+ log p, with log p = logσ(z) (stable for large |z|). ASL's and DualCoOp's
+    # public code take log(max(p, eps)) instead, so a positive scored below eps (margin z < log eps,
+    # about -18 at eps 1e-8) stops contributing gradient there; here it keeps pulling, as the loss is defined.
     pos = F.logsigmoid(z) if w_pos is None else w_pos * F.logsigmoid(z)
     neg = log_not if w_neg is None else w_neg * log_not
     loss = -(y * pos + (1 - y) * neg)
