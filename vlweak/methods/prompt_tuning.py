@@ -21,7 +21,8 @@ The paradigms are data settings of the data module:
   harmonic mean;
 * unsupervised: ``shots: 0``.
 
-Prompt types: ``textual`` (CoOp context, :class:`~vlweak.prompts.TextPromptLearner`), ``visual``
+Prompt types: ``textual`` (CoOp's context and prompt, ``X … X name.``; the paper's code leaves out the
+period, which moves the end-of-text token by one; :class:`~vlweak.prompts.TextPromptLearner`), ``visual``
 (tokens in the image encoder's input, :class:`~vlweak.prompts.VisualPromptLearner`, text side the
 hand-written template classifier), ``multimodal`` (both, trained jointly as two independent sets of
 tokens; the paper's multimodal prompts follow UPT, which generates both from one shared set through
