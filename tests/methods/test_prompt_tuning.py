@@ -551,6 +551,30 @@ def test_holdout_chooses_each_rounds_prompt_by_its_best_epoch(tmp_path, monkeypa
         _fit(_recipe(tmp_path, dict(model, holdout=1.0), TINY_DATA, "bad.yaml"))
 
 
+def test_the_validation_after_a_rounds_last_epoch_scores_the_prompt_the_fit_keeps(tmp_path, monkeypatch):
+    # the fit keeps the round's best held-out epoch; the last val/acc (a sweep's objective) is that prompt's
+    from vlweak.methods.prompt_tuning import PromptTuning
+
+    model = dict(TINY_MODEL, rounds=1, epochs_per_round=3, holdout=0.25, lr=1.0)
+    scripted = iter([0.9, 0.1, 0.1])  # the first epoch is the best
+    monkeypatch.setattr(PromptTuning, "held_out_accuracy", lambda self: next(scripted))
+    validated: list[torch.Tensor] = []
+
+    class _Watch(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                validated.append(pl_module.text_prompt.ctx.detach().cpu().clone())
+
+    cli = _fit(_recipe(tmp_path, model, dict(TINY_DATA, n_val=24)), "--trainer.limit_val_batches=1.0",
+               f"--model.init_args.rounds_dir={tmp_path / 'v'}", callbacks=[_Watch()])
+    assert len(validated) == 3 and not torch.allclose(validated[0], validated[1])
+    assert torch.allclose(validated[2], validated[0])  # the last validation saw the first epoch's prompt
+    assert torch.allclose(cli.model.text_prompt.ctx.cpu(), validated[0])
+    logged = float(cli.trainer.callback_metrics["val/acc"])
+    again = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/acc"]
+    assert logged == pytest.approx(again)
+
+
 def test_holdout_with_visual_prompts_scores_held_out_images(tmp_path, monkeypatch):
     from vlweak.methods.prompt_tuning import PromptTuning
 

@@ -155,6 +155,7 @@ class PseudolabelRounds(L.Callback):
         self.pseudolabeling = False  # an epoch's end is choosing the next round's pseudolabels
         self._started: tuple[int, int] | None = None  # (round, epoch in it) whose start has been done
         self._open = False  # a batch of the current epoch is trained and the epoch's end not done
+        self._settled: tuple[int, int] | None = None  # (round, epoch in it) whose prompt is settled
         self._restored: dict[str, Any] | None = None  # the state a Lightning checkpoint gave back
         self._trainer: L.Trainer | None = None
         self._ended_restored_epoch = False
@@ -319,6 +320,7 @@ class PseudolabelRounds(L.Callback):
         folder = self.folder(trainer, self.identity(m))
         restored, self._restored = self._restored, None
         self._started, self._open, self.pseudolabeling, self._ended_restored_epoch = None, False, False, False
+        self._settled = None
         resuming_ckpt = getattr(trainer, "ckpt_path", None) is not None
         if resuming_ckpt and restored:
             state = self._from_checkpoint(trainer, m, folder, restored)
@@ -457,20 +459,35 @@ class PseudolabelRounds(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._open = True
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the validation after an epoch's last batch scores the prompt the epoch leaves: at a round's
+        # end that is the round's best held-out prompt, which the fit keeps (not the last epoch's)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.is_last_batch:
+            self._settle_epoch(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._end_epoch(trainer, pl_module)
 
-    def _end_epoch(self, trainer: L.Trainer, m: Any) -> None:
-        """An epoch is trained: keep the round's best prompt so far; at the round's end choose the
-        next round's pseudolabels (or finish)."""
-        self.pseudolabeling = True
+    def _settle_epoch(self, trainer: L.Trainer, m: Any) -> None:
+        """An epoch is trained: keep the round's best prompt so far; at the round's end go back to it
+        (once an epoch, before its validation when it has one)."""
+        key = (self.round, self.epoch_in_round)
+        if self._settled == key:
+            return
+        self._settled = key
         held = m.track_best_prompt() if hasattr(m, "track_best_prompt") else None
         if held is not None:
             self._log(trainer, {"rounds/held_out_acc": held})
+        if self.epoch_in_round + 1 >= m.epochs_per_round and hasattr(m, "restore_best_prompt"):
+            m.restore_best_prompt()  # the round's prompt: its best epoch on the held-out labels
+
+    def _end_epoch(self, trainer: L.Trainer, m: Any) -> None:
+        """An epoch is trained: settle its prompt; at the round's end choose the next round's
+        pseudolabels (or finish)."""
+        self.pseudolabeling = True
+        self._settle_epoch(trainer, m)
         self.epoch_in_round += 1
         if self.epoch_in_round >= m.epochs_per_round:
-            if hasattr(m, "restore_best_prompt"):
-                m.restore_best_prompt()  # the round's prompt: its best epoch on the held-out labels
             self.round, self.epoch_in_round = self.round + 1, 0
             if self.round < len(self.schedule):
                 # the trained prompt is kept before the (long) scoring of the pool, so a crash there
