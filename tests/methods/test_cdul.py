@@ -331,3 +331,24 @@ def test_image_network_classifier_trains_from_pseudolabels(tiny_backbone, tmp_pa
     assert int(net[1].num_batches_tracked) == 2 * 2
     trainer.test(model, datamodule=dm, verbose=False)
     assert 0.0 <= model.last_metrics["test/mAP"] <= 1.0
+
+
+def test_initial_pseudolabel_maps_leave_out_unknown_labels(tmp_path):
+    # an unlabeled manifest row is unknown, not "no class present": the init mAPs score what test/mAP scores
+    import json
+
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "img", {"x": 24}, size=32)
+    g = torch.Generator().manual_seed(0)
+    names = ["circle", "square", "star"]
+    with open(tmp_path / "test.jsonl", "w") as f:
+        for k in range(24):
+            labels = [n for n, on in zip(names, torch.rand(3, generator=g) < 0.5) if on] or ["star"]
+            f.write(json.dumps({"path": str(tmp_path / "img" / "x" / f"{k}.png"), "labels": labels if k % 3 else None}) + "\n")
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(TINY)
+    cli = _cli(tmp_path, "test", "--config", str(conf), "--data=vlweak.data.ManifestDataModule",
+               f"--data.init_args.test={tmp_path / 'test.jsonl'}", f"--data.init_args.classnames=[{', '.join(names)}]",
+               "--model.init_args.inference=init", "--model.init_args.init=aggregated")
+    assert cli.model.init_metrics["test_init/mAP_aggregated"] == pytest.approx(cli.model.last_metrics["test/mAP"])

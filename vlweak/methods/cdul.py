@@ -251,7 +251,7 @@ class CDUL(VLMethod):
     @torch.no_grad()
     def initialize(self, split: str) -> dict[str, Tensor]:
         """Global, local and the configured initial scores of a split: ``{"global", "local",
-        "aggregated", "init", "index", "target"?}``, rows ordered by dataset index (``[N, C]``)."""
+        "aggregated", "init", "index", "target"?, "mask"?}``, rows ordered by dataset index (``[N, C]``)."""
         from vlweak.data.budget import Budgeted
         from vlweak.data.cache import image_embeddings
 
@@ -283,6 +283,8 @@ class CDUL(VLMethod):
         out["snippets"] = snip["features"]
         if hasattr(base, "targets") and getattr(base, "multilabel", False):
             out["target"] = base.targets()[out["index"]]  # evaluation only, never used for training
+            if hasattr(base, "masks"):  # unknown entries (an unlabeled row, a VOC "difficult" object)
+                out["mask"] = base.masks()[out["index"]]
         return out
 
     def _initialize_ranks(self, split: str) -> dict[str, Tensor]:
@@ -324,7 +326,8 @@ class CDUL(VLMethod):
         (evaluation only; Lightning forbids ``self.log`` in the fit-start and predict hooks)."""
         if "target" not in init:
             return {}
-        res = {f"{prefix}/mAP_{m}": float(multilabel_report(init[m], init["target"])["mAP"]) for m in INIT_MODES}
+        res = {f"{prefix}/mAP_{m}": float(multilabel_report(init[m], init["target"], init.get("mask"))["mAP"])
+               for m in INIT_MODES}
         if use_self_log:
             for k, v in res.items():
                 self.log(k, v, rank_zero_only=True)
@@ -425,7 +428,8 @@ class CDUL(VLMethod):
                 self.pseudo[got["index"].long()] = got["labels"].to(self.pseudo.dtype)
         if "target" in self.init_scores:
             idx = self.init_scores["index"]
-            m = multilabel_report(self.pseudo[idx.to(self.device)].cpu(), self.init_scores["target"])["mAP"]
+            m = multilabel_report(self.pseudo[idx.to(self.device)].cpu(), self.init_scores["target"],
+                                  self.init_scores.get("mask"))["mAP"]
             self.log("train/pseudolabel_mAP", float(m), rank_zero_only=True)
 
     def on_train_start(self) -> None:
