@@ -144,6 +144,15 @@ def test_predict_on_a_labelled_split_logs_every_variant(tiny_backbone, tmp_path)
     assert PseudoLabels.load(model.last_artifact).provenance["stage"] == "predict"
 
 
+def test_an_unlabeled_split_is_pseudolabelled_without_metrics(tiny_backbone, tmp_path):
+    # a train pool under label_fraction 0 (or a manifest without labels) has no known label
+    dm = ShapesWorldDataModule(n_train=16, n_val=0, n_test=0, image_size=32, task="coarse", label_fraction=0.0,
+                               predict_split="train")
+    model = CHiLS(backbone=tiny_backbone, classnames=dm.classnames, hierarchy="shapes", templates=["a {}."])
+    _trainer(tmp_path).predict(model, datamodule=dm)
+    assert len(PseudoLabels.load(model.last_artifact)) == 16 and not model.last_metrics
+
+
 def test_forward_and_variants(tiny_backbone):
     h = {"polygon": ["triangle", "square"], "curved shape": ["circle"], "symbol": ["star", "ring"]}
     images = torch.randn(3, 3, tiny_backbone.image_size, tiny_backbone.image_size)

@@ -241,7 +241,7 @@ class CHiLS(VLMethod):
         return out
 
     def finish(self, stage: str, out: dict[str, Tensor]) -> None:
-        if "pred_reweight" in out:
+        if "target" in out:  # (an unlabeled split has none: nothing to score, only pseudolabels)
             self.evaluate(stage, out["scores"], out["target"])
             keep = out["target"] >= 0
             side_by_side = {  # every variant's accuracy
