@@ -202,3 +202,16 @@ def test_text_classifiers_are_encoded_once_across_runs(tmp_path, tiny_backbone, 
         _trainer(tmp_path).test(ZLaP(backbone=tiny_backbone, artifact_path="", hierarchy="shapes", templates=templates),
                                 datamodule=dm, verbose=False)
     assert sum(calls) == 12 * 2  # the 12 shapes under the 3 coarse classes, two templates, once
+
+
+def test_predict_on_a_budgeted_train_split_scores_against_all_its_labels(tmp_path, tiny_backbone):
+    # shots: 2 hides the pool's labels from training; a pseudolabelling pass is scored against all of them
+    from vlweak.labels import PseudoLabels
+
+    dm = ShapesWorldDataModule(n_train=48, n_val=0, n_test=0, image_size=32, shots=2, predict_split="train")
+    model = ZeroShot(backbone=tiny_backbone, artifact_path=str(tmp_path / "zs.safetensors"))
+    _trainer(tmp_path).predict(model, datamodule=dm)
+    art = PseudoLabels.load(model.last_artifact)
+    truth = dm.raw("train").true_targets()
+    assert len(art) == 48 and (dm.raw("train").targets() < 0).sum() > 0
+    assert model.last_metrics["predict/acc"] == pytest.approx(float((art.labels == truth).float().mean()))

@@ -293,6 +293,11 @@ class VLDataModule(L.LightningDataModule):
                 if split == required:
                     raise self.missing_split_error(split)
                 continue
+            if split == "predict" and isinstance(raw, Budgeted):
+                # the label budget hides labels from training; pseudolabels are scored against them all
+                rank_zero_info(f"predict scores the {self.predict_split} split against all its labels (the label "
+                               "budget hides them from training only)")
+                raw = raw.dataset
             if self.embeddings:
                 self.datasets[split] = self._embedded(raw, transform, split)
             else:
