@@ -75,3 +75,15 @@ def test_a_one_class_report_is_scored():
     # known entries: predicted positive (>= 0.5) rows 0 and 2, both right; no positive missed
     assert report["f1_at_threshold"].item() == pytest.approx(1.0)
     assert multilabel_report(scores, target, mask, threshold=0.7)["f1_at_threshold"].item() == pytest.approx(2 / 3)
+
+
+def test_f1_at_top3_needs_more_than_three_classes_and_breaks_ties_by_class_order():
+    target = torch.tensor([[1, 0, 0], [0, 1, 1]])
+    # three classes: the top three are all of them, whatever the scores; no F1@top-3 is reported
+    assert "f1_top3" not in multilabel_report(torch.rand(2, 3), target)
+    # scores saturated at 1.0: the tie goes to the lower class index
+    from vlweak.metrics.classification import f1_at_top_k
+
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.2]])
+    assert f1_at_top_k(scores, torch.tensor([[1, 1, 1, 0, 0]]), 3).item() == pytest.approx(1.0)
+    assert f1_at_top_k(scores, torch.tensor([[0, 0, 0, 1, 1]]), 3).item() == pytest.approx(0.0)

@@ -26,7 +26,9 @@
 Under DDP every rank collects its batches' features; at the epoch's end the features are gathered
 from all ranks (de-duplicated by sample index), rank 0 solves once, the scores are broadcast, and
 rank 0 writes the pseudolabel artifact. Scores are normalised to sum to one per image (single-label)
-or to a maximum of one (multi-label) for the artifact's confidences.
+or to a maximum of one (multi-label) for the artifact's confidences. A multi-label split's logged APs
+(and mAP) rank each class's images by the raw propagation scores, which the per-image rescaling
+does not keep comparable across images; the APs of the artifact's scores are lower.
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ def f1_at_top_k(scores: Tensor, targets: Tensor, k: int = 3, mask: Tensor | None
     """Overall (micro) F1 when each image predicts its ``k`` highest-scoring classes; a prediction
     on an entry where ``mask`` is False (unknown) counts neither for nor against."""
     pred = torch.zeros_like(targets, dtype=torch.bool)
-    pred.scatter_(1, scores.topk(min(k, scores.shape[1]), dim=1).indices, True)
+    # ties (scores saturated at 1.0) go to the lower class index, on every device and in every run
+    top = scores.argsort(dim=1, descending=True, stable=True)[:, : min(k, scores.shape[1])]
+    pred.scatter_(1, top, True)
     if mask is not None:
         pred &= mask.bool()
     tp = (pred & (targets > 0)).sum().float()
@@ -50,7 +52,7 @@ def multilabel_report(
     scores: Tensor, targets: Tensor, mask: Tensor | None = None, threshold: float = 0.5, rank_scores: Tensor | None = None
 ) -> dict[str, Tensor]:
     """mAP (macro over classes with a positive), per-class AP (NaN for a class without a known
-    positive), F1@top-3 and F1 at ``threshold``.
+    positive), F1@top-3 (of more than three classes) and F1 at ``threshold``.
     Entries where ``mask`` is False are unknown and ignored. ``rank_scores``, when given, are what
     the per-class APs rank images by (e.g. raw propagation scores whose per-image rescaled
     confidences are ``scores``); the F1 values always read ``scores``."""
@@ -79,9 +81,8 @@ def multilabel_report(
         f1 = binary_f1_score(scores[:, 0], t[:, 0], threshold=threshold, ignore_index=-1)
     else:
         f1 = multilabel_f1_score(scores, t, num_labels=c, threshold=threshold, average="micro", ignore_index=-1)
-    return {
-        "mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan")),
-        "f1_top3": f1_at_top_k(scores, (t == 1).long(), 3, None if mask is None else t >= 0),
-        "f1_at_threshold": f1,
-        "per_class": per_class,
-    }
+    out = {"mAP": per_class[has_pos].nanmean() if has_pos.any() else torch.tensor(float("nan"))}
+    if c > 3:  # with three classes or fewer every image predicts all of them: no measure of the scores
+        out["f1_top3"] = f1_at_top_k(scores, (t == 1).long(), 3, None if mask is None else t >= 0)
+    out.update(f1_at_threshold=f1, per_class=per_class)
+    return out
