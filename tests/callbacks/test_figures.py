@@ -138,3 +138,17 @@ def test_wandb_offline_gets_images_artifact_and_config(tmp_path, tiny_ckpt, monk
     assert b"\x0cpseudolabels" in log and f"pseudolabels-test-{run_id}".encode() in log
     assert b"pseudolabels-test.safetensors" in log
     assert b"resolved_config" in log and b"vlweak.methods.ZeroShot" in log
+
+
+def test_per_class_bars_of_many_classes_rank_the_classes_with_a_value():
+    # 72 classes, 40 without test images: the lowest bars are the worst classes, not the empty ones
+    from vlweak.callbacks.figures import draw_per_class_accuracy
+
+    acc = torch.full((72,), float("nan"))
+    acc[:32] = torch.linspace(0.05, 1.0, 32)
+    names = [f"class{i}" for i in range(72)]
+    fig = draw_per_class_accuracy(acc, names, "test", max_classes=10)
+    ax = fig.axes[0]
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    assert shown == [f"class{i}" for i in (0, 1, 2, 3, 4, 27, 28, 29, 30, 31)]
+    assert "5 lowest and 5 highest of 32 (40 without a value not shown)" in ax.get_title()

@@ -120,11 +120,17 @@ def _short(name: str, n: int = 18) -> str:
 def draw_per_class_accuracy(acc: Tensor, names: list[str], stage: str, max_classes: int = 50, metric: str = "accuracy"):
     order = list(range(len(names)))
     title = f"{stage}: per-class {metric} (mean {float(acc.nanmean()):.3f})"
-    if len(names) > max_classes:  # the hardest and the easiest classes
-        ranked = torch.argsort(torch.nan_to_num(acc, nan=-1.0)).tolist()
+    valued = (~torch.isnan(acc)).nonzero().flatten()
+    if len(valued) > max_classes:  # the hardest and the easiest of the classes with a value
+        ranked = valued[torch.argsort(acc[valued], stable=True)].tolist()
         half = max_classes // 2
         order = ranked[:half] + ranked[-half:]
-        title += f" — {half} lowest and {half} highest of {len(names)}"
+        title += f" — {half} lowest and {half} highest of {len(valued)}"
+        if len(valued) < len(names):
+            title += f" ({len(names) - len(valued)} without a value not shown)"
+    elif len(names) > max_classes:  # every class with a value, then as many without one as fit
+        order = valued.tolist() + (torch.isnan(acc)).nonzero().flatten().tolist()[: max_classes - len(valued)]
+        title += f" — {len(order)} of {len(names)}"
     fig = _figure(max(6.0, 0.28 * len(order) + 2), 4.0)
     ax = fig.add_subplot()
     values = torch.nan_to_num(acc[order], nan=0.0).tolist()
