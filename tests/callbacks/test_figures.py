@@ -152,3 +152,15 @@ def test_per_class_bars_of_many_classes_rank_the_classes_with_a_value():
     shown = [t.get_text() for t in ax.get_xticklabels()]
     assert shown == [f"class{i}" for i in (0, 1, 2, 3, 4, 27, 28, 29, 30, 31)]
     assert "5 lowest and 5 highest of 32 (40 without a value not shown)" in ax.get_title()
+
+
+def test_sample_grid_tops_up_with_wrong_predictions_when_few_are_right():
+    class _Data:
+        def raw(self, stage):
+            return [{"image": torch.zeros(3, 4, 4)} for _ in range(60)]
+
+    figures = EvaluationFigures(n_samples=16)
+    out = {"index": torch.arange(60)}
+    for correct, wrong_shown in (([False] * 58 + [True] * 2, 14), ([True] * 58 + [False] * 2, 2), ([False] * 60, 16)):
+        picked = figures._pick(out, "test", _Data(), correct)
+        assert len(picked) == 16 and sum(not correct[r] for r, _ in picked) == wrong_shown

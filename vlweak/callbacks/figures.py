@@ -183,7 +183,7 @@ def draw_reliability(bins: dict[str, Tensor], ece: float, stage: str, multilabel
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("score of each known (image, class) entry" if multilabel else "confidence (top-1 probability)")
+    ax.set_xlabel("score of each known (image, class) entry" if multilabel else "confidence (top-1 score)")
     ax.set_ylabel(measured)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{stage}: reliability diagram, {'calibration error' if multilabel else 'ECE'} = {ece:.4f}", fontsize=9)
@@ -375,8 +375,9 @@ class EvaluationFigures(L.Callback):
         if correct is not None:
             wrong = [r for r in rows if correct[r] is False]
             right = [r for r in rows if correct[r] is True]
-            half = self.n_samples // 2
-            pick = wrong[:half] + right[: self.n_samples - min(half, len(wrong))]
+            # half and half, the other kind topping up where one is short
+            n_right = min(len(right), max(self.n_samples // 2, self.n_samples - len(wrong)))
+            pick = wrong[: self.n_samples - n_right] + right[:n_right]
             rows = sorted(pick[: self.n_samples]) or rows[: self.n_samples]
         else:
             rows = rows[: self.n_samples]
