@@ -87,7 +87,11 @@ def test_metrics_and_calibration_of_an_unlabeled_evaluation_are_its_own(tmp_path
     dm = ShapesWorldDataModule(n_train=24, n_val=0, n_test=12, image_size=32, shots=0, predict_split="train")
     trainer.test(model, datamodule=dm, verbose=False)
     assert "test/acc" in model.last_metrics and figures.ece is not None
-    trainer.predict(model, datamodule=dm)  # the train pool, unlabeled under shots: 0
+    from tests.conftest import write_image_folder
+    from vlweak.data import ImageFolderDataModule
+
+    photos = write_image_folder(tmp_path / "photos", {"x": 6}) / "x"  # a folder of unlabeled images
+    trainer.predict(model, datamodule=ImageFolderDataModule(root=str(photos), classnames=dm.classnames))
     assert model.last_metrics == {} and figures.ece is None
 
 
