@@ -145,9 +145,12 @@ def test_predict_on_a_labelled_split_logs_every_variant(tiny_backbone, tmp_path)
 
 
 def test_an_unlabeled_split_is_pseudolabelled_without_metrics(tiny_backbone, tmp_path):
-    # a train pool under label_fraction 0 (or a manifest without labels) has no known label
-    dm = ShapesWorldDataModule(n_train=16, n_val=0, n_test=0, image_size=32, task="coarse", label_fraction=0.0,
-                               predict_split="train")
+    # a folder of images without labels (or a manifest without them)
+    from tests.conftest import write_image_folder
+    from vlweak.data import ImageFolderDataModule
+
+    photos = write_image_folder(tmp_path / "photos", {"x": 16}, size=32) / "x"
+    dm = ImageFolderDataModule(root=str(photos), classnames=list(COARSE))
     model = CHiLS(backbone=tiny_backbone, classnames=dm.classnames, hierarchy="shapes", templates=["a {}."])
     _trainer(tmp_path).predict(model, datamodule=dm)
     assert len(PseudoLabels.load(model.last_artifact)) == 16 and not model.last_metrics
