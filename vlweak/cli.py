@@ -180,6 +180,29 @@ class VLWeakCLI(LightningCLI):
         if accelerator in ("gpu", "cuda") and not gpus:
             raise ValueError(f"this run asks for GPUs (trainer.accelerator: {accelerator}) and this machine has none: "
                              "pass --trainer.accelerator=cpu (or auto)")
+        _check_launched_world(trainer)
+
+
+def _check_launched_world(trainer: dict) -> None:
+    """A command launched as several processes (torchrun) whose trainer asks for another number
+    would run each process as a job of its own, every one scoring and writing everything: refused."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1 or "LOCAL_WORLD_SIZE" not in os.environ:  # not started by torchrun / torchelastic
+        return
+    devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
+        count = int(devices)
+    else:  # "auto" / -1: Lightning takes the launcher's
+        return
+    if count * nodes != launched:
+        local = os.environ["LOCAL_WORLD_SIZE"]
+        raise ValueError(
+            f"this command was launched as {launched} processes ({local} on this node) but trainer.devices "
+            f"{devices} x num_nodes {nodes} = {count * nodes}: every process would run the whole job on its own; "
+            f"pass --trainer.devices={local} --trainer.num_nodes={launched // max(1, int(local))}"
+        )
 
     def instantiate_classes(self) -> None:
         try:

@@ -596,3 +596,17 @@ def test_a_gpu_run_on_a_machine_without_one_is_one_line(extra, message, capsys):
         main(["fit", "--config", str(REPO / "recipes" / "pretrain" / "shapes.yaml"), *extra])
     assert info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_torchrun_with_another_number_of_devices_is_one_line(monkeypatch, capsys):
+    # torchrun --nproc-per-node=2 with the recipe's devices: 1 would run two whole jobs side by side
+    from vlweak.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as info:
+        main(["test", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.accelerator=cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "launched as 2 processes (2 on this node) but trainer.devices 1 x num_nodes 1 = 1" in err
+    assert "pass --trainer.devices=2 --trainer.num_nodes=1" in err
