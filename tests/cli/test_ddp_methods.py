@@ -320,3 +320,16 @@ def test_a_rank_whose_whole_batch_is_unreadable_takes_part_in_the_step(tmp_path,
     assert len(skipped) == 3, _failure(proc.stderr)
     ckpt = torch.load(next((tmp_path / "ddp").rglob("last.ckpt")), weights_only=False)
     assert ckpt["global_step"] == 3  # every step of the epoch taken
+
+
+def test_pretraining_validation_scores_each_pair_once(tmp_path, tiny_ckpt):
+    # 13 validation pairs over two ranks: the distributed sampler repeats one to even them out; the
+    # retrieval accuracy and loss are of the 13 pairs, in the one process's global batches of 8
+    import csv
+
+    a, b = _both("validate", "pretrain/shapes.yaml", tmp_path, tiny_ckpt, 8, "--data.init_args.num_workers=0",
+                 "--data.init_args.n_train=0", "--data.init_args.n_val=13", "--data.init_args.n_test=0",
+                 "--trainer.limit_val_batches=1.0", "--model.init_args.export_path=null")
+    one, two = ([r for r in csv.DictReader(open(d / "metrics.csv")) if r.get("val/i2t_acc")][-1] for d in (a, b))
+    for key in ("val/i2t_acc", "val/loss"):
+        assert float(one[key]) == pytest.approx(float(two[key]), abs=1e-5), key

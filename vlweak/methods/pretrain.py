@@ -14,6 +14,7 @@ weights are gathered through the strategy's full state dict, in open_clip's own 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -132,10 +133,34 @@ class CLIPPretrain(ResumedStepNumbers, L.LightningModule):
             self.log("train/logit_scale", self.backbone.logit_scale.squeeze(), batch_size=len(img))
         return loss
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.trainer.world_size > 1:
+            # validation keeps one pair per sample index, so the sampler's padding is not scored twice
+            warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.validate\(\)`")
+
+    def on_validation_epoch_start(self) -> None:
+        self._validated: set[int] = set()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if not batch and self.trainer.world_size == 1:
             return
-        loss, img, txt = self._loss(batch)
+        if self.trainer.world_size > 1:
+            # the global batch, less the pairs the distributed sampler repeats to even out the ranks
+            img, txt, _ = self._features(batch)
+            index = batch["index"].to(self.device) if batch else torch.empty(0, dtype=torch.long, device=self.device)
+            pairs = gather_rows(self.trainer.strategy, torch.cat([img, txt], 1))
+            keep = []  # the rows of pairs not validated before in this epoch (padding repeats earlier ones)
+            for row, i in enumerate(gather_rows(self.trainer.strategy, index.long()).tolist()):
+                if i not in self._validated:
+                    self._validated.add(i)
+                    keep.append(row)
+            img, txt = pairs[keep].split(img.shape[1], 1)
+            if len(img) == 0:
+                return
+            loss = clip_loss(img, txt, self.backbone.logit_scale)
+        else:
+            loss, img, txt = self._loss(batch)
         if len(img) == 0:
             return
         acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
