@@ -510,13 +510,28 @@ def is_user_error(err: BaseException) -> bool:
     return str(Path(last.filename).resolve()).startswith(package) and (last.line or "").lstrip().startswith("raise ")
 
 
+def _lost_a_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process of a multi-process run
+    ended (that process printed the cause). Read from the message alone: Lightning has taken the
+    process group and its environment down by the time the error reaches here."""
+    text = f"{type(err).__name__}: {err}"
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "DistBackendError",
+                                   "NCCL communicator was aborted"))
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``vlweak`` console script. An input vlweak refuses ends the run with its
     message on one line and exit status 2 (``VLWEAK_TRACEBACK=1`` shows the traceback instead)."""
     try:
         build_cli(args)
     except Exception as err:
-        if os.environ.get("VLWEAK_TRACEBACK", "") not in ("", "0") or not is_user_error(err):
+        if os.environ.get("VLWEAK_TRACEBACK", "") not in ("", "0"):
+            raise
+        if _lost_a_peer(err):
+            print("vlweak: error: another process of this run stopped, and this one with it: the first error "
+                  "above is the cause\n(VLWEAK_TRACEBACK=1 shows where)", file=sys.stderr)
+            raise SystemExit(1) from None
+        if not is_user_error(err):
             raise
         message = str(err)
         if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: its last line is the error

@@ -333,3 +333,18 @@ def test_pretraining_validation_scores_each_pair_once(tmp_path, tiny_ckpt):
     one, two = ([r for r in csv.DictReader(open(d / "metrics.csv")) if r.get("val/i2t_acc")][-1] for d in (a, b))
     for key in ("val/i2t_acc", "val/loss"):
         assert float(one[key]) == pytest.approx(float(two[key]), abs=1e-5), key
+
+
+def test_an_unreadable_image_on_another_rank_stops_the_run_in_a_few_lines(tmp_path, tiny_ckpt):
+    # rank 1 meets the unreadable image and says so in one line; rank 0, left waiting in a
+    # collective, says it stopped with it instead of printing gloo's traceback (Lightning's launch:
+    # torchrun ends the other rank itself, with its own report)
+    manifest = _multilabel_manifest(tmp_path / "imgs", 4, bad=1)  # the 4th image: rank 1's second
+    proc = _two_processes(["test", *_common("quickstart.yaml", tmp_path, tiny_ckpt, world=False),
+                           "--data=vlweak.data.ManifestDataModule", f"--data.init_args.test={manifest}",
+                           "--data.init_args.classnames=[circle, square, star]", "--data.init_args.batch_size=1",
+                           "--figures=false", "--trainer.devices=2", "--trainer.strategy=ddp"], LIGHTNING)
+    assert proc.returncode != 0
+    assert "vlweak: error: ImageLoadError: cannot decode image" in proc.stderr, _failure(proc.stderr)
+    assert "vlweak: error: another process of this run stopped" in proc.stderr, _failure(proc.stderr)
+    assert "Traceback" not in proc.stderr, _failure(proc.stderr)
