@@ -13,6 +13,8 @@ _MESSAGES = (
     r"predict returned None if it was on purpose",
     # Lightning (2.6) with torch >= 2.10: a deprecation inside Lightning itself
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Lightning (2.6) gathering through torch.distributed.nn with torch >= 2.10: inside Lightning
+    r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
     # a data module without a val split hands a fit no validation loaders, and says so itself
     r"Total length of `list` across ranks is zero",
 )

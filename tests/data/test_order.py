@@ -4,6 +4,8 @@ processes, twice in one epoch, and when the schedule is sized from the loader be
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -168,3 +170,20 @@ def test_a_resumed_ddp_fit_trains_each_rank_on_its_uninterrupted_batches(tmp_pat
     assert sorted(i for w in whole for b in w[:2] for i in b) == list(range(N))  # the ranks split epoch 0
     for r in (0, 1):
         assert rest[r] == whole[r][3:], r
+
+
+def test_a_training_set_that_does_not_divide_among_the_processes_is_warned_of(tiny_backbone):
+    from types import SimpleNamespace
+
+    from vlweak.data import ShapesWorldDataModule
+
+    dm = ShapesWorldDataModule(n_train=13, n_val=0, n_test=0, image_size=32, transform=tiny_backbone.transform)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2)
+    with pytest.warns(UserWarning, match=r"the training set's 13 samples do not divide among 2 processes: the distributed "
+                                         r"sampler repeats 1 of them in every epoch"):
+        dm.train_dataloader()
+    dm.trainer = SimpleNamespace(world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.train_dataloader()

@@ -12,11 +12,11 @@ import abc
 import contextlib
 import hashlib
 import os
-import warnings
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
@@ -204,7 +204,7 @@ def _warn_once(key: str, message: str) -> None:
     """A warning shown once per process (autocast is entered at every batch)."""
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(message, stacklevel=3)
+        rank_zero_warn(message, stacklevel=3)
 
 
 def check_input_size(image_size: int | None, step: int, native: int, what: str) -> int | None:

@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import Tensor
@@ -289,7 +289,7 @@ class OpenCLIPBackbone(Backbone):
             return
         quick = f"{self.model_name}-quickgelu"
         if quick in open_clip.list_models():
-            warnings.warn(
+            rank_zero_warn(
                 f"{pretrained} looks like OpenAI's weights, which were trained with QuickGELU; {self.model_name} "
                 f"builds GELU, which runs on slightly wrong features: model_name: {quick}",
                 stacklevel=3,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 
@@ -100,7 +101,6 @@ class Budgeted(Dataset):
 
     def _warn_short_classes(self) -> None:
         """Few-shot practice keeps every image of a class with fewer than ``shots`` of them; say so."""
-        import warnings
 
         shots = self.budget.shots
         names = list(getattr(self.dataset, "classnames", None) or [])
@@ -112,7 +112,7 @@ class Budgeted(Dataset):
         if not short:
             return
         listed = ", ".join(f"{names[c] if c < len(names) else c} ({int(counts[c])})" for c in short[:20])
-        warnings.warn(
+        rank_zero_warn(
             f"shots={shots} but {len(short)} of {n_classes} classes have fewer train images, so all of "
             f"their images keep their labels: {listed}{' ...' if len(short) > 20 else ''}",
             stacklevel=2,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from vlweak.data.budget import Budgeted, LabelBudget
@@ -381,6 +381,14 @@ class VLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The train split in an order drawn from the run's seed and the epoch, resumable mid-epoch
         (:class:`~vlweak.data.order.ResumableLoader`)."""
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        n = len(self.datasets.get("train", ()))
+        if world > 1 and n % world:
+            rank_zero_warn(
+                f"the training set's {n} samples do not divide among {world} processes: the distributed sampler "
+                f"repeats {world - n % world} of them in every epoch, so this fit differs slightly from one process's"
+            )
         return self._loader("train", shuffle=True)
 
     def next_pass(self) -> tuple[int | None, int, int]:

@@ -13,13 +13,13 @@ import csv
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
@@ -144,7 +144,7 @@ def validate_classnames(classnames: Sequence[str], source: str = "class list") -
         cased.setdefault(cleaned.casefold(), []).append(cleaned)
     alike = [group for group in cased.values() if len(group) > 1]
     if alike:
-        warnings.warn(
+        rank_zero_warn(
             f"{source} has class names that differ only in case ({'; '.join(' and '.join(map(repr, g)) for g in alike)}): "
             "CLIP's tokenizers lower-case the prompts, so their scores are identical",
             stacklevel=2,
@@ -194,7 +194,7 @@ def load_or_skip(path: str | os.PathLike, skip_bad: bool) -> Image.Image | None:
     except ImageLoadError:
         if not skip_bad:
             raise
-        warnings.warn(f"skipping unreadable image {path}", stacklevel=3)
+        rank_zero_warn(f"skipping unreadable image {path}", stacklevel=3)
         return None
 
 
@@ -224,7 +224,7 @@ def first_listings(paths: Sequence[str], labels: Sequence[Any], where: Callable[
         else:
             repeats.append(i)
     if repeats:
-        warnings.warn(f"{source}: {len(repeats)} entries repeat an image listed before (e.g. {where(repeats[0])}, "
+        rank_zero_warn(f"{source}: {len(repeats)} entries repeat an image listed before (e.g. {where(repeats[0])}, "
                       f"{paths[repeats[0]]}): each image is read once", stacklevel=3)
     return keep
 
@@ -375,7 +375,7 @@ class ImageFolderReader:
             names = [clean_classname(_nfc(f)) for f in folders]
             wnids = [f for f in folders if re.fullmatch(r"n\d{8}", f)]
             if len(wnids) > len(folders) // 2:
-                warnings.warn(
+                rank_zero_warn(
                     f"the class folders of {root} are WordNet ids ({wnids[:3]} ...): the prompts would read "
                     f"'a photo of a {wnids[0]}.'; give classnames, a {{folder: name}} map (a .json / .yaml / .txt file)",
                     stacklevel=2,
@@ -394,7 +394,7 @@ class ImageFolderReader:
         if empty:
             # a class absent from one split is legitimate (the vocabulary is shared by all splits)
 
-            warnings.warn(
+            rank_zero_warn(
                 f"{len(empty)} class folder{'s' if len(empty) > 1 else ''} of {root} "
                 f"{'have' if len(empty) > 1 else 'has'} no images ({', '.join(IMAGE_EXTENSIONS)}): "
                 f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
@@ -562,11 +562,11 @@ class ManifestReader:
                 raise ValueError(f"{where}: name its label column so, or give classnames to pseudolabel its "
                                  "images as unlabeled")
             if others:  # a label column under another name would leave every image unlabeled
-                warnings.warn(f"{where}: its {len(rows)} images are read as unlabeled", stacklevel=2)
+                rank_zero_warn(f"{where}: its {len(rows)} images are read as unlabeled", stacklevel=2)
         elif key is not None and others:
             missing = [n for n, r in enumerate(rows, 1) if key not in r and any(k in r for k in others)]
             if missing:  # a JSON row with a misspelled key
-                warnings.warn(
+                rank_zero_warn(
                     f"manifest {manifest}: {len(missing)} rows (e.g. row {missing[0]}) have no {key!r} but other "
                     f"keys ({others[:5]}): read as unlabeled",
                     stacklevel=2,

@@ -23,13 +23,13 @@ query's other neighbours.
 
 from __future__ import annotations
 
-import warnings
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from vlweak.graph.build import ZLaPGraph, build_zlap_graph, query_edges
@@ -60,10 +60,10 @@ def warn_unconverged(result: CGResult, what: str) -> None:
     """Warn when conjugate gradient stopped at ``maxiter`` before reaching its tolerance."""
     bad = int((~result.converged).sum())
     if bad:
-        warnings.warn(
+        rank_zero_warn(
             f"ZLaP {what}: {bad} of {result.converged.numel()} right-hand sides did not reach the CG tolerance "
             f"in {result.iterations} iterations (raise maxiter, or lower alpha); scores may be inexact",
-            RuntimeWarning,
+            category=RuntimeWarning,
             stacklevel=3,
         )
 
@@ -253,7 +253,7 @@ class ZLaPPropagator:
     def fit(self, images: Tensor, text: Tensor) -> ZLaPPropagator:
         """Build the graph over ``images [N, d]`` and class ``text [C, d]`` (both L2-normalised)."""
         if self.k >= len(images):
-            warnings.warn(
+            rank_zero_warn(
                 f"ZLaP k={self.k} but the graph has {len(images)} images: each links to all {len(images) - 1} others "
                 "(a graph of fewer images than k + 1 propagates little; give a larger pool or a smaller k)",
                 stacklevel=2,

@@ -430,7 +430,7 @@ class CDUL(VLMethod):
             idx = self.init_scores["index"]
             m = multilabel_report(self.pseudo[idx.to(self.device)].cpu(), self.init_scores["target"],
                                   self.init_scores.get("mask"))["mAP"]
-            self.log("train/pseudolabel_mAP", float(m), rank_zero_only=True)
+            self.log_metrics({"train/pseudolabel_mAP": float(m)})  # of the gathered labels: no sync needed
 
     def on_train_start(self) -> None:
         self.fitted.fill_(True)

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Subset
 
@@ -351,11 +351,11 @@ class DualCoOp(VLMethod):
                 raise ValueError("loss em_apl needs the data module's train split (its size sets the pseudo-label table)")
             max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
             if self.hparams.apl_warmup_epochs >= max_epochs:
-                warnings.warn(
+                rank_zero_warn(
                     f"apl_warmup_epochs={self.hparams.apl_warmup_epochs} leaves no epoch of a {max_epochs}-epoch fit "
                     "for asymmetric pseudo-labeling: it trains with EM alone (lower apl_warmup_epochs or raise "
                     "max_epochs)",
-                    UserWarning,
+                    category=UserWarning,
                     stacklevel=2,
                 )
             labeler = AsymmetricPseudoLabeler(

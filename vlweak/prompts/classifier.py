@@ -6,10 +6,10 @@ Class scores of an image are ``logit_scale * normalize(f_img) @ Wᵀ``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from vlweak.data.datasets import clean_classname, validate_classnames
@@ -69,7 +69,7 @@ def _warn_if_cut(backbone, names: list[str], longest: list[str]) -> None:
     cut = cut_by_the_context(backbone, longest)
     if cut:
         shown = ", ".join(repr(names[i]) for i in cut[:3]) + (" ..." if len(cut) > 3 else "")
-        warnings.warn(
+        rank_zero_warn(
             f"the prompts of {len(cut)} class(es) are longer than the text encoder's context and are cut "
             f"({shown}): what follows the cut never reaches the classifier; shorter names keep them apart",
             stacklevel=4,  # the caller of text_classifier (past its no_grad wrapper)
