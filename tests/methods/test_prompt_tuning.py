@@ -115,8 +115,8 @@ def test_resume_after_interrupt_skips_finished_rounds(tmp_path, monkeypatch):
     other = _recipe(tmp_path, dict(TINY_MODEL, strategy="ifpl", k=2), TINY_DATA, "other.yaml")
     with pytest.raises(ValueError, match="different run"):
         _fit(other, f"--model.init_args.rounds_dir={rounds_dir}")
-    # so are those of another batch size (or device count, precision, accumulation): other steps, other prompts
-    with pytest.raises(ValueError, match=r"different run \(batches: \{.*'batch_size': 32.*\} != \{.*'batch_size': 16"):
+    # so are those of another global batch (batch size x devices, precision, accumulation): other steps, other prompts
+    with pytest.raises(ValueError, match=r"different run \(batches: \{.*'global_batch_size': 32.*\} != \{.*'global_batch_size': 16"):
         _fit(recipe, f"--model.init_args.rounds_dir={rounds_dir}", "--data.init_args.batch_size=16")
 
 
@@ -225,6 +225,21 @@ def test_a_lightning_checkpoint_continues_the_rounds_exactly_where_it_was_writte
     # a checkpoint whose round has no training set in the rounds folder is refused, naming the file
     with pytest.raises(ValueError, match=r"round 2 of 3, whose training set .*round-001.safetensors is missing"):
         _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'empty'}", ckpt_path=str(ckpts / "epoch=2.ckpt"))
+
+
+def test_a_checkpoint_resumed_with_settings_that_key_other_rounds_names_its_folder(tmp_path):
+    # the default rounds folder is keyed by the settings the rounds depend on: another global batch
+    # looks for the round's training set elsewhere, and the message says where the checkpoint's are
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    recipe = _recipe(tmp_path, dict(TINY_MODEL, rounds=2, epochs_per_round=2), dict(TINY_DATA, batch_size=16))
+    ckpts = tmp_path / "ckpts"
+    full = _fit(recipe, "--trainer.enable_checkpointing=true",
+                callbacks=[ModelCheckpoint(ckpts, "{epoch}", save_on_train_epoch_end=True, save_top_k=-1)])
+    with pytest.raises(ValueError, match=r"the checkpoint's rounds are in .*rounds.*, and this run's settings key another folder"):
+        _fit(recipe, "--data.init_args.batch_size=8", ckpt_path=str(ckpts / "epoch=2.ckpt"))
+    resumed = _fit(recipe, ckpt_path=str(ckpts / "epoch=2.ckpt"))  # the same settings continue
+    assert resumed.trainer.global_step == full.trainer.global_step
 
 
 def test_transductive_zero_shot_and_artifact_source(tmp_path):

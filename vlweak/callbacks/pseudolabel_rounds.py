@@ -156,6 +156,7 @@ class PseudolabelRounds(L.Callback):
         self._started: tuple[int, int] | None = None  # (round, epoch in it) whose start has been done
         self._open = False  # a batch of the current epoch is trained and the epoch's end not done
         self._settled: tuple[int, int] | None = None  # (round, epoch in it) whose prompt is settled
+        self._folder: Path | None = None  # this fit's rounds folder
         self._restored: dict[str, Any] | None = None  # the state a Lightning checkpoint gave back
         self._trainer: L.Trainer | None = None
         self._ended_restored_epoch = False
@@ -218,14 +219,15 @@ class PseudolabelRounds(L.Callback):
 
     @staticmethod
     def _batches(m: Any) -> dict[str, Any]:
-        """How the rounds' steps are cut: batch size, processes, precision and gradient accumulation
-        (another batch size or device count trains other prompts from the same pseudolabels)."""
+        """How the rounds' steps are cut: the global batch (the per-process batch size times the
+        processes: 2 x 32 steps as 1 x 64 does), precision and gradient accumulation (another global
+        batch trains other prompts from the same pseudolabels)."""
         trainer = m._trainer
         if trainer is None:
             return {}
+        per_process = getattr(getattr(m, "datamodule", None), "batch_size", None)
         return {
-            "batch_size": getattr(getattr(m, "datamodule", None), "batch_size", None),
-            "processes": int(trainer.world_size),
+            "global_batch_size": None if per_process is None else int(per_process) * int(trainer.world_size),
             "precision": str(trainer.precision),
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         }
@@ -305,6 +307,7 @@ class PseudolabelRounds(L.Callback):
             "pseudolabeling": self.pseudolabeling,
             "history": list(self.history),
             "step": trainer.global_step,
+            "folder": str(self._folder) if self._folder is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -317,7 +320,7 @@ class PseudolabelRounds(L.Callback):
         self.pool_content = _content_digest(getattr(trainer, "datamodule", None))
         n_unlabeled = int((m.pool_label < 0).sum())
         self.schedule = k_schedule(m.strategy, n_unlabeled, len(m.pseudolabel_classes), m.k, m.rounds)
-        folder = self.folder(trainer, self.identity(m))
+        folder = self._folder = self.folder(trainer, self.identity(m))
         restored, self._restored = self._restored, None
         self._started, self._open, self.pseudolabeling, self._ended_restored_epoch = None, False, False, False
         self._settled = None
@@ -411,6 +414,14 @@ class PseudolabelRounds(L.Callback):
             return RoundState(r, empty, empty, empty.bool())
         path = self.round_path(folder, r)
         state = RoundState.load(path) if path.is_file() else None
+        written = restored.get("folder")
+        if state is None and written and getattr(m, "rounds_dir", None) is None and Path(written) != folder and Path(written).is_dir():
+            raise ValueError(
+                f"the checkpoint's rounds are in {written}, and this run's settings key another folder ({folder}): "
+                "a setting the rounds depend on differs from the checkpoint's fit (the global batch, precision, "
+                "pseudolabel source, data, ...); `--model.init_args.rounds_dir` "
+                f"{written} names the differences"
+            )
         if state is None or state.meta.get("scored") is False:
             raise ValueError(
                 f"the checkpoint stopped in round {r + 1} of {total}, whose training set {path} is "
