@@ -105,7 +105,7 @@ def test_a_checkpoint_of_another_epoch_length_is_refused_naming_both(tmp_path):
     with pytest.raises(ValueError, match=r"stopped after batch 2 of an epoch, but this run has 2 training batches"):
         _fit(tmp_path / "rest", 2, 0, ckpt=tmp_path / "cut" / "last.ckpt", batch_size=6)
     # a smaller batch has room for the skip, but the batches skipped would not be the ones trained
-    with pytest.raises(ValueError, match=r"stopped after batch 2 of an epoch made of other batches \(batch size 3 there, 2 here\)"):
+    with pytest.raises(ValueError, match=r"stopped after batch 2 of an epoch made of other batches \(global batch size 3 there, 2 here\)"):
         _fit(tmp_path / "rest", 2, 0, ckpt=tmp_path / "cut" / "last.ckpt", batch_size=2)
 
 
@@ -113,7 +113,7 @@ def test_an_epoch_end_checkpoint_continued_with_other_batches_is_named(tmp_path)
     _fit(tmp_path / "cut", None, 0, cut=4)  # the checkpoint at the end of epoch 0
     assert torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)["_Data"]["train_epochs"] == {
         "images": N, "batch_size": BATCH, "processes": 1}
-    with pytest.warns(UserWarning, match=r"epochs made of other batches than the checkpoint's: batch size 3 there, 2 here"):
+    with pytest.warns(UserWarning, match=r"epochs made of other batches than the checkpoint's: global batch size 3 there, 2 here"):
         seen = _fit(tmp_path / "rest", None, 0, ckpt=tmp_path / "cut" / "last.ckpt", batch_size=2)
     assert len(seen) == (EPOCHS - 1) * N // 2
 
@@ -187,3 +187,21 @@ def test_a_training_set_that_does_not_divide_among_the_processes_is_warned_of(ti
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dm.train_dataloader()
+
+
+def test_the_same_global_batch_on_other_processes_continues_without_a_word():
+    # 2 processes of 4 step through the batches of 1 process of 8 (the ranks' shards interleave)
+    from types import SimpleNamespace
+
+    data = _Data()
+    data.setup()
+    data.trainer = SimpleNamespace(world_size=2)
+    data._resume_epochs = {"images": N, "batch_size": data.batch_size * 2, "processes": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data._check_epochs_as_checkpointed(2)
+    # a shard the sampler pads (an odd number of images) steps through other batches: refused mid-epoch
+    data._resume_epochs = {"images": N - 1, "batch_size": data.batch_size * 2, "processes": 1}
+    data.datasets["train"] = torch.utils.data.Subset(data.datasets["train"], range(N - 1))
+    with pytest.raises(ValueError, match=r"other batches \(processes 1 there, 2 here\)"):
+        data._check_epochs_as_checkpointed(2)

@@ -358,14 +358,26 @@ class VLDataModule(L.LightningDataModule):
         self._resume_epochs = None
 
     def _check_epochs_as_checkpointed(self, skip: int) -> None:
-        """A run continued from a checkpoint whose epochs had other images, batch size or process
-        count: refused in the middle of an epoch (the batches already trained are no longer the
+        """A run continued from a checkpoint whose epochs had other images or another global batch
+        (batch size x processes): refused in the middle of an epoch (the batches already trained are no longer the
         first ``skip`` of this run's), named at an epoch's end (every epoch after it differs)."""
         before, self._resume_epochs = self._resume_epochs, None
         if not before or "train" not in self.datasets:
             return
         now = self._train_epochs()
-        changed = [f"{k.replace('_', ' ')} {before[k]} there, {now[k]} here" for k in now if k in before and before[k] != now[k]]
+        if not all(k in before for k in now):
+            return
+
+        def steps(d: dict[str, int]) -> dict[str, int]:
+            # a step's global batch is the same images in one process as in several (the ranks'
+            # shards interleave), unless the sampler pads a shard: then the processes count too
+            out = {"images": d["images"], "global_batch_size": d["batch_size"] * d["processes"]}
+            if before["processes"] != now["processes"] and (d["images"] % before["processes"] or d["images"] % now["processes"]):
+                out["processes"] = d["processes"]
+            return out
+
+        was, is_ = steps(before), steps(now)
+        changed = [f"{k.replace('_', ' ')} {was[k]} there, {is_[k]} here" for k in is_ if was[k] != is_[k]]
         if not changed:
             return
         if skip:
