@@ -109,3 +109,15 @@ def test_a_fits_prompt_checkpoint_given_as_weights_says_where_it_goes(tmp_path, 
                                                       r"weights .* give it as --ckpt_path"):
         OpenCLIPBackbone("vlweak-tiny", pretrained=str(ckpt))
     assert fitted.trainer.global_step > 0
+
+
+def test_a_checkpoint_of_another_prompt_type_is_named_not_a_strict_load_error(tiny_backbone):
+    # a visual-prompt fit tested through the textual recipe: the keys differ, not their shapes
+    from vlweak.methods import PromptTuning
+
+    names = ["circle", "square", "star"]
+    visual = PromptTuning(backbone=tiny_backbone, classnames=names, prompt="visual", n_visual_tokens=2)
+    textual = PromptTuning(backbone=tiny_backbone, classnames=names, prompt="textual", n_ctx=2)
+    with pytest.raises(CheckpointMismatchError, match=r"not this PromptTuning's \(visual_prompt\.tokens in the checkpoint "
+                                                      r"only; text_prompt\.ctx in this model only\).*--config files of its fit"):
+        textual.on_load_checkpoint({"state_dict": visual.state_dict()})

@@ -42,6 +42,16 @@ CASES = [
     (CoOp, {}, {"epochs": 0}, "epochs must be >= 1, got 0"),
     (CoOp, {}, {"n_ctx": 0}, "n_ctx must be >= 1"),
     (CoOp, {}, {"momentum": -0.5}, "momentum"),
+    (CoOp, {}, {"warmup_epochs": -1}, r"warmup_epochs must be >= 0, got -1"),  # CoOp has no k or rounds to name
+    (CoOp, {}, {"lr": -1.0}, r"lr must be > 0, got -1.0"),
+    (CoOp, {}, {"lr": 0.0}, r"lr must be > 0, got 0.0"),
+    (CoOp, {}, {"warmup_lr": -1.0}, r"warmup_lr must be >= 0.0, got -1.0"),
+    (PromptTuning, {}, {"weight_decay": -1.0}, r"weight_decay must be >= 0.0"),
+    (DualCoOp, {"multilabel": True}, {"lr": -0.1}, r"lr must be > 0"),
+    (DualCoOp, {"multilabel": True}, {"loss_weight": -1.0}, r"loss_weight must be > 0"),
+    (CDUL, {"multilabel": True}, {"lr": -1.0}, r"lr must be > 0"),
+    (CDUL, {"multilabel": True}, {"snippet_batch_size": 0}, r"snippet_batch_size must be >= 1"),
+    (ZLaP, {}, {"alpha": 0.0}, r"alpha must be in \(0, 1\)"),
 ]
 
 
@@ -61,3 +71,25 @@ def test_prompt_tuning_artifact_of_another_vocabulary_fails_at_construction(tiny
     path = PseudoLabels.from_scores(torch.rand(4, 2).softmax(1), ["cat", "dog"], [str(i) for i in range(4)]).save(tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="cat"):
         PromptTuning(backbone=tiny_backbone, classnames=NAMES, pseudolabels=str(path))
+
+
+def test_pretraining_and_data_options_are_named_at_construction(tmp_path):
+    from vlweak.backbones import OpenCLIPBackbone
+    from vlweak.data import ShapesWorldDataModule
+    from vlweak.methods import CLIPPretrain
+
+    def backbone():
+        return OpenCLIPBackbone("vlweak-tiny", pretrained=None, freeze=False)
+
+    with pytest.raises(ValueError, match=r"lr must be > 0, got -1"):
+        CLIPPretrain(backbone=backbone(), lr=-1)
+    with pytest.raises(ValueError, match=r"export_dtype must be fp32, fp16 or bf16, got 'int8'"):
+        CLIPPretrain(backbone=backbone(), export_dtype="int8")
+    with pytest.raises(ValueError, match=r"export_path .* is a folder: give the weights file to write"):
+        CLIPPretrain(backbone=backbone(), export_path=str(tmp_path))
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
+        ShapesWorldDataModule(batch_size=0)
+    with pytest.raises(ValueError, match=r"image_size must be >= 8"):
+        ShapesWorldDataModule(image_size=7)
+    with pytest.raises(ValueError, match=r"seed must be >= 0"):
+        ShapesWorldDataModule(seed=-1)

@@ -647,3 +647,10 @@ def test_a_finished_fit_in_rounds_resumed_says_only_that(tmp_path):
     with pytest.warns(UserWarning, match="the checkpoint is of a finished fit") as said:
         _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'r'}", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert not [w for w in said if "epochs made of other batches" in str(w.message)]
+
+
+def test_a_round_with_nothing_to_train_on_is_named(tmp_path):
+    # unsupervised (shots: 0) FPL with k: 0 has neither labels nor pseudolabels to train on
+    recipe = _recipe(tmp_path, dict(TINY_MODEL, strategy="fpl", k=0, rounds=1), dict(TINY_DATA, shots=0))
+    with pytest.raises(ValueError, match=r"round 1's training set is empty: no labeled image and k=0 pseudolabels per class"):
+        _fit(recipe, f"--model.init_args.rounds_dir={tmp_path / 'r'}")

@@ -252,6 +252,11 @@ class PseudolabelRounds(L.Callback):
         index = torch.cat([m.pool_index[labeled], m.pool_index[unl[pos]]])
         label = torch.cat([m.pool_label[labeled], lab])
         pseudo = torch.cat([torch.zeros(len(labeled), dtype=torch.bool), torch.ones(len(pos), dtype=torch.bool)])
+        if len(index) == 0:
+            raise ValueError(
+                f"round {r + 1}'s training set is empty: no labeled image and k={self.schedule[r]} pseudolabels per "
+                "class; give k >= 1 (model.init_args.k) or labels (data.init_args.shots)"
+            )
         order = torch.argsort(index)
         meta = dict(self.identity(m), k=self.schedule[r], n_pseudo=int(len(pos)))
         truth = m.pool_truth

@@ -132,6 +132,8 @@ class VLDataModule(L.LightningDataModule):
             )
         if predict_split not in ("train", "val", "test"):
             raise ValueError(f"predict_split must be train, val or test, got {predict_split!r}")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
             raise ValueError(f"num_workers must be a non-negative integer or 'auto', got {num_workers!r}")
         self.workers_option = num_workers

@@ -178,6 +178,10 @@ class ShapesWorld:
     ) -> None:
         if not 0.0 <= shift <= 1.0:
             raise ValueError(f"shift must lie in [0, 1], got {shift}")
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8 (the smallest the world draws its shapes at), got {image_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if max_objects < 1:
             raise ValueError(f"max_objects must be >= 1, got {max_objects}")
         if not 0.0 <= misnaming_rate <= 1.0:

@@ -231,8 +231,8 @@ class ZLaPPropagator:
             raise ValueError(f"k must be >= 1, got {k}")
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1) (at 0 nothing propagates from the text nodes), got {alpha}")
         if sparse_topk < 1:
             raise ValueError(f"sparse_topk must be >= 1, got {sparse_topk}")
         self.k, self.gamma, self.alpha = k, gamma, alpha

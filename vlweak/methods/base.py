@@ -52,12 +52,16 @@ def own_backbone(backbone: Any) -> Any:
 
 
 def check_options(
-    *, templates: Any = None, temperature: float | None = None, threshold: float | None = None, **ranges: Any
+    *, templates: Any = None, temperature: float | None = None, threshold: float | None = None,
+    positive: dict[str, float] | None = None, **ranges: Any
 ) -> None:
     """Early checks of options several methods share, so a bad value fails at construction rather
     than after the data is encoded: ``templates`` resolve, ``temperature`` is positive,
-    ``threshold`` lies in [0, 1], and each ``name=(value, low, high)`` lies in [low, high]
-    (``None`` for an open end)."""
+    ``threshold`` lies in [0, 1], each of ``positive`` (name: value, e.g. a learning rate) is > 0,
+    and each ``name=(value, low, high)`` lies in [low, high] (``None`` for an open end)."""
+    for name, value in (positive or {}).items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     if templates is not None:
         resolve_templates(templates)
     if temperature is not None and not temperature > 0:
@@ -232,6 +236,19 @@ class VLMethod(ResumedStepNumbers, L.LightningModule):
 
     def _check_checkpoint_shapes(self, checkpoint: dict[str, Any], why: str = "") -> None:
         ours = self.state_dict()
+        given = checkpoint.get("state_dict", {})
+        only_there = [k for k in given if k not in ours]
+        only_here = [k for k in ours if k not in given]
+        if (only_there or only_here) and getattr(self, "strict_loading", True):
+            said = "; ".join(part for part in (
+                f"{', '.join(only_there[:3])}{' ...' if len(only_there) > 3 else ''} in the checkpoint only" if only_there else "",
+                f"{', '.join(only_here[:3])}{' ...' if len(only_here) > 3 else ''} in this model only" if only_here else "",
+            ) if part)
+            raise CheckpointMismatchError(
+                f"the checkpoint's parameters are not this {type(self).__name__}'s ({said}){why}: it was trained with "
+                "other settings (another prompt type or method); evaluate it with the --config files of its fit, "
+                "or give the checkpoint file by path (the model is then built with the checkpoint's settings)"
+            )
         bad = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in checkpoint.get("state_dict", {}).items()
                if k in ours and hasattr(v, "shape") and tuple(v.shape) != tuple(ours[k].shape)]
         if bad:

@@ -169,6 +169,7 @@ class CDUL(VLMethod):
         check_options(
             templates=templates, temperature=temperature, threshold=threshold, label_scale=(label_scale, 0, None),
             snippet_threshold=(snippet_threshold, 0.0, 1.0), hidden_dim=(hidden_dim, 1, None),
+            snippet_batch_size=(snippet_batch_size, 1, None), weight_decay=(weight_decay, 0.0, None), positive={"lr": lr},
         )
         if not label_sigma > 0 or label_scale * float(label_step_size(torch.tensor(0.5), label_sigma)) > 1:
             raise ValueError(

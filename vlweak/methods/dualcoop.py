@@ -215,7 +215,8 @@ class DualCoOp(VLMethod):
             apl_beta=(apl_beta, 0.0, None), apl_warmup_epochs=(apl_warmup_epochs, 1, None),
             warmup_epochs=(warmup_epochs, 0, None), warmup_lr=(warmup_lr, 0.0, None),
             **({"train_classes": (train_classes, 1, None)} if train_classes is not None else {}),
-            region_cache_gb=(region_cache_gb, 0.0, None),
+            region_cache_gb=(region_cache_gb, 0.0, None), weight_decay=(weight_decay, 0.0, None),
+            positive={"lr": lr, "loss_weight": loss_weight},
         )
         names = self.require_classnames()
         self.save_hyperparameters(ignore=["backbone"])
@@ -496,6 +497,9 @@ class DualCoOp(VLMethod):
             if math.isfinite(batches):
                 per_epoch = max(1, int(batches) // max(1, self.trainer.accumulate_grad_batches))
         warm = min(hp.warmup_epochs * per_epoch, steps - 1)  # at least the last step decays
+        if hp.warmup_epochs and warm < hp.warmup_epochs * per_epoch:
+            rank_zero_warn(f"warmup_epochs={hp.warmup_epochs} fills the whole fit ({steps} steps): it trains at warmup_lr "
+                           f"until its last step (lower warmup_epochs or raise max_epochs)")
         span = steps - warm
 
         def factor(step: int) -> float:  # of lr: warm-up constant, then a cosine over the other steps

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import atomic_save_tensors
 from vlweak.distributed import gather_rows
-from vlweak.methods.base import ResumedStepNumbers, own_backbone
+from vlweak.methods.base import ResumedStepNumbers, check_options, own_backbone
 
 
 # prefixes that wrappers (nested FSDP units, activation checkpointing, torch.compile) put in parameter names
@@ -58,7 +59,7 @@ class CLIPPretrain(ResumedStepNumbers, L.LightningModule):
         export_path: where to write the trained weights as safetensors when fitting ends (loadable
             with ``pretrained: <export_path>``); ``null`` writes ``backbone.safetensors`` into the
             run's own folder (:func:`vlweak.runs.run_folder`: every run of a W&B sweep its own).
-        export_dtype: ``fp32`` or ``fp16`` storage for the exported weights.
+        export_dtype: ``fp32``, ``fp16`` or ``bf16`` storage for the exported weights.
         classnames: set by the CLI from the data module (unused by pretraining).
         multilabel: set by the CLI from the data module (unused by pretraining).
     """
@@ -72,11 +73,17 @@ class CLIPPretrain(ResumedStepNumbers, L.LightningModule):
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
         export_path: str | None = None,
-        export_dtype: str = "fp32",
+        export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
         classnames: list[str] | None = None,
         multilabel: bool = False,
     ) -> None:
         super().__init__()
+        check_options(positive={"lr": lr}, weight_decay=(weight_decay, 0.0, None), warmup_steps=(warmup_steps, 0, None))
+        if export_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"export_dtype must be fp32, fp16 or bf16, got {export_dtype!r}")
+        if export_path and Path(export_path).expanduser().is_dir():
+            raise ValueError(f"export_path {export_path} is a folder: give the weights file to write, e.g. "
+                             f"{Path(export_path) / 'backbone.safetensors'}")
         backbone = own_backbone(backbone)
         if not isinstance(backbone, OpenCLIPBackbone):
             raise TypeError(

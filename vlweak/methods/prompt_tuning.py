@@ -164,14 +164,17 @@ class PromptTuning(VLMethod):
             raise ValueError(f"strategy must be fpl, ifpl or grip, got {strategy!r}")
         if epochs_per_round < 1:
             raise ValueError(f"epochs_per_round must be >= 1, got {epochs_per_round}")
-        if warmup_epochs < 0 or k < 0 or rounds < 1:
-            raise ValueError(f"need warmup_epochs >= 0, k >= 0, rounds >= 1; got {warmup_epochs}, {k}, {rounds}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if k < 0 or rounds < 1:
+            raise ValueError(f"need k >= 0 and rounds >= 1; got k={k}, rounds={rounds}")
         if warmup_epochs >= epochs_per_round:
             raise ValueError(
                 f"warmup_epochs ({warmup_epochs}) must be below epochs_per_round ({epochs_per_round}): "
                 "every epoch of a round would train at warmup_lr"
             )
-        check_options(templates=templates, n_ctx=(n_ctx, 1, None), momentum=(momentum, 0.0, 1.0))
+        check_options(templates=templates, n_ctx=(n_ctx, 1, None), momentum=(momentum, 0.0, 1.0), positive={"lr": lr},
+                      weight_decay=(weight_decay, 0.0, None), warmup_lr=(warmup_lr, 0.0, None))
         if warmup not in ("constant", "linear"):
             raise ValueError(f"warmup must be 'constant' or 'linear', got {warmup!r}")
         if not 0.0 <= holdout < 1.0:
