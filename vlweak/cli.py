@@ -448,6 +448,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> VLWeakCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
         parser_class=ArgumentParser,
+        # every training method sets its optimizer and schedule from its own options (the papers'):
+        # Lightning's --optimizer / --lr_scheduler would be overridden or ignored, so they are not offered
+        auto_configure_optimizers=False,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         },

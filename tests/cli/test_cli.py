@@ -610,3 +610,10 @@ def test_torchrun_with_another_number_of_devices_is_one_line(monkeypatch, capsys
     err = capsys.readouterr().err
     assert "launched as 2 processes (2 on this node) but trainer.devices 1 x num_nodes 1 = 1" in err
     assert "pass --trainer.devices=2 --trainer.num_nodes=1" in err
+
+
+def test_lightnings_optimizer_options_are_not_offered(capsys):
+    # every method sets its own optimizer and schedule: --optimizer would be overridden, silently
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--config", str(REPO / "recipes" / "coop" / "shapes_few_shot.yaml"), "--optimizer=Adam"])
+    assert info.value.code == 2 and "unrecognized arguments: --optimizer=Adam" in capsys.readouterr().err
