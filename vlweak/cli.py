@@ -127,6 +127,28 @@ class SaveRunConfig(SaveConfigCallback):
                 logger.experiment.config.update({"resolved_config": config}, allow_val_change=True)
 
 
+def _check_launched_world(trainer: dict) -> None:
+    """A command launched as several processes (torchrun) whose trainer asks for another number
+    would run each process as a job of its own, every one scoring and writing everything: refused."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1 or "LOCAL_WORLD_SIZE" not in os.environ:  # not started by torchrun / torchelastic
+        return
+    devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
+        count = int(devices)
+    else:  # "auto" / -1: Lightning takes the launcher's
+        return
+    if count * nodes != launched:
+        local = os.environ["LOCAL_WORLD_SIZE"]
+        raise ValueError(
+            f"this command was launched as {launched} processes ({local} on this node) but trainer.devices "
+            f"{devices} x num_nodes {nodes} = {count * nodes}: every process would run the whole job on its own; "
+            f"pass --trainer.devices={local} --trainer.num_nodes={launched // max(1, int(local))}"
+        )
+
+
 class VLWeakCLI(LightningCLI):
     """Links the data module's class vocabulary into the model; ``--ckpt_path last`` means the newest
     ``last.ckpt`` among the recipe's runs (see :func:`newest_last_checkpoint`)."""
@@ -181,28 +203,6 @@ class VLWeakCLI(LightningCLI):
             raise ValueError(f"this run asks for GPUs (trainer.accelerator: {accelerator}) and this machine has none: "
                              "pass --trainer.accelerator=cpu (or auto)")
         _check_launched_world(trainer)
-
-
-def _check_launched_world(trainer: dict) -> None:
-    """A command launched as several processes (torchrun) whose trainer asks for another number
-    would run each process as a job of its own, every one scoring and writing everything: refused."""
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if launched <= 1 or "LOCAL_WORLD_SIZE" not in os.environ:  # not started by torchrun / torchelastic
-        return
-    devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
-    if isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
-        count = int(devices)
-    else:  # "auto" / -1: Lightning takes the launcher's
-        return
-    if count * nodes != launched:
-        local = os.environ["LOCAL_WORLD_SIZE"]
-        raise ValueError(
-            f"this command was launched as {launched} processes ({local} on this node) but trainer.devices "
-            f"{devices} x num_nodes {nodes} = {count * nodes}: every process would run the whole job on its own; "
-            f"pass --trainer.devices={local} --trainer.num_nodes={launched // max(1, int(local))}"
-        )
 
     def instantiate_classes(self) -> None:
         try:
@@ -379,6 +379,9 @@ def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | N
         # ties broken by name, so every rank of a multi-process run resolves the same file
         newest = max(found, key=lambda p: (p.stat().st_mtime, str(p)))
         rank_zero_info(f"--ckpt_path last: {newest}")
+        if required and newest.name.startswith("last-interrupted"):  # an evaluation of a fit that stopped
+            rank_zero_warn(f"--ckpt_path last is {newest}, written when a fit stopped: its training is not "
+                           "finished (`vlweak fit` with the same recipe and --ckpt_path last finishes it)")
         return str(newest)
     where = f"no last checkpoint among the runs under {root} (looked for */checkpoints/last*.ckpt)"
     if required:
