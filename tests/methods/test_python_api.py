@@ -219,3 +219,12 @@ def test_predict_on_a_budgeted_train_split_scores_against_all_its_labels(tmp_pat
     truth = dm.raw("train").true_targets()
     assert len(art) == 48 and (dm.raw("train").targets() < 0).sum() > 0
     assert model.last_metrics["predict/acc"] == pytest.approx(float((art.labels == truth).float().mean()))
+
+
+def test_an_artifact_path_naming_a_folder_writes_into_it(tmp_path, tiny_backbone):
+    dm = ShapesWorldDataModule(n_train=0, n_val=0, n_test=8, image_size=32)
+    for given, folder in ((str(tmp_path), tmp_path), (str(tmp_path / "new") + "/", tmp_path / "new")):
+        model = ZeroShot(backbone=tiny_backbone, artifact_path=given)
+        _trainer(tmp_path).test(model, datamodule=dm, verbose=False)
+        assert model.last_artifact == folder / "pseudolabels-test.safetensors" and model.last_artifact.is_file()
+    assert not (tmp_path.parent / f"{tmp_path.name}.safetensors").exists()

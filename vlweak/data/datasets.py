@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -191,10 +192,11 @@ def load_or_skip(path: str | os.PathLike, skip_bad: bool) -> Image.Image | None:
     """:func:`load_image`; with ``skip_bad`` an unreadable image is a warning naming it and ``None``."""
     try:
         return load_image(path)
-    except ImageLoadError:
+    except ImageLoadError as err:
         if not skip_bad:
-            raise
-        rank_zero_warn(f"skipping unreadable image {path}", stacklevel=3)
+            raise ImageLoadError(f"{err} (skip_bad: true skips unreadable images, each with a warning)") from err.__cause__
+        # every process warns of its own images (a rank's skipped image is no other rank's)
+        warnings.warn(f"skipping unreadable image {path}", stacklevel=3)
         return None
 
 

@@ -10,6 +10,7 @@ the same on one device and on many. Artifacts are written by rank 0 only.
 from __future__ import annotations
 
 import csv
+import os
 import re
 import warnings
 from pathlib import Path
@@ -127,7 +128,8 @@ class VLMethod(ResumedStepNumbers, L.LightningModule):
             one); set by the CLI from the data module.
         multilabel: multi-label task; set by the CLI from the data module.
         artifact_path: where test/predict write the pseudolabel artifact; default
-            ``<log dir>/pseudolabels-<stage>.safetensors``; ``""`` writes none.
+            ``<log dir>/pseudolabels-<stage>.safetensors``; a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     #: whether the method builds per-class parts (prompt learners) as it is constructed, so needs the
@@ -515,6 +517,8 @@ class VLMethod(ResumedStepNumbers, L.LightningModule):
             return None
         # artifact_path is relative to the working directory, the default name to the run folder
         name = Path(self.artifact_path).absolute() if self.artifact_path else f"pseudolabels-{stage}.safetensors"
+        if self.artifact_path and (self.artifact_path.endswith(("/", os.sep)) or Path(name).is_dir()):
+            name = Path(name) / f"pseudolabels-{stage}.safetensors"  # a folder: the artifact goes in it
         path = self.save_pseudolabels(name, self.split_of(stage), scores, indices, stage=stage, **extra_provenance)
         if path is not None:
             self.last_artifact = self.last_outputs["artifact"] = path
