@@ -26,6 +26,7 @@ from packaging.version import Version
 
 import vlweak.data  # noqa: F401  (registers the data modules for class-path resolution)
 import vlweak.methods  # noqa: F401
+import vlweak.methods.cdul_targets  # noqa: F401  (PseudoLabeledDataModule, by its short name too)
 from vlweak.data.datamodule import VLDataModule
 from vlweak.methods.base import has_training_step
 from vlweak.noise import quiet_known_noise

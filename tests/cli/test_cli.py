@@ -617,3 +617,9 @@ def test_lightnings_optimizer_options_are_not_offered(capsys):
     with pytest.raises(SystemExit) as info:
         build_cli(["fit", "--config", str(REPO / "recipes" / "coop" / "shapes_few_shot.yaml"), "--optimizer=Adam"])
     assert info.value.code == 2 and "unrecognized arguments: --optimizer=Adam" in capsys.readouterr().err
+
+
+def test_pseudolabeled_data_module_is_known_by_its_short_name(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--data.help", "PseudoLabeledDataModule"])
+    assert "--data.pseudolabels PSEUDOLABELS" in capsys.readouterr().out
