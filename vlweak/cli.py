@@ -128,6 +128,18 @@ class SaveRunConfig(SaveConfigCallback):
                 logger.experiment.config.update({"resolved_config": config}, allow_val_change=True)
 
 
+def _is_lightning_checkpoint(path: Path) -> bool:
+    """Whether ``path`` (a torch zip file) holds a Lightning checkpoint rather than, e.g., a model's
+    plain ``state_dict`` saved with ``torch.save`` (read memory-mapped: the tensors stay on disk)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable here: Lightning's own load names the problem
+        return True
+    return isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt
+
+
 def _check_launched_world(trainer: dict) -> None:
     """A command launched as several processes (torchrun) whose trainer asks for another number
     would run each process as a job of its own, every one scoring and writing everything: refused."""
@@ -219,6 +231,9 @@ class VLWeakCLI(LightningCLI):
         model's settings with the checkpoint's, and the ones that change are named."""
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt == "best" and sub in ("validate", "test", "predict"):
+            raise ValueError("--ckpt_path best: a vlweak evaluation reads a fit's checkpoint file, and the recipes "
+                             "keep the last one, not a best one: give `last` (the newest fit of this recipe) or the .ckpt file")
         # Lightning's own names, a remote URL (fsspec's) and a sharded (FSDP) checkpoint's folder: Lightning reads them
         if not ckpt or ckpt in ("last", "best", "hpc", "registry") or "://" in str(ckpt) or Path(ckpt).is_dir():
             return super()._parse_ckpt_path()
@@ -228,7 +243,7 @@ class VLWeakCLI(LightningCLI):
                 f"--ckpt_path {ckpt}: no such file; give a .ckpt file written by `vlweak fit`, or `last` for "
                 "the newest fit of this recipe"
             )
-        if not zipfile.is_zipfile(path):
+        if not zipfile.is_zipfile(path) or not _is_lightning_checkpoint(path):
             raise ValueError(
                 f"--ckpt_path {ckpt} is not a Lightning checkpoint (a .ckpt file written by `vlweak fit`); "
                 "model weights go to --model.init_args.backbone.init_args.pretrained, a pseudolabel artifact "

@@ -623,3 +623,17 @@ def test_pseudolabeled_data_module_is_known_by_its_short_name(capsys):
     with pytest.raises(SystemExit):
         build_cli(["fit", "--data.help", "PseudoLabeledDataModule"])
     assert "--data.pseudolabels PSEUDOLABELS" in capsys.readouterr().out
+
+
+def test_a_plain_state_dict_or_best_as_ckpt_path_is_one_line(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("VLWEAK_TRACEBACK", raising=False)
+    plain = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, plain)  # a torch zip file, but no Lightning checkpoint
+    for given, message in ((str(plain), f"--ckpt_path {plain} is not a Lightning checkpoint"),
+                           ("best", "--ckpt_path best: a vlweak evaluation reads a fit's checkpoint file")):
+        with pytest.raises(SystemExit) as info:
+            main(_main_args(tmp_path, tiny_ckpt, f"--ckpt_path={given}"))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"vlweak: error: ValueError: {message}" in err and "Traceback" not in err
