@@ -162,9 +162,44 @@ def _check_launched_world(trainer: dict) -> None:
         )
 
 
+SUBCOMMAND_HELP = {
+    "fit": "Train a method on the data module's train split (prompt tuning, CoOp, DualCoOp, CDUL, pretraining); "
+           "training-free methods have nothing to fit: use test or predict.",
+    "validate": "Score the val split: metrics, per-class values and figures.",
+    "test": "Score the test split: metrics, per-class values, figures and the pseudolabel artifact.",
+    "predict": "Pseudolabel the data module's predict_split: the pseudolabel artifact, and metrics where the split "
+               "has labels.",
+}
+
+CKPT_PATH_HELP = {
+    False: "the fit's checkpoint to evaluate: a .ckpt file written by `vlweak fit` (the model is built with its "
+           "settings), or `last`: the newest last*.ckpt among this recipe's runs. Without it, a method that trains "
+           "runs untrained (a warning says so)",
+    True: "continue a stopped fit: a .ckpt file, or `last`: the newer of last.ckpt and last-interrupted.ckpt "
+          "among this recipe's runs (pseudolabel rounds also resume without it, from their rounds folder)",
+}
+
+
 class VLWeakCLI(LightningCLI):
     """Links the data module's class vocabulary into the model; ``--ckpt_path last`` means the newest
     ``last.ckpt`` among the recipe's runs (see :func:`newest_last_checkpoint`)."""
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        import argparse
+
+        for action in parser._actions:  # the listing's one-line help: vlweak's words, not the Trainer's
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help).split(":")[0].split(";")[0]
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.description = SUBCOMMAND_HELP.get(subcommand, parser.description)
+        for action in parser._actions:  # Lightning's text describes its own "last" and "best", not vlweak's
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP[subcommand == "fit"]
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")

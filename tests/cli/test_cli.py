@@ -637,3 +637,14 @@ def test_a_plain_state_dict_or_best_as_ckpt_path_is_one_line(tmp_path, tiny_ckpt
             main(_main_args(tmp_path, tiny_ckpt, f"--ckpt_path={given}"))
         err = capsys.readouterr().err
         assert info.value.code == 2 and f"vlweak: error: ValueError: {message}" in err and "Traceback" not in err
+
+
+def test_help_describes_vlweaks_subcommands_and_checkpoints(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["--help"])
+    assert "Pseudolabel the data module's predict_split" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_cli(["test", "--help"])
+    out = capsys.readouterr().out
+    assert "Score the test split: metrics" in out and "the fit's checkpoint to evaluate" in " ".join(out.split())
+    assert "best model checkpoint" not in out
