@@ -572,8 +572,7 @@ def _lost_a_peer(err: BaseException) -> bool:
     ended (that process printed the cause). Read from the message alone: Lightning has taken the
     process group and its environment down by the time the error reaches here."""
     text = f"{type(err).__name__}: {err}"
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "DistBackendError",
-                                   "NCCL communicator was aborted"))
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted"))
 
 
 def main(args: list[str] | None = None) -> None:
