@@ -212,6 +212,22 @@ class VLWeakCLI(LightningCLI):
             "no figures, a configured EvaluationFigures removed too",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """The class vocabulary is the data module's, linked into the model: a ``model.init_args.classnames``
+        given in a recipe or on the command line would be replaced without a word, so it is refused."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand")) or self.config
+        model = config.get("model")
+        given = getattr(model, "init_args", None)
+        given = given.get("classnames") if given is not None and hasattr(given, "get") else None
+        if given is not None:
+            raise ValueError(
+                f"model.init_args.classnames {given!r}: the class vocabulary is the data module's (its classnames "
+                "are linked into the model), so this value would be replaced; give the names to the data module "
+                "(--data.init_args.classnames of ImageFolderDataModule / ManifestDataModule, a {folder: name} map "
+                "for image folders) and leave the model's unset"
+            )
+
     def _add_figures(self) -> None:
         from vlweak.callbacks import EvaluationFigures
 

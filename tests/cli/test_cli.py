@@ -265,6 +265,9 @@ def _main_args(tmp_path, ckpt, *extra):
     (["--data.init_args.n_test=0"], "RuntimeError: ShapesWorldDataModule has no 'test' split (n_test: 0)"),
     (["--ckpt_path=/no/such/run.ckpt"], "FileNotFoundError: --ckpt_path /no/such/run.ckpt: no such file"),
     (["--ckpt_path={weights}"], "ValueError: --ckpt_path {weights} is not a Lightning checkpoint"),
+    # the data module's vocabulary is linked into the model: a model-side list would vanish unnoticed
+    (["--model.init_args.classnames=[cat,dog]"], "ValueError: model.init_args.classnames ['cat', 'dog']: the class "
+     "vocabulary is the data module's"),
 ])
 def test_a_refused_input_ends_the_run_with_its_message_alone(tmp_path, tiny_ckpt, capsys, monkeypatch, extra, message):
     """The console script ends a run whose input vlweak refuses with the message on stderr and exit
