@@ -55,6 +55,29 @@ class HelpFormatter(DefaultHelpFormatter):
 _GIVEN_ARGS: list[str] = []  # the command line of the latest build_cli (for help texts)
 
 
+_SHORT_USAGE = False
+
+
+def plain_parse_error(message: str) -> str:
+    """jsonargparse's error for a ``class_path`` key (``model``, ``data``, a backbone) lists every
+    type the key accepts and why each refused the value; the class the recipe named is the one the
+    user meant: its refusal alone, on one line (``Parser key "model" (vlweak.methods.ZLaP): Parser key
+    "mode": Expected a typing.Literal[...]. Got value: foo``)."""
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        found = re.match(r"(\s*)- Problem with given class_path '([\w.]+)':\s*$", line)
+        if not found:
+            continue
+        depth, block = len(found.group(1)), []
+        for inner in lines[i + 1 :]:
+            if inner.strip() and len(inner) - len(inner.lstrip()) <= depth:
+                break
+            block.append(inner.strip())
+        if block:
+            return f"{lines[0].rstrip().rstrip(':')} ({found.group(2)}): {' '.join(b for b in block if b)}"
+    return message
+
+
 class ArgumentParser(LightningArgumentParser):
     """Lightning's parser with :class:`HelpFormatter`; jsonargparse builds the parsers of
     ``--model.help CLASS`` as ``type(parser)()``, so they get it too."""
@@ -66,7 +89,21 @@ class ArgumentParser(LightningArgumentParser):
         return self._as_typed(super().format_help())
 
     def format_usage(self) -> str:
-        return self._as_typed(super().format_usage())
+        usage = self._as_typed(super().format_usage())
+        if _SHORT_USAGE and usage.count("\n") > 3:  # a refused argument: one line, not every option
+            return f"usage: {self.prog.replace(' [options]', '')} [-h] [-c CONFIG] [--print_config] [--KEY=VALUE ...]\n"
+        return usage
+
+    def error(self, message: str, ex: Exception | None = None):
+        """A refused argument: the usage line, where the full help is and the error itself, without
+        jsonargparse's usage listing of every option above it, and for a method's or data module's
+        option the refusal of that class alone (not of every type the key could hold)."""
+        global _SHORT_USAGE
+        _SHORT_USAGE = True
+        try:
+            super().error(plain_parse_error(message), ex)
+        finally:
+            _SHORT_USAGE = False
 
     def _as_typed(self, text: str) -> str:
         """Options of a nested class's help (``--model.init_args.backbone.help CLASS``) under the

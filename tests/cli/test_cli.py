@@ -651,3 +651,27 @@ def test_help_describes_vlweaks_subcommands_and_checkpoints(capsys):
     out = capsys.readouterr().out
     assert "Score the test split: metrics" in out and "the fit's checkpoint to evaluate" in " ".join(out.split())
     assert "best model checkpoint" not in out
+
+
+@pytest.mark.parametrize(("recipe", "option", "choices"), [
+    ("prompt_tuning/shapes_unsupervised.yaml", "--model.init_args.strategy", "fpl, ifpl, grip"),
+    ("coop/shapes_few_shot.yaml", "--model.init_args.position", "end, middle, front"),
+    ("cdul/shapes.yaml", "--model.init_args.snippet_fit", "stretch, crop"),
+    ("quickstart.yaml", "--data.init_args.task", "shape, coarse, colour, colour_shape"),
+])
+def test_an_option_of_fixed_values_lists_them_and_refuses_others_in_a_line(recipe, option, choices, capsys):
+    """Options with a fixed set of values are typed as such: --help shows the values, and a value
+    outside them is refused at parsing, by the recipe's class alone, after a one-line usage."""
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--config", str(REPO / "recipes" / recipe), f"{option}=bogus"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    quoted = ", ".join(f"'{c}'" for c in choices.split(", "))
+    error = [line for line in err.splitlines() if line.startswith("error:")]
+    assert error and f"Expected a typing.Literal[{quoted}]. Got value: bogus" in error[0], err
+    assert "Union subtypes" not in err and len(err.splitlines()) == 3, err  # usage, tip, error
+    section = option.split(".")[0].lstrip("-")  # model / data
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(REPO / "recipes" / recipe), f"--{section}.help",
+                   yaml.safe_load((REPO / "recipes" / recipe).read_text())[section]["class_path"]])
+    assert f"{{{choices.replace(', ', ',')}}}" in capsys.readouterr().out

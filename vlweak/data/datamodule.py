@@ -35,7 +35,7 @@ from vlweak.data.datasets import (
     validate_classnames,
 )
 from vlweak.data.order import EpochShuffle, ResumableLoader, check_resumable, trained_position
-from vlweak.data.world import ShapesWorld, classnames_for
+from vlweak.data.world import ShapesWorld, Task, classnames_for
 from vlweak.distributed import fill_once_per_node
 from vlweak.progress import follow_trainer, show_progress
 
@@ -475,7 +475,7 @@ class ShapesWorldDataModule(VLDataModule):
 
     def __init__(
         self,
-        task: str = "shape",
+        task: Task = "shape",
         multilabel: bool = False,
         n_train: int = 2000,
         n_val: int = 500,

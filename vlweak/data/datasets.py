@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from vlweak.data.world import ShapesWorld, label_of, multilabel_target
+from vlweak.data.world import ShapesWorld, Task, label_of, multilabel_target
 from vlweak.distributed import worker_start_method
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -668,7 +668,7 @@ class ShapesWorldDataset(Dataset):
         world: ShapesWorld,
         split: str,
         n: int,
-        task: str = "shape",
+        task: Task = "shape",
         classnames: list[str] | None = None,
         memo_bytes: int = 256 * 2**20,
     ) -> None:

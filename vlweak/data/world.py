@@ -25,6 +25,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -47,7 +48,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 COLOUR_NAMES: list[str] = list(COLOURS)
-TASKS = ("shape", "coarse", "colour", "colour_shape")
+Task = Literal["shape", "coarse", "colour", "colour_shape"]
+TASKS = get_args(Task)
 MISNAMING: dict[str, str] = {"ellipse": "circle", "arrow": "triangle", "square": "pentagon"}
 """The look-alike names of the noisy-caption world (``recipes/pretrain/shapes_noisy.yaml``)."""
 SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3, "pretrain": 4}

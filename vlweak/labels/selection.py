@@ -34,11 +34,13 @@ The training strategies differ in how ``K`` evolves over rounds (:func:`k_schedu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-STRATEGIES = ("fpl", "ifpl", "grip")
+Strategy = Literal["fpl", "ifpl", "grip"]
+STRATEGIES = get_args(Strategy)
 
 
 def top_k_per_class(

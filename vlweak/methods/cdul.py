@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,8 @@ from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.methods.cdul_snippets import (
     INIT_MODES,
     SNIPPET_FITS,
+    InitMode,
+    SnippetFit,
     aggregate_snippets,
     class_similarities,
     initial_scores,
@@ -132,12 +134,12 @@ class CDUL(VLMethod):
         templates: str | list[str] = "simple",
         grid: int = 3,
         overlap: float = 0.0,
-        snippet_fit: str = "stretch",
+        snippet_fit: SnippetFit = "stretch",
         snippet_threshold: float = 0.5,
-        init: str = "aggregated",
+        init: InitMode = "aggregated",
         temperature: float | None = None,
-        head: str = "linear",
-        features: str = "global",
+        head: Literal["linear", "mlp"] = "linear",
+        features: Literal["global", "snippets"] = "global",
         hidden_dim: int = 512,
         network: nn.Module | None = None,
         lr: float = 1e-3,
@@ -146,7 +148,7 @@ class CDUL(VLMethod):
         label_scale: float = 1.0,
         label_warmup_epochs: int = 1,
         threshold: float = 0.5,
-        inference: str = "classifier",
+        inference: Literal["classifier", "init"] = "classifier",
         snippet_batch_size: int = 64,
         cache_dir: str | None = None,
         artifact_path: str | None = None,

@@ -20,7 +20,7 @@ Snippet embeddings are the expensive part (``grid²`` image encodings per image)
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,9 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 InitMode = Literal["global", "local", "aggregated"]
-INIT_MODES = ("global", "local", "aggregated")
-SNIPPET_FITS = ("stretch", "crop")
+SnippetFit = Literal["stretch", "crop"]
+INIT_MODES = get_args(InitMode)
+SNIPPET_FITS = get_args(SnippetFit)
 
 
 # ---------------------------------------------------------------------------- grid geometry

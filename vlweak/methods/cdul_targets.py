@@ -16,7 +16,7 @@ split (val/test keep their annotations, used for evaluation only)::
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 from vlweak.data.datamodule import VLDataModule
 from vlweak.labels.artifact import PseudoLabels
 
-TARGET_MODES = ("soft", "hard", "confident", "single_positive")
+TargetMode = Literal["soft", "hard", "confident", "single_positive"]
+TARGET_MODES = get_args(TargetMode)
 
 
 def artifact_targets(
@@ -72,7 +73,7 @@ class PseudoLabelTargets(Dataset):
         self,
         dataset: Any,
         artifact: PseudoLabels | str | os.PathLike,
-        targets: str = "hard",
+        targets: TargetMode = "hard",
         threshold: float = 0.5,
         negative: float = 0.1,
     ) -> None:
@@ -125,7 +126,7 @@ class PseudoLabeledDataModule(VLDataModule):
         self,
         data: VLDataModule,
         pseudolabels: str,
-        targets: str = "hard",
+        targets: TargetMode = "hard",
         threshold: float = 0.5,
         negative: float = 0.1,
     ) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor
 from vlweak.backbones import Backbone
 from vlweak.methods.base import DEFAULT_BACKBONE
 from vlweak.methods.prompt_tuning import PromptTuning
+from vlweak.prompts.learners import Position
 
 
 class CoOp(PromptTuning):
@@ -69,7 +70,7 @@ class CoOp(PromptTuning):
         n_ctx: int = 16,
         ctx_init: str | None = None,
         class_specific: bool = False,
-        position: str = "end",
+        position: Position = "end",
         epochs: int = 200,
         lr: float = 0.002,
         momentum: float = 0.9,

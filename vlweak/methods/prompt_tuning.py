@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +48,14 @@ from vlweak.callbacks.pseudolabel_rounds import PseudolabelRounds
 from vlweak.data.datamodule import FeatureDataset
 from vlweak.data.datasets import SampleIndices
 from vlweak.labels.artifact import ArtifactError, PseudoLabels
-from vlweak.labels.selection import STRATEGIES
+from vlweak.labels.selection import STRATEGIES, Strategy
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multiclass_report
+from vlweak.prompts.learners import Position
 from vlweak.prompts import TextPromptLearner, VisualPromptLearner, text_classifier
 
-PROMPT_TYPES = ("textual", "visual", "multimodal")
+PromptType = Literal["textual", "visual", "multimodal"]
+PROMPT_TYPES = get_args(PromptType)
 
 
 class PromptTuning(VLMethod):
@@ -127,8 +129,8 @@ class PromptTuning(VLMethod):
         backbone: Backbone = DEFAULT_BACKBONE,
         classnames: list[str] | None = None,
         multilabel: bool = False,
-        prompt: str = "textual",
-        strategy: str = "grip",
+        prompt: PromptType = "textual",
+        strategy: Strategy = "grip",
         k: int = 16,
         rounds: int = 10,
         pseudolabels: str = "zeroshot",
@@ -136,7 +138,7 @@ class PromptTuning(VLMethod):
         n_ctx: int = 16,
         ctx_init: str | None = None,
         class_specific: bool = False,
-        position: str = "end",
+        position: Position = "end",
         n_visual_tokens: int = 16,
         visual_init_std: float | None = None,
         epochs_per_round: int = 150,
@@ -145,7 +147,7 @@ class PromptTuning(VLMethod):
         weight_decay: float = 0.1,
         warmup_epochs: int = 5,
         warmup_lr: float = 1e-4,
-        warmup: str = "constant",
+        warmup: Literal["constant", "linear"] = "constant",
         cache_features: bool = True,
         rounds_dir: str | None = None,
         resume: bool = True,

@@ -13,12 +13,17 @@ Each learner's ``forward`` returns unit-norm class embeddings ``[C, D]`` (text) 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlweak.data.datasets import clean_classname, validate_classnames
 from vlweak.prompts.classifier import cut_by_the_context
+
+#: where the class name sits in a textual prompt (CoOp's class token position)
+Position = Literal["end", "middle", "front"]
 
 _PLACEHOLDER = "X"
 
@@ -38,7 +43,7 @@ class TextPromptLearner(nn.Module):
             context, CoOp's default), ``middle`` (between its two halves) or ``front`` (before it).
     """
 
-    POSITIONS = ("end", "middle", "front")
+    POSITIONS = get_args(Position)
 
     def __init__(
         self,
@@ -47,7 +52,7 @@ class TextPromptLearner(nn.Module):
         n_ctx: int = 16,
         init: str | None = None,
         class_specific: bool = False,
-        position: str = "end",
+        position: Position = "end",
     ) -> None:
         super().__init__()
         if position not in self.POSITIONS:
