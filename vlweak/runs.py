@@ -37,3 +37,29 @@ def runs_root(trainer: L.Trainer) -> Path | None:
     if root:
         return Path(root)
     return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+
+
+def wandb_loggers(trainer: L.Trainer) -> list:
+    """The trainer's W&B loggers (none when W&B is off)."""
+    return [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+
+
+def log_wandb_artifact(loggers: list, files: list, name: str, metadata: dict | None = None,
+                       kind: str = "pseudolabels") -> list[str]:
+    """Log ``files`` as one W&B artifact (of type ``kind``, named ``<name>-<run id>``) to each of the
+    W&B ``loggers`` (:func:`wandb_loggers`); call it on rank 0, where the files are. Returns the
+    names of the artifacts logged."""
+    files = [Path(f) for f in files if f is not None and Path(f).is_file()]
+    if not loggers or not files:
+        return []
+    import wandb
+
+    logged = []
+    for logger in loggers:
+        run = logger.experiment
+        art = wandb.Artifact(f"{name}-{run.id}", type=kind, metadata=metadata or {})
+        for f in files:
+            art.add_file(str(f))
+        run.log_artifact(art)
+        logged.append(art.name)
+    return logged

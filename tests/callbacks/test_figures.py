@@ -164,3 +164,42 @@ def test_sample_grid_tops_up_with_wrong_predictions_when_few_are_right():
     for correct, wrong_shown in (([False] * 58 + [True] * 2, 14), ([True] * 58 + [False] * 2, 2), ([False] * 60, 16)):
         picked = figures._pick(out, "test", _Data(), correct)
         assert len(picked) == 16 and sum(not correct[r] for r, _ in picked) == wrong_shown
+
+
+def _offline_wandb_log(tmp_path, monkeypatch, args):
+    """Run the CLI with an offline W&B logger; the bytes of the run's record log."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    build_cli([*args, "--trainer.logger=WandbLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+               "--trainer.logger.init_args.project=vlweak-tests", "--trainer.enable_progress_bar=false"])
+    wandb.finish()
+    wandb.teardown()  # closes the offline record log
+    (run,) = tmp_path.rglob("offline-run-*")
+    return next(run.glob("*.wandb")).read_bytes(), run.name.rsplit("-", 1)[1]
+
+
+def test_wandb_gets_chils_subclass_artifact_with_the_class_one(tmp_path, monkeypatch):
+    log, run_id = _offline_wandb_log(tmp_path, monkeypatch, [
+        "test", "--config", str(REPO / "recipes/chils/shapes_coarse.yaml"),
+        "--model.init_args.backbone.init_args.model_name=vlweak-tiny", "--model.init_args.backbone.init_args.pretrained=",
+        "--data.init_args.n_test=16", "--data.init_args.batch_size=16", "--figures=false",
+    ])
+    files = sorted(p.name for p in tmp_path.rglob("pseudolabels-test*.safetensors"))
+    assert files == ["pseudolabels-test-subclasses.safetensors", "pseudolabels-test.safetensors"]
+    assert f"pseudolabels-test-{run_id}".encode() in log
+    assert b"pseudolabels-test-subclasses.safetensors" in log and b"pseudolabels-test.safetensors" in log
+
+
+def test_wandb_gets_cdul_train_pseudolabels_of_a_fit(tmp_path, monkeypatch):
+    log, run_id = _offline_wandb_log(tmp_path, monkeypatch, [
+        "fit", "--config", str(REPO / "recipes/cdul/shapes.yaml"),
+        "--model.init_args.backbone.init_args.model_name=vlweak-tiny", "--model.init_args.backbone.init_args.pretrained=",
+        "--data.init_args.n_train=32", "--data.init_args.n_val=16", "--data.init_args.n_test=16",
+        "--trainer.max_epochs=1", "--trainer.enable_model_summary=false",
+    ])
+    for name in ("init", "refined"):
+        assert f"pseudolabels-train-{name}-{run_id}".encode() in log
+        assert f"pseudolabels-train-{name}.safetensors".encode() in log

@@ -7,8 +7,8 @@ For a multi-label method: per-class AP, a reliability diagram over every known (
 label sets. The ``vlweak`` CLI adds the callback to every ``test`` / ``predict`` run (``--figures
 false`` leaves it out). They are always saved as PNG files under ``<run dir>/figures/``; when
 the trainer has a :class:`~lightning.pytorch.loggers.WandbLogger` they are also logged as
-``wandb.Image``, together with the pseudolabel artifact file (a W&B artifact of type
-``pseudolabels``) and the resolved configuration of the run. Offline W&B (``WANDB_MODE=offline``)
+``wandb.Image`` (the method itself logs its pseudolabel artifact as a W&B artifact of type
+``pseudolabels``, figures or not), and the resolved configuration of the run. Offline W&B (``WANDB_MODE=offline``)
 works the same: everything lands in the offline run folder.
 """
 
@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from vlweak.runs import run_folder
+from vlweak.runs import run_folder, wandb_loggers
 
 
 # ---------------------------------------------------------------- the numbers behind the pictures
@@ -237,7 +237,6 @@ class EvaluationFigures(L.Callback):
             are labels).
         max_classes: classes in the per-class bar chart before it shows only the lowest and highest.
         folder: sub-folder of the run directory for the PNG files.
-        log_artifact: with a W&B logger, log the pseudolabel artifact file as a W&B artifact.
         log_config: with a W&B logger, add the resolved configuration of the run to its config.
     """
 
@@ -248,7 +247,6 @@ class EvaluationFigures(L.Callback):
         n_samples: int = 16,
         max_classes: int = 50,
         folder: str = "figures",
-        log_artifact: bool = True,
         log_config: bool = True,
     ) -> None:
         super().__init__()
@@ -258,7 +256,7 @@ class EvaluationFigures(L.Callback):
             raise ValueError(f"EvaluationFigures stages must be test and/or predict, got {sorted(unknown)}")
         self.n_bins, self.n_samples, self.max_classes = n_bins, n_samples, max_classes
         self.folder = folder
-        self.log_artifact, self.log_config = log_artifact, log_config
+        self.log_config = log_config
         #: the PNG files written by the last stage, by figure name
         self.saved: dict[str, Path] = {}
         self.ece: float | None = None
@@ -287,8 +285,7 @@ class EvaluationFigures(L.Callback):
             self.saved = self.draw_multilabel(out, names, stage, folder, trainer.datamodule, threshold)
         else:
             self.saved = self.draw(out, names, stage, folder, trainer.datamodule)
-        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
-        for logger in wandb_loggers:
+        for logger in wandb_loggers(trainer):
             self._to_wandb(logger, trainer, pl_module, stage, out)
 
     def draw(self, out: dict[str, Any], names: list[str], stage: str, folder: Path, datamodule: Any = None) -> dict[str, Path]:
@@ -424,13 +421,6 @@ class EvaluationFigures(L.Callback):
             images[f"{stage}/ece"] = self.ece
         if images:
             run.log(images)
-        artifact = out.get("artifact")
-        if self.log_artifact and artifact is not None and Path(artifact).is_file():
-            meta = {"stage": stage, "method": type(pl_module).__name__, "classes": len(pl_module.classnames)}
-            meta.update({k: v for k, v in getattr(pl_module, "last_metrics", {}).items()})
-            art = wandb.Artifact(f"pseudolabels-{stage}-{run.id}", type="pseudolabels", metadata=meta)
-            art.add_file(str(artifact))
-            run.log_artifact(art)
 
     @staticmethod
     def resolved_config(trainer: L.Trainer) -> dict[str, Any] | None:

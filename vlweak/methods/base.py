@@ -31,7 +31,7 @@ from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
 from vlweak.progress import follow_trainer, show_progress
 from vlweak.prompts.templates import resolve_templates
-from vlweak.runs import run_folder
+from vlweak.runs import log_wandb_artifact, run_folder, wandb_loggers
 
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
 
@@ -572,11 +572,23 @@ class VLMethod(ResumedStepNumbers, L.LightningModule):
             out = {k: v for k, v in out.items() if k not in ("target", "mask")}
         if out:
             self.finish(stage, out)
+            if stage != "val":
+                self.artifact_to_wandb(stage)
         elif stage != "val":  # (a fit's validation may be cut to nothing on purpose)
             raise ValueError(
                 f"the {self.split_of(stage)} split gave no image to {stage}: every one was skipped as "
                 "unreadable (skip_bad), or the split is empty; nothing to score or pseudolabel"
             )
+
+    def artifact_to_wandb(self, stage: str) -> None:
+        """With a W&B logger, the artifact ``stage`` wrote (and the ones written beside it, e.g. CHiLS's
+        sub-class artifact) becomes a W&B artifact of type ``pseudolabels``, with the stage's metrics."""
+        out = self.last_outputs
+        if self._trainer is None or self.global_rank != 0 or out.get("stage") != stage or not out.get("artifact"):
+            return
+        meta = {"stage": stage, "method": type(self).__name__, "classes": len(self.classnames), **self.last_metrics}
+        log_wandb_artifact(wandb_loggers(self.trainer), [out["artifact"], *out.get("companions", [])],
+                           f"pseudolabels-{stage}", meta)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_batch(batch, "val")

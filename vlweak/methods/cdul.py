@@ -50,6 +50,7 @@ from vlweak.methods.cdul_snippets import (
     snippet_embeddings,
 )
 from vlweak.metrics import multilabel_report
+from vlweak.runs import log_wandb_artifact, wandb_loggers
 from vlweak.prompts import text_classifier
 
 LABEL_EPS = 1e-4
@@ -342,8 +343,12 @@ class CDUL(VLMethod):
     def _write_split_artifact(self, name: str, split: str, scores: Tensor, index: Tensor, **prov: Any) -> Path | None:
         if self.artifact_path == "" or self._trainer is None:
             return None
-        return self.save_pseudolabels(f"pseudolabels-{split}-{name}.safetensors", split, scores, index,
+        path = self.save_pseudolabels(f"pseudolabels-{split}-{name}.safetensors", split, scores, index,
                                       stage=name, **prov)
+        if path is not None:  # rank 0: a W&B run keeps the train split's pseudolabels too (e.g. for DualCoOp)
+            log_wandb_artifact(wandb_loggers(self.trainer), [path], f"pseudolabels-{split}-{name}",
+                               {"stage": name, "split": split, "method": type(self).__name__, "classes": len(self.classnames)})
+        return path
 
     # ---------------------------------------------------------------- stage 2: training
     def on_fit_start(self) -> None:

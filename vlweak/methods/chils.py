@@ -270,4 +270,5 @@ class CHiLS(VLMethod):
         )
         path = main.with_name(main.name.replace(".safetensors", "-subclasses.safetensors"))
         self.last_subclass_artifact = labels.save(path)
+        self.last_outputs["companions"] = [self.last_subclass_artifact]  # logged to W&B with the main one
         return self.last_subclass_artifact
