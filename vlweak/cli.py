@@ -74,7 +74,9 @@ def plain_parse_error(message: str) -> str:
                 break
             block.append(inner.strip())
         if block:
-            return f"{lines[0].rstrip().rstrip(':')} ({found.group(2)}): {' '.join(b for b in block if b)}"
+            key = re.match(r'Parser key "([\w.]+)"', lines[0])
+            where = f" (--{key.group(1)}.help {found.group(2)} lists its options)" if key else ""
+            return f"{lines[0].rstrip().rstrip(':')} ({found.group(2)}): {' '.join(b for b in block if b)}{where}"
     return message
 
 

@@ -671,6 +671,7 @@ def test_an_option_of_fixed_values_lists_them_and_refuses_others_in_a_line(recip
     assert error and f"Expected a typing.Literal[{quoted}]. Got value: bogus" in error[0], err
     assert "Union subtypes" not in err and len(err.splitlines()) == 3, err  # usage, tip, error
     section = option.split(".")[0].lstrip("-")  # model / data
+    assert re.search(rf"\(--{section}\.help [\w.]+ lists its options\)$", error[0]), error[0]
     with pytest.raises(SystemExit):
         build_cli(["fit", "--config", str(REPO / "recipes" / recipe), f"--{section}.help",
                    yaml.safe_load((REPO / "recipes" / recipe).read_text())[section]["class_path"]])
