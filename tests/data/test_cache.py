@@ -69,6 +69,10 @@ def test_skip_bad_is_part_of_the_key(tmp_path, tiny_backbone, monkeypatch):
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         lenient.setup("test")
     assert len(lenient.datasets["test"]) == 9
+    again = datamodule(True)  # served from the cache: no image is read, the skipped ones still said
+    with pytest.warns(UserWarning, match="3 of the 12 images of the test split were skipped as unreadable"):
+        again.setup("test")
+    assert again.cache.hits == 1 and len(again.datasets["test"]) == 9
     strict = datamodule(False)
     with pytest.raises(ImageLoadError, match=r"dog.1\.png"):
         strict.setup("test")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import write_image_folder
+from tests.conftest import REPO, write_image_folder
 from vlweak.data import ImageFolderDataModule, ImageLoadError, ManifestDataModule, VocabularyError
 from vlweak.data.datasets import (
     ImageFolderReader,
@@ -198,6 +198,7 @@ def test_transformed_keeps_other_keys(tiny_backbone):
 def test_integer_labels_need_classnames(tmp_path):
     rows = "\n".join(f"{i}.png,{lab}" for i, lab in enumerate([0, 1, 2, 10, 2, -1]))
     (tmp_path / "idx.csv").write_text(f"path,label\n{rows}\n")
+    (tmp_path / "0.png").touch()  # the listed paths resolve (only the labels are read here)
     # sorted as text they would be classes ['-1', '0', '1', '10', '2'], silently wrong
     expected = f"labels of manifest {tmp_path / 'idx.csv'} look like class indices (e.g. ['-1', '0', '1', '2', '10'])"
     with pytest.raises(VocabularyError, match=re.escape(expected + ": give `classnames`")):
@@ -211,6 +212,7 @@ def test_integer_labels_need_classnames(tmp_path):
     ds = ManifestReader.read(tmp_path / "idx.csv", classnames=names)
     assert ds.labels == [0, 1, 2, 10, 2, -1] and ds.classnames == names
     (tmp_path / "mixed.csv").write_text("path,label\na.png,cat\nb.png,dog\n")
+    (tmp_path / "a.png").touch()
     assert ManifestReader.read(tmp_path / "mixed.csv").classnames == ["cat", "dog"]
 
 
@@ -437,3 +439,91 @@ def test_wordnet_id_folders_without_a_map_are_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ImageFolderReader.read(root, {"n01440764": "tench", "n01443537": "goldfish"}).classnames == ["tench", "goldfish"]
+
+
+# ---------------------------------------------------------------- real data as it comes
+def test_a_classnames_list_is_checked_against_folders_differing_in_case(tmp_path):
+    # folders sort as Square, circle, triangle: the list in another order would swap two classes' names
+    write_image_folder(tmp_path / "d", {"Square": 1, "circle": 1, "triangle": 1})
+    with pytest.raises(VocabularyError, match="lists its class folders in another order"):
+        ImageFolderReader.read(tmp_path / "d", ["circle", "square", "triangle"])
+    assert ImageFolderReader.read(tmp_path / "d", ["square", "circle", "triangle"]).classnames == ["square", "circle", "triangle"]
+
+
+def test_numbered_class_folders_take_a_map_not_a_list(tmp_path, caplog):
+    write_image_folder(tmp_path / "d", {str(k): 1 for k in range(1, 13)})  # Flowers-102 style: 1 ... 12
+    names = [f"flower {k}" for k in range(1, 13)]
+    with pytest.raises(VocabularyError, match=r"are numbers, .* sorted text order \(1, 10, 11, 12, \.\.\.\).*\{folder: name\} map"):
+        ImageFolderReader.read(tmp_path / "d", names)
+    ds = ImageFolderReader.read(tmp_path / "d", {str(k): f"flower {k}" for k in range(1, 13)})
+    assert [ds.classnames[lab] for lab in ds.labels] == [f"flower {f}" for f in sorted(map(str, range(1, 13)))]
+    with pytest.warns(UserWarning, match="are numbers .* 'a photo of a 1.'"):
+        ImageFolderReader.read(tmp_path / "d")
+    write_image_folder(tmp_path / "few", {str(k): 1 for k in range(1, 4)})  # 1, 2, 3 sort the same either way
+    assert ImageFolderReader.read(tmp_path / "few", ["a", "b", "c"]).classnames == ["a", "b", "c"]
+
+
+def test_system_folders_formats_and_loose_images(tmp_path):
+    root = write_image_folder(tmp_path / "d", {"cat": 2, "dog": 1})
+    write_image_folder(root / "__MACOSX", {"cat": 1})  # a macOS zip's shadow tree
+    write_image_folder(root / "cat" / "@eaDir", {"0.png": 1})  # a Synology NAS's thumbnails
+    Image.new("RGB", (8, 8)).save(root / "dog" / "extra.ppm")
+    Image.new("RGB", (8, 8)).save(root / "dog" / "photo.jfif", format="JPEG")
+    Image.new("RGB", (8, 8)).save(root / "loose.png")
+    with pytest.warns(UserWarning, match=r"1 image directly in .* \(e.g. loose.png\) is in no class folder"):
+        ds = ImageFolderReader.read(root)
+    assert ds.classnames == ["cat", "dog"]
+    assert sorted(os.path.relpath(p, root) for p in ds.paths) == [
+        "cat/0.png", "cat/1.png", "dog/0.png", "dog/extra.ppm", "dog/photo.jfif"]
+
+
+def test_class_folders_in_either_unicode_form_keep_one_order_across_splits(tmp_path):
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "círculo"), "círculo"
+    write_image_folder(tmp_path / "train", {nfd: 1, "cuadrado": 1})  # copied from macOS: as bytes before "cuadrado"
+    write_image_folder(tmp_path / "test", {nfc: 1, "cuadrado": 1})  # composed: as bytes after it
+    for split, folder in (("train", nfd), ("test", nfc)):
+        ds = ImageFolderReader.read(tmp_path / split)
+        assert ds.classnames == ["cuadrado", "círculo"]  # sorted in the composed form, whatever the disk's
+        assert [ds.labels[i] for i, p in enumerate(ds.paths) if os.path.basename(os.path.dirname(p)) == folder] == [1]
+    dm = ImageFolderDataModule(root=str(tmp_path), transform=lambda image: image)
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.classnames == ["cuadrado", "círculo"]
+
+
+def test_manifest_encodings_label_sets_and_paths(tmp_path):
+    write_image_folder(tmp_path / "img", {"cat": 2})
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,label\nimg/cat/0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text: byte b'\\xe9' at line 2 .* save it as UTF-8"):
+        ManifestReader.read(latin)
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_text("path,label\nimg/cat/0.png,café\n", encoding="utf-16")  # with its byte-order mark
+    assert ManifestReader.read(utf16).classnames == ["café"]
+    # a label set repeated in another order is the same labels; paths come with stray spaces
+    sets = tmp_path / "sets.csv"
+    sets.write_text("path,labels\n img/cat/0.png ,cat|dog\nimg/cat/0.png,dog|cat\nimg/cat/1.png,dog|dog\n")
+    ds = ManifestReader.read(sets)
+    assert ds.labels == [[0, 1], [1]] and ds.paths[0] == str(tmp_path / "img/cat/0.png")
+    url = tmp_path / "url.csv"
+    url.write_text("path,label\nhttps://example.com/a.jpg,cat\n")
+    with pytest.raises(ValueError, match=r"url.csv row 2: https://example.com/a.jpg is a URL"):
+        ManifestReader.read(url)
+    # paths relative to the working folder, not to the manifest's: named before any image is read
+    (tmp_path / "lists").mkdir()
+    cwd_rel = tmp_path / "lists" / "cwd.csv"
+    cwd_rel.write_text("path,label\nimg/cat/0.png,cat\nimg/cat/1.png,cat\n")
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(FileNotFoundError, match=r"none of its first 2 relative image paths \(e.g. img/cat/0.png\) is in "
+                           r".*lists, the folder they resolve against .* relative to the working folder"):
+            ManifestReader.read(cwd_rel)
+        assert len(ManifestReader.read(cwd_rel, root=".")) == 2
+    finally:
+        os.chdir(REPO)
+    nan = tmp_path / "nan.csv"
+    nan.write_text("path,label\nimg/cat/0.png,cat\nimg/cat/1.png,nan\n")
+    with pytest.warns(UserWarning, match="label 'nan' reads like a missing value"):
+        ManifestReader.read(nan)

@@ -188,3 +188,21 @@ def test_fine_tuning_on_a_caption_manifest_through_the_recipe(tmp_path, tiny_ckp
     before = _pair_loss(OpenCLIPBackbone("vlweak-tiny", pretrained=tiny_ckpt), manifest)
     after = _pair_loss(OpenCLIPBackbone("vlweak-tiny", pretrained=str(out)), manifest)
     assert after < before - 0.5, (before, after)
+
+
+def test_a_fit_whose_every_image_is_unreadable_stops_instead_of_exporting(tmp_path, tiny_ckpt):
+    # skip_bad (the manifest recipe's setting) with every image broken: an error, not untrained weights
+    from tests.conftest import REPO, write_caption_manifest
+    from vlweak.cli import build_cli
+
+    manifest = write_caption_manifest(tmp_path / "pairs", 8, bad=8)
+    out = tmp_path / "tuned.safetensors"
+    with pytest.raises(ValueError, match=r"epoch 0: every image of the train split was skipped as unreadable \(1 batches"):
+        build_cli(["fit", "--config", str(REPO / "recipes/pretrain/manifest.yaml"),
+                   "--model.init_args.backbone.init_args.model_name=vlweak-tiny",
+                   f"--model.init_args.backbone.init_args.pretrained={tiny_ckpt}", "--trainer.precision=32",
+                   "--trainer.accelerator=cpu", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+                   f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--data.init_args.train={manifest}",
+                   "--data.init_args.val=null", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+                   f"--model.init_args.export_path={out}"])
+    assert not out.exists()

@@ -31,6 +31,7 @@ from vlweak.data.datasets import (
     data_loader,
     image_files,
     list_class_folders,
+    _nfc,
     load_classnames,
     validate_classnames,
 )
@@ -322,6 +323,9 @@ class VLDataModule(L.LightningDataModule):
             return image_embeddings(backbone, base, transform, self.cache, self.batch_size, workers, f"encoding {split}")
 
         out = fill_once_per_node(strategy, lambda: encode(self.num_workers), lambda: encode(0))
+        if len(out["index"]) < len(base):  # a cached entry remembers the images it could not read; say so
+            rank_zero_warn(f"{len(base) - len(out['index'])} of the {len(base)} images of the {split} split were "
+                           "skipped as unreadable when their features were encoded (skip_bad)")
         return FeatureDataset(out["features"], out["index"], raw)
 
     # ---------------------------------------------------------------- loaders
@@ -643,7 +647,7 @@ class ImageFolderDataModule(VLDataModule):
             # compared before reading: a classnames list given for fewer folders would fail on the count
             folders = list_class_folders(path)
             # a split of unlabeled images (no class folders) takes the vocabulary as given
-            if folders != self._class_folders and folders and self._class_folders:
+            if [_nfc(f) for f in folders] != [_nfc(f) for f in self._class_folders] and folders and self._class_folders:
                 raise ValueError(self._class_mismatch(path, folders))
             ds = ImageFolderReader.read(path, self.classname_map if folders else self._classnames, skip_bad=self.skip_bad)
         if ds.classnames != self._classnames:
@@ -653,8 +657,8 @@ class ImageFolderDataModule(VLDataModule):
     def _class_mismatch(self, path: Path, folders: list[str]) -> str:
         """Which class folders ``path`` lacks, or has that the first split lacks."""
         ref = self._class_folders
-        missing = [f for f in ref if f not in folders]
-        extra = [f for f in folders if f not in ref]
+        missing = [f for f in ref if _nfc(f) not in {_nfc(g) for g in folders}]
+        extra = [f for f in folders if _nfc(f) not in {_nfc(g) for g in ref}]
         details = []
         if missing:
             details.append(f"{path} lacks {missing} (present in {self._first_split})")

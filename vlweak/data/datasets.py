@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -20,14 +21,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from vlweak.data.world import ShapesWorld, Task, label_of, multilabel_target
 from vlweak.distributed import worker_start_method
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm")
+#: folders that archive tools and file servers put beside or inside class folders: never classes or images
+#: (macOS zip's __MACOSX, Synology's @eaDir thumbnails, NAS and Windows recycle bins)
+SYSTEM_FOLDERS = frozenset({"__MACOSX", "@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information"})
+
+
+def _is_listed(name: str) -> bool:
+    """Whether a folder named ``name`` holds data (hidden and system folders do not)."""
+    return not name.startswith(".") and name not in SYSTEM_FOLDERS
 #: manifest file suffixes (compared case-insensitively) and their formats
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
 
@@ -326,8 +335,23 @@ def _nfc(name: str) -> str:
 
 
 def list_class_folders(root: Path) -> list[str]:
-    """The sorted names of the class folders of ``root`` (its sub-folders, hidden ones left out)."""
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """The sorted names of the class folders of ``root`` (its sub-folders; hidden ones and those of
+    archive tools and file servers, :data:`SYSTEM_FOLDERS`, left out)."""
+    # sorted in one Unicode form: a split copied from macOS (decomposed accents) keeps the class order
+    return sorted((d.name for d in root.iterdir() if d.is_dir() and _is_listed(d.name)), key=_nfc)
+
+
+def _refuse_numbers_in_text_order(root: Path, folders: list[str]) -> None:
+    """Class folders named by numbers (``1`` ... ``102``) sort as text (``1, 10, 100, 101, 102, 11``):
+    a list of names in class-id order would go to the wrong folders, so a list is refused for them."""
+    if len(folders) < 2 or not all(f.strip().isdigit() for f in folders):
+        return
+    if folders != sorted(folders, key=lambda f: int(f)):
+        raise VocabularyError(
+            f"the class folders of {root} are numbers, and a classnames list names the folders in their sorted "
+            f"text order ({', '.join(folders[:4])}, ...), not by number: give a {{folder: name}} map "
+            "(e.g. {'1': name, '2': name}; a .json / .yaml file)"
+        )
 
 
 class ImageFolderReader:
@@ -366,13 +390,19 @@ class ImageFolderReader:
             if len(names) != len(folders):
                 raise VocabularyError(f"{len(names)} class names given for {len(folders)} class folders in {root}")
             folder_names = [clean_classname(_nfc(f)) for f in folders]
-            if names != folder_names and sorted(names) == sorted(folder_names):
+            fold = [n.casefold() for n in names]
+            if fold != [n.casefold() for n in folder_names] and sorted(fold) == sorted(n.casefold() for n in folder_names):
                 # the folders' own names in another order: each folder would take another's name
                 raise VocabularyError(
                     f"classnames for {root} lists its class folders in another order ({names}); a list names "
                     f"the folders in their sorted order ({folder_names}): give it in that order, or map "
                     "folder to name ({folder: name})"
                 )
+            _refuse_numbers_in_text_order(root, folders)
+            if not set(fold) & {n.casefold() for n in folder_names}:  # nothing to check the pairing by: show it
+                pairs = ", ".join(f"{f} -> {n}" for f, n in list(zip(folders, names))[:6])
+                rank_zero_info(f"class folders of {root} take the classnames in sorted folder order: {pairs}"
+                               f"{' ...' if len(folders) > 6 else ''} (a {{folder: name}} map pairs them explicitly)")
         else:
             names = [clean_classname(_nfc(f)) for f in folders]
             wnids = [f for f in folders if re.fullmatch(r"n\d{8}", f)]
@@ -380,6 +410,13 @@ class ImageFolderReader:
                 rank_zero_warn(
                     f"the class folders of {root} are WordNet ids ({wnids[:3]} ...): the prompts would read "
                     f"'a photo of a {wnids[0]}.'; give classnames, a {{folder: name}} map (a .json / .yaml / .txt file)",
+                    stacklevel=2,
+                )
+            numbers = [f for f in folders if f.strip().isdigit()]
+            if len(numbers) > len(folders) // 2:
+                rank_zero_warn(
+                    f"the class folders of {root} are numbers ({numbers[:3]} ...): the prompts would read "
+                    f"'a photo of a {numbers[0]}.'; give classnames as a {{folder: name}} map (a .json / .yaml file)",
                     stacklevel=2,
                 )
         names = validate_classnames(names, f"classes of {root}")
@@ -393,6 +430,13 @@ class ImageFolderReader:
                 empty.append(f"{root / folder} ({names[k]!r})")
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        loose = image_files(root)
+        if loose:  # beside the class folders: of no class, and not read
+            rank_zero_warn(
+                f"{len(loose)} image{'s' if len(loose) > 1 else ''} directly in {root} (e.g. {loose[0].name}) "
+                f"{'are' if len(loose) > 1 else 'is'} in no class folder and left out; move them into their class folders",
+                stacklevel=2,
+            )
         if empty:
             # a class absent from one split is legitimate (the vocabulary is shared by all splits)
 
@@ -422,7 +466,7 @@ class ImageFolderReader:
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The image files directly in ``folder``, sorted; hidden files (macOS ``._x.png`` resource
     forks, ``.DS_Store``) are not images. ``recursive``: those of its sub-folders too (hidden
-    folders left out), each folder's own first, as torchvision's ``ImageFolder`` reads a class."""
+    and :data:`SYSTEM_FOLDERS` left out), each folder's own first, as torchvision's ``ImageFolder`` reads a class."""
     def images(paths: list[Path]) -> list[Path]:
         return [f for f in sorted(paths) if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")]
 
@@ -436,7 +480,7 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if _is_listed(d))
         found += images([Path(here) / f for f in files])
     return found
 
@@ -463,20 +507,32 @@ def _json_lines(path: Path, text: str) -> list[Any]:
     return rows
 
 
+def _manifest_text(path: Path) -> str:
+    """A manifest's text: UTF-8 (a spreadsheet's byte-order mark dropped) or UTF-16 with its mark
+    (Excel's "Unicode text"); another encoding is refused with its position, not a traceback."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"manifest {path} is not {encoding.split('-sig')[0].upper()} text: byte {data[err.start:err.start + 1]!r} "
+            f"at line {line} (a spreadsheet saved in a local encoding such as Latin-1?); save it as UTF-8 (CSV UTF-8)"
+        ) from None
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a manifest: CSV with a header, JSON Lines (one object a line) or JSON (an array
     of objects, or JSON Lines in a ``.json`` file)."""
     fmt = manifest_format(path)
+    text = _manifest_text(path)
     if fmt == "csv":
-        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name; nor is
-        # the space after a comma ("path, label")
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames:
-                reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            return list(reader)
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+        # the space after a comma ("path, label") is not part of a column's name
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        return list(reader)
     rows: Any = None
     if fmt == "json":
         try:
@@ -529,6 +585,22 @@ def _split_commas(labels: list[str], known: set[str] | None) -> list[str]:
         else:
             out.append(lab)
     return out
+
+
+def _check_root(manifest: Path, listed: list[str], base: Path, root: Any) -> None:
+    """A manifest whose first relative paths are all missing under ``base`` names them against
+    another folder: refused, naming the folder they were resolved against (and the working folder,
+    when they are there), before a run skips or fails on every image."""
+    sample = [p for p in listed if not Path(p).expanduser().is_absolute()][:20]
+    if not sample or any((base / p).exists() for p in sample):
+        return
+    here = sum(Path(p).exists() for p in sample)
+    hint = (f"they are relative to the working folder ({os.getcwd()}): pass --data.init_args.root=. (or absolute paths)"
+            if here else "set root to the folder they are relative to")
+    raise FileNotFoundError(
+        f"manifest {manifest}: none of its first {len(sample)} relative image paths (e.g. {sample[0]}) is in "
+        f"{base}, the folder they resolve against ({'root' if root else 'the manifest folder; root unset'}); {hint}"
+    )
 
 
 class ManifestReader:
@@ -590,6 +662,11 @@ class ManifestReader:
                     "in index order), the class vocabulary cannot be read from numbers"
                 )
             names = sorted(found)
+            blank = [n for n in names if n.strip().lower() in ("nan", "none", "null", "n/a", "na")]
+            if blank:  # a missing value written out as text by a data-frame library
+                rank_zero_warn(f"manifest {manifest}: label {blank[0]!r} reads like a missing value written as text, "
+                               "and is taken as a class of its own: leave the cell empty for an unlabeled image, or give "
+                               "classnames", stacklevel=2)
         else:
             names = list(classnames)
         if names or not caption_key:  # image-caption pairs may come without classes
@@ -616,9 +693,16 @@ class ManifestReader:
                     )
             if not multilabel and len(ids) > 1:
                 raise VocabularyError(f"{manifest} row {n} ({row['path']}): several labels in a single-label manifest")
-            p = Path(row["path"])
+            if multilabel:
+                ids = sorted(set(ids))  # a label set: its order and repeats say nothing
+            text = str(row["path"]).strip()
+            if "://" in text:
+                raise ValueError(f"{manifest} row {n}: {text} is a URL; vlweak reads image files: download the "
+                                 "images and list their local paths")
+            p = Path(text).expanduser()
             paths.append(str(p if p.is_absolute() else base / p))
             labels.append((None if none else ids) if multilabel else (ids[0] if ids else -1))
+        _check_root(manifest, [str(r["path"]).strip() for r in rows], base, root)
         if caption_key:  # image-caption pairs: an image may come with several captions
             return CaptionedImages(LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad),
                                    [str(r[caption_key]) for r in rows])

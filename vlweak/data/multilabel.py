@@ -248,7 +248,7 @@ class VocReader:
             listing = root / "ImageSets" / "Main" / f"{image_set}.txt"
             if not listing.is_file():
                 raise FileNotFoundError(f"VOC image set not found: {listing}")
-            ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+            ids = [line.split()[0] for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
             if not ids:
                 raise AnnotationError(f"{listing}: empty image set")
         else:

@@ -115,11 +115,38 @@ class ResumedStepNumbers:
             self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
 
+class StopsOnUnreadableEpochs:
+    """Mixin of a training ``LightningModule``: an epoch whose every batch came empty (each image
+    skipped as unreadable, ``skip_bad``) trained nothing, and the fit stops there with an error
+    rather than export or keep an untrained model."""
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._batches_seen = self._batches_fed = 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self._batches_seen = getattr(self, "_batches_seen", 0) + 1
+        self._batches_fed = getattr(self, "_batches_fed", 0) + bool(batch)  # {}: every image of it skipped
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        seen, fed = getattr(self, "_batches_seen", 0), getattr(self, "_batches_fed", 0)
+        if self.trainer.world_size > 1:  # every rank: one sum, one verdict
+            both = self.trainer.strategy.reduce(torch.tensor([seen, fed], dtype=torch.float, device=self.device), reduce_op="sum")
+            seen, fed = int(both[0]), int(both[1])
+        if seen and not fed:
+            raise ValueError(
+                f"epoch {self.current_epoch}: every image of the train split was skipped as unreadable "
+                f"({seen} batches; skip_bad names each above): nothing was trained; check the image paths"
+            )
+
+
 def _built_words(built: dict[str, str]) -> str:
     return f"{built.get('class', 'backbone')}({built.get('model', '')!r}, weights {built.get('weights', '')!r})"
 
 
-class VLMethod(ResumedStepNumbers, L.LightningModule):
+class VLMethod(ResumedStepNumbers, StopsOnUnreadableEpochs, L.LightningModule):
     """Base of vlweak's methods.
 
     Args:

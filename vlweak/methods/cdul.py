@@ -426,6 +426,7 @@ class CDUL(VLMethod):
         return self.label_scale != 0 and self.current_epoch >= self.label_warmup_epochs
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # an epoch of unreadable images alone is an error
         if self.trainer.world_size > 1 and self._label_steps():
             # share every rank's Y-steps so all ranks hold the same labels; every rank joins, also
             # one whose batches were all skipped as unreadable

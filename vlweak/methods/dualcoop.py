@@ -440,6 +440,7 @@ class DualCoOp(VLMethod):
                 and self.trainer.world_size > 1)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # an epoch of unreadable images alone is an error
         parts, self._train_outputs = self._train_outputs, []
         if self.labeler is None:
             return

@@ -27,7 +27,7 @@ from torch import Tensor
 from vlweak.backbones import Backbone, OpenCLIPBackbone
 from vlweak.data.cache import atomic_save_tensors
 from vlweak.distributed import gather_rows
-from vlweak.methods.base import ResumedStepNumbers, check_options, own_backbone
+from vlweak.methods.base import ResumedStepNumbers, StopsOnUnreadableEpochs, check_options, own_backbone
 
 
 # prefixes that wrappers (nested FSDP units, activation checkpointing, torch.compile) put in parameter names
@@ -47,7 +47,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-class CLIPPretrain(ResumedStepNumbers, L.LightningModule):
+class CLIPPretrain(ResumedStepNumbers, StopsOnUnreadableEpochs, L.LightningModule):
     """Contrastive image-text pretraining (symmetric InfoNCE, learnable temperature).
 
     Args:
