@@ -523,6 +523,14 @@ def test_manifest_encodings_label_sets_and_paths(tmp_path):
         assert len(ManifestReader.read(cwd_rel, root=".")) == 2
     finally:
         os.chdir(REPO)
+    semi = tmp_path / "semi.csv"  # a spreadsheet of a ';'-separated locale, its columns capitalised
+    semi.write_text("Path;Label\nimg/cat/0.png;cat\nimg/cat/1.png;dog\n")
+    assert ManifestReader.read(semi).labels == [0, 1]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,label\nimg/cat/0.png,\nimg/cat/1.png,\n")
+    with pytest.raises(VocabularyError, match="no row has a label in its 'label' column"):
+        ManifestReader.read(empty)
+    assert ManifestReader.read(empty, classnames=["cat", "dog"]).labels == [-1, -1]
     nan = tmp_path / "nan.csv"
     nan.write_text("path,label\nimg/cat/0.png,cat\nimg/cat/1.png,nan\n")
     with pytest.warns(UserWarning, match="label 'nan' reads like a missing value"):

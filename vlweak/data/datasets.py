@@ -522,16 +522,26 @@ def _manifest_text(path: Path) -> str:
         ) from None
 
 
+def _column_name(name: str) -> str:
+    """A CSV header cell as a column name: stripped; ``path`` / ``label`` / ``labels`` in any case."""
+    name = name.strip()
+    return name.lower() if name.lower() in ("path", "label", "labels") else name
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a manifest: CSV with a header, JSON Lines (one object a line) or JSON (an array
     of objects, or JSON Lines in a ``.json`` file)."""
     fmt = manifest_format(path)
     text = _manifest_text(path)
     if fmt == "csv":
-        # the space after a comma ("path, label") is not part of a column's name
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = text.split("\n", 1)[0]
+        # a spreadsheet in a locale whose list separator is ';' (or a tab-separated export)
+        delimiter = "," if "," in header else next((d for d in ";\t" if d in header), ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         if reader.fieldnames:
-            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            # the space after a comma ("path, label") is not part of a column's name, nor the case of
+            # vlweak's own columns ("Path", "Label")
+            reader.fieldnames = [_column_name(name) for name in reader.fieldnames]
         return list(reader)
     rows: Any = None
     if fmt == "json":
@@ -662,6 +672,11 @@ class ManifestReader:
                     "in index order), the class vocabulary cannot be read from numbers"
                 )
             names = sorted(found)
+            if not names and key and not caption_key:
+                raise VocabularyError(
+                    f"manifest {manifest}: no row has a label in its {key!r} column, so there is no class "
+                    "vocabulary to read: give classnames to pseudolabel its images as unlabeled"
+                )
             blank = [n for n in names if n.strip().lower() in ("nan", "none", "null", "n/a", "na")]
             if blank:  # a missing value written out as text by a data-frame library
                 rank_zero_warn(f"manifest {manifest}: label {blank[0]!r} reads like a missing value written as text, "
