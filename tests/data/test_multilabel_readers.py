@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,11 @@ def test_coco_reader_errors(tmp_path):
         CocoReader.read(full, on_empty="Skip")
     with pytest.raises(ValueError, match="on_empty must be .* got 'drop'"):
         CocoDataModule(train=str(full), on_empty="drop")
+    # another split's file listing the same categories in another order: said so, not just "differ"
+    with pytest.raises(VocabularyError, match="differ from the given class names .*: same names, different order"):
+        CocoReader.read(full, classnames=["dog", "person", "traffic light"])
+    with pytest.raises(VocabularyError, match=r"missing \['cat'\], extra \['dog'\]"):
+        CocoReader.read(full, classnames=["person", "traffic light", "cat"])
 
 
 def test_coco_datamodule_and_saved_mask(tmp_path):
@@ -227,3 +233,11 @@ def test_a_voc_filename_without_extension_is_the_ids_jpeg(tmp_path):
     (root / "JPEGImages" / "000001.png").rename(root / "JPEGImages" / "000001.jpg")
     ds = VocReader.read(root)
     assert ds.paths == [str(root / "JPEGImages" / "000001.jpg")] and ds[0]["image"].size == (8, 8)
+
+
+def test_voc_image_set_with_a_byte_order_mark(tmp_path):
+    root = write_voc(tmp_path / "voc", {"000001": [("dog", 0)], "000002": [("cat", 0)]})
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("000001\r\n000002\r\n", encoding="utf-8-sig")
+    ds = VocReader.read(root, image_set="trainval")
+    assert [os.path.basename(p) for p in ds.paths] == ["000001.png", "000002.png"]

@@ -24,6 +24,7 @@ from vlweak.data.datasets import (
     first_listings,
     load_classnames,
     validate_classnames,
+    vocabulary_difference,
 )
 
 OnEmpty = Literal["error", "skip", "keep"]
@@ -176,7 +177,10 @@ class CocoReader:
             cat_index = {cid: remap.get(i, -1) for cid, i in cat_index.items()}  # -1: dropped
             names = wanted
         if classnames is not None and [clean_classname(c) for c in classnames] != names:
-            raise VocabularyError(f"categories of {path} ({names[:5]}...) differ from the given class names ({list(classnames)[:5]}...)")
+            given = [clean_classname(c) for c in classnames]
+            raise VocabularyError(f"categories of {path} differ from the given class names (under CocoDataModule, "
+                                  f"the first split's): {vocabulary_difference(given, names)}; give the splits one category "
+                                  "list, in one order (or `categories` to choose and order them)")
         images: dict[Any, str] = {}
         for n, im in enumerate(data["images"]):
             if "id" not in im or "file_name" not in im:
