@@ -535,3 +535,11 @@ def test_manifest_encodings_label_sets_and_paths(tmp_path):
     nan.write_text("path,label\nimg/cat/0.png,cat\nimg/cat/1.png,nan\n")
     with pytest.warns(UserWarning, match="label 'nan' reads like a missing value"):
         ManifestReader.read(nan)
+
+
+def test_a_list_matching_no_folder_name_shows_the_pairing(tmp_path, caplog):
+    # photos sorted into year folders, named with a vocabulary: the folders become those classes, in order
+    write_image_folder(tmp_path / "photos", {"2023": 1, "2024": 1, "2025": 1})
+    with caplog.at_level("INFO"):
+        ImageFolderReader.read(tmp_path / "photos", ["circle", "square", "triangle"])
+    assert "take the classnames in sorted folder order: 2023 -> circle, 2024 -> square, 2025 -> triangle" in caplog.text
