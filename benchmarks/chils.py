@@ -106,6 +106,7 @@ def head_at_scale(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     ch.classifier = normalize(torch.randn(c + c * k, d, generator=g), dim=1).to(args.device)
     ch.parent = LabelHierarchy(tree).subclass_to_parent(names).to(args.device)
     ch.temperature = 0.01
+    ch._built_for = ch._classifier_inputs()  # the classifier set above is the one to use, not rebuilt from the text
     zs_w = ch.classifier[:c]
     feats = normalize(torch.randn(n, d, generator=g), dim=1).to(args.device)
     with torch.no_grad():

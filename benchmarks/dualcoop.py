@@ -150,10 +150,12 @@ def from_files(args: argparse.Namespace, archs: list[str], precision: str, devic
         for setting, cache_gb, serve in settings:
             torch.manual_seed(0)
             backbone = OpenCLIPBackbone(arch, pretrained=None, precision=precision)
-            m = DualCoOp(backbone=backbone, classnames=names, n_ctx=args.n_ctx, save_mask=False, region_cache_gb=cache_gb)
+            dm = ManifestDataModule(train=str(manifest), batch_size=args.batch, num_workers=workers, label_fraction=0.5)
+            # the manifest's vocabulary (its names sorted), as the CLI links it
+            m = DualCoOp(backbone=backbone, classnames=dm.classnames, n_ctx=args.n_ctx, save_mask=False,
+                         region_cache_gb=cache_gb)
             if not serve:  # the ablation: features kept, the loader still reads and decodes every image
                 m._serve_labels_of_kept = lambda dm: None
-            dm = ManifestDataModule(train=str(manifest), batch_size=args.batch, num_workers=workers, label_fraction=0.5)
             timer = EpochTimes()
             L.Trainer(max_epochs=args.file_epochs, accelerator=device.type, devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
