@@ -500,7 +500,7 @@ def newest_last_checkpoint(trainer: L.Trainer, required: bool = True) -> str | N
 DESCRIPTION = (
     "vlweak: vision-language weak supervision on Lightning. Run a recipe: "
     "`vlweak test --config recipes/quickstart.yaml` (zero-shot pseudolabels); every method "
-    "(ZeroShot, CHiLS, ZLaP, DualCoOp, PromptTuning, CDUL, CLIPPretrain) has recipes under recipes/. "
+    "(ZeroShot, CHiLS, ZLaP, CoOp, DualCoOp, PromptTuning, CDUL, CLIPPretrain) has recipes under recipes/. "
     "`vlweak fit --model.help PromptTuning` lists a method's arguments, `--data.help ImageFolderDataModule` "
     "a data module's; `--print_config` prints a run's complete configuration."
 )

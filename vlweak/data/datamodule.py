@@ -528,8 +528,9 @@ class ShapesWorldDataModule(VLDataModule):
 
 
 class ImageFolderDataModule(VLDataModule):
-    """Image folders, one sub-folder per class: ``root/{train,val,test}/<class>/<image>``; a root
-    without split folders is used as the test split (zero-shot evaluation of a whole folder).
+    """Image folders, one sub-folder per class (``root/{train,val,test}/<class>/<image>``).
+
+    A root without split folders is used as the test split (zero-shot evaluation of a whole folder).
 
     A folder of images without class sub-folders (the root, or a split folder such as an unlabeled
     ``train`` pool beside a labelled ``test``) holds unlabeled images, pseudolabelled with the

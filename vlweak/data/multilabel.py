@@ -302,8 +302,10 @@ class VocReader:
 
 # ---------------------------------------------------------------------------- data modules
 class CocoDataModule(VLDataModule):
-    """COCO-style multi-label data (e.g. MS-COCO 2014: train on ``instances_train2014.json``,
-    evaluate on ``instances_val2014.json``, as DualCoOp does).
+    """COCO-style multi-label data from ``instances_*.json`` annotation files.
+
+    E.g. MS-COCO 2014: train on ``instances_train2014.json``, evaluate on ``instances_val2014.json``,
+    as DualCoOp does.
 
     Args:
         train: instances JSON of the train split.

@@ -124,7 +124,9 @@ class CDUL(VLMethod):
             (training-free initial pseudolabels of the split, for ``vlweak test``/``predict``).
         snippet_batch_size: images per batch of the snippet pass (``grid²`` crops each).
         cache_dir: embedding cache folder (default: the data module's, else ``$VLWEAK_CACHE``).
-        artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+        artifact_path: where test/predict write the pseudolabel artifact (default
+            ``<log dir>/pseudolabels-<stage>.safetensors``); a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     def __init__(

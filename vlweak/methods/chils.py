@@ -113,7 +113,7 @@ class CHiLS(VLMethod):
         backbone: the CLIP-family model (default: the shipped ``vlweak-shapes`` model).
         classnames: class vocabulary; set by the CLI from the data module.
         multilabel: must be ``False`` (CHiLS is single-label); set by the CLI from the data module.
-        hierarchy: the sub-classes of each class: an inline mapping ``{class: [sub-class, ...]}``
+        hierarchy: (required) the sub-classes of each class: an inline mapping ``{class: [sub-class, ...]}``
             (nested mappings for deeper trees), a built-in name (``shapes``, ``cifar100``,
             ``cifar20-true``, ``cifar20-10``, ...) or a ``.json``/``.yaml``/``.csv`` file; see
             :class:`~vlweak.labels.LabelHierarchy`.
@@ -130,7 +130,9 @@ class CHiLS(VLMethod):
         temperature: softmax temperature; ``null`` uses the backbone's learned ``logit_scale``.
         cache_text: keep the class/sub-class text embeddings in the embedding cache.
         subclass_artifact: also write the sub-class scores/predictions artifact (``N × S`` floats).
-        artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+        artifact_path: where test/predict write the pseudolabel artifact (default
+            ``<log dir>/pseudolabels-<stage>.safetensors``); a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     def __init__(

@@ -59,7 +59,9 @@ class CoOp(PromptTuning):
             started again restores its prompt instead of training again.
         resume: reuse ``rounds_dir`` when it holds this run's files.
         seed: seed of the context initialisation and of the data order.
-        artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+        artifact_path: where test/predict write the pseudolabel artifact (default
+            ``<log dir>/pseudolabels-<stage>.safetensors``); a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     def __init__(

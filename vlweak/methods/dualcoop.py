@@ -157,7 +157,9 @@ class DualCoOp(VLMethod):
             again; the train loader then serves those images' labels alone, without reading or
             decoding the image. The built-in world's 2,000 scenes take 32 MiB; COCO's 82,783 at
             ViT-B/32, 224 px, 7.7 GiB (the first half of them within the default). 0 encodes every step.
-        artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+        artifact_path: where test/predict write the pseudolabel artifact (default
+            ``<log dir>/pseudolabels-<stage>.safetensors``); a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     classnames_at_construction = True

@@ -119,7 +119,9 @@ class PromptTuning(VLMethod):
             than a fresh start (README).
         seed: seed of each round's prompt initialisation and data order (round ``r`` uses
             ``seed + r``), so a resumed run repeats what an uninterrupted one does.
-        artifact_path: pseudolabel artifact of test/predict (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+        artifact_path: where test/predict write the pseudolabel artifact (default
+            ``<log dir>/pseudolabels-<stage>.safetensors``); a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     classnames_at_construction = True

@@ -31,7 +31,9 @@ class ZeroShot(VLMethod):
             ``.json`` / ``.yaml`` file of them.
         temperature: softmax temperature; ``null`` uses the backbone's learned ``logit_scale``.
         threshold: multi-label only: a class is a hard pseudolabel when its score reaches this.
-        artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+        artifact_path: where test/predict write the pseudolabel artifact (default
+            ``<log dir>/pseudolabels-<stage>.safetensors``); a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     def __init__(

@@ -106,7 +106,9 @@ class ZLaP(VLMethod):
         subclass_reduce: a class's score from its sub-classes' propagated scores: ``sum`` (the
             label mass that reached the image from all of them) or ``max``.
         threshold: multi-label only: a class is a hard pseudolabel when its confidence reaches this.
-        artifact_path: pseudolabel artifact path (default ``<log dir>/pseudolabels-<stage>.safetensors``).
+        artifact_path: where test/predict write the pseudolabel artifact (default
+            ``<log dir>/pseudolabels-<stage>.safetensors``); a folder (an existing one, or a path ending in
+            ``/``) holds ``pseudolabels-<stage>.safetensors``; ``""`` writes none.
     """
 
     def __init__(
