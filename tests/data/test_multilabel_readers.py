@@ -241,3 +241,10 @@ def test_voc_image_set_with_a_byte_order_mark(tmp_path):
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("000001\r\n000002\r\n", encoding="utf-8-sig")
     ds = VocReader.read(root, image_set="trainval")
     assert [os.path.basename(p) for p in ds.paths] == ["000001.png", "000002.png"]
+
+
+def test_coco_images_without_objects_left_out_are_counted(tmp_path, caplog):
+    path = write_coco(tmp_path / "c")  # image 3 has no annotation
+    with caplog.at_level("INFO"):
+        assert len(CocoReader.read(path, on_empty="skip")) == 3
+    assert "1 of its 4 images have no annotated object" in caplog.text

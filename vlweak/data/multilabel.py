@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from vlweak.data.datamodule import VLDataModule
 from vlweak.data.datasets import (
@@ -211,6 +212,9 @@ class CocoReader:
             listed.append(image_id)
         if not paths:
             raise AnnotationError(f"{path}: empty annotation: no image has an annotated object")
+        if len(paths) < len(images):  # on_empty: skip (the usual practice): how many, said once
+            rank_zero_info(f"{path}: {len(images) - len(paths)} of its {len(images)} images have no annotated object "
+                           "(of the chosen categories) and are left out (on_empty: keep keeps them as all-negative)")
         keep = first_listings(paths, targets, lambda i: f"image id {listed[i]!r}", str(path))
         return MultiLabelImages([paths[i] for i in keep], [targets[i] for i in keep], names, skip_bad=skip_bad)
 
