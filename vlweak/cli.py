@@ -31,7 +31,7 @@ from vlweak.data.datamodule import VLDataModule
 from vlweak.methods.base import has_training_step
 from vlweak.noise import quiet_known_noise
 from vlweak.progress import show_progress
-from vlweak.runs import run_folder, runs_root
+from vlweak.runs import run_folder, runs_root, wandb_loggers
 
 
 class HelpFormatter(DefaultHelpFormatter):
@@ -161,10 +161,9 @@ class SaveRunConfig(SaveConfigCallback):
         every subcommand: a sweep's runs can be filtered by any setting, not only the swept ones."""
         import yaml
 
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                config = yaml.safe_load(dump_everything(self.parser, self.config))
-                logger.experiment.config.update({"resolved_config": config}, allow_val_change=True)
+        for logger in wandb_loggers(trainer):
+            config = yaml.safe_load(dump_everything(self.parser, self.config))
+            logger.experiment.config.update({"resolved_config": config}, allow_val_change=True)
 
 
 def _is_lightning_checkpoint(path: Path) -> bool:

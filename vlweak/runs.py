@@ -44,22 +44,19 @@ def wandb_loggers(trainer: L.Trainer) -> list:
     return [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
 
 
-def log_wandb_artifact(loggers: list, files: list, name: str, metadata: dict | None = None,
-                       kind: str = "pseudolabels") -> list[str]:
-    """Log ``files`` as one W&B artifact (of type ``kind``, named ``<name>-<run id>``) to each of the
-    W&B ``loggers`` (:func:`wandb_loggers`); call it on rank 0, where the files are. Returns the
-    names of the artifacts logged."""
+def log_wandb_artifact(trainer: L.Trainer, files: list, name: str, metadata: dict | None = None,
+                       kind: str = "pseudolabels") -> None:
+    """Log ``files`` as one W&B artifact (of type ``kind``, named ``<name>-<run id>``) to each W&B
+    logger of ``trainer`` (none: nothing to do); call it on rank 0, where the files are."""
+    loggers = wandb_loggers(trainer)
     files = [Path(f) for f in files if f is not None and Path(f).is_file()]
     if not loggers or not files:
-        return []
+        return
     import wandb
 
-    logged = []
     for logger in loggers:
         run = logger.experiment
         art = wandb.Artifact(f"{name}-{run.id}", type=kind, metadata=metadata or {})
         for f in files:
             art.add_file(str(f))
         run.log_artifact(art)
-        logged.append(art.name)
-    return logged

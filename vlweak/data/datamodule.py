@@ -658,8 +658,9 @@ class ImageFolderDataModule(VLDataModule):
     def _class_mismatch(self, path: Path, folders: list[str]) -> str:
         """Which class folders ``path`` lacks, or has that the first split lacks."""
         ref = self._class_folders
-        missing = [f for f in ref if _nfc(f) not in {_nfc(g) for g in folders}]
-        extra = [f for f in folders if _nfc(f) not in {_nfc(g) for g in ref}]
+        have, had = {_nfc(g) for g in folders}, {_nfc(g) for g in ref}
+        missing = [f for f in ref if _nfc(f) not in have]
+        extra = [f for f in folders if _nfc(f) not in had]
         details = []
         if missing:
             details.append(f"{path} lacks {missing} (present in {self._first_split})")

@@ -390,8 +390,8 @@ class ImageFolderReader:
             if len(names) != len(folders):
                 raise VocabularyError(f"{len(names)} class names given for {len(folders)} class folders in {root}")
             folder_names = [clean_classname(_nfc(f)) for f in folders]
-            fold = [n.casefold() for n in names]
-            if fold != [n.casefold() for n in folder_names] and sorted(fold) == sorted(n.casefold() for n in folder_names):
+            fold, folder_fold = [n.casefold() for n in names], [n.casefold() for n in folder_names]
+            if fold != folder_fold and sorted(fold) == sorted(folder_fold):
                 # the folders' own names in another order: each folder would take another's name
                 raise VocabularyError(
                     f"classnames for {root} lists its class folders in another order ({names}); a list names "
@@ -399,7 +399,7 @@ class ImageFolderReader:
                     "folder to name ({folder: name})"
                 )
             _refuse_numbers_in_text_order(root, folders)
-            if not set(fold) & {n.casefold() for n in folder_names}:  # nothing to check the pairing by: show it
+            if not set(fold) & set(folder_fold):  # nothing to check the pairing by: show it
                 pairs = ", ".join(f"{f} -> {n}" for f, n in list(zip(folders, names))[:6])
                 rank_zero_info(f"class folders of {root} take the classnames in sorted folder order: {pairs}"
                                f"{' ...' if len(folders) > 6 else ''} (a {{folder: name}} map pairs them explicitly)")
@@ -688,7 +688,7 @@ class ManifestReader:
             names = validate_classnames(names, f"class list of {manifest}")
         index = {n: k for k, n in enumerate(names)}
         base = Path(root).expanduser() if root else manifest.parent
-        paths, labels = [], []
+        paths, labels, listed = [], [], []
         first = 2 if manifest_format(manifest) == "csv" else 1
         for n, (row, labs, none) in enumerate(zip(rows, raw, unlabeled), start=first):
             if not str(row.get("path") or "").strip():
@@ -711,13 +711,14 @@ class ManifestReader:
             if multilabel:
                 ids = sorted(set(ids))  # a label set: its order and repeats say nothing
             text = str(row["path"]).strip()
+            listed.append(text)
             if "://" in text:
                 raise ValueError(f"{manifest} row {n}: {text} is a URL; vlweak reads image files: download the "
                                  "images and list their local paths")
             p = Path(text).expanduser()
             paths.append(str(p if p.is_absolute() else base / p))
             labels.append((None if none else ids) if multilabel else (ids[0] if ids else -1))
-        _check_root(manifest, [str(r["path"]).strip() for r in rows], base, root)
+        _check_root(manifest, listed, base, root)
         if caption_key:  # image-caption pairs: an image may come with several captions
             return CaptionedImages(LabeledImages(paths, labels, names, multilabel=multilabel, skip_bad=skip_bad),
                                    [str(r[caption_key]) for r in rows])

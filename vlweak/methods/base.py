@@ -31,7 +31,7 @@ from vlweak.labels.selection import first_occurrences
 from vlweak.metrics import multiclass_report, multilabel_report
 from vlweak.progress import follow_trainer, show_progress
 from vlweak.prompts.templates import resolve_templates
-from vlweak.runs import log_wandb_artifact, run_folder, wandb_loggers
+from vlweak.runs import log_wandb_artifact, run_folder
 
 DEFAULT_BACKBONE = lazy_instance(OpenCLIPBackbone, model_name="vlweak-shapes", pretrained="vlweak-shapes")
 
@@ -613,9 +613,14 @@ class VLMethod(ResumedStepNumbers, StopsOnUnreadableEpochs, L.LightningModule):
         out = self.last_outputs
         if self._trainer is None or self.global_rank != 0 or out.get("stage") != stage or not out.get("artifact"):
             return
-        meta = {"stage": stage, "method": type(self).__name__, "classes": len(self.classnames), **self.last_metrics}
-        log_wandb_artifact(wandb_loggers(self.trainer), [out["artifact"], *out.get("companions", [])],
-                           f"pseudolabels-{stage}", meta)
+        self.publish_artifact([out["artifact"], *out.get("companions", [])], f"pseudolabels-{stage}",
+                              stage=stage, **self.last_metrics)
+
+    def publish_artifact(self, files: list, name: str, **metadata: Any) -> None:
+        """With a W&B logger, ``files`` (pseudolabel artifacts this rank 0 wrote) as one W&B artifact
+        ``<name>-<run id>``, its metadata the method, the class count and ``metadata``."""
+        log_wandb_artifact(self.trainer, files, name,
+                           {"method": type(self).__name__, "classes": len(self.classnames), **metadata})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_batch(batch, "val")

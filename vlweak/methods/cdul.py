@@ -50,7 +50,6 @@ from vlweak.methods.cdul_snippets import (
     snippet_embeddings,
 )
 from vlweak.metrics import multilabel_report
-from vlweak.runs import log_wandb_artifact, wandb_loggers
 from vlweak.prompts import text_classifier
 
 LABEL_EPS = 1e-4
@@ -348,8 +347,7 @@ class CDUL(VLMethod):
         path = self.save_pseudolabels(f"pseudolabels-{split}-{name}.safetensors", split, scores, index,
                                       stage=name, **prov)
         if path is not None:  # rank 0: a W&B run keeps the train split's pseudolabels too (e.g. for DualCoOp)
-            log_wandb_artifact(wandb_loggers(self.trainer), [path], f"pseudolabels-{split}-{name}",
-                               {"stage": name, "split": split, "method": type(self).__name__, "classes": len(self.classnames)})
+            self.publish_artifact([path], f"pseudolabels-{split}-{name}", stage=name, split=split)
         return path
 
     # ---------------------------------------------------------------- stage 2: training

@@ -51,8 +51,8 @@ from vlweak.labels.artifact import ArtifactError, PseudoLabels
 from vlweak.labels.selection import STRATEGIES, Strategy
 from vlweak.methods.base import DEFAULT_BACKBONE, VLMethod, check_options
 from vlweak.metrics import multiclass_report
-from vlweak.prompts.learners import Position
 from vlweak.prompts import TextPromptLearner, VisualPromptLearner, text_classifier
+from vlweak.prompts.learners import Position
 
 PromptType = Literal["textual", "visual", "multimodal"]
 PROMPT_TYPES = get_args(PromptType)
